@@ -1,0 +1,102 @@
+"""The exported model: a Hugging Face `save_pretrained` folder (safetensors) with the tokenizer, whose chat template
+is the training template, and `crlft.json` naming the conditions, the inference condition, the mode and the config.
+Plain `transformers` (and vLLM) load it without this project; `load_exported` gives serving and evaluation the
+template it was trained with.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from crlft.config import Config
+from crlft.errors import CrlftError
+from crlft.template import Template, TemplateTokenizer
+
+META_FILE = "crlft.json"
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    template: Template
+    conditions: dict[str, float]  # class -> reward
+    mode: str
+    config: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # base model, data fingerprint, steps, ...
+
+    @property
+    def inference_condition(self) -> str:
+        return self.template.inference_condition
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "template": asdict(self.template),
+            "conditions": self.conditions,
+            "inference_condition": self.inference_condition,
+            "mode": self.mode,
+            "config": self.config,
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelMeta:
+        return cls(
+            template=Template(**data["template"]),
+            conditions={str(k): float(v) for k, v in data["conditions"].items()},
+            mode=str(data["mode"]),
+            config=data.get("config", {}),
+            extra=data.get("extra", {}),
+        )
+
+    @classmethod
+    def from_config(cls, cfg: Config, **extra: Any) -> ModelMeta:
+        return cls(
+            template=Template.from_config(cfg),
+            conditions={name: spec.reward for name, spec in cfg.classes.items()},
+            mode=cfg.train.mode.value,
+            config=cfg.dump(),
+            extra=extra,
+        )
+
+
+def save_exported(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path,
+                  meta: ModelMeta) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.chat_template = meta.template.chat_template()
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / META_FILE).write_text(json.dumps(meta.to_json(), indent=2, sort_keys=True))
+    return out
+
+
+def read_meta(model_dir: str | Path) -> ModelMeta:
+    path = Path(model_dir) / META_FILE
+    if not path.is_file():
+        # Any chat model can be served and evaluated: it gets the default (paper) template.
+        return ModelMeta.from_config(Config())
+    try:
+        return ModelMeta.from_json(json.loads(path.read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CrlftError(f"{path}: not a valid crlft model description ({exc}); re-export the model") from None
+
+
+@dataclass
+class ExportedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    meta: ModelMeta
+    template_tokenizer: TemplateTokenizer
+    path: Path
+
+
+def load_exported(model_dir: str | Path, **load_kwargs: Any) -> ExportedModel:
+    from crlft.model import load_model_and_tokenizer
+
+    meta = read_meta(model_dir)
+    model, tokenizer = load_model_and_tokenizer(str(model_dir), end_of_turn=meta.template.end_of_turn, **load_kwargs)
+    return ExportedModel(model, tokenizer, meta, TemplateTokenizer(meta.template, tokenizer), Path(model_dir))

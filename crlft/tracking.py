@@ -1,0 +1,69 @@
+"""Where MLflow lives: a tracking server when one is given, else a SQLite file under the project's state folder."""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from crlft.config import Config
+from crlft.errors import CrlftError
+
+# MLflow 3 phones home and Hugging Face tries the hub unless told; neither is reachable offline.
+OFFLINE_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def set_offline_defaults() -> None:
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def artifact_root(cfg: Config) -> Path:
+    return Path(cfg.state_dir).resolve() / "mlartifacts"
+
+
+def resolve_tracking_uri(cfg: Config, override: str | None = None) -> str:
+    """--mlflow-uri, then the config, then MLFLOW_TRACKING_URI, then `sqlite:///<state_dir>/mlflow.db`."""
+    uri = override or cfg.registry.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    state = Path(cfg.state_dir).resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{state / 'mlflow.db'}"
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast with what to do, instead of MLflow's long retry loop, when a tracking server is not there."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
+            if response.status == 200:
+                return
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise CrlftError(
+            f"MLflow tracking server {uri} is unreachable ({reason}): start it (`mlflow server --host 127.0.0.1 "
+            "--port 5000`), fix --mlflow-uri / MLFLOW_TRACKING_URI, or unset them to use the local SQLite store"
+        ) from None
+    raise CrlftError(f"MLflow tracking server {uri} did not answer /health with 200")
+
+
+def setup_mlflow(cfg: Config, override: str | None = None) -> str:
+    """Point MLflow at the resolved store, create the experiment (local artifact root for SQLite), return the URI."""
+    set_offline_defaults()
+    import mlflow
+
+    uri = resolve_tracking_uri(cfg, override)
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # Ray workers and subprocesses inherit it
+    if mlflow.get_experiment_by_name(cfg.registry.experiment) is None:
+        location = None if uri.startswith("http") else artifact_root(cfg).as_uri()
+        try:
+            mlflow.create_experiment(cfg.registry.experiment, artifact_location=location)
+        except mlflow.exceptions.MlflowException:
+            pass  # created concurrently by another process
+    mlflow.set_experiment(cfg.registry.experiment)
+    return uri
