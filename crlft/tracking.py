@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import urllib.error
 import urllib.request
@@ -61,9 +62,8 @@ def setup_mlflow(cfg: Config, override: str | None = None) -> str:
     os.environ["MLFLOW_TRACKING_URI"] = uri  # Ray workers and subprocesses inherit it
     if mlflow.get_experiment_by_name(cfg.registry.experiment) is None:
         location = None if uri.startswith("http") else artifact_root(cfg).as_uri()
-        try:
+        # Another process may create it between the check and here.
+        with contextlib.suppress(mlflow.exceptions.MlflowException):
             mlflow.create_experiment(cfg.registry.experiment, artifact_location=location)
-        except mlflow.exceptions.MlflowException:
-            pass  # created concurrently by another process
     mlflow.set_experiment(cfg.registry.experiment)
     return uri
