@@ -60,8 +60,7 @@ class Template:
         marker = "\x00"
 
         def jinja_prefix(role: str) -> str:
-            text = self.prefix(role, marker)
-            return _jinja_literal(text).replace(marker, "{{ condition }}")
+            return "{{ condition }}".join(_jinja_literal(part) for part in self.prefix(role, marker).split(marker))
 
         eot = _jinja_literal(self.end_of_turn)
         return (

@@ -1,0 +1,67 @@
+"""`crlft init-model`: the embedded default model, built locally (no hub): a Llama from a preset config and a byte-level
+BPE tokenizer trained on a corpus, with `<|end_of_turn|>` and the chat template of the configured mode."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
+from crlft.config import Config
+from crlft.conversation import ClassRules, Conversation, iter_file
+from crlft.errors import CrlftError
+from crlft.template import Template
+
+CONVERSATION_SUFFIXES = {".json", ".jsonl", ".parquet"}
+
+
+def corpus_texts(paths: Sequence[str | Path], cfg: Config) -> Iterator[str]:
+    """Texts of conversation files (any accepted format; bad records are skipped here, the data stage reports them),
+    or the lines of plain text files. The template's role prefixes are included so they get their own merges."""
+    template = Template.from_config(cfg)
+    rules = ClassRules.from_config(cfg)
+    for path in paths:
+        p = Path(path)
+        if not p.is_file():
+            raise CrlftError(f"corpus file {p} does not exist")
+        if p.suffix.lower() not in CONVERSATION_SUFFIXES:
+            yield from p.read_text(encoding="utf-8", errors="replace").splitlines()
+            continue
+        for record in iter_file(p, rules):
+            if isinstance(record, Conversation):
+                if record.system:
+                    yield record.system
+                for m in record.messages:
+                    yield f"{template.prefix(m.role, record.condition)} {m.content}"
+
+
+def build_default_model(out: str | Path, cfg: Config, corpus: Iterable[str] | Sequence[str | Path] = (),
+                        seed: int = 0) -> Path:
+    from crlft.model import init_model
+
+    files = [Path(p) for p in corpus]
+    texts = list(corpus_texts(files, cfg)) if files else None
+    return init_model(out, texts=texts, preset=cfg.model.preset, seed=seed,
+                      chat_template=Template.from_config(cfg).chat_template(), end_of_turn=cfg.template.end_of_turn)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="folder to write the model and tokenizer into")
+    parser.add_argument("--corpus", nargs="*", default=[], metavar="FILE",
+                        help="conversation files (JSON/JSONL/Parquet, any accepted format) or plain text to train the "
+                        "tokenizer on; default: a built-in corpus")
+    parser.add_argument("--preset", choices=["tiny", "small"], help="model size (default: model.preset)")
+    parser.add_argument("--seed", type=int, default=0, help="initialisation seed")
+    add_config_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args, {"preset": "model.preset"})
+    out = build_default_model(args.out, cfg, args.corpus, args.seed)
+    print(f"model and tokenizer written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(stage_entrypoint("crlft.commands.init_model"))
