@@ -1,0 +1,306 @@
+"""Model layer: the tiny default Llama, its locally trained tokenizer, and loading any Hugging Face model.
+
+Every model the project trains goes through `load_model_and_tokenizer`, which makes sure the vocabulary holds the
+end-of-turn special token. Adding it is deterministic: the token is appended after the last existing id, so a
+tokenizer extended by `load_tokenizer` (the data stage) and one extended by `load_model_and_tokenizer` (the trainer)
+give it the same id.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    set_seed,
+)
+
+from crlft.errors import CrlftError
+
+BOS_TOKEN = "<s>"
+EOS_TOKEN = "</s>"
+PAD_TOKEN = "<pad>"
+
+# LlamaConfig kwargs; vocab_size and the special-token ids come from the tokenizer at init time.
+# tie_word_embeddings is off so that the output row of a newly added token has its own initialisation.
+PRESETS: dict[str, dict] = {
+    "tiny": {
+        "hidden_size": 128,
+        "intermediate_size": 384,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+    },
+    "small": {
+        "hidden_size": 256,
+        "intermediate_size": 768,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+    },
+}
+
+# A plausible Hugging Face hub id ("name" or "org/name"); anything else that does not exist is a missing local path.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int = 4096, end_of_turn: str = "<|end_of_turn|>"
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer that encodes any text and never adds BOS/EOS by itself.
+
+    All 256 byte symbols are in the initial alphabet, so there is no unknown token. The template adds BOS
+    explicitly, hence no post-processor inserts special tokens.
+    """
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, end_of_turn],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        extra_special_tokens=[end_of_turn],
+        add_bos_token=False,
+        add_eos_token=False,
+    )
+
+
+def default_corpus() -> list[str]:
+    """A small built-in English corpus (chat-like lines, prose, digits, punctuation) to train the default tokenizer."""
+    subjects = ["The cat", "My friend", "A student", "The old man", "Our team", "The robot", "She", "He", "They", "We"]
+    verbs = ["likes", "reads", "writes", "finds", "builds", "explains", "remembers", "needs", "sees", "wants"]
+    objects = [
+        "a short story",
+        "the answer",
+        "fresh bread",
+        "a new idea",
+        "the red box",
+        "three apples",
+        "a simple plan",
+        "the river",
+        "an email",
+        "good music",
+    ]
+    endings = [".", "!", "?", " today.", " every morning.", ", I think.", " again and again."]
+    every_fourth_combination = itertools.islice(itertools.product(subjects, verbs, objects), 0, None, 4)
+    prose = [
+        f"{subject} {verb} {obj}{ending}"
+        for (subject, verb, obj), ending in zip(every_fourth_combination, itertools.cycle(endings))
+    ]
+    questions = ["What is", "Can you explain", "Why is", "How do I use", "Tell me about", "Please describe"]
+    topics = [
+        "the weather",
+        "a binary search",
+        "photosynthesis",
+        "the capital of France",
+        "a good breakfast",
+        "prime numbers",
+        "the moon",
+        "learning to cook",
+        "Python lists",
+        "a healthy habit",
+    ]
+    answers = [
+        "Sure, here is a clear answer.",
+        "It depends on the context, but usually yes.",
+        "Here are three steps: first, second, and third.",
+        "I am not sure; please give more details.",
+        "The short answer is no.",
+        "Great question! Let me explain it simply.",
+    ]
+    chat = [
+        f"User: {question} {topic}?\nAssistant: {answer}"
+        for (question, topic), answer in zip(itertools.product(questions, topics), itertools.cycle(answers))
+    ]
+    arithmetic = [f"{a} + {b} = {a + b}; {a} * {b} = {a * b}." for a, b in itertools.product(range(0, 20, 3), repeat=2)]
+    misc = [
+        "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000 3.14 -42 1,000,000 50% $9.99 #1 (a) [b] {c} <d>",
+        "Punctuation: , . ; : ! ? ' \" - -- ... / \\ | @ & * ^ ~ ` _ = + % $ #",
+        "Lists:\n- one\n- two\n- three\n1. first\n2. second",
+        "Code: def add(a, b):\n    return a + b\nprint(add(2, 3))",
+        "Dates and times: 2024-01-31, 12:30 pm, Monday, March 3rd.",
+        "Unicode: café, naïve, résumé, Ünïcödé, 東京, 😀 👍",
+    ]
+    return prose + chat + arithmetic + misc
+
+
+def init_model(
+    out_dir: str | Path,
+    texts: Iterable[str] | None = None,
+    preset: str = "tiny",
+    seed: int = 0,
+    chat_template: str | None = None,
+    end_of_turn: str = "<|end_of_turn|>",
+) -> Path:
+    """Build a freshly initialised Llama model and its tokenizer and save both (safetensors) into out_dir."""
+    if preset not in PRESETS:
+        raise CrlftError(f"unknown model preset {preset!r}: choose one of {', '.join(sorted(PRESETS))}")
+    set_seed(seed)
+    tokenizer = train_tokenizer(default_corpus() if texts is None else texts, end_of_turn=end_of_turn)
+    model_kwargs = PRESETS[preset]
+    tokenizer.model_max_length = model_kwargs["max_position_embeddings"]
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **model_kwargs,
+    )
+    model = LlamaForCausalLM(config)
+    end_of_turn_id = tokenizer.convert_tokens_to_ids(end_of_turn)
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = [end_of_turn_id, tokenizer.eos_token_id]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def load_tokenizer(
+    name_or_path: str, end_of_turn: str = "<|end_of_turn|>", trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
+    """Load a tokenizer and give it the end-of-turn special token and a pad token, exactly as the trainer does."""
+    tokenizer = _auto_tokenizer(name_or_path, trust_remote_code)
+    _add_special_end_of_turn(tokenizer, end_of_turn)
+    _ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def load_model_and_tokenizer(
+    name_or_path: str,
+    end_of_turn: str = "<|end_of_turn|>",
+    trust_remote_code: bool = False,
+    dtype: torch.dtype | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load any causal LM directory or hub id, ready for C-RLFT: end-of-turn token present, pad token set."""
+    tokenizer = _auto_tokenizer(name_or_path, trust_remote_code)
+    dtype_kwargs = {} if dtype is None else {"dtype": dtype}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **dtype_kwargs)
+    except (OSError, ValueError) as error:
+        raise _load_error(name_or_path, error) from error
+    add_end_of_turn(model, tokenizer, end_of_turn)
+    _ensure_pad_token(tokenizer)
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def add_end_of_turn(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, end_of_turn: str = "<|end_of_turn|>"
+) -> bool:
+    """Make end_of_turn a special token of tokenizer and model; return whether the vocabulary grew.
+
+    New embedding rows (input and output) start at the mean of the existing token rows, as in OpenChat,
+    so the new token begins as an "average" token instead of a random one. Generation stops at it.
+    """
+    known_tokens = len(tokenizer)
+    grew = _add_special_end_of_turn(tokenizer, end_of_turn)
+    if grew:
+        _grow_embeddings(model, known_tokens, len(tokenizer))
+    end_of_turn_id = tokenizer.convert_tokens_to_ids(end_of_turn)
+    model.generation_config.eos_token_id = _with_first(end_of_turn_id, model.generation_config.eos_token_id)
+    return grew
+
+
+def _add_special_end_of_turn(tokenizer: PreTrainedTokenizerBase, end_of_turn: str) -> bool:
+    """Register end_of_turn as a special token (appended after the last id if new); return whether the vocab grew."""
+    if end_of_turn in tokenizer.all_special_tokens:
+        return False
+    size_before = len(tokenizer)
+    tokenizer.add_special_tokens({"extra_special_tokens": [end_of_turn]}, replace_extra_special_tokens=False)
+    return len(tokenizer) > size_before
+
+
+def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Batching needs a pad id; reuse EOS (padding positions carry no loss), never grow the vocab for it."""
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def _grow_embeddings(model: PreTrainedModel, known_tokens: int, total_tokens: int) -> None:
+    """Cover ids [known_tokens, total_tokens) and set their input and output rows to the mean of the known rows."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if total_tokens > rows:
+        model.resize_token_embeddings(total_tokens, mean_resizing=False)
+    # Vocabularies padded beyond the tokenizer (rows > known_tokens) hold untrained rows: average only real tokens.
+    known_rows = min(known_tokens, rows)
+    matrices = [model.get_input_embeddings().weight]
+    output_embeddings = model.get_output_embeddings()
+    if output_embeddings is not None and output_embeddings.weight is not matrices[0]:
+        matrices.append(output_embeddings.weight)
+    with torch.no_grad():
+        for weight in matrices:
+            mean_row = weight[:known_rows].float().mean(dim=0).to(weight.dtype)
+            weight[known_tokens:total_tokens] = mean_row
+
+
+def _with_first(token_id: int, eos: int | list[int] | None) -> list[int]:
+    """The eos id list with token_id first and no duplicates."""
+    others = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return [token_id, *(other for other in others if other != token_id)]
+
+
+def _auto_tokenizer(name_or_path: str, trust_remote_code: bool) -> PreTrainedTokenizerBase:
+    """AutoTokenizer with this project's error messages; the tokenizer is returned as saved."""
+    _check_local_path(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise _load_error(name_or_path, error) from error
+
+
+def _check_local_path(name_or_path: str) -> None:
+    """Fail early, with advice, for a local path that is missing or is not a model directory."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file() and not (path / "tokenizer_config.json").is_file():
+            raise CrlftError(
+                f"{name_or_path} is not a Hugging Face model directory (no config.json or tokenizer_config.json): "
+                f"give the folder written by `save_pretrained` or `crlft init-model --out DIR`"
+            )
+        return
+    if path.exists() or not _HUB_ID.match(name_or_path):
+        raise CrlftError(_missing_model_message(name_or_path))
+
+
+def _load_error(name_or_path: str, error: Exception) -> CrlftError:
+    if Path(name_or_path).expanduser().is_dir():
+        return CrlftError(f"cannot load the model in {name_or_path}: {error}")
+    return CrlftError(f"{_missing_model_message(name_or_path)} ({error})")
+
+
+def _missing_model_message(name_or_path: str) -> str:
+    return (
+        f"no model at {name_or_path}: run `crlft init-model --out {name_or_path}` or give a Hugging Face model "
+        f"directory or hub id (offline, a hub id must already be in the local cache)"
+    )
