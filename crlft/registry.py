@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, Any
 
 from crlft.config import Config
 from crlft.errors import CrlftError
-from crlft.export import read_meta
 from crlft.tracking import setup_mlflow
 
 if TYPE_CHECKING:
@@ -177,6 +176,8 @@ def _git_commit() -> str:
 
 def lineage_tags(model_dir: Path, cfg: Config) -> dict[str, str]:
     """mode, data fingerprint, base model, git commit and template of an exported model (from its crlft.json)."""
+    from crlft.export import read_meta  # imports transformers: only when registering
+
     meta = read_meta(model_dir)
     extra = meta.extra
     fingerprints = extra.get("fingerprints")
@@ -200,6 +201,21 @@ def _check_model_dir(model_dir: Path) -> None:
         raise CrlftError(f"{model_dir} is not a Hugging Face model folder (no config.json): register an exported model")
 
 
+def _lineage_run(client: MlflowClient, run_id: str | None, recorded_run_id: Any) -> Any:
+    """The training run to link: the one given (it must exist), else the one the model records if this store has it."""
+    from mlflow.exceptions import MlflowException
+
+    if run_id:
+        try:
+            return client.get_run(run_id)
+        except MlflowException:
+            raise CrlftError(f"run {run_id} does not exist in this MLflow store: give the training run's id") from None
+    if isinstance(recorded_run_id, str) and recorded_run_id:
+        with contextlib.suppress(MlflowException):
+            return client.get_run(recorded_run_id)
+    return None
+
+
 def register_model(
     model_dir: str | Path,
     cfg: Config,
@@ -211,9 +227,11 @@ def register_model(
 ) -> str:
     """Register `model_dir` as a new version of `name` (default cfg.registry.model_name); returns the version.
 
-    The folder is logged as the artifacts `model/` of the training run `run_id` (lineage), or of a new run made for
-    it, and the version is created from that artifact URI (a plain folder cannot be registered through `runs:/`,
-    STACK.md trap 9). Lineage tags come from the model's crlft.json; `tags` add to or override them."""
+    Lineage: the version points at the training run `run_id` (default: the run named in the model's crlft.json, when
+    this store has it). The version is created from the run's artifacts `model/` (a plain folder cannot be registered
+    through `runs:/`, STACK.md trap 9): the trainer logs its export there; if the run has none, the folder is logged
+    there now. Without a training run, a registration run is made to hold the folder. Lineage tags come from the
+    model's crlft.json; `tags` add to or override them."""
     model_dir = Path(model_dir)
     _check_model_dir(model_dir)
     version_tags = {**lineage_tags(model_dir, cfg), **dict(tags or {})}
@@ -221,20 +239,22 @@ def register_model(
     client, _ = client_for(cfg, tracking_uri)
     from mlflow.exceptions import MlflowException
 
-    own_run = run_id is None
+    from crlft.export import read_meta
+
+    run = _lineage_run(client, run_id, read_meta(model_dir).extra.get("mlflow_run_id"))
+    own_run = run is None
     try:
-        if own_run:
+        if run is None:
             experiment = client.get_experiment_by_name(cfg.registry.experiment)
             run = client.create_run(
                 experiment.experiment_id, run_name=f"register {name}", tags={TAG + "kind": "registration"}
             )
-        else:
-            run = client.get_run(run_id)
     except MlflowException as exc:
-        raise _mlflow_error(exc, f"find run {run_id}" if run_id else "create a registration run") from None
+        raise _mlflow_error(exc, "create a registration run") from None
     run_id = run.info.run_id
     try:
-        client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT_PATH)
+        if own_run or not client.list_artifacts(run_id, MODEL_ARTIFACT_PATH):
+            client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT_PATH)
         source = f"{run.info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT_PATH}"
         with contextlib.suppress(MlflowException):  # it exists already (or another process just made it)
             client.create_registered_model(name)

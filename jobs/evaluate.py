@@ -1,0 +1,361 @@
+"""`crlft eval`: evaluate a model folder or a registered version, print the results, log them to MLflow.
+
+    crlft eval --model DIR|models:/NAME@ALIAS|models:/NAME/VERSION --suite eval.jsonl [--condition C ...]
+               [--heldout heldout.jsonl] [--bench mt_bench --bench vicuna [--judge-url URL --judge-model M]]
+               [--register-as NAME | --log-to-version NAME/VERSION] [--mlflow-uri URI]
+
+Everything that can be wrong with the input (suite lines, held-out lines, the model URI, the tracking server, the
+benchmark files) is checked before the model runs, and MLflow is written only once every figure is measured: a bad
+input is one line and exit 2 with nothing half-written in the registry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
+from crlft.config import Config
+from crlft.errors import CrlftError
+from crlft.registry import MODELS_SCHEME, TAG, ModelRef
+from crlft.tracking import set_offline_defaults
+
+# FastChat's llm_judge data: installed with the package if the lead bundles it, else the shared copy beside the repo.
+BENCH_DIR_CANDIDATES = (
+    Path(__file__).resolve().parents[1] / "crlft" / "data" / "fastchat",
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "fastchat",
+)
+JUDGE_KEY_VARIABLES = ("CRLFT_JUDGE_API_KEY", "OPENAI_API_KEY")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="DIR|URI",
+                        help="an exported model folder, models:/NAME@ALIAS or models:/NAME/VERSION")  # fmt: skip
+    parser.add_argument("--suite", metavar="FILE", help="verifiable suite: JSONL of {prompt, answer[, id, task, "
+                        "suboptimal_answer]} (the synthetic eval.jsonl)")  # fmt: skip
+    parser.add_argument("--condition", action="append", metavar="C",
+                        help="evaluate under this condition (repeatable; default: every condition of the model)")
+    parser.add_argument("--heldout", metavar="FILE",
+                        help="held-out conversations (OpenChat JSONL with `condition`) for the representation check")
+    parser.add_argument("--max-per-class", type=int, default=200,
+                        help="conversations per condition in the representation check (the paper used 2000)")
+    parser.add_argument("--bench", action="append", choices=["mt_bench", "vicuna"],
+                        help="open-ended benchmark to answer (repeatable)")
+    parser.add_argument("--bench-dir", metavar="DIR", help="FastChat llm_judge data folder (default: the bundled one)")
+    parser.add_argument("--bench-limit", type=int, metavar="N", help="only the first N questions of each benchmark")
+    parser.add_argument("--judge-url", metavar="URL",
+                        help="OpenAI-compatible API base of the judge, e.g. http://host:8000/v1 (key from "
+                        f"{' or '.join(JUDGE_KEY_VARIABLES)}); without it the answers are saved for later grading")
+    parser.add_argument("--judge-model", metavar="NAME", help="the judge model's name at --judge-url")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--register-as", metavar="NAME",
+                        help="register the model folder as a new version of NAME and record the results on it")
+    target.add_argument("--log-to-version", metavar="NAME/VERSION",
+                        help="record the results on this registered version (automatic for models:/ URIs)")
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow (only print and write files)")
+    parser.add_argument("--mlflow-uri", metavar="URI", help="MLflow tracking URI (default: config, env, local SQLite)")
+    parser.add_argument("--out", metavar="DIR", help="where to write the results (default: <state_dir>/eval/...)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="answer length on verifiable suites")
+    parser.add_argument("--bench-max-new-tokens", type=int, default=256, help="answer length on benchmarks")
+    add_config_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    report = evaluate_model(
+        args.model, args.suite, cfg,
+        conditions=args.condition, heldout=args.heldout, max_per_class=args.max_per_class,
+        bench=args.bench or (), bench_dir=args.bench_dir, bench_limit=args.bench_limit,
+        judge_url=args.judge_url, judge_model=args.judge_model,
+        register_as=args.register_as, log_to_version=args.log_to_version, log_mlflow=not args.no_mlflow,
+        tracking_uri=args.mlflow_uri, out_dir=args.out, batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens, bench_max_new_tokens=args.bench_max_new_tokens,
+    )  # fmt: skip
+    print(report["text"])
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The plan: every input checked before anything runs
+
+
+@dataclass
+class _Plan:
+    model: str
+    label: str
+    suite_items: list[Any] | None
+    suite_file: Path | None
+    suite: str | None  # suite id (content hash)
+    heldout_file: Path | None
+    benches: list[str]
+    bench_dir: Path | None
+    judge: Any | None  # crlft.evaluate.JudgeFn
+    judge_model: str | None
+    target: ModelRef | None  # the registered version to record on (None: none, or --register-as)
+    register_as: str | None
+    tracking_uri: str | None  # None: MLflow not used
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _parse_version_ref(text: str) -> ModelRef:
+    name, sep, version = text.rpartition("/")
+    if not sep or not name or not version.isdigit():
+        raise CrlftError(f"--log-to-version {text!r}: expected NAME/VERSION, e.g. crlft-chat/3")
+    return ModelRef(name, version=version)
+
+
+def _find_bench_dir(given: str | Path | None) -> Path:
+    if given:
+        return Path(given)
+    for candidate in BENCH_DIR_CANDIDATES:
+        if candidate.is_dir():
+            return candidate
+    raise CrlftError("no FastChat benchmark data found: pass --bench-dir DIR (a copy of FastChat's llm_judge/data)")
+
+
+def _plan(model: str | Path, suite: str | Path | None, cfg: Config, *, heldout: str | Path | None,
+          bench: Sequence[str], bench_dir: str | Path | None, judge_url: str | None, judge_model: str | None,
+          register_as: str | None, log_to_version: str | None, log_mlflow: bool,
+          tracking_uri: str | None) -> _Plan:
+    from crlft import evaluate as ev
+    from crlft.registry import client_for, get_version, parse_model_uri, suite_id
+    from crlft.synth import load_eval_suite
+
+    model = str(model)
+    if suite is None and heldout is None and not bench:
+        raise CrlftError("nothing to evaluate: give --suite FILE, --heldout FILE and/or --bench NAME")
+    if register_as and log_to_version:
+        raise CrlftError("give either --register-as or --log-to-version, not both")
+    registered = model.startswith(MODELS_SCHEME)
+    if registered and register_as:
+        raise CrlftError(f"{model} is registered already: drop --register-as (results go on that version)")
+    if bool(judge_url) != bool(judge_model):
+        raise CrlftError("a judge needs both --judge-url and --judge-model")
+    if judge_url and not bench:
+        raise CrlftError("--judge-url grades benchmark answers: add --bench mt_bench and/or --bench vicuna")
+    suite_items = load_eval_suite(suite) if suite is not None else None
+    if heldout is not None and not Path(heldout).is_file():
+        raise CrlftError(f"held-out file {heldout} does not exist (write one with `crlft synth`)")
+    benches = list(dict.fromkeys(bench))
+    found_bench_dir = _find_bench_dir(bench_dir) if benches else None
+    for name in benches:
+        ev.load_bench(name, found_bench_dir or ".", limit=1)
+    if judge_url:
+        ev.load_judge_prompts((found_bench_dir or Path(".")) / ev.JUDGE_PROMPTS_FILE)
+    judge = None
+    if judge_url:
+        api_key = next((os.environ[v] for v in JUDGE_KEY_VARIABLES if os.environ.get(v)), None)
+        judge = ev.openai_judge(judge_url, str(judge_model), api_key)
+
+    target = parse_model_uri(model) if registered else _parse_version_ref(log_to_version) if log_to_version else None
+    uses_mlflow = registered or bool(register_as) or bool(log_to_version) or log_mlflow
+    uri = None
+    if uses_mlflow:
+        client, uri = client_for(cfg, tracking_uri)  # an unreachable server fails here, before any work
+        if target is not None:
+            version = get_version(client, target)  # a missing model, version or alias fails here too
+            target = ModelRef(target.name, version=str(version.version))
+    if not registered and not Path(model).is_dir():
+        raise CrlftError(f"no model directory {model}: give the folder written by `crlft train`, or a registered "
+                         "model as models:/NAME@ALIAS or models:/NAME/VERSION")  # fmt: skip
+    label = f"{target.name}-v{target.version}" if registered and target else Path(model).resolve().name
+    return _Plan(model, label, suite_items, Path(suite) if suite else None,
+                 suite_id(suite) if suite else None, Path(heldout) if heldout else None, benches,
+                 found_bench_dir, judge, judge_model, target, register_as, uri)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluate
+
+
+def evaluate_model(
+    model: str | Path,
+    suite: str | Path | None,
+    cfg: Config,
+    *,
+    conditions: Sequence[str] | None = None,
+    heldout: str | Path | None = None,
+    max_per_class: int = 200,
+    bench: Sequence[str] = (),
+    bench_dir: str | Path | None = None,
+    bench_limit: int | None = None,
+    judge_url: str | None = None,
+    judge_model: str | None = None,
+    register_as: str | None = None,
+    log_to_version: str | None = None,
+    log_mlflow: bool = True,
+    tracking_uri: str | None = None,
+    out_dir: str | Path | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int = 16,
+    bench_max_new_tokens: int = 256,
+) -> dict[str, Any]:
+    """Evaluate a model folder or registered version; write the results under `out_dir`; log them to MLflow.
+
+    Returns {"metrics": every figure, "recorded": {suite: figures recorded on the version}, "suite": suite id,
+    "model_dir", "out_dir", "plot" (PNG path or None), "run_id" (MLflow evaluation run or None),
+    "model_version": {"name", "version"} or None, "table": the condition swap table, "text": the printed report}.
+    """
+    from crlft import evaluate as ev
+    from crlft.export import load_exported
+    from crlft.registry import resolve_model
+
+    set_offline_defaults()
+    plan = _plan(model, suite, cfg, heldout=heldout, bench=bench, bench_dir=bench_dir, judge_url=judge_url,
+                 judge_model=judge_model, register_as=register_as, log_to_version=log_to_version,
+                 log_mlflow=log_mlflow, tracking_uri=tracking_uri)  # fmt: skip
+    model_dir = resolve_model(plan.model, cfg, tracking_uri=plan.tracking_uri)
+    exported = load_exported(model_dir)
+    selected = ev.select_conditions(exported.meta, conditions)
+    heldout_conversations = ev.load_heldout(plan.heldout_file, exported.meta) if plan.heldout_file else None
+    final_out = Path(out_dir) if out_dir else (
+        Path(cfg.state_dir) / "eval" / f"{plan.label}-{time.strftime('%Y%m%d-%H%M%S')}")  # fmt: skip
+    scratch = final_out.with_name(f".{final_out.name}.partial")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    try:
+        measured = _measure(exported, plan, selected, heldout_conversations, scratch, max_per_class=max_per_class,
+                            bench_limit=bench_limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                            bench_max_new_tokens=bench_max_new_tokens)  # fmt: skip
+        (scratch / "metrics.json").write_text(json.dumps(measured["metrics"], indent=2, sort_keys=True))
+        if final_out.exists():
+            shutil.rmtree(final_out)
+        scratch.rename(final_out)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    plot = final_out / "embeddings.png" if (final_out / "embeddings.png").is_file() else None
+    report: dict[str, Any] = {
+        "metrics": measured["metrics"], "recorded": measured["recorded"], "suite": plan.suite,
+        "model_dir": str(model_dir), "out_dir": str(final_out), "plot": str(plot) if plot else None,
+        "run_id": None, "model_version": None, "table": measured["table"],
+    }  # fmt: skip
+    if plan.tracking_uri is not None:
+        report.update(_log_to_mlflow(plan, cfg, model_dir, final_out, measured))
+    report["text"] = _report_text(report, measured["lines"])
+    return report
+
+
+def _measure(exported: Any, plan: _Plan, conditions: list[str], heldout_conversations: list[Any] | None,
+             out: Path, *, max_per_class: int, bench_limit: int | None, batch_size: int, max_new_tokens: int,
+             bench_max_new_tokens: int) -> dict[str, Any]:
+    """Run every requested evaluation, write its files into `out`; the figures, grouped by what they were measured
+    on (the groups are recorded on the model version), and the report lines."""
+    from crlft import evaluate as ev
+    from crlft.registry import suite_id
+
+    metrics: dict[str, float] = {}
+    recorded: dict[str, dict[str, float]] = {}  # suite -> figures for the version's tags (no per-task detail)
+    lines: list[str] = []
+    table = ""
+    if plan.heldout_file and heldout_conversations is not None:
+        result = ev.representation_check(exported, heldout_conversations, out / "embeddings.png", max_per_class,
+                                         batch_size)  # fmt: skip
+        counts = ", ".join(f"{c}: {n}" for c, n in result.counts.items())
+        shown = "undefined (one condition)" if result.silhouette is None else f"{result.silhouette:.3f}"
+        lines.append(f"representation: silhouette {shown} over {counts}; {result.method} plot embeddings.png")
+        (out / "representation.json").write_text(json.dumps(
+            {"silhouette": result.silhouette, "method": result.method, "counts": result.counts}, indent=2))
+        if result.silhouette is not None:
+            metrics["silhouette"] = result.silhouette
+            recorded[suite_id(plan.heldout_file)] = {"silhouette": result.silhouette}
+    for bench in plan.benches:
+        questions = ev.load_bench(bench, plan.bench_dir or ".", limit=bench_limit)
+        answers = ev.generate_bench_answers(exported, questions, plan.label, max_new_tokens=bench_max_new_tokens,
+                                            batch_size=max(1, batch_size // 2))  # fmt: skip
+        _write_jsonl(out / f"{bench}_answers.jsonl", [a.to_json() for a in answers])
+        if plan.judge is None:
+            lines.append(f"{bench}: {len(answers)} answers saved to {bench}_answers.jsonl (no judge given)")
+            continue
+        prompts = ev.load_judge_prompts((plan.bench_dir or Path(".")) / ev.JUDGE_PROMPTS_FILE)
+        judgments = ev.grade(questions, answers, plan.judge, prompts)
+        _write_jsonl(out / f"{bench}_judgments.jsonl",
+                     [j.to_json(plan.label, str(plan.judge_model)) for j in judgments])
+        figures = ev.bench_metrics(bench, judgments)
+        metrics.update(figures)
+        recorded[bench] = figures
+        shown = ", ".join(f"{k} {v:.2f}" for k, v in figures.items())
+        lines.append(f"{bench}: {len(answers)} questions judged by {plan.judge_model}: {shown}")
+    if plan.suite_items is not None and plan.suite is not None:
+        evaluation = ev.evaluate_suite(exported, plan.suite_items, conditions, batch_size, max_new_tokens)
+        suite_figures = ev.suite_metrics(evaluation)
+        metrics.update(suite_figures)
+        # Recorded last: the version's "latest suite" (what promotion compares on) is the verifiable suite.
+        recorded[plan.suite] = {k: v for k, v in suite_figures.items() if "/" not in k}
+        table = ev.swap_table(evaluation)
+        _write_jsonl(out / "condition_swap.jsonl", ev.swap_rows(evaluation))
+        (out / "condition_swap.txt").write_text(table + "\n")
+    return {"metrics": metrics, "recorded": recorded, "table": table, "lines": lines}
+
+
+def _write_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def _log_to_mlflow(plan: _Plan, cfg: Config, model_dir: Path, out: Path, measured: dict[str, Any]) -> dict[str, Any]:
+    """One evaluation run with every figure and file; the summary figures as tags of the model version."""
+    from mlflow.entities import Metric, Param
+    from mlflow.exceptions import MlflowException
+
+    from crlft.registry import client_for, record_evaluation, register_model
+
+    client, _ = client_for(cfg, plan.tracking_uri)
+    target = plan.target
+    if plan.register_as:
+        version = register_model(model_dir, cfg, name=plan.register_as, tracking_uri=plan.tracking_uri)
+        target = ModelRef(plan.register_as, version=version)
+    tags = {TAG + "kind": "evaluation", TAG + "model": plan.model}
+    if target is not None:
+        tags |= {TAG + "model_name": target.name, TAG + "model_version": str(target.version)}
+    if plan.suite:
+        tags[TAG + "suite"] = plan.suite
+    experiment_id = client.get_experiment_by_name(cfg.registry.experiment).experiment_id
+    run = client.create_run(experiment_id, run_name=f"eval {plan.label}", tags=tags)
+    run_id = run.info.run_id
+    try:
+        now = int(time.time() * 1000)
+        params = {"model": plan.model, "suite_file": str(plan.suite_file or ""),
+                  "heldout": str(plan.heldout_file or ""), "benches": ",".join(plan.benches)}  # fmt: skip
+        client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in sorted(measured["metrics"].items())],
+                         params=[Param(k, v) for k, v in params.items()])  # fmt: skip
+        client.log_artifacts(run_id, str(out), "evaluation")
+        if measured["table"]:
+            rows = [json.loads(line) for line in (out / "condition_swap.jsonl").read_text().splitlines()]
+            client.log_table(run_id, {k: [r[k] for r in rows] for k in rows[0]}, "condition_swap_table.json")
+        if target is not None:
+            for suite, figures in measured["recorded"].items():
+                suite_file = plan.suite_file.name if suite == plan.suite and plan.suite_file else None
+                record_evaluation(target.name, str(target.version), figures, suite, run_id=run_id,
+                                  suite_file=suite_file, cfg=cfg, tracking_uri=plan.tracking_uri)  # fmt: skip
+    except (MlflowException, OSError, CrlftError) as exc:
+        with contextlib.suppress(MlflowException):
+            client.set_terminated(run_id, status="FAILED")
+        raise CrlftError(f"logging the evaluation to MLflow failed: {str(exc).splitlines()[0]}") from None
+    client.set_terminated(run_id)
+    version = {"name": target.name, "version": str(target.version)} if target is not None else None
+    return {"run_id": run_id, "model_version": version}
+
+
+def _report_text(report: dict[str, Any], lines: list[str]) -> str:
+    parts = [report["table"]] if report["table"] else []
+    parts += lines
+    parts.append(f"results: {report['out_dir']}")
+    if report["run_id"]:
+        where = report["model_version"]
+        on = f" and recorded on {where['name']} v{where['version']}" if where else ""
+        parts.append(f"MLflow: evaluation run {report['run_id']}{on}")
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    raise SystemExit(stage_entrypoint("jobs.evaluate"))
