@@ -131,7 +131,7 @@ class LoadedModel:
 
 
 def load_model(source: str, path: Path, cfg: Config, device: str) -> LoadedModel:
-    exported = load_exported(path)
+    exported = load_exported(path, dtype=torch.bfloat16 if device.startswith("cuda") else None)
     model = exported.model.to(device)
     tokenizer = exported.tokenizer
     eos = model.generation_config.eos_token_id
@@ -207,8 +207,6 @@ class ChatSettings:
     model_name: str
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     tracking_uri: str | None = None
-    torch_threads: int = 1
-    device: str = "cpu"
 
 
 fastapi_app = FastAPI(title="crlft chat", docs_url=None, redoc_url=None, openapi_url=None)
@@ -295,6 +293,18 @@ class _Generation:
                 self.model.loop.cancel(r)
 
 
+def _replica_resources() -> tuple[str, int]:
+    """(device, torch threads) from what Ray gave this replica: a GPU if it has one (bf16), and one thread per
+    whole CPU (at least one: fractional replicas share cores)."""
+    import ray
+
+    context = ray.get_runtime_context()
+    gpus = context.get_accelerator_ids().get("GPU", [])
+    cpus = context.get_assigned_resources().get("CPU", 1.0)
+    device = "cuda" if gpus and torch.cuda.is_available() else "cpu"
+    return device, max(1, int(cpus))
+
+
 @serve.deployment(name=DEPLOYMENT_NAME)
 @serve.ingress(fastapi_app)
 class ChatServer:
@@ -303,7 +313,8 @@ class ChatServer:
         self.settings = settings
         self.cfg = Config.model_validate(settings.config)
         self._keys = [k.encode() for k in settings.api_keys]
-        torch.set_num_threads(settings.torch_threads)
+        self.device, threads = _replica_resources()
+        torch.set_num_threads(threads)
         self._model: LoadedModel | None = None
         self._watch_s = 0.0
         self._watch_task: asyncio.Task[None] | None = None
@@ -325,7 +336,7 @@ class ChatServer:
             current = self._model
             if current is not None and current.source == source and current.revision == model_revision(path):
                 return False
-            new = await asyncio.to_thread(load_model, source, path, self.cfg, self.settings.device)
+            new = await asyncio.to_thread(load_model, source, path, self.cfg, self.device)
             self._model = new
             m = metrics()
             if current is not None:
@@ -510,8 +521,6 @@ def chat_application(model: str, cfg: Config, *, api_keys: Sequence[str] = (), m
         model_name=served_name(model, cfg, model_name),
         api_keys=keys,
         tracking_uri=tracking_uri or cfg.registry.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
-        torch_threads=max(1, round(s.cpus_per_replica)),
-        device="cuda" if s.gpus_per_replica > 0 else "cpu",
     )
     env = {key: os.environ.get(key, value) for key, value in OFFLINE_ENV.items()}
     deployment = ChatServer.options(
@@ -624,7 +633,7 @@ def deploy(model: str, cfg: Config | None = None, blocking: bool = False, *, api
         try:
             wait_for_interrupt()
         finally:
-            stop(started_ray)
+            shutdown(started_ray)
     return url
 
 
@@ -655,7 +664,7 @@ def _raise_interrupt(_signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def stop(shutdown_ray: bool = True) -> None:
+def shutdown(shutdown_ray: bool = True) -> None:
     """Stop Serve (and Ray, when this process started it)."""
     import ray
 

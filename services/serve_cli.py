@@ -1,0 +1,56 @@
+"""`crlft serve`: the OpenAI-compatible endpoint on local Ray Serve (or a cluster with --address), until Ctrl-C.
+
+    crlft serve --model models:/crlft-chat@champion --port 8000 --api-key "$KEY"
+
+API keys may also come from $CRLFT_API_KEYS (comma-separated), which keeps them out of the process list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", metavar="DIR|URI",
+                        help="model folder, or models:/NAME@ALIAS / models:/NAME/VERSION from the MLflow registry "
+                        "(default: models:/<registry.model_name>@<registry.alias>, the champion)")
+    parser.add_argument("--host", help="address to listen on (default serve.host, 127.0.0.1; 0.0.0.0 for all)")
+    parser.add_argument("--port", type=int, help="HTTP port (default serve.port, 8000)")
+    parser.add_argument("--api-key", dest="api_keys", action="append", default=[], metavar="KEY",
+                        help="require 'Authorization: Bearer KEY' (repeatable; also $CRLFT_API_KEYS)")
+    parser.add_argument("--name", dest="model_name", help="model name clients use (default: the model's own name)")
+    parser.add_argument("--watch", dest="watch_s", type=float, metavar="SECONDS",
+                        help="check the registry alias for a new champion this often "
+                        "(default 30 for models:/NAME@ALIAS, 0 = never)")
+    parser.add_argument("--mlflow-uri", help="MLflow tracking URI for models:/ (default: registry.tracking_uri, "
+                        "$MLFLOW_TRACKING_URI, the local SQLite store)")
+    parser.add_argument("--address", help="Ray cluster to deploy on (default: $RAY_ADDRESS, else a local Ray)")
+    add_config_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from services.chat import api_keys_from_env, champion_uri, deploy, ensure_ray, shutdown, wait_for_interrupt
+
+    cfg = config_from_args(args, {"host": "serve.host", "port": "serve.port", "model_name": "serve.model_name"})
+    model = args.model or champion_uri(cfg)
+    keys = [*args.api_keys, *api_keys_from_env()]
+    print(f"starting Ray Serve for {model} ...", file=sys.stderr, flush=True)
+    started_ray = ensure_ray(args.address)
+    try:
+        url = deploy(model, cfg, api_keys=keys, watch_s=args.watch_s, tracking_uri=args.mlflow_uri)
+        auth = f" (API keys: {len(set(keys) | set(cfg.serve.api_keys))})" if keys or cfg.serve.api_keys else ""
+        print(f"serving {model} at {url}/v1{auth}", flush=True)
+        print(f"  OpenAI base_url={url}/v1   health {url}/healthz   metrics {url}/metrics   Ctrl-C to stop",
+              flush=True)
+        wait_for_interrupt()
+        print("stopping ...", file=sys.stderr, flush=True)
+    finally:
+        shutdown(started_ray)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(stage_entrypoint("services.serve_cli"))
