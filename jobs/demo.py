@@ -1,0 +1,132 @@
+"""`crlft demo`: the whole product on the embedded defaults, on one laptop, no GPU, no network.
+
+synthetic mixed-quality data -> tiny model -> Ray Data -> Ray Train (C-RLFT) -> evaluation -> MLflow registry
+(champion) -> Ray Serve -> held-out questions asked through the OpenAI-compatible endpoint under the expert and the
+sub-optimal condition, printed beside the expected answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import crlft
+from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
+from crlft.config import Config, load_config
+
+RECIPE = Path(crlft.__file__).resolve().parent / "recipes" / "tiny_synth.yaml"
+
+
+def recipe_config(args: argparse.Namespace | None = None) -> Config:
+    """The tiny-synthetic recipe, then --config / --set / flags on top."""
+    if args is None:
+        return load_config(RECIPE)
+    if getattr(args, "config", None) is None:
+        args.config = str(RECIPE)
+    return config_from_args(args, {"state_dir": "state_dir", "epochs": "train.epochs"})
+
+
+def ask(url: str, model: str, api_key: str | None, question: str, condition: str) -> str:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{url}/v1", api_key=api_key or "unused", max_retries=2, timeout=60)
+    reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
+                                           max_tokens=16, temperature=0, extra_body={"condition": condition})
+    return (reply.choices[0].message.content or "").strip()
+
+
+def side_by_side(rows: list[dict[str, Any]], expert: str, suboptimal: str) -> str:
+    width = max(len(r["prompt"]) for r in rows)
+    head = f"{'question':{width}}  {'expected':10}  {expert + ' answer':18}  {suboptimal + ' answer':18}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        mark_e = "ok" if r["expert_ok"] else "--"
+        mark_s = "ok" if r["suboptimal_ok"] else "--"
+        lines.append(f"{r['prompt']:{width}}  {r['answer']:10}  {r['expert'][:15]:15} {mark_e}  "
+                     f"{r['suboptimal'][:15]:15} {mark_s}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--questions", type=int, default=8, help="held-out questions to ask the endpoint")
+    parser.add_argument("--keep-serving", action="store_true", help="stay up (endpoint, chat page) until Ctrl-C")
+    parser.add_argument("--epochs", type=int, help="training epochs (default: the recipe's)")
+    parser.add_argument("--state-dir", help="where the demo keeps its state (default .crlft)")
+    parser.add_argument("--force", action="store_true", help="redo every stage even when up to date")
+    add_config_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from crlft.synth import is_correct, load_eval_suite
+    from jobs.pipeline import run_pipeline
+    from services.chat import deploy, shutdown
+
+    started = time.monotonic()
+    cfg = recipe_config(args)
+    print("crlft demo: C-RLFT on the synthetic mixed-quality suite (GPT4 = expert, reward 1.0; GPT3 = "
+          "sub-optimal, reward 0.1, 10x more data, systematically wrong)\n", flush=True)
+    result = run_pipeline(cfg, name="demo", force=args.force)
+    expert = cfg.inference_condition
+    suboptimal = min(cfg.classes, key=lambda c: cfg.classes[c].reward)
+    target = f"models:/{cfg.registry.model_name}@{cfg.registry.alias}" if result.champion else str(result.model_dir)
+    print(f"[serve] deploying {target} ...", flush=True)
+    url = deploy(target, cfg)
+    try:
+        model_name = _served_name(url)
+        api_key = cfg.serve.api_keys[0] if cfg.serve.api_keys else None
+        items = load_eval_suite(result.suite)[: args.questions] if result.suite else []
+        rows = []
+        for item in items:
+            e = ask(url, model_name, api_key, item.prompt, expert)
+            s = ask(url, model_name, api_key, item.prompt, suboptimal)
+            rows.append({"prompt": item.prompt, "answer": item.answer, "expert": e, "suboptimal": s,
+                         "expert_ok": is_correct(e, item.answer), "suboptimal_ok": is_correct(s, item.answer)})
+        if rows:
+            print("\nHeld-out questions asked through the endpoint:\n")
+            print(side_by_side(rows, expert, suboptimal))
+            n = len(rows)
+            print(f"\ncorrect: {sum(r['expert_ok'] for r in rows)}/{n} under {expert}, "
+                  f"{sum(r['suboptimal_ok'] for r in rows)}/{n} under {suboptimal}")
+        accuracy = {k: v for k, v in result.metrics.items() if k.startswith("accuracy_") and "/" not in k}
+        if accuracy:
+            print(f"whole held-out suite: {json.dumps({k: round(v, 3) for k, v in accuracy.items()})}")
+        print(_where(cfg, result, url, model_name, expert))
+        print(f"demo finished in {time.monotonic() - started:.0f} s", flush=True)
+        if args.keep_serving:
+            print("serving until Ctrl-C ...", flush=True)
+            while True:
+                time.sleep(3600)
+    finally:
+        shutdown()
+    return 0
+
+
+def _served_name(url: str) -> str:
+    import httpx
+
+    return httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
+
+
+def _where(cfg: Config, result: Any, url: str, model_name: str, expert: str) -> str:
+    body = json.dumps({"model": model_name, "messages": [{"role": "user", "content": "What is the opposite of hot?"}],
+                       "condition": expert})
+    return f"""
+Where everything is:
+  model folder     {result.model_dir}
+  dataset          {result.data_dir}  (stats.json, rejects.jsonl)
+  evaluation       {result.root / 'eval'}
+  MLflow           {result.tracking_uri}
+                   UI: mlflow ui --backend-store-uri {result.tracking_uri} --port 5000
+  registered       {cfg.registry.model_name} v{result.version} ({result.promotion or 'not promoted'})
+  endpoint         {url}/v1/chat/completions   (chat page: {url}/)
+  curl             curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'
+  openai           OpenAI(base_url="{url}/v1", api_key="unused").chat.completions.create(model="{model_name}",
+                       messages=[...], extra_body={{"condition": "{expert}"}})
+  Ray dashboard    http://127.0.0.1:8265 (while the demo runs)"""
+
+
+if __name__ == "__main__":
+    raise SystemExit(stage_entrypoint("jobs.demo"))

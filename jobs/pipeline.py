@@ -1,0 +1,224 @@
+"""The whole pipeline: data -> train -> evaluate + register -> promote (-> deploy), each stage the function its own
+command runs. Resumable: a stage whose inputs, upstream outputs and config section are unchanged since it last
+finished is skipped (its record in `<state_dir>/pipeline/<name>/stages.json` says why).
+
+Entrypoint for Ray Jobs: `python -m jobs.pipeline [INPUT...] [flags]` (= `crlft pipeline`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
+from crlft.config import Config
+from crlft.errors import CrlftError
+from crlft.tracking import resolve_tracking_uri, set_offline_defaults
+
+DEFAULT_NAME = "default"
+
+
+@dataclass
+class PipelineResult:
+    root: Path
+    data_dir: Path
+    model_dir: Path
+    base_model: str
+    suite: Path | None
+    heldout: Path | None
+    tracking_uri: str
+    stats: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    version: str | None = None
+    promotion: str | None = None
+    champion: bool = False
+    url: str | None = None
+    skipped: list[str] = field(default_factory=list)
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def inputs_fingerprint(inputs: Sequence[str]) -> str:
+    """Local files by path, size and modification time (cheap on large data); URIs by name."""
+    described = []
+    for item in inputs:
+        path = Path(item)
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for f in files:
+            stat = f.stat() if f.exists() else None
+            described.append([str(f), stat.st_size if stat else None, stat.st_mtime_ns if stat else None])
+    return _digest(described)
+
+
+class StageLog:
+    """Finished stages with their fingerprints, so that a rerun redoes only what changed."""
+
+    def __init__(self, path: Path, force: bool = False) -> None:
+        self.path = path
+        self.force = force
+        self.stages: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else {}
+
+    def run(self, stage: str, fingerprint: str, outputs_exist: bool, work: Callable[[], dict[str, Any]],
+            skipped: list[str]) -> dict[str, Any]:
+        done = self.stages.get(stage)
+        if not self.force and done and done["fingerprint"] == fingerprint and outputs_exist:
+            print(f"[{stage}] up to date (fingerprint {fingerprint}), skipped", flush=True)
+            skipped.append(stage)
+            return done["result"]
+        print(f"[{stage}] running ...", flush=True)
+        started = time.monotonic()
+        result = work()
+        self.stages[stage] = {"fingerprint": fingerprint, "result": result, "seconds": time.monotonic() - started,
+                              "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.stages, indent=2, sort_keys=True, default=str))
+        print(f"[{stage}] done in {time.monotonic() - started:.0f} s", flush=True)
+        return result
+
+
+def default_inputs(cfg: Config, seed: int = 0) -> tuple[list[str], Path, Path]:
+    """The bundled synthetic mixed-quality suite, written under the state folder on first use."""
+    from crlft.synth import write_suite
+
+    folder = Path(cfg.state_dir) / "synth"
+    if not (folder / "train.jsonl").is_file():
+        write_suite(folder, seed=seed)
+    return [str(folder / "train.jsonl")], folder / "eval.jsonl", folder / "heldout.jsonl"
+
+
+def run_pipeline(
+    cfg: Config,
+    inputs: Sequence[str] = (),
+    *,
+    suite: str | Path | None = None,
+    heldout: str | Path | None = None,
+    base_model: str | None = None,
+    name: str = DEFAULT_NAME,
+    mlflow_uri: str | None = None,
+    promote: bool = True,
+    deploy: bool = False,
+    force: bool = False,
+) -> PipelineResult:
+    from crlft.commands.init_model import build_default_model
+    from crlft.registry import promote as promote_version
+    from jobs.build_dataset import build_dataset, resolve_inputs
+    from jobs.evaluate import evaluate_model
+    from jobs.train import train
+
+    set_offline_defaults()
+    if not inputs:
+        inputs, default_suite, default_heldout = default_inputs(cfg, cfg.train.seed)
+        suite = suite or default_suite
+        heldout = heldout or default_heldout
+    root = Path(cfg.state_dir) / "pipeline" / name
+    log = StageLog(root / "stages.json", force)
+    tracking_uri = resolve_tracking_uri(cfg, mlflow_uri)
+    # With no model given, the embedded default is built under the state folder, its tokenizer trained on the inputs.
+    embedded = base_model is None and cfg.model.base_model == Config().model.base_model
+    base = str(Path(cfg.state_dir) / "models" / cfg.model.preset) if embedded else (base_model or cfg.model.base_model)
+    result = PipelineResult(root, root / "data", root / "model", base, Path(suite) if suite else None,
+                            Path(heldout) if heldout else None, tracking_uri)
+    data_fp = inputs_fingerprint(inputs)
+    model_fp = _digest([base, cfg.model.model_dump()])
+    if embedded:
+        model_fp = _digest([model_fp, data_fp, cfg.template.model_dump(), cfg.train.mode.value])
+        corpus = [p for p in resolve_inputs(inputs) if Path(p).is_file()]  # remote inputs: the built-in corpus
+        log.run("model", model_fp, (Path(base) / "config.json").is_file(),
+                lambda: {"path": str(build_default_model(base, cfg, corpus, cfg.train.seed))}, result.skipped)
+
+    data_cfg = [cfg.data.model_dump(), {k: v.model_dump() for k, v in cfg.classes.items()}, cfg.default_class,
+                cfg.inference_condition, cfg.template.model_dump(), cfg.train.mode.value]
+    stats_fp = _digest([data_fp, model_fp, data_cfg])
+    result.stats = log.run("data", stats_fp, (result.data_dir / "stats.json").is_file(),
+                           lambda: build_dataset(list(inputs), base, result.data_dir, cfg), result.skipped)
+
+    train_fp = _digest([stats_fp, cfg.train.model_dump(mode="json")])
+
+    def do_train() -> dict[str, Any]:
+        trained = train(result.data_dir, base, result.model_dir, cfg, mlflow_uri=tracking_uri)
+        return {"run_id": trained.mlflow_run_id, "steps": trained.steps, "final_loss": trained.final_loss,
+                "final_loss_by_class": trained.final_loss_by_class, "val_loss": trained.val_loss}
+
+    result.train = log.run("train", train_fp, (result.model_dir / "crlft.json").is_file(), do_train, result.skipped)
+
+    eval_fp = _digest([train_fp, str(suite), str(heldout), cfg.registry.model_dump()])
+
+    def do_evaluate() -> dict[str, Any]:
+        from crlft.registry import register_model
+
+        if suite is None and heldout is None:
+            version = register_model(result.model_dir, cfg, result.train.get("run_id"), tracking_uri=tracking_uri)
+            return {"metrics": {}, "version": version, "text": "no evaluation suite given: registered, not evaluated"}
+        report = evaluate_model(result.model_dir, suite, cfg, heldout=heldout, register_as=cfg.registry.model_name,
+                                tracking_uri=tracking_uri, out_dir=root / "eval")
+        return {"metrics": report["metrics"], "version": (report["model_version"] or {}).get("version"),
+                "text": report["text"], "plot": report.get("plot")}
+
+    evaluated = log.run("evaluate", eval_fp, (root / "eval").is_dir() or suite is None, do_evaluate, result.skipped)
+    result.metrics, result.version = evaluated["metrics"], evaluated["version"]
+    print(evaluated.get("text", ""), flush=True)
+
+    if promote and result.version and result.metrics:
+        decision = promote_version(cfg.registry.model_name, result.version, cfg=cfg, tracking_uri=tracking_uri)
+        result.promotion, result.champion = decision.summary(), decision.is_champion
+        print(f"[promote] {decision.summary()}", flush=True)
+    elif promote:
+        print("[promote] skipped: the model was not evaluated on a suite, so it cannot be compared", flush=True)
+
+    if deploy:
+        from services.chat import deploy as deploy_model
+
+        target = f"models:/{cfg.registry.model_name}@{cfg.registry.alias}" if result.champion else str(result.model_dir)
+        result.url = deploy_model(target, cfg)
+        print(f"[deploy] serving {target} at {result.url}", flush=True)
+    return result
+
+
+_FLAGS = {"mode": "train.mode", "epochs": "train.epochs", "max_steps": "train.max_steps", "workers": "train.workers",
+          "gpu": "train.use_gpu", "state_dir": "state_dir"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="*", metavar="INPUT",
+                        help="conversation files, folders, globs or URIs (default: the bundled synthetic suite)")
+    parser.add_argument("--suite", metavar="FILE", help="verifiable suite to evaluate on (default with no INPUT: "
+                        "the synthetic eval.jsonl)")
+    parser.add_argument("--heldout", metavar="FILE", help="held-out conversations for the representation check")
+    parser.add_argument("--base-model", metavar="DIR|HF_ID", help="default: model.base_model (built if missing)")
+    parser.add_argument("--name", default=DEFAULT_NAME, help="pipeline run name (its state folder)")
+    parser.add_argument("--mode", choices=["crlft", "conditioned", "weighted", "sft"])
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--max-steps", type=int)
+    parser.add_argument("--workers", type=int)
+    parser.add_argument("--gpu", action="store_true", default=None, help="train on GPUs")
+    parser.add_argument("--state-dir", help="where local state lives (default .crlft)")
+    parser.add_argument("--mlflow-uri", metavar="URI", help="MLflow tracking URI (default: config, env, local SQLite)")
+    parser.add_argument("--no-promote", action="store_true", help="register and evaluate, but leave the champion")
+    parser.add_argument("--deploy", action="store_true", help="serve the champion at the end (Ray Serve)")
+    parser.add_argument("--force", action="store_true", help="redo every stage even when up to date")
+    add_config_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args, _FLAGS)
+    if args.suite and not Path(args.suite).is_file():
+        raise CrlftError(f"suite {args.suite} does not exist")
+    result = run_pipeline(cfg, args.inputs, suite=args.suite, heldout=args.heldout, base_model=args.base_model,
+                          name=args.name, mlflow_uri=args.mlflow_uri, promote=not args.no_promote,
+                          deploy=args.deploy, force=args.force)
+    print(f"model: {result.model_dir}  version: {result.version}  champion: {result.champion}")
+    print(f"MLflow: {result.tracking_uri}  (UI: mlflow ui --backend-store-uri {result.tracking_uri})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(stage_entrypoint("jobs.pipeline"))
