@@ -1,0 +1,442 @@
+"""The chat endpoint: real Ray Serve on loopback, queried with the official `openai` client.
+
+One Serve instance for the module: the main app serves `models:/<name>@champion` from a real MLflow (SQLite) registry
+and watches the alias; a second app ("tight", at /tight) serves a folder with API keys and a queue of one, for the
+auth and overload checks. Answers are compared with the engine run locally on the same prompt ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from crlft.config import Config, load_config
+from crlft.conversation import Message
+from crlft.errors import CrlftError
+from crlft.export import ExportedModel, ModelMeta, load_exported, save_exported
+from crlft.generate import BatchGenerator, Completion, GenerationRequest, SamplingParams
+from crlft.model import init_model, load_model_and_tokenizer
+from services import protocol
+from services.protocol import ApiError
+
+REPO = Path(__file__).resolve().parents[1]
+REGISTERED = "chat-test"
+TIGHT_KEYS = ("key-one", "key-two")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _export(out: Path, seed: int) -> Path:
+    base = init_model(out / "base", seed=seed)
+    model, tokenizer = load_model_and_tokenizer(str(base))
+    return save_exported(model, tokenizer, out / "exported", ModelMeta.from_config(Config(), seed=seed))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Without Ray: the wire format
+
+
+def test_a_request_becomes_system_prompt_turns_and_one_sampling_setting_per_choice() -> None:
+    body = protocol.parse_request(json.dumps({
+        "model": "m", "n": 2, "seed": 7, "max_completion_tokens": 9, "stop": "END", "temperature": 0.5,
+        "messages": [{"role": "system", "content": "be brief"}, {"role": "developer", "content": "and kind"},
+                     {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "you"}]},
+                     {"role": "assistant", "content": "hello"}, {"role": "user", "content": "again"}],
+    }).encode())
+    system, turns = protocol.to_conversation(body.messages)
+    assert system == "be brief\nand kind"
+    assert turns == [Message("user", "hi you"), Message("assistant", "hello"), Message("user", "again")]
+    assert body.sampling(256) == [SamplingParams(9, 0.5, 1.0, 7, ("END",)), SamplingParams(9, 0.5, 1.0, 8, ("END",))]
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    (b"{not json", None),
+    (b"[]", None),
+    (json.dumps({"model": "m", "messages": []}).encode(), "messages"),
+    (json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 99}).encode(), "n"),
+    (json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": [""]}).encode(), "stop"),
+    (json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_p": 0}).encode(), "top_p"),
+    (json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{}]}).encode(), "tools"),
+])
+def test_malformed_requests_are_400_naming_the_field(body: bytes, param: str | None) -> None:
+    with pytest.raises(ApiError) as caught:
+        protocol.parse_request(body)
+    assert caught.value.status == 400
+    assert caught.value.param == param
+
+
+@pytest.mark.parametrize(("messages", "param"), [
+    ([{"role": "tool", "content": "x"}], "messages[0].role"),
+    ([{"role": "user", "content": "x"}, {"role": "system", "content": "late"}], "messages[1].role"),
+    ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "messages"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], "messages[0].content"),
+])
+def test_conversations_the_template_cannot_express_are_400(messages: list[dict[str, Any]], param: str) -> None:
+    body = protocol.parse_request(json.dumps({"model": "m", "messages": messages}).encode())
+    with pytest.raises(ApiError) as caught:
+        protocol.to_conversation(body.messages)
+    assert (caught.value.status, caught.value.param) == (400, param)
+
+
+def test_usage_counts_the_prompt_once_and_every_sampled_token_of_every_choice() -> None:
+    done = [Completion("a", (1, 2, 3), "stop", 10), Completion("b", (4,), "length", 10)]
+    assert protocol.usage(10, done) == {"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14}
+
+
+def test_api_keys_are_compared_against_every_key() -> None:
+    from services.chat import key_matches
+
+    keys = [k.encode() for k in TIGHT_KEYS]
+    assert key_matches("key-two", keys) and not key_matches("key-three", keys) and not key_matches("", keys)
+
+
+def test_the_example_serve_config_is_valid_and_builds_the_app(tmp_path: Path) -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    from services.chat import DEPLOYMENT_NAME, build_app
+
+    config = yaml.safe_load((REPO / "services" / "serve.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(config)
+    [app_config] = schema.applications
+    assert app_config.import_path == "services.chat:build_app"
+    app = build_app(dict(app_config.args))
+    deployment = app._bound_deployment  # what Serve would deploy
+    assert deployment.name == DEPLOYMENT_NAME
+    assert deployment.user_config == {"model": "models:/crlft-chat@champion", "watch_s": 30.0}
+    with pytest.raises(CrlftError, match="unknown args"):
+        build_app({"modle": "x"})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Real Ray Serve
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("serve-models")
+    return {"a": _export(root / "a", seed=0), "b": _export(root / "b", seed=1)}
+
+
+@pytest.fixture(scope="module")
+def local_a(models: dict[str, Path]) -> ExportedModel:
+    return load_exported(models["a"])
+
+
+@pytest.fixture(scope="module")
+def stack(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    import ray
+
+    from crlft.registry import promote, register_model
+    from services.chat import deploy, shutdown
+
+    state = tmp_path_factory.mktemp("serve-state")
+    overrides = {
+        "state_dir": str(state),
+        "registry.tracking_uri": f"sqlite:///{state / 'mlflow.db'}",
+        "registry.model_name": REGISTERED,
+        "serve.port": _free_port(),
+        "serve.cpus_per_replica": 0.25,
+        "serve.max_replicas": 1,
+        "serve.max_batch_size": 8,
+    }
+    cfg = load_config(None, overrides)
+    version = register_model(models["a"], cfg)
+    promote(REGISTERED, version, force=True, cfg=cfg)
+    tight = load_config(None, {**overrides, "serve.max_ongoing_requests": 1, "serve.max_queued_requests": 1,
+                               "serve.model_name": "tight-model"})
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        url = deploy(f"models:/{REGISTERED}@champion", cfg, watch_s=1.0)
+        tight_url = deploy(str(models["a"]), tight, api_keys=TIGHT_KEYS, name="tight", route_prefix="/tight")
+        yield {"url": url, "tight_url": tight_url, "cfg": cfg}
+    finally:
+        shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(stack: dict[str, Any]) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack["url"] + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _local(exported: ExportedModel, messages: list[Message], params: SamplingParams, condition: str | None = None,
+           system: str = "") -> tuple[list[int], Completion]:
+    prompt = exported.template_tokenizer.tokenize_prompt(messages, condition, system)
+    engine = BatchGenerator(exported.model, exported.tokenizer, [exported.template_tokenizer.eot_id, 1])
+    return prompt, engine.generate([GenerationRequest(prompt, params)])[0]
+
+
+GREEDY = {"temperature": 0.0, "max_tokens": 12}
+
+
+@pytest.mark.slow
+def test_models_lists_the_served_name_and_its_conditions(client: openai.OpenAI) -> None:
+    [card] = client.models.list().data
+    assert card.id == REGISTERED
+    extra = card.model_extra or {}
+    assert extra["conditions"] == ["GPT3", "GPT4"] and extra["inference_condition"] == "GPT4"
+    assert client.models.retrieve(REGISTERED).id == REGISTERED
+
+
+@pytest.mark.slow
+def test_a_completion_is_the_model_s_own_greedy_answer_with_exact_usage(client: openai.OpenAI,
+                                                                        local_a: ExportedModel) -> None:
+    answer = client.chat.completions.create(model=REGISTERED, messages=[{"role": "user", "content": "hello there"}],
+                                            **GREEDY)
+    prompt, expected = _local(local_a, [Message("user", "hello there")], SamplingParams(12, 0.0))
+    assert answer.object == "chat.completion" and answer.id.startswith("chatcmpl-")
+    assert answer.choices[0].message.content == expected.text
+    assert answer.choices[0].finish_reason == ("length" if expected.finish_reason == "length" else "stop")
+    assert answer.usage is not None
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (len(prompt), expected.completion_tokens)
+    assert answer.usage.total_tokens == len(prompt) + expected.completion_tokens
+
+
+@pytest.mark.slow
+def test_the_system_prompt_is_part_of_the_prompt(client: openai.OpenAI, local_a: ExportedModel) -> None:
+    system = "You answer in one short sentence."
+    answer = client.chat.completions.create(
+        model=REGISTERED, messages=[{"role": "system", "content": system}, {"role": "user", "content": "hello there"}],
+        **GREEDY)
+    prompt, expected = _local(local_a, [Message("user", "hello there")], SamplingParams(12, 0.0), system=system)
+    without = local_a.template_tokenizer.tokenize_prompt([Message("user", "hello there")])
+    assert answer.usage is not None and answer.usage.prompt_tokens == len(prompt) > len(without)
+    assert answer.choices[0].message.content == expected.text
+
+
+@pytest.mark.slow
+def test_the_condition_field_selects_the_class_written_into_the_prompt(client: openai.OpenAI,
+                                                                       local_a: ExportedModel) -> None:
+    answer = client.chat.completions.create(model=REGISTERED, messages=[{"role": "user", "content": "hello there"}],
+                                            extra_body={"condition": "GPT3"}, **GREEDY)
+    _, expected = _local(local_a, [Message("user", "hello there")], SamplingParams(12, 0.0), condition="GPT3")
+    _, default = _local(local_a, [Message("user", "hello there")], SamplingParams(12, 0.0))
+    assert answer.choices[0].message.content == expected.text
+    assert expected.token_ids != default.token_ids  # the condition changed what the model saw
+
+
+@pytest.mark.slow
+def test_an_unknown_condition_is_400_listing_the_valid_ones(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=REGISTERED, messages=[{"role": "user", "content": "hi"}],
+                                       extra_body={"condition": "Claude"})
+    error = caught.value.body
+    assert isinstance(error, dict) and error["param"] == "condition"
+    assert "GPT4" in error["message"] and "GPT3" in error["message"]
+
+
+@pytest.mark.slow
+def test_streamed_chunks_add_up_to_the_answer_and_end_with_done(client: openai.OpenAI, stack: dict[str, Any]) -> None:
+    request = {"model": REGISTERED, "messages": [{"role": "user", "content": "tell me about the moon"}], **GREEDY}
+    whole = client.chat.completions.create(**request)
+    chunks = list(client.chat.completions.create(**request, stream=True, stream_options={"include_usage": True}))
+    assert {c.object for c in chunks} == {"chat.completion.chunk"} and len({c.id for c in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    with httpx.stream("POST", stack["url"] + "/v1/chat/completions", json={**request, "stream": True},
+                      timeout=60) as raw:
+        assert raw.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in raw.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
+
+
+@pytest.mark.slow
+def test_a_stop_string_cuts_the_answer_before_it(client: openai.OpenAI) -> None:
+    request = {"model": REGISTERED, "messages": [{"role": "user", "content": "tell me about the moon"}],
+               "temperature": 0.0, "max_tokens": 30}
+    free = client.chat.completions.create(**request).choices[0].message.content or ""
+    assert len(free) > 8
+    stop = free[4:7]
+    cut = client.chat.completions.create(**request, stop=[stop, "never-said"]).choices[0]
+    assert (cut.message.content, cut.finish_reason) == (free[: free.find(stop)], "stop")
+    streamed = client.chat.completions.create(**request, stop=stop, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == free[: free.find(stop)]
+
+
+@pytest.mark.slow
+def test_n_choices_are_sampled_with_seed_plus_index_and_all_counted(client: openai.OpenAI,
+                                                                    local_a: ExportedModel) -> None:
+    answer = client.chat.completions.create(model=REGISTERED, messages=[{"role": "user", "content": "surprise me"}],
+                                            n=3, seed=5, temperature=1.0, max_tokens=10)
+    assert [c.index for c in answer.choices] == [0, 1, 2]
+    local = [_local(local_a, [Message("user", "surprise me")], SamplingParams(10, 1.0, seed=5 + i)) for i in range(3)]
+    assert [c.message.content for c in answer.choices] == [done.text for _, done in local]
+    assert answer.usage is not None
+    assert answer.usage.prompt_tokens == len(local[0][0])
+    assert answer.usage.completion_tokens == sum(done.completion_tokens for _, done in local)
+
+
+@pytest.mark.slow
+def test_the_same_seed_gives_the_same_answer(client: openai.OpenAI) -> None:
+    def ask(seed: int) -> str | None:
+        return client.chat.completions.create(model=REGISTERED, messages=[{"role": "user", "content": "a poem"}],
+                                              seed=seed, temperature=1.0, max_tokens=16).choices[0].message.content
+
+    assert ask(42) == ask(42)
+    assert ask(42) != ask(43)
+
+
+@pytest.mark.slow
+def test_max_tokens_and_max_completion_tokens_bound_the_answer(client: openai.OpenAI) -> None:
+    for limit in ({"max_tokens": 3}, {"max_completion_tokens": 3}):
+        answer = client.chat.completions.create(model=REGISTERED, temperature=0.0,
+                                                messages=[{"role": "user", "content": "tell me about the moon"}],
+                                                **limit)  # type: ignore[arg-type]
+        assert answer.usage is not None and answer.usage.completion_tokens <= 3
+        if answer.choices[0].finish_reason == "length":
+            assert answer.usage.completion_tokens == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("body", "status", "code"), [
+    ({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}, 404, "model_not_found"),
+    ({"model": REGISTERED, "messages": [{"role": "wizard", "content": "hi"}]}, 400, None),
+    ({"model": REGISTERED, "messages": [{"role": "user", "content": "word " * 3000}]}, 400, "context_length_exceeded"),
+    ({"model": REGISTERED, "messages": "hi"}, 400, None),
+    ({"model": REGISTERED, "messages": [{"role": "user", "content": "hi"}], "temperature": 9}, 400, None),
+])
+def test_bad_requests_get_openai_error_objects(stack: dict[str, Any], body: dict[str, Any], status: int,
+                                               code: str | None) -> None:
+    response = httpx.post(stack["url"] + "/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["code"] == code
+
+
+@pytest.mark.slow
+def test_a_body_that_is_not_json_and_an_unknown_route_are_openai_errors(stack: dict[str, Any]) -> None:
+    bad = httpx.post(stack["url"] + "/v1/chat/completions", content=b"{oops", timeout=30,
+                     headers={"content-type": "application/json"})
+    assert bad.status_code == 400 and "JSON" in bad.json()["error"]["message"]
+    missing = httpx.get(stack["url"] + "/v1/nothing-here", timeout=30)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
+@pytest.mark.slow
+def test_with_api_keys_a_request_needs_one_of_them(stack: dict[str, Any]) -> None:
+    def ask(key: str) -> str | None:
+        c = openai.OpenAI(base_url=stack["tight_url"] + "/v1", api_key=key, max_retries=0, timeout=60)
+        answer = c.chat.completions.create(model="tight-model", messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=2)
+        return answer.choices[0].finish_reason
+
+    with pytest.raises(openai.AuthenticationError) as caught:
+        ask("key-three")
+    assert caught.value.status_code == 401 and caught.value.code == "invalid_api_key"
+    without = httpx.post(stack["tight_url"] + "/v1/chat/completions", timeout=30,
+                         json={"model": "tight-model", "messages": [{"role": "user", "content": "hi"}]})
+    assert without.status_code == 401 and without.json()["error"]["code"] == "invalid_api_key"
+    assert ask("key-one") and ask("key-two")
+    assert httpx.get(stack["tight_url"] + "/v1/models", timeout=30).status_code == 401
+    assert httpx.get(stack["tight_url"] + "/healthz", timeout=30).status_code == 200  # probes need no key
+
+
+@pytest.mark.slow
+def test_overload_is_answered_at_once_with_503_and_retry_after_never_a_hang(stack: dict[str, Any]) -> None:
+    # The tight app takes one request at a time and queues one more: of 8 at once, most must be refused.
+    async def burst() -> list[httpx.Response]:
+        body = {"model": "tight-model", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 300,
+                "stream": True}
+        headers = {"Authorization": f"Bearer {TIGHT_KEYS[0]}"}
+        async with httpx.AsyncClient(timeout=120) as c:
+            return await asyncio.gather(*(c.post(stack["tight_url"] + "/v1/chat/completions", json=body,
+                                                 headers=headers) for _ in range(8)))
+
+    started = time.monotonic()
+    responses = asyncio.run(asyncio.wait_for(burst(), timeout=120))
+    statuses = sorted(r.status_code for r in responses)
+    refused = [r for r in responses if r.status_code == 503]
+    assert set(statuses) <= {200, 503} and statuses.count(200) >= 1 and len(refused) >= 4, statuses
+    assert all(r.headers.get("retry-after") == "1" for r in refused)
+    assert time.monotonic() - started < 120
+
+
+@pytest.mark.slow
+def test_health_readiness_and_metrics(stack: dict[str, Any]) -> None:
+    url = stack["url"]
+    assert httpx.get(url + "/healthz", timeout=30).json() == {"status": "ok"}
+    ready = httpx.get(url + "/readyz", timeout=30).json()
+    assert ready["status"] == "ready" and ready["model"] == REGISTERED
+    text = httpx.get(url + "/metrics", timeout=30).text
+    assert 'crlft_requests_total{route="/v1/chat/completions",status="200"}' in text
+    tokens = [line for line in text.splitlines() if line.startswith("crlft_completion_tokens_total ")]
+    assert tokens and float(tokens[0].split()[-1]) > 0
+    assert "crlft_time_to_first_token_seconds_bucket" in text and "crlft_request_latency_seconds_bucket" in text
+
+
+@pytest.mark.slow
+def test_a_new_champion_is_picked_up_without_dropping_a_request_in_flight(
+        client: openai.OpenAI, stack: dict[str, Any], models: dict[str, Path]) -> None:
+    from crlft.registry import promote, register_model
+
+    cfg: Config = stack["cfg"]
+    request = {"model": REGISTERED, "messages": [{"role": "user", "content": "hello there"}], "temperature": 0.0}
+    before = client.chat.completions.create(**request, max_tokens=12)
+    long = client.chat.completions.create(**request, max_tokens=1200, stream=True,
+                                          stream_options={"include_usage": True})
+    first = next(iter(long))
+    promote(REGISTERED, register_model(models["b"], cfg), force=True, cfg=cfg)
+    deadline = time.monotonic() + 90
+    while (ready := httpx.get(stack["url"] + "/readyz", timeout=30).json())["revision"] in before.system_fingerprint:
+        assert time.monotonic() < deadline, "the new champion was never loaded"
+        time.sleep(0.2)
+    assert ready["retiring"] == 1  # the swap happened while the old model was still generating the long answer
+    rest = list(long)  # the request in flight finishes, on the model it started with
+    assert {c.system_fingerprint for c in [first, *rest]} == {before.system_fingerprint}
+    usage = rest[-1].usage
+    finish = [c.choices[0].finish_reason for c in rest if c.choices][-1]
+    assert usage is not None and (finish == "stop" or usage.completion_tokens == 1200)
+    after = client.chat.completions.create(**request, max_tokens=12)
+    assert after.system_fingerprint != before.system_fingerprint
+    _, expected_b = _local(load_exported(models["b"]), [Message("user", "hello there")], SamplingParams(12, 0.0))
+    assert after.choices[0].message.content == expected_b.text
+
+
+@pytest.mark.slow
+def test_crlft_serve_prints_the_url_when_ready_and_stops_cleanly_on_ctrl_c(models: dict[str, Path],
+                                                                           tmp_path: Path) -> None:
+    port = _free_port()
+    env = {**os.environ, "CRLFT_API_KEYS": "secret-key", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "crlft.cli", "serve", "--model", str(models["a"]), "--port", str(port),
+               "--set", "serve.cpus_per_replica=0.25", "--set", f"state_dir={tmp_path}"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+                               cwd=REPO)
+    watchdog = threading.Timer(240, process.kill)  # a hung start fails the test instead of hanging it
+    watchdog.start()
+    try:
+        assert process.stdout is not None
+        line = next((line for line in process.stdout if line.startswith("serving ")), "")
+        assert f"http://127.0.0.1:{port}/v1" in line, f"no URL printed; exit status {process.poll()}"
+        assert "secret-key" not in line
+        response = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer secret-key"},
+                             timeout=30)
+        assert response.json()["data"][0]["id"] == "exported"
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=90) == 0
+    finally:
+        watchdog.cancel()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
