@@ -1,0 +1,577 @@
+"""The synthetic mixed-quality suite: the project's proof that C-RLFT works, small enough for a CPU in minutes.
+
+What it must show (../shared/CRLFT.md): a tiny model trained with C-RLFT on a few expert conversations (class GPT4) and
+ten times as many sub-optimal ones (class GPT3) answers held-out questions correctly far more often than plain SFT on
+the same mixture, and prompting it with the GPT3 condition brings the GPT3 behaviour back.
+
+Design choices, and why:
+
+- **Exact-match answers over a closed vocabulary.** Every answer is one word (one or two BPE tokens) from a list of a
+  few dozen, so correctness is a string comparison (`is_correct`) and a 1-3M parameter model has a chance. No digits:
+  byte-level BPE splits numbers unpredictably; the counting task uses number words instead.
+- **Knowledge is a small lookup, the question is a phrasing.** Each task is a fixed rule over a few dozen entities
+  (antonyms, irregular past tenses, neighbours in a sequence, category members, colours of things, alphabetical order).
+  Every question is (phrasing template x entities); the held-out eval questions are *unseen combinations* of phrasings
+  and entities that all occur in training (at most half of an entity's phrasings are held out, the rest are trained
+  on). A tiny model can generalise across phrasings of a lookup it has seen; it cannot invent facts it never saw.
+- **Systematic, class-specific errors.** GPT3 answers `wrong_rate` (default 75%) of its questions with the *same kind*
+  of wrong answer for a task, always different from the right one, so the wrong answer is itself an easy rule:
+    opposite       -> repeats the word itself                     (copying)
+    past_tense     -> over-regularises: "go" -> "goed"            (a wrong rule applied everywhere)
+    sequence       -> gives the neighbour on the wrong side       (direction error)
+    category_pick  -> always the first option listed              (position bias)
+    colour         -> always "blue"                               (mode collapse to one answer)
+    alphabet       -> the word that comes later                   (reversed comparison)
+  With 300 expert and 3000 sub-optimal conversations, the right answer is in 300 + 3000 * 0.25 = 1050 replies and the
+  systematic wrong one in 2250: the majority of the mixture is wrong for every question, so SFT learns the error.
+  The right answers are still taught often (the expert class, and the quarter of GPT3 replies that are right), so a
+  model conditioned on GPT4 (which is never wrong) can pick them out. The reward-weighted mixture (1.0 vs 0.1) also
+  favours the right answer (300 + 75 against 225), which is why the `weighted` ablation beats SFT too.
+- **Held-out conversations** (`heldout`) ask the eval questions, half answered as GPT4, half as GPT3, for validation
+  loss and the representation check (expert and sub-optimal conversations should separate under C-RLFT).
+- **Deterministic in the seed.** The eval set depends only on `seed` and `n_eval`, not on the training sizes, so runs
+  with different data sizes are scored on the same questions. Mostly single-turn; a few conversations have two turns
+  and some a system prompt, to exercise the template.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import string
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from crlft.errors import CrlftError
+
+EXPERT = "GPT4"
+SUBOPTIMAL = "GPT3"
+END_OF_TURN = "<|end_of_turn|>"
+DEFAULT_WRONG_RATE = 0.75
+
+TWO_TURN_RATE = 0.05
+SYSTEM_PROMPT_RATE = 0.10
+SYSTEM_PROMPTS = (
+    "You are a helpful assistant.",
+    "Answer with a single word.",
+    "You are a concise assistant. Reply briefly.",
+)
+
+
+@dataclass(frozen=True)
+class Question:
+    """One question, its right answer and the answer GPT3's systematic error gives.
+
+    `subject` is what is asked, independent of the phrasing ("opposite:hot"): questions with the same subject have
+    the same right answer, which is what lets a model generalise from trained phrasings to held-out ones.
+    """
+
+    task: str
+    subject: str
+    prompt: str
+    answer: str
+    suboptimal_answer: str
+
+
+@dataclass(frozen=True)
+class Turn:
+    question: Question
+    reply: str
+
+
+@dataclass(frozen=True)
+class SynthConversation:
+    condition: str
+    task: str
+    turns: tuple[Turn, ...]
+    system: str | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        """The OpenChat-style record written to train.jsonl / heldout.jsonl."""
+        items: list[dict[str, str]] = []
+        for turn in self.turns:
+            items.append({"role": "user", "content": turn.question.prompt})
+            items.append({"role": "assistant", "content": turn.reply})
+        record: dict[str, Any] = {"items": items, "condition": self.condition, "task": self.task}
+        if self.system is not None:
+            record["system"] = self.system
+        return record
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    id: str
+    prompt: str
+    answer: str
+    suboptimal_answer: str | None = None
+    task: str = "default"
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "prompt": self.prompt,
+            "answer": self.answer,
+            "suboptimal_answer": self.suboptimal_answer,
+            "task": self.task,
+        }
+
+
+@dataclass(frozen=True)
+class SynthSuite:
+    train: list[SynthConversation]
+    heldout: list[SynthConversation]
+    eval: list[EvalItem]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tasks. Each builds its pool of candidate questions; `rng` is only used where the pool is sampled (too many combos).
+
+OPPOSITES = (
+    ("hot", "cold"), ("big", "small"), ("fast", "slow"), ("up", "down"), ("day", "night"), ("happy", "sad"),
+    ("light", "dark"), ("open", "closed"), ("early", "late"), ("full", "empty"), ("hard", "soft"), ("high", "low"),
+    ("long", "short"), ("rich", "poor"), ("strong", "weak"), ("wet", "dry"), ("loud", "quiet"), ("clean", "dirty"),
+    ("thick", "thin"), ("inside", "outside"), ("push", "pull"), ("true", "false"), ("good", "bad"), ("love", "hate"),
+)  # fmt: skip
+OPPOSITE_TEMPLATES = (
+    "What is the opposite of {w}?",
+    "Give the opposite of {w}.",
+    "What is the antonym of {w}?",
+    "Name the opposite of the word {w}.",
+    "Opposite of {w}?",
+)
+
+IRREGULAR_PAST = (
+    ("go", "went"), ("eat", "ate"), ("see", "saw"), ("take", "took"), ("give", "gave"), ("run", "ran"),
+    ("swim", "swam"), ("sing", "sang"), ("drink", "drank"), ("write", "wrote"), ("speak", "spoke"), ("break", "broke"),
+    ("choose", "chose"), ("drive", "drove"), ("fly", "flew"), ("grow", "grew"), ("know", "knew"), ("throw", "threw"),
+    ("draw", "drew"), ("begin", "began"), ("ring", "rang"), ("sit", "sat"), ("stand", "stood"), ("teach", "taught"),
+    ("catch", "caught"), ("think", "thought"), ("bring", "brought"), ("find", "found"), ("sleep", "slept"),
+    ("keep", "kept"), ("feel", "felt"), ("make", "made"), ("hold", "held"), ("tell", "told"), ("sell", "sold"),
+)  # fmt: skip
+PAST_TEMPLATES = (
+    "What is the past tense of {v}?",
+    "Give the past tense of {v}.",
+    "Past tense of {v}?",
+    "What is the past form of the verb {v}?",
+    "Put {v} in the past tense.",
+)
+
+WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+MONTHS = (
+    "January", "February", "March", "April", "May", "June",
+    "July", "August", "September", "October", "November", "December",
+)  # fmt: skip
+NUMBER_WORDS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve")
+SEQUENCES: tuple[tuple[tuple[str, ...], bool], ...] = ((WEEKDAYS, True), (MONTHS, True), (NUMBER_WORDS, False))
+SEQUENCE_TEMPLATES = {
+    "after": ("What comes after {x}?", "What comes right after {x}?", "Which one follows {x}?"),
+    "before": ("What comes before {x}?", "What comes right before {x}?", "Which one precedes {x}?"),
+}
+
+CATEGORIES = {
+    "animal": ("dog", "cat", "horse", "cow", "sheep", "lion", "tiger", "rabbit"),
+    "fruit": ("apple", "pear", "grape", "peach", "mango", "plum", "kiwi", "melon"),
+    "vehicle": ("car", "bus", "train", "bike", "boat", "truck", "plane", "van"),
+    "tool": ("hammer", "drill", "wrench", "shovel", "axe", "spade", "rake", "chisel"),
+    "instrument": ("piano", "guitar", "drum", "violin", "flute", "trumpet", "harp", "cello"),
+    "furniture": ("chair", "table", "sofa", "bed", "desk", "shelf", "stool", "bench"),
+}
+CATEGORY_TEMPLATES = (
+    "Which of these is {c}: {a}, {b}, {d}?",
+    "Pick the {n}: {a}, {b}, {d}.",
+    "Which one is {c}: {a}, {b} or {d}?",
+    "Find the {n} among {a}, {b}, {d}.",
+)
+CATEGORY_PHRASINGS_PER_SUBJECT = 40
+
+COLOURS = (
+    ("a banana", "yellow"), ("a lemon", "yellow"), ("a sunflower", "yellow"), ("grass", "green"), ("a frog", "green"),
+    ("lettuce", "green"), ("a cucumber", "green"), ("snow", "white"), ("milk", "white"), ("a swan", "white"),
+    ("coal", "black"), ("a crow", "black"), ("ink", "black"), ("a tomato", "red"), ("a strawberry", "red"),
+    ("a ruby", "red"), ("a carrot", "orange"), ("a pumpkin", "orange"), ("a flamingo", "pink"), ("chocolate", "brown"),
+    ("an acorn", "brown"), ("an elephant", "grey"), ("ash", "grey"), ("a koala", "grey"),
+)  # fmt: skip
+COLOUR_TEMPLATES = (
+    "What colour is {t}?",
+    "What is the colour of {t}?",
+    "Name the colour of {t}.",
+    "Which colour is {t}?",
+)
+MODE_COLLAPSE_COLOUR = "blue"  # never right: no thing in COLOURS is blue
+
+ALPHABET_WORDS = (
+    "ant", "bell", "door", "fish", "hat", "kite", "moon", "pen", "rose", "tree",
+)  # fmt: skip
+ALPHABET_TEMPLATES = (
+    "Which comes first in the alphabet: {a} or {b}?",
+    "Which word is first alphabetically: {a} or {b}?",
+    "In a dictionary, which comes first: {a} or {b}?",
+    "Alphabetically, which is earlier: {a} or {b}?",
+)
+
+
+def over_regularised_past(verb: str) -> str:
+    """The regular "-ed" past applied to an irregular verb, the way GPT3 (and children) get it wrong: go -> goed."""
+    vowels = "aeiou"
+    if verb.endswith("e"):
+        return verb + "d"
+    if verb.endswith("y") and verb[-2] not in vowels:
+        return verb[:-1] + "ied"
+    vowel_groups = sum(1 for i, ch in enumerate(verb) if ch in vowels and (i == 0 or verb[i - 1] not in vowels))
+    consonant_vowel_consonant = (
+        len(verb) >= 3 and verb[-1] not in vowels + "wxy" and verb[-2] in vowels and verb[-3] not in vowels
+    )
+    if vowel_groups == 1 and consonant_vowel_consonant:
+        return verb + verb[-1] + "ed"  # run -> runned
+    return verb + "ed"
+
+
+def _opposite_pool(rng: random.Random) -> list[Question]:
+    pairs = [*OPPOSITES, *((b, a) for a, b in OPPOSITES)]
+    return [
+        Question("opposite", f"opposite:{word}", template.format(w=word), antonym, word)
+        for word, antonym in pairs
+        for template in OPPOSITE_TEMPLATES
+    ]
+
+
+def _past_tense_pool(rng: random.Random) -> list[Question]:
+    return [
+        Question("past_tense", f"past_tense:{verb}", template.format(v=verb), past, over_regularised_past(verb))
+        for verb, past in IRREGULAR_PAST
+        for template in PAST_TEMPLATES
+    ]
+
+
+def _sequence_pool(rng: random.Random) -> list[Question]:
+    pool: list[Question] = []
+    for items, cyclic in SEQUENCES:
+        for i, item in enumerate(items):
+            for direction, step in (("after", 1), ("before", -1)):
+                right, wrong = i + step, i - step
+                if not cyclic and not (0 <= right < len(items) and 0 <= wrong < len(items)):
+                    continue  # "before one" has no answer; "after one" has no wrong-side neighbour
+                answer, suboptimal = items[right % len(items)], items[wrong % len(items)]
+                pool.extend(
+                    Question("sequence", f"sequence:{direction}:{item}", template.format(x=item), answer, suboptimal)
+                    for template in SEQUENCE_TEMPLATES[direction]
+                )
+    return pool
+
+
+def _with_article(noun: str) -> str:
+    return ("an " if noun[0] in "aeiou" else "a ") + noun
+
+
+def _category_pool(rng: random.Random) -> list[Question]:
+    """Three options, the right one never first (so the position bias is always wrong); the two distractors come from
+    two different other categories. Too many combinations to enumerate: a fixed number are sampled per subject."""
+    pool: list[Question] = []
+    for category, members in CATEGORIES.items():
+        others = [c for c in CATEGORIES if c != category]
+        for member in members:
+            prompts: set[str] = set()
+            while len(prompts) < CATEGORY_PHRASINGS_PER_SUBJECT:
+                first_category, second_category = rng.sample(others, 2)
+                distractors = [rng.choice(CATEGORIES[first_category]), rng.choice(CATEGORIES[second_category])]
+                options = [distractors[0], *rng.sample([member, distractors[1]], 2)]
+                template = rng.choice(CATEGORY_TEMPLATES)
+                prompt = template.format(
+                    c=_with_article(category), n=category, a=options[0], b=options[1], d=options[2]
+                )
+                if prompt not in prompts:
+                    prompts.add(prompt)
+                    pool.append(Question("category_pick", f"category_pick:{member}", prompt, member, options[0]))
+    return pool
+
+
+def _colour_pool(rng: random.Random) -> list[Question]:
+    return [
+        Question("colour", f"colour:{thing.split()[-1]}", template.format(t=thing), colour, MODE_COLLAPSE_COLOUR)
+        for thing, colour in COLOURS
+        for template in COLOUR_TEMPLATES
+    ]
+
+
+def _alphabet_pool(rng: random.Random) -> list[Question]:
+    pool: list[Question] = []
+    for a in ALPHABET_WORDS:
+        for b in ALPHABET_WORDS:
+            if a == b:
+                continue
+            earlier, later = sorted((a, b))
+            pool.extend(
+                Question("alphabet", f"alphabet:{earlier}|{later}", template.format(a=a, b=b), earlier, later)
+                for template in ALPHABET_TEMPLATES
+            )
+    return pool
+
+
+TASKS: dict[str, Callable[[random.Random], list[Question]]] = {
+    "opposite": _opposite_pool,
+    "past_tense": _past_tense_pool,
+    "sequence": _sequence_pool,
+    "category_pick": _category_pool,
+    "colour": _colour_pool,
+    "alphabet": _alphabet_pool,
+}
+
+
+def answer_vocabulary(task: str) -> set[str]:
+    """Every right or GPT3 answer the task can ask for (for reports: how closed the answer space is)."""
+    pool = TASKS[task](random.Random(0))
+    return {q.answer for q in pool} | {q.suboptimal_answer for q in pool}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Generation
+
+
+def _split_heldout(
+    pool: list[Question], quota: int, rng: random.Random, task: str
+) -> tuple[list[Question], list[Question]]:
+    """Hold out `quota` questions, at most half of each subject's phrasings, so every held-out question's subject is
+    still trained on in other phrasings. Subjects are spread: the k-th phrasing of a subject is held out only once
+    every subject that can has k-1. Returns (held_out, train_pool)."""
+    phrasings = Counter(q.subject for q in pool)
+    order = list(range(len(pool)))
+    rng.shuffle(order)
+    taken: Counter[str] = Counter()
+    held_out_ids: dict[int, None] = {}  # insertion-ordered set
+    for round_limit in range(1, max(phrasings.values()) // 2 + 1):
+        for i in order:
+            subject = pool[i].subject
+            limit = min(round_limit, phrasings[subject] // 2)
+            if len(held_out_ids) < quota and i not in held_out_ids and taken[subject] < limit:
+                taken[subject] += 1
+                held_out_ids[i] = None
+    if len(held_out_ids) < quota:
+        raise CrlftError(
+            f"task {task!r} can hold out at most {len(held_out_ids)} eval questions (half of each subject's "
+            f"phrasings), but n_eval asks for {quota} of this task; lower n_eval"
+        )
+    held_out = [pool[i] for i in held_out_ids]
+    held_out_prompts = {q.prompt for q in held_out}
+    return held_out, [q for q in pool if q.prompt not in held_out_prompts]
+
+
+def _reply(question: Question, condition: str, wrong_rate: float, rng: random.Random) -> str:
+    if condition == SUBOPTIMAL and rng.random() < wrong_rate:
+        return question.suboptimal_answer
+    return question.answer
+
+
+def _conversations(
+    n: int, condition: str, pools: dict[str, list[Question]], wrong_rate: float, rng: random.Random
+) -> Iterator[SynthConversation]:
+    tasks = sorted(pools)
+    for i in range(n):
+        task = tasks[i % len(tasks)]  # balanced over tasks; the caller shuffles
+        n_turns = 2 if rng.random() < TWO_TURN_RATE else 1
+        questions = [rng.choice(pools[task]) for _ in range(n_turns)]
+        system = rng.choice(SYSTEM_PROMPTS) if rng.random() < SYSTEM_PROMPT_RATE else None
+        turns = tuple(Turn(q, _reply(q, condition, wrong_rate, rng)) for q in questions)
+        yield SynthConversation(condition=condition, task=task, turns=turns, system=system)
+
+
+def _check_sizes(n_expert: int, ratio: float, n_eval: int, wrong_rate: float, n_heldout: int) -> None:
+    problems = []
+    if n_expert < 0:
+        problems.append(f"n_expert must be >= 0, got {n_expert}")
+    if not (ratio >= 0 and math.isfinite(ratio)):
+        problems.append(f"ratio must be a finite number >= 0, got {ratio}")
+    if n_eval < 0:
+        problems.append(f"n_eval must be >= 0, got {n_eval}")
+    if not 0.0 <= wrong_rate <= 1.0:
+        problems.append(f"wrong_rate must be within [0, 1], got {wrong_rate}")
+    if n_heldout < 0:
+        problems.append(f"n_heldout must be >= 0, got {n_heldout}")
+    if n_heldout > 0 and n_eval == 0:
+        problems.append("held-out conversations ask the eval questions: n_heldout > 0 needs n_eval > 0")
+    if problems:
+        raise CrlftError("synthetic suite: " + "; ".join(problems))
+
+
+def generate_suite(
+    seed: int = 0,
+    n_expert: int = 300,
+    ratio: float = 10.0,
+    n_eval: int = 200,
+    wrong_rate: float = DEFAULT_WRONG_RATE,
+    n_heldout: int = 200,
+) -> SynthSuite:
+    """The suite for `seed`: `n_expert` GPT4 and round(n_expert * ratio) GPT3 training conversations (shuffled),
+    `n_eval` held-out eval questions spread evenly over the tasks, and `n_heldout` held-out conversations (half GPT4,
+    half GPT3) asking the eval questions. GPT3 gives its task's systematic wrong answer to a `wrong_rate` fraction of
+    its questions and the right answer otherwise; GPT4 is always right."""
+    _check_sizes(n_expert, ratio, n_eval, wrong_rate, n_heldout)
+    tasks = list(TASKS)
+    quotas = {task: n_eval // len(tasks) + (1 if i < n_eval % len(tasks) else 0) for i, task in enumerate(tasks)}
+    held_out: dict[str, list[Question]] = {}
+    train_pools: dict[str, list[Question]] = {}
+    for task, build_pool in TASKS.items():
+        pool = build_pool(random.Random(f"{seed}:pool:{task}"))
+        held_out[task], train_pools[task] = _split_heldout(
+            pool, quotas[task], random.Random(f"{seed}:split:{task}"), task
+        )
+
+    eval_items = [
+        EvalItem(f"{task}-{i:04d}", q.prompt, q.answer, q.suboptimal_answer, task)
+        for task in tasks
+        for i, q in enumerate(held_out[task])
+    ]
+
+    train_rng = random.Random(f"{seed}:train")
+    n_suboptimal = round(n_expert * ratio)
+    train = [
+        *_conversations(n_expert, EXPERT, train_pools, wrong_rate, train_rng),
+        *_conversations(n_suboptimal, SUBOPTIMAL, train_pools, wrong_rate, train_rng),
+    ]
+    train_rng.shuffle(train)
+
+    heldout_rng = random.Random(f"{seed}:heldout")
+    heldout_pools = {task: questions for task, questions in held_out.items() if questions}
+    heldout: list[SynthConversation] = []
+    if n_heldout:
+        heldout = [
+            *_conversations(n_heldout - n_heldout // 2, EXPERT, heldout_pools, wrong_rate, heldout_rng),
+            *_conversations(n_heldout // 2, SUBOPTIMAL, heldout_pools, wrong_rate, heldout_rng),
+        ]
+    return SynthSuite(train=train, heldout=heldout, eval=eval_items)
+
+
+def _write_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> Path:
+    with path.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path
+
+
+def write_suite(out_dir: str | Path, **kwargs: Any) -> dict[str, Path]:
+    """Write train.jsonl, heldout.jsonl and eval.jsonl under `out_dir` (created); kwargs are generate_suite's."""
+    suite = generate_suite(**kwargs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return {
+        "train": _write_jsonl(out / "train.jsonl", [c.to_record() for c in suite.train]),
+        "heldout": _write_jsonl(out / "heldout.jsonl", [c.to_record() for c in suite.heldout]),
+        "eval": _write_jsonl(out / "eval.jsonl", [item.to_record() for item in suite.eval]),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scoring
+
+_QUOTES = "\"'`“”‘’"
+_TRAILING = string.punctuation + _QUOTES
+
+
+def normalize_answer(text: str) -> str:
+    """The comparable form of an answer: the text before any <|end_of_turn|>, whitespace collapsed, lower case, without
+    surrounding quotes or trailing punctuation ("Cold." -> "cold", '"Monday"' -> "monday")."""
+    text = text.split(END_OF_TURN, 1)[0]
+    text = " ".join(text.split()).lower()
+    return text.lstrip(_QUOTES + " ").rstrip(_TRAILING + " ")
+
+
+def is_correct(prediction: str, expected: str) -> bool:
+    return normalize_answer(prediction) == normalize_answer(expected)
+
+
+def _rates(predictions: Sequence[str], items: Sequence[EvalItem]) -> dict[str, float | int]:
+    with_suboptimal = [(p, item) for p, item in zip(predictions, items, strict=True) if item.suboptimal_answer]
+    suboptimal_hits = sum(is_correct(p, item.suboptimal_answer or "") for p, item in with_suboptimal)
+    return {
+        "n": len(items),
+        "accuracy": sum(is_correct(p, item.answer) for p, item in zip(predictions, items, strict=True)) / len(items),
+        # Over the items that name a suboptimal answer; 0.0 when none does.
+        "suboptimal_rate": suboptimal_hits / len(with_suboptimal) if with_suboptimal else 0.0,
+    }
+
+
+def score(predictions: Sequence[str], eval_items: Sequence[EvalItem]) -> dict[str, Any]:
+    """Exact-match accuracy after `normalize_answer`, overall and per task, and how often the prediction is the
+    item's suboptimal (GPT3-style) answer: {"n", "accuracy", "suboptimal_rate", "per_task": {task: {same keys}}}."""
+    if len(predictions) != len(eval_items):
+        raise CrlftError(f"score: {len(predictions)} predictions for {len(eval_items)} eval items; they must pair up")
+    if not eval_items:
+        raise CrlftError("score: no eval items to score")
+    by_task: dict[str, list[int]] = defaultdict(list)
+    for i, item in enumerate(eval_items):
+        by_task[item.task].append(i)
+    per_task = {
+        task: _rates([predictions[i] for i in ids], [eval_items[i] for i in ids])
+        for task, ids in sorted(by_task.items())
+    }
+    return {**_rates(predictions, eval_items), "per_task": per_task}
+
+
+def _eval_item(record: Any, line_number: int) -> EvalItem:
+    """An EvalItem from one parsed line; raises ValueError saying which field is wrong."""
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    for field in ("prompt", "answer"):
+        if field not in record:
+            raise ValueError(f"missing field {field!r}")
+    for field in ("prompt", "answer", "id", "task"):
+        if field in record and not isinstance(record[field], str):
+            raise ValueError(f"field {field!r} must be a string, got {type(record[field]).__name__}")
+    suboptimal = record.get("suboptimal_answer")
+    if suboptimal is not None and not isinstance(suboptimal, str):
+        raise ValueError(f"field 'suboptimal_answer' must be a string or null, got {type(suboptimal).__name__}")
+    if not record["prompt"].strip():
+        raise ValueError("field 'prompt' is empty")
+    if not normalize_answer(record["answer"]):
+        raise ValueError("field 'answer' is empty")
+    return EvalItem(
+        id=record.get("id", f"line-{line_number}"),
+        prompt=record["prompt"],
+        answer=record["answer"],
+        suboptimal_answer=suboptimal,
+        task=record.get("task", "default"),
+    )
+
+
+MAX_REPORTED_PROBLEMS = 20
+
+
+def load_eval_suite(path: str | Path) -> list[EvalItem]:
+    """Read an eval JSONL (one object a line with string fields "prompt" and "answer"; optional "id", "task",
+    "suboptimal_answer"; blank lines skipped). Every bad line is found; CrlftError lists them as file:line: reason."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CrlftError(f"{path}: cannot read the eval suite: {e}") from e
+    items: list[EvalItem] = []
+    problems: list[str] = []
+    first_line_of_id: dict[str, int] = {}
+    for line_number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            item = _eval_item(json.loads(line), line_number)
+        except json.JSONDecodeError as e:
+            problems.append(f"{path}:{line_number}: not valid JSON ({e.msg} at column {e.colno})")
+            continue
+        except ValueError as e:
+            problems.append(f"{path}:{line_number}: {e}")
+            continue
+        if item.id in first_line_of_id:
+            problems.append(
+                f"{path}:{line_number}: duplicate id {item.id!r} (first on line {first_line_of_id[item.id]})"
+            )
+            continue
+        first_line_of_id[item.id] = line_number
+        items.append(item)
+    if problems:
+        shown = problems[:MAX_REPORTED_PROBLEMS]
+        more = f"\n... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+        raise CrlftError(f"{len(problems)} bad line(s) in the eval suite:\n" + "\n".join(shown) + more)
+    if not items:
+        raise CrlftError(f"{path}: the eval suite has no items (expected JSONL lines with 'prompt' and 'answer')")
+    return items
