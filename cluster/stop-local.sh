@@ -6,10 +6,20 @@ source "$(dirname "${BASH_SOURCE[0]}")/local-env.sh"
 
 grace_s="${CRLFT_RAY_STOP_GRACE:-20}"
 
-# Ends one node the way `ray stop` ends each process, but only this node's: SIGTERM to every process of its tree at
-# once; once the node's own process has exited (or after the grace period), SIGKILL to what is left: job drivers start
-# with SIGTERM blocked and would otherwise outlive their cluster. The tree is taken before signalling, since the
-# children are re-parented once their node exits.
+# The given pids that are not in the session of the first one.
+other_sessions() {
+    local sid
+    sid="$(ps -o sid= -p "$1" | tr -d ' ')"
+    shift
+    [[ $# -gt 0 ]] || return 0
+    ps -o pid=,sid= -p "$(echo "$@" | tr ' ' ',')" 2>/dev/null | awk -v sid="$sid" '$2 != sid { print $1 }' || true
+}
+
+# Ends one node. Job drivers first: they run in sessions of their own, SIGKILLed as Ray's job supervisor would when its
+# cluster goes away (left running, they hold the node's shutdown up for long). Then SIGTERM to the `ray start --block`
+# process, which shuts the node's Ray processes down; once it has exited (or after the grace period) and a few seconds
+# more, SIGKILL to whatever of its process tree is left. The tree is taken before signalling: children are re-parented
+# once their node exits.
 stop_node() {
     local node="$1" pidfile="$CRLFT_CLUSTER_DIR/$1.pid"
     [[ -f "$pidfile" ]] || return 0
@@ -22,13 +32,18 @@ stop_node() {
     local pids alive
     pids="$(descendants "$pid")"
     # shellcheck disable=SC2086  # one pid per word
-    kill -TERM $pids 2>/dev/null || true
+    kill -KILL $(other_sessions "$pid" $pids) 2>/dev/null || true
+    kill -TERM "$pid" 2>/dev/null || true
     local deadline=$((SECONDS + grace_s))
     while [[ -n "$(running "$pid")" ]] && ((SECONDS < deadline)); do
         sleep 0.5
     done
-    # shellcheck disable=SC2086
-    alive="$(running $pids)"
+    # A few seconds more for the processes still finishing their own shutdown.
+    deadline=$((SECONDS + 3))
+    # shellcheck disable=SC2086  # one pid per word
+    while alive="$(running $pids)" && [[ -n "$alive" ]] && ((SECONDS < deadline)); do
+        sleep 0.5
+    done
     if [[ -n "$alive" ]]; then
         # shellcheck disable=SC2086
         echo "$node node: killing what is left:" $(ps -o comm= -p "$(echo $alive | tr ' ' ',')") >&2
