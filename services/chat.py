@@ -61,6 +61,7 @@ ENV_MODEL = "CRLFT_MODEL"
 ENV_CONFIG = "CRLFT_CONFIG"
 ENV_API_KEYS = "CRLFT_API_KEYS"  # comma-separated; the way to give keys to a Serve config / KubeRay (a Secret)
 RETRY_AFTER_S = 1.0
+STREAM_INTERVAL_S = 0.05  # streamed text is sent in pieces at most this often (the first piece at once)
 CHAMPION_WATCH_S = 30.0  # how often a replica serving models:/NAME@ALIAS checks whether the alias moved
 GRACEFUL_SHUTDOWN_S = 120.0  # a replica being replaced finishes its requests for up to this long
 BUILD_ARGS = ("model", "config", "overrides", "model_name", "api_keys", "watch_s", "tracking_uri")
@@ -274,11 +275,30 @@ class _Generation:
             model.loop.submit(r)
 
     async def events(self) -> AsyncIterator[tuple[int, str | Completion]]:
+        async for batch in self.event_batches():
+            for event in batch:
+                yield event
+
+    async def event_batches(self, interval_s: float = 0.0) -> AsyncIterator[list[tuple[int, str | Completion]]]:
+        """Everything that has arrived, in order, as one list, at most once per `interval_s` after the first (which
+        goes at once: time to first token). Consecutive pieces of text of the same choice are joined."""
         pending = len(self.requests)
+        last: float | None = None
         while pending:
-            index, item = await self._queue.get()
-            pending -= isinstance(item, Completion)
-            yield index, item
+            batch = [await self._queue.get()]
+            if last is not None and (wait := last + interval_s - time.monotonic()) > 0:
+                await asyncio.sleep(wait)
+            last = time.monotonic()
+            while not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            joined: list[tuple[int, str | Completion]] = []
+            for index, item in batch:
+                pending -= isinstance(item, Completion)
+                if joined and isinstance(item, str) and joined[-1][0] == index and isinstance(joined[-1][1], str):
+                    joined[-1] = (index, joined[-1][1] + item)
+                else:
+                    joined.append((index, item))
+            yield joined
 
     async def completions(self) -> list[Completion]:
         done: dict[int, Completion] = {}
@@ -477,20 +497,26 @@ class ChatServer:
             for i in range(len(generation.requests)):
                 yield protocol.chunk(cid, created, name, fingerprint,
                                      [protocol.delta_choice(i, {"role": "assistant", "content": ""})])
-            async for index, item in generation.events():
-                if isinstance(item, str):
-                    if first_text:
-                        metrics().ttft.observe(time.perf_counter() - started)
-                        first_text = False
-                    yield protocol.chunk(cid, created, name, fingerprint,
-                                         [protocol.delta_choice(index, {"content": item})])
-                elif item.finish_reason == "error":
-                    yield protocol.sse(ApiError(500, item.error or "generation failed", type="server_error").body())
-                    return
-                else:
-                    done.append(item)
-                    yield protocol.chunk(cid, created, name, fingerprint,
-                                         [protocol.delta_choice(index, {}, protocol.finish_reason(item))])
+            # One write per batch of events, at most every STREAM_INTERVAL_S: under load, a message per token
+            # through the proxy costs more than generating the token.
+            async for batch in generation.event_batches(STREAM_INTERVAL_S):
+                events: list[str] = []
+                for index, item in batch:
+                    if isinstance(item, str):
+                        if first_text:
+                            metrics().ttft.observe(time.perf_counter() - started)
+                            first_text = False
+                        events.append(protocol.chunk(cid, created, name, fingerprint,
+                                                     [protocol.delta_choice(index, {"content": item})]))
+                    elif item.finish_reason == "error":
+                        error = ApiError(500, item.error or "generation failed", type="server_error")
+                        yield "".join(events) + protocol.sse(error.body())
+                        return
+                    else:
+                        done.append(item)
+                        events.append(protocol.chunk(cid, created, name, fingerprint,
+                                                     [protocol.delta_choice(index, {}, protocol.finish_reason(item))]))
+                yield "".join(events)
             if include_usage:
                 usage = protocol.usage(generation.prompt_tokens, done)
                 yield protocol.chunk(cid, created, name, fingerprint, [], usage)

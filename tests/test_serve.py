@@ -126,6 +126,26 @@ def test_the_example_serve_config_is_valid_and_builds_the_app(tmp_path: Path) ->
         build_app({"modle": "x"})
 
 
+def test_the_deployment_takes_scaling_capacity_and_backpressure_from_the_serve_config(tmp_path: Path) -> None:
+    from services.chat import chat_application
+
+    cfg = load_config(None, {"serve.min_replicas": 2, "serve.max_replicas": 5, "serve.target_ongoing_requests": 3,
+                             "serve.upscale_delay_s": 1, "serve.downscale_delay_s": 7, "serve.cpus_per_replica": 0.25,
+                             "serve.max_ongoing_requests": 9, "serve.max_queued_requests": 11,
+                             "serve.api_keys": ["from-config"], "state_dir": str(tmp_path)})
+    deployment = chat_application("models:/chat@champion", cfg, api_keys=["from-flag"])._bound_deployment
+    scaling = deployment._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (2, 5, 3)
+    assert (scaling.upscale_delay_s, scaling.downscale_delay_s) == (1, 7)
+    assert deployment.ray_actor_options["num_cpus"] == 0.25
+    assert (deployment.max_ongoing_requests, deployment.max_queued_requests) == (9, 11)
+    assert deployment.backpressure_config.status_code == 503 and deployment.backpressure_config.retry_after_s == 1
+    [settings] = deployment.init_args
+    assert settings.model_name == "chat" and settings.api_keys == ("from-config", "from-flag")
+    assert settings.config["serve"]["api_keys"] == [] and "from-flag" not in repr(settings)
+    assert deployment.user_config == {"model": "models:/chat@champion", "watch_s": 30.0}
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Real Ray Serve
 
