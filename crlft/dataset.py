@@ -140,10 +140,13 @@ def iter_parquet(source: Any, batch_rows: int = 4096) -> Iterator[RawRecord]:
     import pyarrow.parquet as pq
 
     index = 0
-    for batch in pq.ParquetFile(source).iter_batches(batch_size=batch_rows):
-        for row in batch.to_pylist():
-            index += 1
-            yield RawRecord(line=index, text=json.dumps(drop_nulls(row), ensure_ascii=False, default=str), error="")
+    try:
+        for batch in pq.ParquetFile(source).iter_batches(batch_size=batch_rows):
+            for row in batch.to_pylist():
+                index += 1
+                yield RawRecord(line=index, text=json.dumps(drop_nulls(row), ensure_ascii=False, default=str), error="")
+    except pa.ArrowInvalid as exc:  # a corrupt file is one reject (its remaining rows cannot be told apart)
+        yield RawRecord(line=index + 1, text="", error=f"unreadable Parquet after row {index}: {exc}")
 
 
 def iter_raw_records(kind: InputKind, stream: BinaryIO) -> Iterator[RawRecord]:
@@ -289,6 +292,20 @@ def pack_conversations(conversations: Sequence[PackInput], capacity: int) -> lis
         row["seq_lines"] = [c["line"] for c in chosen]
         rows.append(row)
     return rows
+
+
+def shard_name(group: int) -> str:
+    """A split's shard for one packing group: named by the group, so the same inputs give the same file names."""
+    return f"part-{group:05d}.parquet"
+
+
+def shard_table(rows: Sequence[Mapping[str, list[Any]]]) -> pa.Table:
+    return pa.Table.from_pylist(list(rows), schema=SHARD_SCHEMA)
+
+
+def reject_line(record: Mapping[str, Any]) -> str:
+    """One line of rejects.jsonl (Reject.to_json's fields) from a rejected RecordResult."""
+    return json.dumps({k: record[k] for k in ("source", "line", "reason", "raw")}, ensure_ascii=False)
 
 
 @dataclass

@@ -37,7 +37,6 @@ from crlft.config import Config
 from crlft.dataset import (
     INPUT_SUFFIXES,
     RECORD_SCHEMA,
-    SHARD_SCHEMA,
     RawRecord,
     RecordSettings,
     Tally,
@@ -48,6 +47,9 @@ from crlft.dataset import (
     pack_conversations,
     pack_groups_for,
     process_record,
+    reject_line,
+    shard_name,
+    shard_table,
 )
 from crlft.errors import CrlftError
 from crlft.template import Template, TemplateTokenizer
@@ -118,7 +120,11 @@ def _build(paths: list[str], tokenizer: str, out: str, cfg: Config, template: Te
     started = time.monotonic()
     _log(f"reading {len(paths)} input path(s)")
     settings = RecordSettings.from_config(cfg)
-    records = ray.data.read_datasource(RecordDatasource(paths, **_remote_listing_args(paths)))
+    try:
+        source = RecordDatasource(paths, **_remote_listing_args(paths))
+    except (OSError, ValueError) as exc:  # listing remote inputs: missing bucket, no access, nothing there
+        raise CrlftError(f"cannot list the inputs {', '.join(paths)}: {exc}") from None
+    records = ray.data.read_datasource(source)
     tokenized = records.map_batches(
         TokenizeRecords,
         fn_constructor_args=(tokenizer, cfg.template.end_of_turn, cfg.model.trust_remote_code, template, settings),
@@ -142,7 +148,7 @@ def _build(paths: list[str], tokenizer: str, out: str, cfg: Config, template: Te
         count = tally.split_records.get(split, 0)
         if usable and count:
             accepted = tokenized.filter(expr=(col("status") == "accepted") & (col("split") == split))
-            bins[split] = _write_packed(accepted, count, cfg.data.pack_len, output.fresh_folder(split))
+            bins[split] = _write_packed(accepted, count, cfg.data.pack_len, output.make_folder(split))
             _log(f"{split}: {count} conversations in {bins[split]} bins", started)
     stats = make_stats(tally, bins, cfg, template, tokenizer, tokenizer_fingerprint, paths)
     output.write_lines("stats.json", [json.dumps(stats, indent=2)])
@@ -200,7 +206,7 @@ def _local_files(given: str, path: Path) -> list[str]:
 
 
 def _is_uri(path: str) -> bool:
-    return "://" in path and not path.startswith("local://")
+    return "://" in path
 
 
 def _scheme(path: str) -> str:
@@ -291,7 +297,7 @@ def _sorted_reject_lines(rejects: Any, count: int) -> Iterator[str]:
     if count == 0:
         return
     for row in rejects.sort(["source", "line"]).iter_rows():
-        yield json.dumps({k: row[k] for k in ("source", "line", "reason", "raw")}, ensure_ascii=False)
+        yield reject_line(row)
 
 
 def _with_group(batch: pa.Table, groups: int) -> pa.Table:
@@ -307,8 +313,7 @@ def _pack_and_write(group: pa.Table, capacity: int, folder: str) -> pa.Table:
     index = group.column("group")[0].as_py()
     rows = pack_conversations(group.to_pylist(), capacity)
     filesystem, base = filesystem_and_path(folder)
-    pq.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), f"{base}/part-{index:05d}.parquet",
-                   filesystem=filesystem)
+    pq.write_table(shard_table(rows), f"{base}/{shard_name(index)}", filesystem=filesystem)
     return pa.table({"bins": [len(rows)]})
 
 
@@ -397,14 +402,8 @@ class _Output:
         self._location = out.rstrip("/") if _is_uri(out) else self._base
         self._fs.create_dir(self._base, recursive=True)
 
-    def fresh_folder(self, name: str) -> str:
-        """An empty `name` folder (shards of an earlier run must not mix with new ones)."""
-        from pyarrow import fs
-
-        path = f"{self._base}/{name}"
-        if self._fs.get_file_info(path).type != fs.FileType.NotFound:
-            self._fs.delete_dir(path)
-        self._fs.create_dir(path, recursive=True)
+    def make_folder(self, name: str) -> str:
+        self._fs.create_dir(f"{self._base}/{name}", recursive=True)
         return f"{self._location}/{name}"
 
     def remove(self, name: str) -> None:

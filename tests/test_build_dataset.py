@@ -91,6 +91,12 @@ def test_parquet_nulls_mean_absent_fields(tmp_path: Path) -> None:
     assert "weight" not in json.loads(records[1]["text"])["items"][0]
 
 
+def test_a_corrupt_parquet_file_is_one_reject(tmp_path: Path) -> None:
+    (tmp_path / "x.parquet").write_bytes(b"PAR1 but not really")
+    (record,) = iter_parquet(tmp_path / "x.parquet")
+    assert record["line"] == 1 and record["error"].startswith("unreadable Parquet")
+
+
 def test_input_kind_looks_through_compression_suffixes() -> None:
     assert [input_kind(p) for p in ("a.parquet", "a.json", "a.JSON.gz", "a.jsonl.zst", "a.txt")] == [
         "parquet", "json", "json", "jsonl", "jsonl",
