@@ -75,7 +75,19 @@ def _load(module_name: str) -> Any:
         raise
 
 
-def build_parser() -> argparse.ArgumentParser:
+def selected_command(argv: Sequence[str]) -> str | None:
+    """The command named by argv (`data build` is two words), found without importing any stage."""
+    words = [a for a in argv[:2] if not a.startswith("-")]
+    for n in (2, 1):
+        name = " ".join(words[:n])
+        if len(words) >= n and name in COMMANDS:
+            return name
+    return None
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """Every command is listed; only the selected one's module is imported (stages import Ray, which is slow)."""
+    selected = selected_command(argv)
     parser = argparse.ArgumentParser(
         prog="crlft",
         description="C-RLFT (OpenChat) fine-tuning and serving on Ray: mixed-quality conversations are labelled by "
@@ -93,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                 groups[group] = group_parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
             sub = groups[group]
         p = sub.add_parser(leaf, help=help_text, description=help_text)
+        if name != selected:
+            continue
         module = _load(module_name)
         if module is None:
             p.set_defaults(_run=_not_built(name))
@@ -135,7 +149,8 @@ def stage_entrypoint(module_name: str, argv: Sequence[str] | None = None) -> int
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
     return run_guarded(args._run, args)
 
 

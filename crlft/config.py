@@ -6,9 +6,11 @@ The defaults are the paper's (../shared/CRLFT.md): class GPT4 (reward 1.0, the i
 
 from __future__ import annotations
 
-from enum import StrEnum
+import json
+import re
+from enum import Enum, StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -58,11 +60,11 @@ def _default_classes() -> dict[str, ClassSpec]:
 class TemplateConfig(_Strict):
     """The conditioned conversation template (crlft.template renders it; nothing else does)."""
 
-    end_of_turn: str = "<|end_of_turn|>"
+    end_of_turn: str = Field("<|end_of_turn|>", description="special token closing each turn (added to the vocabulary)")
     # `{condition}` is left out (with its space) in modes without a condition in the prompt.
-    role_prefix: str = "{condition} {role}:"
-    user_role: str = "User"
-    assistant_role: str = "Assistant"
+    role_prefix: str = Field("{condition} {role}:", description="prefix of each turn; `{condition}` is the class")
+    user_role: str = Field("User", description="`{role}` of user turns")
+    assistant_role: str = Field("Assistant", description="`{role}` of assistant turns")
 
 
 class DataConfig(_Strict):
@@ -76,7 +78,7 @@ class DataConfig(_Strict):
     )
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of conversations held out for validation")
     only_classes: list[str] | None = Field(None, description="keep only these classes (e.g. expert-only ablation)")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the validation split and the packing order")
     num_blocks: int = Field(8, ge=1, description="Ray Data read parallelism for small inputs")
 
 
@@ -84,75 +86,77 @@ class ModelConfig(_Strict):
     base_model: str = Field(
         ".crlft/models/tiny", description="HF model directory or hub id; the default is built locally"
     )
-    preset: Literal["tiny", "small"] = "tiny"
-    trust_remote_code: bool = False
+    preset: Literal["tiny", "small"] = Field("tiny", description="size of the embedded default model")
+    trust_remote_code: bool = Field(False, description="run code shipped with a hub model (off unless you trust it)")
 
 
 class LoraConfig(_Strict):
-    enabled: bool = False
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    enabled: bool = Field(False, description="train LoRA adapters instead of every weight")
+    r: int = Field(8, description="LoRA rank")
+    alpha: int = Field(16, description="LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.0, description="LoRA dropout")
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], description="modules to adapt")
     merge: bool = Field(True, description="export the merged model (True) or keep the adapter (False)")
 
 
 class TrainConfig(_Strict):
-    mode: Mode = Mode.crlft
-    epochs: int = Field(5, ge=1)
+    mode: Mode = Field(Mode.crlft, description="crlft: condition + reward; conditioned; weighted; sft")
+    epochs: int = Field(5, ge=1, description="passes over the training set (the paper: 5)")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps")
     lr: float | None = Field(None, gt=0, description="peak learning rate; None = the reference's auto rule")
     lr_floor: float = Field(0.1, ge=0, le=1, description="cosine floor as a fraction of the peak")
     warmup: float = Field(0.05, ge=0, lt=1, description="warm-up fraction of the steps")
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-5
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
+    eps: float = Field(1e-5, description="AdamW epsilon")
+    weight_decay: float = Field(0.1, description="AdamW weight decay")
+    grad_clip: float = Field(1.0, description="gradient norm clipping")
     grad_accum: int = Field(1, ge=1, description="micro-batches (packed bins) per optimiser step and worker")
-    workers: int = Field(1, ge=1)
-    cpus_per_worker: float = Field(1.0, gt=0)
-    use_gpu: bool = False
-    strategy: Literal["ddp", "fsdp"] = "ddp"
-    gradient_checkpointing: bool = False
+    workers: int = Field(1, ge=1, description="data-parallel Ray Train workers")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per worker (fractional on small machines)")
+    use_gpu: bool = Field(False, description="one GPU per worker, nccl, bf16")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="data parallelism: replicate (ddp) or shard (fsdp)")
+    gradient_checkpointing: bool = Field(False, description="recompute activations to save memory")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (0: only at the end)")
-    num_to_keep: int = Field(2, ge=1)
-    max_failures: int = Field(2, ge=0)
+    num_to_keep: int = Field(2, ge=1, description="checkpoints kept per run")
+    max_failures: int = Field(2, ge=0, description="worker failures recovered from the latest checkpoint")
     storage_path: str = Field(".crlft/ray_results", description="Ray Train storage (shared storage on clusters)")
-    seed: int = 0
+    seed: int = Field(0, description="seed of initialisation, data order and dropout")
 
 
 class RegistryConfig(_Strict):
     tracking_uri: str | None = Field(None, description="MLflow URI; default MLFLOW_TRACKING_URI or the local SQLite")
-    experiment: str = "crlft"
-    model_name: str = "crlft-chat"
-    alias: str = "champion"
-    metric: str = "accuracy_expert"
+    experiment: str = Field("crlft", description="MLflow experiment of training and evaluation runs")
+    model_name: str = Field("crlft-chat", description="registered model name")
+    alias: str = Field("champion", description="alias of the model to serve")
+    metric: str = Field("accuracy_expert", description="metric promotion compares (higher is better)")
 
 
 class ServeConfig(_Strict):
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = Field("127.0.0.1", description="HTTP bind address (0.0.0.0 to serve other machines)")
+    port: int = Field(8000, description="HTTP port")
     model_name: str | None = Field(None, description="name served at /v1/models (default: the model's own)")
-    api_keys: list[str] = Field(default_factory=list)
-    max_new_tokens: int = 256
-    min_replicas: int = 1
-    max_replicas: int = 2
-    target_ongoing_requests: float = 4.0
-    upscale_delay_s: float = 5.0
-    downscale_delay_s: float = 30.0
-    cpus_per_replica: float = 0.5
-    gpus_per_replica: float = 0.0
-    max_ongoing_requests: int = 32
-    max_queued_requests: int = 64
-    max_batch_size: int = 16
-    batch_wait_timeout_s: float = 0.02
+    api_keys: list[str] = Field(default_factory=list, description="accepted API keys (empty: no auth)")
+    max_new_tokens: int = Field(256, description="default answer length limit")
+    min_replicas: int = Field(1, description="autoscaling lower bound")
+    max_replicas: int = Field(2, description="autoscaling upper bound")
+    target_ongoing_requests: float = Field(4.0, description="autoscaling target per replica")
+    upscale_delay_s: float = Field(5.0, description="autoscaling delay before adding replicas")
+    downscale_delay_s: float = Field(30.0, description="autoscaling delay before removing replicas")
+    cpus_per_replica: float = Field(0.5, description="CPUs per replica")
+    gpus_per_replica: float = Field(0.0, description="GPUs per replica (clusters)")
+    max_ongoing_requests: int = Field(32, description="requests a replica takes at once")
+    max_queued_requests: int = Field(64, description="queued requests before 503 + Retry-After")
+    max_batch_size: int = Field(16, description="sequences generated together")
+    batch_wait_timeout_s: float = Field(0.02, description="wait for more requests before a batch starts")
 
 
 class Config(_Strict):
-    classes: dict[str, ClassSpec] = Field(default_factory=_default_classes)
+    classes: dict[str, ClassSpec] = Field(
+        default_factory=_default_classes, description="class name -> {reward, match: {record field: [glob, ...]}}"
+    )
     default_class: str | None = Field("GPT3", description="class of records no rule matches (None: reject them)")
-    inference_condition: str = "GPT4"
+    inference_condition: str = Field("GPT4", description="class the model is prompted with at inference")
     template: TemplateConfig = Field(default_factory=TemplateConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -219,3 +223,40 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         where = f"{path}: " if path else ""
         lines = [f"{'.'.join(str(x) for x in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors()]
         raise CrlftError(f"{where}invalid configuration: " + "; ".join(lines)) from None
+
+
+def _type_name(annotation: Any) -> str:
+    if get_origin(annotation) is Literal:
+        return " or ".join(f"`{a}`" for a in get_args(annotation))
+    if isinstance(annotation, type) and issubclass(annotation, Enum):
+        return " or ".join(f"`{m.value}`" for m in annotation)
+    text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
+    return re.sub(r"\b(?:\w+\.)+(\w+)", r"\1", text or str(annotation)).replace("|", "or")
+
+
+def reference_markdown() -> str:
+    """The configuration reference (README "Configuration"), generated from the model so it cannot drift."""
+    lines: list[str] = []
+
+    def section(model: type[BaseModel], defaults: dict[str, Any], prefix: str) -> None:
+        rows, nested = [], []
+        for name, info in model.model_fields.items():
+            annotation = info.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                nested.append((annotation, defaults[name], f"{prefix}{name}."))
+                continue
+            cells = [f"`{prefix}{name}`", _type_name(annotation), f"`{json.dumps(defaults[name])}`",
+                     info.description or ""]
+            rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        lines.append(f"\n**{prefix.rstrip('.') or 'top level'}**\n")
+        lines.append("| key | type | default | meaning |\n| --- | --- | --- | --- |")
+        lines.extend(rows)
+        for child, child_defaults, child_prefix in nested:
+            section(child, child_defaults, child_prefix)
+
+    section(Config, Config().model_dump(mode="json"), "")
+    return "\n".join(lines).strip() + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")
