@@ -75,28 +75,53 @@ class GenerationRequest:
 class StopText:
     """Incremental detokenization with stop strings: what text may be shown now, and whether a stop string ended it.
 
-    Text that could still become a stop string, and bytes of a character not complete yet, are held back."""
+    Each step decodes only the last few tokens (with one token of context, which tokenizers that drop a leading
+    space at the start of a decode need), so long answers cost the same per token as short ones. Text that could
+    still become a stop string, and bytes of a character not complete yet, are held back."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: Sequence[str]) -> None:
         self._tokenizer = tokenizer
         self._stop = tuple(stop)
-        self.text = ""  # everything decoded so far (cut at the stop string once one is found)
+        self._longest_stop = max((len(s) for s in self._stop), default=0)
+        self._ids: Sequence[int] = ()
+        self._prefix = 0  # decoding context starts at this token
+        self._read = 0  # tokens before this one are in `text`
+        self.text = ""  # the text so far (cut before the stop string once one is found)
         self.shown = 0  # characters of `text` handed out
+        self.stopped = False
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def _tail(self) -> str:
+        """Text of the tokens not in `text` yet (may end in U+FFFD: an unfinished UTF-8 character)."""
+        before = self._decode(self._ids[self._prefix : self._read])
+        return self._decode(self._ids[self._prefix :])[len(before) :]
 
     def update(self, token_ids: Sequence[int]) -> tuple[str, bool]:
-        """Decode all tokens so far; return (new text that is safe to show, whether a stop string was hit)."""
-        text = self._tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        hits = [i for i in (text.find(s) for s in self._stop) if i >= 0]
-        if hits:
-            self.text = text[: min(hits)]
-            return self._show(len(self.text)), True
-        self.text = text
-        safe = len(text.rstrip("\ufffd"))  # an unfinished UTF-8 character decodes as U+FFFD for now
-        safe -= _longest_partial_stop(text[:safe], self._stop)
+        """Take the tokens so far; return (new text that is safe to show, whether a stop string was hit)."""
+        self._ids = token_ids
+        if self.stopped:
+            return "", True
+        tail = self._tail()
+        if tail and not tail.endswith("\ufffd"):
+            old_len = len(self.text)
+            self.text += tail
+            self._prefix, self._read = self._read, len(token_ids)
+            start = max(0, old_len - self._longest_stop + 1)
+            hits = [i for i in (self.text.find(s, start) for s in self._stop) if i >= 0]
+            if hits:
+                self.text = self.text[: min(hits)]
+                self.stopped = True
+                return self._show(len(self.text)), True
+        safe = len(self.text) - _longest_partial_stop(self.text, self._stop)
         return self._show(safe), False
 
     def flush(self) -> str:
-        """The rest of the text, at the end of generation."""
+        """The rest of the text, at the end of generation (an unfinished character included, as U+FFFD)."""
+        if not self.stopped:
+            self.text += self._tail()
+            self._prefix = self._read = len(self._ids)
         return self._show(len(self.text))
 
     def _show(self, upto: int) -> str:
@@ -111,7 +136,7 @@ def _longest_partial_stop(text: str, stops: Sequence[str]) -> int:
     """Length of the longest end of `text` that is the beginning of a stop string (so may become one)."""
     best = 0
     for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), best, -1):
+        for n in range(min(len(stop) - 1, len(text)), best, -1):  # longest first: stop at the first match
             if text.endswith(stop[:n]):
                 best = n
                 break

@@ -197,6 +197,16 @@ def test_stop_text_holds_back_what_may_still_become_a_stop_string() -> None:
     assert text.text == "Hello world\ufffd"
 
 
+def test_incremental_text_equals_decoding_everything_at_once(exported: ExportedModel) -> None:
+    text = "Unicode: café, naïve, 東京 😀👍 and plain words that run on, token after token."
+    ids = exported.tokenizer(text, add_special_tokens=False)["input_ids"]
+    tracker = StopText(exported.tokenizer, [])
+    pieces = [tracker.update(ids[: n + 1])[0] for n in range(len(ids))]
+    pieces.append(tracker.flush())
+    assert "".join(pieces) == exported.tokenizer.decode(ids) == text
+    assert all("\ufffd" not in p for p in pieces)  # half characters are never shown
+
+
 def _run_loop(loop: EngineLoop, requests: list[GenerationRequest]) -> list[Completion]:
     done = threading.Semaphore(0)
     results: dict[int, Completion] = {}
