@@ -1,0 +1,375 @@
+"""The registry: every model a version with its lineage, loadable by alias, and a champion that only moves to a model
+at least as good, even when promotions race. Run against a real `mlflow server` on loopback and the SQLite file."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from crlft.config import Config
+from crlft.errors import CrlftError
+
+pytestmark = pytest.mark.slow
+
+SERVER_START_TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def mlflow_server_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[subprocess.Popen, str, Path]]:
+    """A real tracking server (SQLite backend, served artifacts under a temp folder) on a free loopback port.
+    Started first and awaited only by the tests that use it, so that its slow start overlaps the other setup."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log = (root / "server.log").open("w")
+    command = [
+        str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination", str(root / "artifacts"), "--default-artifact-root", "mlflow-artifacts:/",
+        "--workers", "1",
+    ]  # fmt: skip
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=root, env=env)
+    try:
+        yield server, f"http://127.0.0.1:{port}", root
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(mlflow_server_process: tuple[subprocess.Popen, str, Path]) -> str:
+    server, uri, root = mlflow_server_process
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while True:
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=2) as response:
+                if response.status == 200:
+                    return uri
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def sqlite_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One SQLite file for the module (its schema takes seconds to create); tests use their own model names."""
+    return f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def exported_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny exported C-RLFT model folder (random weights: registry tests do not need a good one)."""
+    from crlft.export import ModelMeta, save_exported
+    from crlft.model import init_model, load_model_and_tokenizer
+
+    root = tmp_path_factory.mktemp("model")
+    base = init_model(root / "base")
+    model, tokenizer = load_model_and_tokenizer(str(base))
+    meta = ModelMeta.from_config(Config(), base_model=str(base), data_fingerprint="data-fp-123", git_commit="abc123")
+    return save_exported(model, tokenizer, root / "exported", meta)
+
+
+@pytest.fixture(params=["server", "sqlite"])
+def store(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Config, str]:
+    """(config with a temp state folder, tracking URI) for each kind of store; MLFLOW_TRACKING_URI is restored."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = Config(state_dir=str(tmp_path / "state"))
+    return cfg, request.getfixturevalue("mlflow_server" if request.param == "server" else "sqlite_uri")
+
+
+@pytest.fixture
+def server_store(mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Config, str]:
+    """The tracking server only: for behaviour that does not depend on the kind of store."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return Config(state_dir=str(tmp_path / "state")), mlflow_server
+
+
+def unique_name() -> str:
+    return f"crlft-test-{uuid.uuid4().hex[:8]}"
+
+
+def register_evaluated(model_dir: Path, cfg: Config, uri: str, name: str, accuracy: float | None,
+                       suite: str = "suite-a") -> str:
+    from crlft import registry
+
+    version = registry.register_model(model_dir, cfg, name=name, tracking_uri=uri)
+    if accuracy is not None:
+        registry.record_evaluation(name, version, {"accuracy_expert": accuracy}, suite, cfg=cfg, tracking_uri=uri)
+    return version
+
+
+def champion_version(cfg: Config, uri: str, name: str) -> str | None:
+    from crlft.registry import list_versions
+
+    holders = [v.version for v in list_versions(name, cfg, tracking_uri=uri) if "champion" in v.aliases]
+    assert len(holders) <= 1
+    return holders[0] if holders else None
+
+
+def test_a_registered_version_carries_lineage_tags_and_points_to_the_run_holding_the_model(
+    store: tuple[Config, str], exported_model: Path
+) -> None:
+    from mlflow import MlflowClient
+
+    from crlft import registry
+
+    cfg, uri = store
+    name = unique_name()
+    version = registry.register_model(exported_model, cfg, name=name, tracking_uri=uri, tags={"team": "x"})
+    assert version == "1"
+    info = registry.version_info(name, version, cfg, tracking_uri=uri)
+    assert info.tags["crlft.mode"] == "crlft"
+    assert info.tags["crlft.data_fingerprint"] == "data-fp-123"
+    assert info.tags["crlft.git_commit"] == "abc123"
+    assert info.tags["crlft.base_model"].endswith("base")
+    assert info.tags["team"] == "x"
+    client = MlflowClient(uri, uri)
+    assert {Path(a.path).name for a in client.list_artifacts(info.run_id, "model")} >= {"config.json", "crlft.json"}
+    assert info.source.endswith("/model")
+
+
+def test_registering_with_the_training_run_links_it_and_reuses_the_model_it_logged(
+    store: tuple[Config, str], exported_model: Path
+) -> None:
+    from mlflow import MlflowClient
+
+    from crlft import registry
+
+    cfg, uri = store
+    client, _ = registry.client_for(cfg, uri)
+    experiment = MlflowClient(uri, uri).get_experiment_by_name(cfg.registry.experiment)
+    training_run = client.create_run(experiment.experiment_id, run_name="train").info.run_id
+    client.log_artifacts(training_run, str(exported_model), "model")
+    name = unique_name()
+    version = registry.register_model(exported_model, cfg, run_id=training_run, name=name, tracking_uri=uri)
+    info = registry.version_info(name, version, cfg, tracking_uri=uri)
+    assert info.run_id == training_run
+    assert [a.path for a in client.list_artifacts(training_run)] == ["model"]  # logged once, by "the trainer"
+
+    with pytest.raises(CrlftError, match="does not exist in this MLflow store"):
+        registry.register_model(exported_model, cfg, run_id="0" * 32, name=name, tracking_uri=uri)
+
+
+def test_a_champion_loads_by_alias_and_by_version_into_transformers_from_a_local_cache(
+    store: tuple[Config, str], exported_model: Path
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from crlft import registry
+
+    cfg, uri = store
+    name = unique_name()
+    version = register_evaluated(exported_model, cfg, uri, name, 0.5)
+    assert registry.promote(name, version, cfg=cfg, tracking_uri=uri).decision == "promoted"
+
+    by_alias = registry.resolve_model(f"models:/{name}@champion", cfg, tracking_uri=uri)
+    assert by_alias.is_relative_to(Path(cfg.state_dir).resolve())
+    model = AutoModelForCausalLM.from_pretrained(by_alias)
+    tokenizer = AutoTokenizer.from_pretrained(by_alias)
+    assert model.config.vocab_size == len(tokenizer)
+    assert registry.resolve_model(f"models:/{name}/{version}", cfg, tracking_uri=uri) == by_alias  # cached once
+    assert registry.resolve_model(exported_model, cfg) == exported_model  # a folder is used as it is
+
+
+def test_champion_moves_only_to_a_version_at_least_as_good_and_every_decision_is_recorded(
+    store: tuple[Config, str], exported_model: Path
+) -> None:
+    from crlft import registry
+
+    cfg, uri = store
+    name = unique_name()
+    v1, v2, v3, v4 = (register_evaluated(exported_model, cfg, uri, name, a) for a in (0.5, 0.7, 0.6, 0.7))
+
+    first = registry.promote(name, v1, cfg=cfg, tracking_uri=uri)
+    assert (first.decision, first.champion_version) == ("promoted", None)
+    assert registry.promote(name, v2, cfg=cfg, tracking_uri=uri).decision == "promoted"
+    worse = registry.promote(name, v3, cfg=cfg, tracking_uri=uri)
+    assert worse.decision == "refused"
+    assert champion_version(cfg, uri, name) == v2
+    assert (worse.candidate_value, worse.champion_value, worse.champion_version) == (0.6, 0.7, v2)
+    tags = registry.version_info(name, v3, cfg, tracking_uri=uri).tags
+    assert tags["crlft.promotion.decision"] == "refused"
+    assert (tags["crlft.promotion.candidate_value"], tags["crlft.promotion.champion_value"]) == ("0.6", "0.7")
+    assert registry.promote(name, v4, cfg=cfg, tracking_uri=uri).decision == "promoted"  # equal is good enough
+    assert registry.promote(name, v4, cfg=cfg, tracking_uri=uri).decision == "unchanged"
+    assert champion_version(cfg, uri, name) == v4
+
+
+def test_force_moves_the_champion_to_a_worse_version_and_is_recorded_as_forced(
+    server_store: tuple[Config, str], exported_model: Path
+) -> None:
+    from crlft import registry
+
+    cfg, uri = server_store
+    name = unique_name()
+    good, bad = (register_evaluated(exported_model, cfg, uri, name, a) for a in (0.9, 0.1))
+    registry.promote(name, good, cfg=cfg, tracking_uri=uri)
+    forced = registry.promote(name, bad, force=True, cfg=cfg, tracking_uri=uri)
+    assert forced.forced and forced.is_champion
+    assert champion_version(cfg, uri, name) == bad
+    assert registry.version_info(name, bad, cfg, tracking_uri=uri).tags["crlft.promotion.forced"] == "true"
+
+
+def test_versions_are_compared_only_on_the_same_suite(server_store: tuple[Config, str], exported_model: Path) -> None:
+    from crlft import registry
+
+    cfg, uri = server_store
+    name = unique_name()
+    champion = register_evaluated(exported_model, cfg, uri, name, 0.2, suite="suite-a")
+    other_suite = register_evaluated(exported_model, cfg, uri, name, 0.9, suite="suite-b")
+    not_evaluated = register_evaluated(exported_model, cfg, uri, name, None)
+    registry.promote(name, champion, cfg=cfg, tracking_uri=uri)
+
+    refused = registry.promote(name, other_suite, cfg=cfg, tracking_uri=uri)
+    assert refused.decision == "refused" and "cannot be compared" in refused.reason
+    with pytest.raises(CrlftError, match="evaluate it first"):
+        registry.promote(name, not_evaluated, cfg=cfg, tracking_uri=uri)
+    assert champion_version(cfg, uri, name) == champion
+
+
+def test_concurrent_promotions_leave_exactly_one_champion_and_never_move_it_to_a_worse_version(
+    store: tuple[Config, str], exported_model: Path
+) -> None:
+    from mlflow import MlflowClient
+
+    from crlft import registry
+
+    cfg, uri = store
+    name = unique_name()
+    accuracies = [0.3, 0.9, 0.5, 0.8, 0.4, 0.7]
+    versions = [register_evaluated(exported_model, cfg, uri, name, a) for a in accuracies]
+    start = threading.Barrier(len(versions))
+    decisions: list[registry.PromotionDecision] = []
+    errors: list[BaseException] = []
+
+    def promote(version: str) -> None:
+        start.wait()
+        try:
+            decisions.append(registry.promote(name, version, cfg=cfg, tracking_uri=uri))
+        except BaseException as exc:  # reported below, with the thread's own error
+            errors.append(exc)
+
+    threads = [threading.Thread(target=promote, args=(v,)) for v in versions]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not errors, errors
+    assert champion_version(cfg, uri, name) == versions[accuracies.index(max(accuracies))]
+    # In the order the decisions were taken, the champion's figure only ever went up.
+    client = MlflowClient(uri, uri)
+    experiment = client.get_experiment_by_name(cfg.registry.experiment)
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        f"tags.`crlft.model_name` = '{name}' and tags.`crlft.kind` = 'promotion'",
+        order_by=["attributes.start_time ASC"],
+    )
+    promoted = [float(r.data.tags["crlft.promotion.candidate_value"]) for r in runs
+                if r.data.tags["crlft.promotion.decision"] == "promoted"]  # fmt: skip
+    assert len(runs) == len(versions)
+    assert promoted == sorted(promoted)
+    assert all(d.decision != "promoted" or d.champion_value is None or d.candidate_value >= d.champion_value
+               for d in decisions)  # fmt: skip
+    with pytest.raises(Exception, match="not found|does not exist|RESOURCE_DOES_NOT_EXIST"):
+        client.get_registered_model(name + registry.LOCK_SUFFIX)  # released
+
+
+def test_a_lock_left_by_a_crashed_promoter_expires_and_a_live_one_times_out(
+    server_store: tuple[Config, str], exported_model: Path
+) -> None:
+    from crlft import registry
+
+    cfg, uri = server_store
+    name = unique_name()
+    version = register_evaluated(exported_model, cfg, uri, name, 0.5)
+    client, _ = registry.client_for(cfg, uri)
+    client.create_registered_model(name + registry.LOCK_SUFFIX, tags={"crlft.lock.expires": repr(time.time() - 1)})
+    assert registry.promote(name, version, cfg=cfg, tracking_uri=uri).decision == "promoted"
+
+    client.create_registered_model(name + registry.LOCK_SUFFIX, tags={"crlft.lock.expires": repr(time.time() + 600)})
+    with pytest.raises(CrlftError, match="holds the lock"), registry.promotion_lock(client, name, timeout_s=0.3):
+        pass
+
+
+def test_a_model_uri_that_does_not_exist_is_one_line_that_says_what_to_do(
+    server_store: tuple[Config, str], exported_model: Path
+) -> None:
+    from crlft import registry
+
+    cfg, uri = server_store
+    name = unique_name()
+    register_evaluated(exported_model, cfg, uri, name, 0.5)
+    cases = {
+        "models:/no-such-model@champion": "no registered model 'no-such-model'",
+        f"models:/{name}@champion": "has no alias 'champion'",
+        f"models:/{name}/99": "has no version 99",
+        "models:/": "not a registered model URI",
+        str(exported_model.parent / "missing"): "no model directory",
+    }
+    for model_uri, message in cases.items():
+        with pytest.raises(CrlftError, match=message) as raised:
+            registry.resolve_model(model_uri, cfg, tracking_uri=uri)
+        assert "\n" not in str(raised.value)
+    assert not (Path(cfg.state_dir) / "models" / "registry").exists() or not any(
+        (Path(cfg.state_dir) / "models" / "registry").rglob("config.json"))  # fmt: skip
+
+
+def test_an_unreachable_tracking_server_is_one_line_error_and_nothing_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exported_model: Path
+) -> None:
+    from crlft import registry
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = Config(state_dir=str(tmp_path / "state"))
+    dead = f"http://127.0.0.1:{free_port()}"
+    for call in (
+        lambda: registry.register_model(exported_model, cfg, tracking_uri=dead),
+        lambda: registry.promote("crlft-chat", "1", cfg=cfg, tracking_uri=dead),
+        lambda: registry.resolve_model("models:/crlft-chat@champion", cfg, tracking_uri=dead),
+        lambda: registry.list_versions("crlft-chat", cfg, tracking_uri=dead),
+    ):
+        with pytest.raises(CrlftError, match="unreachable") as raised:
+            call()
+        assert "\n" not in str(raised.value)
+    assert not (tmp_path / "state").exists() or not any((tmp_path / "state").rglob("*.db"))
+
+
+def test_models_and_promote_commands_print_the_versions_and_the_decision(
+    server_store: tuple[Config, str], exported_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from crlft.cli import main
+
+    cfg, uri = server_store
+    name = unique_name()
+    v1, v2 = (register_evaluated(exported_model, cfg, uri, name, a) for a in (0.5, 0.25))
+    common = ["--mlflow-uri", uri, "--set", f"state_dir={cfg.state_dir}"]
+    assert main(["promote", name, "--version", v1, *common]) == 0
+    assert main(["promote", name, "--version", v2, *common]) == 1  # refused: worse
+    assert main(["models", name, *common]) == 0
+    out = capsys.readouterr().out
+    assert f"{name} v{v2}: refused (accuracy_expert 0.2500 < 0.5000 of v{v1})" in out
+    assert "champion" in out and "0.5000" in out and "refused" in out
+    assert main(["promote", name, "--version", "42", *common]) == 2
+    assert "has no version 42" in capsys.readouterr().err
