@@ -122,13 +122,21 @@ def _find_bench_dir(given: str | Path | None) -> Path:
     raise CrlftError("no FastChat benchmark data found: pass --bench-dir DIR (a copy of FastChat's llm_judge/data)")
 
 
+def _load_suite(path: str | Path) -> list[Any]:
+    from crlft.synth import load_eval_suite
+
+    try:
+        return load_eval_suite(path)
+    except CrlftError as exc:  # one line: the bad lines joined, then what to do
+        raise CrlftError(str(exc).replace(":\n", ": ", 1).replace("\n", "; ") + f"; fix {path} and run again") from None
+
+
 def _plan(model: str | Path, suite: str | Path | None, cfg: Config, *, heldout: str | Path | None,
           bench: Sequence[str], bench_dir: str | Path | None, judge_url: str | None, judge_model: str | None,
           register_as: str | None, log_to_version: str | None, log_mlflow: bool,
           tracking_uri: str | None) -> _Plan:
     from crlft import evaluate as ev
     from crlft.registry import client_for, get_version, parse_model_uri, suite_id
-    from crlft.synth import load_eval_suite
 
     model = str(model)
     if suite is None and heldout is None and not bench:
@@ -142,7 +150,7 @@ def _plan(model: str | Path, suite: str | Path | None, cfg: Config, *, heldout: 
         raise CrlftError("a judge needs both --judge-url and --judge-model")
     if judge_url and not bench:
         raise CrlftError("--judge-url grades benchmark answers: add --bench mt_bench and/or --bench vicuna")
-    suite_items = load_eval_suite(suite) if suite is not None else None
+    suite_items = _load_suite(suite) if suite is not None else None
     if heldout is not None and not Path(heldout).is_file():
         raise CrlftError(f"held-out file {heldout} does not exist (write one with `crlft synth`)")
     benches = list(dict.fromkeys(bench))

@@ -1,0 +1,359 @@
+"""Evaluation: exact match per condition with batched greedy decoding, the condition swap, the representation check,
+benchmark answers graded by an OpenAI-compatible judge, and `crlft eval`'s handling of bad input."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from crlft.config import Config
+from crlft.errors import CrlftError
+
+FASTCHAT = Path(__file__).resolve().parents[2] / "shared" / "data" / "fastchat"
+needs_fastchat = pytest.mark.skipif(not FASTCHAT.is_dir(), reason="FastChat data not found beside the repo")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _export(root: Path, mode: str) -> Path:
+    from crlft.export import ModelMeta, save_exported
+    from crlft.model import load_model_and_tokenizer
+
+    cfg = Config.model_validate({"train": {"mode": mode}})
+    model, tokenizer = load_model_and_tokenizer(str(root / "base"))
+    return save_exported(model, tokenizer, root / mode, ModelMeta.from_config(cfg, base_model="tiny"))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random-weight exported models: one with the condition in the prompt (crlft), one without (sft)."""
+    from crlft.model import init_model
+
+    root = tmp_path_factory.mktemp("models")
+    init_model(root / "base")
+    return {mode: _export(root, mode) for mode in ("crlft", "sft")}
+
+
+@pytest.fixture(scope="module")
+def exported(models: dict[str, Path]) -> Any:
+    from crlft.export import load_exported
+
+    return load_exported(models["crlft"])
+
+
+@pytest.fixture(scope="module")
+def suite_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from crlft.synth import write_suite
+
+    return write_suite(tmp_path_factory.mktemp("suite"), n_expert=12, ratio=1, n_eval=12, n_heldout=16)
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # setup_mlflow sets it; restored after each test
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Generation and the condition swap
+
+
+def test_batched_greedy_generation_gives_the_same_answers_as_one_prompt_at_a_time(exported: Any) -> None:
+    from crlft.conversation import Message
+    from crlft.evaluate import chat_prompt, generate
+
+    texts = ("Hi", "What is the opposite of hot?", "Name the colour of snow, please, in one word.")
+    prompts = [chat_prompt(exported, [Message("user", text)], "GPT4") for text in texts]
+    batched = generate(exported, prompts, max_new_tokens=6, batch_size=3)
+    assert batched == [generate(exported, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
+    assert all("<|end_of_turn|>" not in answer for answer in batched)
+
+
+def test_every_condition_answers_the_same_prompts_and_the_swap_table_shows_them_side_by_side(
+    exported: Any, suite_files: dict[str, Path]
+) -> None:
+    from crlft.evaluate import evaluate_suite, suite_metrics, swap_rows, swap_table
+    from crlft.synth import load_eval_suite
+
+    items = load_eval_suite(suite_files["eval"])
+    evaluation = evaluate_suite(exported, items, max_new_tokens=3, batch_size=8)
+    assert list(evaluation.results) == ["GPT4", "GPT3"]  # best reward first
+    assert (evaluation.expert, evaluation.suboptimal) == ("GPT4", "GPT3")
+    metrics = suite_metrics(evaluation)
+    assert metrics["accuracy_expert"] == metrics["accuracy_GPT4"]
+    assert metrics["condition_gap"] == pytest.approx(metrics["accuracy_GPT4"] - metrics["accuracy_GPT3"])
+    assert {f"{item.task}/accuracy_GPT3" for item in items} <= set(metrics)
+    table = swap_table(evaluation)
+    assert "GPT4 (expert)" in table and "GPT3 (sub-optimal)" in table and "no effect" not in table
+    rows = swap_rows(evaluation)
+    assert len(rows) == len(items) and {"prediction_GPT4", "prediction_GPT3", "answer"} <= set(rows[0])
+
+
+def test_a_model_trained_without_the_condition_is_said_to_ignore_it(models: dict[str, Path],
+                                                                    suite_files: dict[str, Path]) -> None:
+    from crlft.evaluate import evaluate_suite, swap_table
+    from crlft.export import load_exported
+    from crlft.synth import load_eval_suite
+
+    evaluation = evaluate_suite(load_exported(models["sft"]), load_eval_suite(suite_files["eval"])[:4],
+                                max_new_tokens=2)  # fmt: skip
+    assert not evaluation.condition_in_prompt
+    assert evaluation.results["GPT4"].predictions == evaluation.results["GPT3"].predictions
+    assert "mode 'sft' puts no condition in the prompt" in swap_table(evaluation)
+
+
+def test_an_unknown_condition_is_refused_with_the_model_conditions(exported: Any) -> None:
+    from crlft.evaluate import select_conditions
+
+    assert select_conditions(exported.meta, ["GPT3"]) == ["GPT3"]
+    with pytest.raises(CrlftError, match="conditions are GPT4, GPT3"):
+        select_conditions(exported.meta, ["GPT5"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Representation check
+
+
+def test_the_representation_check_scores_and_plots_expert_against_suboptimal_conversations(
+    exported: Any, suite_files: dict[str, Path], tmp_path: Path
+) -> None:
+    from crlft.evaluate import load_heldout, representation_check
+
+    conversations = load_heldout(suite_files["heldout"], exported.meta)
+    result = representation_check(exported, conversations, tmp_path / "plot.png", max_per_class=5)
+    assert result.counts == {"GPT3": 5, "GPT4": 5}
+    assert result.silhouette is not None and -1.0 <= result.silhouette <= 1.0
+    assert result.method in ("UMAP", "PCA")
+    assert result.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_silhouette_is_high_for_separate_clusters_and_undefined_for_one_class() -> None:
+    from crlft.evaluate import silhouette
+
+    rng = np.random.default_rng(0)
+    points = np.concatenate([rng.normal(0, 0.1, (20, 8)), rng.normal(5, 0.1, (20, 8))])
+    assert silhouette(points, ["a"] * 20 + ["b"] * 20) > 0.9
+    assert silhouette(points, ["a"] * 40) is None
+
+
+def test_a_bad_heldout_line_is_one_error_naming_file_and_line(exported: Any, tmp_path: Path) -> None:
+    from crlft.evaluate import load_heldout
+
+    path = tmp_path / "heldout.jsonl"
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    good = {"items": turns, "condition": "GPT4"}
+    path.write_text(json.dumps(good) + "\n{not json\n" + json.dumps({**good, "condition": "GPT9"}) + "\n")
+    expected = r"2 bad held-out.*heldout.jsonl:2: not valid JSON.*heldout.jsonl:3"
+    with pytest.raises(CrlftError, match=expected) as raised:
+        load_heldout(path, exported.meta)
+    assert "\n" not in str(raised.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Benchmarks and the judge
+
+
+@needs_fastchat
+def test_benchmarks_load_two_turn_mt_bench_with_references_and_vicuna() -> None:
+    from crlft.evaluate import load_bench
+
+    mt_bench = load_bench("mt_bench", FASTCHAT)
+    assert len(mt_bench) == 80 and all(len(q.turns) == 2 for q in mt_bench)
+    assert all(q.reference for q in mt_bench if q.category == "math")
+    assert len(load_bench("vicuna", FASTCHAT, limit=5)) == 5
+    with pytest.raises(CrlftError, match="unknown benchmark"):
+        load_bench("arena", FASTCHAT)
+
+
+def test_judge_ratings_are_read_as_fastchat_does() -> None:
+    from crlft.evaluate import parse_rating
+
+    assert parse_rating("Fine answer. Rating: [[7]]") == 7.0
+    assert parse_rating("Rating: [8.5]") == 8.5
+    assert parse_rating("I cannot rate this.") == -1.0
+
+
+@needs_fastchat
+def test_grading_uses_the_multi_turn_prompt_for_turn_two_and_the_reference_for_math() -> None:
+    from crlft.evaluate import BenchAnswer, bench_metrics, grade, load_bench, load_judge_prompts
+
+    questions = [q for q in load_bench("mt_bench", FASTCHAT) if q.category in ("writing", "math")][::10][:2]
+    assert [q.category for q in questions] == ["writing", "math"]
+    answers = [BenchAnswer(q.question_id, "m", (f"first {q.question_id}", f"second {q.question_id}"), "GPT4")
+               for q in questions]  # fmt: skip
+    seen: list[str] = []
+
+    def judge(system: str, user: str) -> str:
+        seen.append(user)
+        return "Rating: [[4]]" if len(seen) % 2 else "Rating: [[8]]"
+
+    judgments = grade(questions, answers, judge, load_judge_prompts(FASTCHAT / "judge_prompts.jsonl"))
+    assert [(j.turn, j.judge_prompt) for j in judgments] == [
+        (1, "single-v1"), (2, "single-v1-multi-turn"), (1, "single-math-v1"), (2, "single-math-v1-multi-turn")]
+    assert f"second {questions[0].question_id}" in seen[1] and questions[1].reference[0] in seen[2]
+    assert bench_metrics("mt_bench", judgments) == {"mt_bench_unrated": 0.0, "mt_bench_score": 6.0,
+                                                    "mt_bench_turn1": 4.0, "mt_bench_turn2": 8.0}  # fmt: skip
+
+
+@pytest.fixture
+def judge_server() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """A stand-in OpenAI-compatible judge: records each request, answers with a rating."""
+    requests: list[dict[str, Any]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+            status, reply = (400, {"error": "no such model"}) if body["model"] == "missing" else (
+                200, {"choices": [{"message": {"role": "assistant", "content": "Sound. Rating: [[6]]"}}]})
+            payload = json.dumps(reply).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1", requests
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_judge_is_any_openai_compatible_endpoint_with_the_key_from_the_environment(
+    judge_server: tuple[str, list[dict[str, Any]]]
+) -> None:
+    from crlft.evaluate import openai_judge
+
+    url, requests = judge_server
+    assert openai_judge(url, "judge-1", api_key="sk-test")("system text", "user text") == "Sound. Rating: [[6]]"
+    request = requests[0]
+    assert request["path"] == "/v1/chat/completions" and request["auth"] == "Bearer sk-test"
+    assert request["body"]["temperature"] == 0 and request["body"]["model"] == "judge-1"
+    assert [m["role"] for m in request["body"]["messages"]] == ["system", "user"]
+    with pytest.raises(CrlftError, match="answered 400"):
+        openai_judge(url, "missing")("s", "u")
+
+
+@needs_fastchat
+def test_eval_answers_mt_bench_and_the_judge_grades_it(models: dict[str, Path], tmp_path: Path,
+                                                       judge_server: tuple[str, list[dict[str, Any]]]) -> None:
+    from jobs.evaluate import evaluate_model
+
+    url, requests = judge_server
+    report = evaluate_model(models["crlft"], None, Config(state_dir=str(tmp_path / "state")), bench=["mt_bench"],
+                            bench_dir=FASTCHAT, bench_limit=1, judge_url=url, judge_model="judge-1",
+                            log_mlflow=False, out_dir=tmp_path / "out", bench_max_new_tokens=4)  # fmt: skip
+    assert report["metrics"]["mt_bench_score"] == 6.0 and len(requests) == 2  # one question, two turns
+    answers = [json.loads(line) for line in (tmp_path / "out" / "mt_bench_answers.jsonl").read_text().splitlines()]
+    assert len(answers[0]["choices"][0]["turns"]) == 2
+    assert (tmp_path / "out" / "mt_bench_judgments.jsonl").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# crlft eval end to end, and its bad inputs
+
+
+def test_eval_without_mlflow_writes_the_table_plot_and_metrics_and_nothing_partial(
+    models: dict[str, Path], suite_files: dict[str, Path], tmp_path: Path
+) -> None:
+    from jobs.evaluate import evaluate_model
+
+    out = tmp_path / "out"
+    report = evaluate_model(models["crlft"], suite_files["eval"], Config(state_dir=str(tmp_path / "state")),
+                            heldout=suite_files["heldout"], max_per_class=4, log_mlflow=False, out_dir=out,
+                            max_new_tokens=2)  # fmt: skip
+    assert {p.name for p in out.iterdir()} == {"condition_swap.jsonl", "condition_swap.txt", "embeddings.png",
+                                               "metrics.json", "representation.json"}  # fmt: skip
+    assert json.loads((out / "metrics.json").read_text()) == pytest.approx(report["metrics"])
+    assert report["run_id"] is None and report["plot"] == str(out / "embeddings.png")
+    assert "condition swap" in report["text"] and "silhouette" in report["text"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert not (tmp_path / "state").exists()  # no MLflow store created when told not to log
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    from crlft.cli import main
+
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+def test_a_suite_with_malformed_lines_is_one_line_error_and_nothing_is_registered(
+    models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    suite = tmp_path / "suite.jsonl"
+    suite.write_text('{"prompt": "a?", "answer": "b"}\n{"prompt": "c?"}\nnot json\n')
+    db = tmp_path / "mlflow.db"
+    code, err = run_cli(["eval", "--model", str(models["crlft"]), "--suite", str(suite), "--register-as", "x",
+                         "--mlflow-uri", f"sqlite:///{db}", "--set", f"state_dir={tmp_path / 'state'}"], capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and "suite.jsonl:2: missing field 'answer'" in err and "suite.jsonl:3" in err
+    assert not db.exists() and not (tmp_path / "state").exists()
+
+
+def test_a_model_that_does_not_exist_is_one_line_error(tmp_path: Path, suite_files: dict[str, Path],
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = run_cli(["eval", "--model", str(tmp_path / "nope"), "--suite", str(suite_files["eval"]),
+                         "--no-mlflow"], capsys)  # fmt: skip
+    assert code == 2 and err.count("\n") == 1 and "no model directory" in err
+
+
+def test_an_unreachable_tracking_server_is_one_line_error_before_the_model_runs(
+    models: dict[str, Path], suite_files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = run_cli(["eval", "--model", "models:/crlft-chat@champion", "--suite", str(suite_files["eval"]),
+                         "--mlflow-uri", f"http://127.0.0.1:{free_port()}",
+                         "--set", f"state_dir={tmp_path / 'state'}"], capsys)  # fmt: skip
+    assert code == 2 and err.count("\n") == 1 and "unreachable" in err
+    assert not (tmp_path / "state" / "eval").exists()
+
+
+@pytest.mark.slow
+def test_eval_registers_the_model_and_logs_figures_table_and_plot_on_its_version(
+    models: dict[str, Path], suite_files: dict[str, Path], tmp_path: Path
+) -> None:
+    from mlflow import MlflowClient
+
+    from crlft.registry import list_versions, suite_id
+    from jobs.evaluate import evaluate_model
+
+    cfg = Config(state_dir=str(tmp_path / "state"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = evaluate_model(models["crlft"], suite_files["eval"], cfg, heldout=suite_files["heldout"],
+                           max_per_class=4, register_as="crlft-chat", tracking_uri=uri, max_new_tokens=2)  # fmt: skip
+    assert first["model_version"] == {"name": "crlft-chat", "version": "1"}
+    client = MlflowClient(uri, uri)
+    logged = {Path(a.path).name for a in client.list_artifacts(first["run_id"], "evaluation")}
+    assert {"embeddings.png", "condition_swap.jsonl", "metrics.json"} <= logged
+    assert "condition_swap_table.json" in {a.path for a in client.list_artifacts(first["run_id"])}
+    run_metrics = client.get_run(first["run_id"]).data.metrics
+    assert {"accuracy_expert", "accuracy_suboptimal", "condition_gap", "silhouette"} <= set(run_metrics)
+
+    (version,) = list_versions("crlft-chat", cfg, tracking_uri=uri)
+    assert version.latest_suite == suite_id(suite_files["eval"])
+    assert version.metric("accuracy_expert") == pytest.approx(first["metrics"]["accuracy_expert"])
+    assert version.evaluations[suite_id(suite_files["heldout"])]["silhouette"] == pytest.approx(
+        first["metrics"]["silhouette"])
+
+    again = evaluate_model("models:/crlft-chat/1", suite_files["eval"], cfg, conditions=["GPT4"],
+                           tracking_uri=uri, max_new_tokens=2)  # fmt: skip
+    assert again["model_version"] == {"name": "crlft-chat", "version": "1"}  # a registered model logs on itself
+    assert again["metrics"]["accuracy_expert"] == pytest.approx(first["metrics"]["accuracy_expert"])
