@@ -304,7 +304,7 @@ class BatchGenerator:
             ids[i, width - n :] = torch.tensor(list(r.prompt_ids), dtype=torch.long)
             mask[i, width - n :] = 1
         positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        cache = _growing_cache()
         out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                          position_ids=positions.to(self.device), past_key_values=cache, use_cache=True)
         self._merge(rows, out.past_key_values, mask.to(self.device))
@@ -360,14 +360,16 @@ class BatchGenerator:
         if self._cache is None or self._mask is None or not self._rows:
             self._rows, self._cache, self._mask = list(rows), cache, mask
             return
-        if not _plain_dynamic(self._cache) or not _plain_dynamic(cache):
-            raise RuntimeError("continuous batching needs a plain DynamicCache (no sliding-window layers)")
+        if not _growing_only(self._cache) or not _growing_only(cache):
+            raise RuntimeError("continuous batching needs the engine's own cache layers (no sliding-window layers)")
         width = max(self._mask.shape[1], mask.shape[1])
-        layers = [
-            (_cat_left_padded(old.keys, new.keys, width), _cat_left_padded(old.values, new.values, width))
+        merged = _growing_cache()
+        merged.layers = [
+            _GrowingLayer.holding(_cat_left_padded(old.keys, new.keys, width),
+                                  _cat_left_padded(old.values, new.values, width))
             for old, new in zip(self._cache.layers, cache.layers, strict=True)
         ]
-        self._cache = DynamicCache(ddp_cache_data=layers)
+        self._cache = merged
         self._mask = torch.cat([_left_pad(self._mask, width, dim=1), _left_pad(mask, width, dim=1)], dim=0)
         self._rows += rows
 
@@ -390,11 +392,71 @@ class BatchGenerator:
         if first > 0:
             self._mask = self._mask[:, first:]
             for layer in self._cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+                assert isinstance(layer, _GrowingLayer)
+                layer.drop_front(first)
 
 
-def _plain_dynamic(cache: DynamicCache) -> bool:
-    return all(type(layer) is DynamicLayer for layer in cache.layers)
+class _GrowingLayer(DynamicLayer):
+    """A DynamicLayer that appends each step's keys and values into spare room (grown by doubling) instead of
+    concatenating the whole cache again at every step; `keys` and `values` are views of the filled part."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+        self._len = 0
+
+    @classmethod
+    def holding(cls, keys: torch.Tensor, values: torch.Tensor) -> _GrowingLayer:
+        layer = cls()
+        layer.update(keys, values)
+        return layer
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object,
+               **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.dtype, self.device = key_states.dtype, key_states.device
+            self.is_initialized = True
+        n = key_states.shape[-2]
+        if self._k is None or self._v is None or self._len + n > self._k.shape[-2]:
+            room = 2 * (self._len + n) + 32
+            k = key_states.new_empty((*key_states.shape[:-2], room, key_states.shape[-1]))
+            v = value_states.new_empty((*value_states.shape[:-2], room, value_states.shape[-1]))
+            if self._k is not None and self._v is not None:
+                k[..., : self._len, :] = self._k[..., : self._len, :]
+                v[..., : self._len, :] = self._v[..., : self._len, :]
+            self._k, self._v = k, v
+        self._k[..., self._len : self._len + n, :] = key_states
+        self._v[..., self._len : self._len + n, :] = value_states
+        self._len += n
+        return self._views()
+
+    def _views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self._k is not None and self._v is not None
+        self.keys, self.values = self._k[..., : self._len, :], self._v[..., : self._len, :]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self._k is not None and self._v is not None:
+            self._k, self._v = self._k[indices], self._v[indices]
+            self._views()
+
+    def drop_front(self, n: int) -> None:
+        """Forget the first n positions (padding no row needs any more)."""
+        if self._k is not None and self._v is not None:
+            self._k, self._v = self._k[..., n:, :], self._v[..., n:, :]
+            self._len -= n
+            self._views()
+
+
+def _growing_cache() -> DynamicCache:
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = _GrowingLayer  # layers are created on first use, one per model layer
+    return cache
+
+
+def _growing_only(cache: DynamicCache) -> bool:
+    return all(type(layer) is _GrowingLayer for layer in cache.layers)
 
 
 def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
