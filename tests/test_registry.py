@@ -373,3 +373,25 @@ def test_models_and_promote_commands_print_the_versions_and_the_decision(
     assert "champion" in out and "0.5000" in out and "refused" in out
     assert main(["promote", name, "--version", "42", *common]) == 2
     assert "has no version 42" in capsys.readouterr().err
+
+
+def test_an_evaluation_on_the_server_is_recorded_on_the_version_and_decides_the_promotion(
+    server_store: tuple[Config, str], exported_model: Path, tmp_path: Path
+) -> None:
+    from mlflow import MlflowClient
+
+    from crlft import registry
+    from crlft.synth import write_suite
+    from jobs.evaluate import evaluate_model
+
+    cfg, uri = server_store
+    files = write_suite(tmp_path / "suite", n_expert=6, ratio=1, n_eval=6, n_heldout=8)
+    name = unique_name()
+    report = evaluate_model(exported_model, files["eval"], cfg, heldout=files["heldout"], max_per_class=4,
+                            register_as=name, tracking_uri=uri, max_new_tokens=2)  # fmt: skip
+    version = report["model_version"]["version"]
+    logged = {Path(a.path).name for a in MlflowClient(uri, uri).list_artifacts(report["run_id"], "evaluation")}
+    assert "embeddings.png" in logged
+    decision = registry.promote(name, version, cfg=cfg, tracking_uri=uri)
+    assert decision.decision == "promoted" and decision.suite == registry.suite_id(files["eval"])
+    assert decision.candidate_value == pytest.approx(report["metrics"]["accuracy_expert"])
