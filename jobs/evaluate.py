@@ -34,6 +34,7 @@ BENCH_DIR_CANDIDATES = (
     Path(__file__).resolve().parents[2] / "shared" / "data" / "fastchat",
 )
 JUDGE_KEY_VARIABLES = ("CRLFT_JUDGE_API_KEY", "OPENAI_API_KEY")
+RESULT_FILES = {"metrics.json", "condition_swap.jsonl", "condition_swap.txt", "embeddings.png", "representation.json"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,6 +104,8 @@ class _Plan:
     target: ModelRef | None  # the registered version to record on (None: none, or --register-as)
     register_as: str | None
     tracking_uri: str | None  # None: MLflow not used
+    log: bool  # write the results to MLflow (an evaluation run, and the version's tags when there is one)
+    out_dir: Path
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -134,7 +137,7 @@ def _load_suite(path: str | Path) -> list[Any]:
 def _plan(model: str | Path, suite: str | Path | None, cfg: Config, *, heldout: str | Path | None,
           bench: Sequence[str], bench_dir: str | Path | None, judge_url: str | None, judge_model: str | None,
           register_as: str | None, log_to_version: str | None, log_mlflow: bool,
-          tracking_uri: str | None) -> _Plan:
+          tracking_uri: str | None, out_dir: str | Path | None) -> _Plan:
     from crlft import evaluate as ev
     from crlft.registry import client_for, get_version, parse_model_uri, suite_id
 
@@ -165,7 +168,8 @@ def _plan(model: str | Path, suite: str | Path | None, cfg: Config, *, heldout: 
         judge = ev.openai_judge(judge_url, str(judge_model), api_key)
 
     target = parse_model_uri(model) if registered else _parse_version_ref(log_to_version) if log_to_version else None
-    uses_mlflow = registered or bool(register_as) or bool(log_to_version) or log_mlflow
+    log = bool(register_as) or bool(log_to_version) or log_mlflow
+    uses_mlflow = registered or log
     uri = None
     if uses_mlflow:
         client, uri = client_for(cfg, tracking_uri)  # an unreachable server fails here, before any work
@@ -176,9 +180,26 @@ def _plan(model: str | Path, suite: str | Path | None, cfg: Config, *, heldout: 
         raise CrlftError(f"no model directory {model}: give the folder written by `crlft train`, or a registered "
                          "model as models:/NAME@ALIAS or models:/NAME/VERSION")  # fmt: skip
     label = f"{target.name}-v{target.version}" if registered and target else Path(model).resolve().name
+    out = Path(out_dir) if out_dir else Path(cfg.state_dir) / "eval" / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
+    _check_out_dir(out)
     return _Plan(model, label, suite_items, Path(suite) if suite else None,
                  suite_id(suite) if suite else None, Path(heldout) if heldout else None, benches,
-                 found_bench_dir, judge, judge_model, target, register_as, uri)  # fmt: skip
+                 found_bench_dir, judge, judge_model, target, register_as, uri, log, out)  # fmt: skip
+
+
+def _is_result_file(name: str) -> bool:
+    return name in RESULT_FILES or name.endswith(("_answers.jsonl", "_judgments.jsonl"))
+
+
+def _check_out_dir(out: Path) -> None:
+    """The results replace an earlier evaluation's in `out`, never anything else."""
+    if out.exists() and not out.is_dir():
+        raise CrlftError(f"--out {out} is a file: give a folder for the results")
+    if out.is_dir():
+        others = sorted(p.name for p in out.iterdir() if not _is_result_file(p.name))
+        if others:
+            raise CrlftError(f"--out {out} holds files that are not evaluation results ({', '.join(others[:3])}): "
+                             "give a new or empty folder")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -220,13 +241,12 @@ def evaluate_model(
     set_offline_defaults()
     plan = _plan(model, suite, cfg, heldout=heldout, bench=bench, bench_dir=bench_dir, judge_url=judge_url,
                  judge_model=judge_model, register_as=register_as, log_to_version=log_to_version,
-                 log_mlflow=log_mlflow, tracking_uri=tracking_uri)  # fmt: skip
+                 log_mlflow=log_mlflow, tracking_uri=tracking_uri, out_dir=out_dir)  # fmt: skip
     model_dir = resolve_model(plan.model, cfg, tracking_uri=plan.tracking_uri)
     exported = load_exported(model_dir)
     selected = ev.select_conditions(exported.meta, conditions)
     heldout_conversations = ev.load_heldout(plan.heldout_file, exported.meta) if plan.heldout_file else None
-    final_out = Path(out_dir) if out_dir else (
-        Path(cfg.state_dir) / "eval" / f"{plan.label}-{time.strftime('%Y%m%d-%H%M%S')}")  # fmt: skip
+    final_out = plan.out_dir
     scratch = final_out.with_name(f".{final_out.name}.partial")
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
@@ -246,7 +266,7 @@ def evaluate_model(
         "model_dir": str(model_dir), "out_dir": str(final_out), "plot": str(plot) if plot else None,
         "run_id": None, "model_version": None, "table": measured["table"],
     }  # fmt: skip
-    if plan.tracking_uri is not None:
+    if plan.log:
         report.update(_log_to_mlflow(plan, cfg, model_dir, final_out, measured))
     report["text"] = _report_text(report, measured["lines"])
     return report

@@ -357,3 +357,14 @@ def test_eval_registers_the_model_and_logs_figures_table_and_plot_on_its_version
                            tracking_uri=uri, max_new_tokens=2)  # fmt: skip
     assert again["model_version"] == {"name": "crlft-chat", "version": "1"}  # a registered model logs on itself
     assert again["metrics"]["accuracy_expert"] == pytest.approx(first["metrics"]["accuracy_expert"])
+
+
+def test_results_never_replace_a_folder_that_holds_other_files(models: dict[str, Path], suite_files: dict[str, Path],
+                                                               tmp_path: Path) -> None:
+    from jobs.evaluate import evaluate_model
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(CrlftError, match="not evaluation results"):
+        evaluate_model(models["crlft"], suite_files["eval"], Config(state_dir=str(tmp_path / "state")),
+                       log_mlflow=False, out_dir=tmp_path)  # fmt: skip
+    assert (tmp_path / "notes.txt").read_text() == "mine"
