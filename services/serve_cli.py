@@ -32,11 +32,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from services.chat import api_keys_from_env, champion_uri, deploy, ensure_ray, shutdown, wait_for_interrupt
+    from services.chat import (
+        api_keys_from_env,
+        champion_uri,
+        deploy,
+        ensure_ray,
+        resolve_model_uri,
+        shutdown,
+        wait_for_interrupt,
+    )
 
     cfg = config_from_args(args, {"host": "serve.host", "port": "serve.port", "model_name": "serve.model_name"})
     model = args.model or champion_uri(cfg)
     keys = [*args.api_keys, *api_keys_from_env()]
+    resolve_model_uri(model, cfg, args.mlflow_uri)  # a wrong --model fails now, not after Ray has started
     print(f"starting Ray Serve for {model} ...", file=sys.stderr, flush=True)
     started_ray = ensure_ray(args.address)
     try:
