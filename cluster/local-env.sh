@@ -12,7 +12,7 @@
 #   --head-cpus           CRLFT_RAY_HEAD_CPUS       2           logical CPUs of the head node
 #   --worker-cpus         CRLFT_RAY_WORKER_CPUS     2           logical CPUs of the worker node
 #   --object-store-bytes  CRLFT_RAY_OBJECT_STORE    500000000   shared-memory object store per node
-#   --cluster-dir         CRLFT_CLUSTER_DIR         ${TMPDIR:-/tmp}/crlft-ray-GCS_PORT  pid files, logs, Ray's temp dir
+#   --cluster-dir         CRLFT_CLUSTER_DIR         ${TMPDIR:-/tmp}/crlft-ray-GCS_PORT  pid files, logs, the nodes' temp dirs
 #   --ray                 CRLFT_RAY_BIN             .venv/bin/ray of this repository, else `ray` on PATH
 #
 # Token authentication: RAY_AUTH_MODE defaults to `disabled` for this loopback cluster only. Start it with

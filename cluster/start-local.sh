@@ -13,6 +13,8 @@ fi
 export PATH="$(dirname "$CRLFT_RAY_BIN"):$PATH"
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
 export RAY_USAGE_STATS_ENABLED="${RAY_USAGE_STATS_ENABLED:-0}"
+# A node drains for up to 30 s on SIGTERM (Serve moves replicas away); this cluster is always stopped whole.
+export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-0}"
 
 mkdir -p "$CRLFT_CLUSTER_DIR"
 for node in head worker; do
@@ -25,13 +27,15 @@ for node in head worker; do
 done
 
 # Start one node in the background, blocking in `ray start --block` so that its pid owns every process of the node.
+# Each node has a temp dir of its own, as on separate machines: a shared one would let one node's runtime-env agent
+# delete a job's unpacked working directory while the other node's job driver still runs in it.
 start_node() {
     local node="$1"
     shift
     # setsid: the node survives this shell and its terminal; stop-local.sh ends it by the pid recorded here.
     setsid "$CRLFT_RAY_BIN" start --block --disable-usage-stats \
         --node-ip-address="$CRLFT_RAY_HOST" \
-        --temp-dir="$CRLFT_CLUSTER_DIR/ray" \
+        --temp-dir="$CRLFT_CLUSTER_DIR/$node" \
         --object-store-memory="$CRLFT_RAY_OBJECT_STORE" \
         "$@" >"$CRLFT_CLUSTER_DIR/$node.log" 2>&1 </dev/null &
     echo $! >"$CRLFT_CLUSTER_DIR/$node.pid"
