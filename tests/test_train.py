@@ -427,16 +427,23 @@ def test_two_cpu_workers_train_crlft_track_it_in_mlflow_and_export_the_model(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("mode", "data", "lora"), [("conditioned", "conditioned", False), ("weighted", "plain", True),
-                                                    ("sft", "plain", False)])
-def test_two_cpu_workers_train_each_ablation_mode(
-    mode: str, data: str, lora: bool, ray_session: None, datasets: dict[str, Path], tiny_model: Path, tmp_path: Path
+@pytest.mark.parametrize(
+    ("mode", "data", "settings"),
+    [
+        ("conditioned", "conditioned", {}),
+        ("weighted", "plain", {"train.lora.enabled": True}),
+        ("sft", "plain", {"train.strategy": "fsdp", "train.gradient_checkpointing": True}),
+    ],
+)
+def test_two_cpu_workers_train_each_ablation_mode_and_strategy(
+    mode: str, data: str, settings: dict[str, Any], ray_session: None, datasets: dict[str, Path], tiny_model: Path,
+    tmp_path: Path,
 ) -> None:
-    cfg = config(tmp_path, **{"train.workers": 2, "train.epochs": 2, "train.mode": mode, "train.lora.enabled": lora})
+    cfg = config(tmp_path, **{"train.workers": 2, "train.epochs": 2, "train.mode": mode, **settings})
     result = _train(datasets[data], tiny_model, tmp_path / "out", cfg)
     assert result.steps == 2 and torch.isfinite(torch.tensor(result.final_loss))
     _check_exported(result.out_dir, Mode(mode))
-    if lora:  # the merged model differs from the base only through the trained adapters
+    if cfg.train.lora.enabled:  # the merged model differs from the base only through the trained adapters
         from safetensors.torch import load_file
 
         base, merged = load_file(tiny_model / "model.safetensors"), load_file(result.out_dir / "model.safetensors")

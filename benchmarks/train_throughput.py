@@ -1,0 +1,349 @@
+"""Training throughput: the Ray Train loop against a plain PyTorch loop, packed against padded batches, and achieved
+FLOP/s against the machine's measured matmul FLOP/s.
+
+    python benchmarks/train_throughput.py [DATA] [--preset tiny] [--pack-len 1024] [--threads N] [--json FILE]
+
+1. Plain loop: one process, `--threads` torch threads, crlft.train_loop.train_step over the packed bins (one bin per
+   step), and over naive padded batches of the same conversations (batch size: the bins' mean conversation count).
+2. Ray loop: `jobs.train.train` with one worker of `--threads` CPUs on the same bins (Ray Data shard, Ray Train
+   worker, MLflow logging); its per-step rates come back from MLflow. Ray overhead = plain rate / Ray rate.
+   Rates are steady state: the first `--warmup` steps of each loop are left out, and so is the worker start-up
+   (reported separately as the fit's wall time).
+3. FLOPs: useful model FLOPs per real token = 6 x (matmul parameters) + 12 x layers x hidden x (mean causal context
+   inside the token's conversation), i.e. the padding and the cross-conversation half of a packed bin count as waste.
+   Peak: a large square float32 matmul with the same thread count.
+4. GPU (only when CUDA is available): a larger Llama in bf16, plain single-GPU loop and Ray Train with FSDP over every
+   GPU; tokens/s/GPU and MFU against the measured bf16 matmul peak.
+
+Conversations: DATA (default: the FastChat dummy conversations), with a tokenizer trained on them, as
+`crlft init-model --corpus DATA` builds it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from crlft import train_loop as tl
+from crlft.config import Config, load_config
+from crlft.conversation import ClassRules, Conversation, iter_file
+from crlft.pack import PackedRow, collate, first_fit_decreasing, pack_bin
+from crlft.template import Template, TemplateTokenizer, TokenizedConversation
+from crlft.tracking import set_offline_defaults
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "fastchat" / "dummy_conversation.json"
+GPU_MODEL = {  # a ~0.4B-parameter Llama: big enough for the GPU to be busy, small enough for any GPU
+    "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 24, "num_attention_heads": 16,
+    "num_key_value_heads": 16, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+}  # fmt: skip
+
+
+def tokenized_conversations(data: Path, tokenizer_dir: Path, cfg: Config) -> list[TokenizedConversation]:
+    from crlft.model import load_tokenizer
+
+    template_tokenizer = TemplateTokenizer(Template.from_config(cfg), load_tokenizer(str(tokenizer_dir)))
+    rewards = {name: cfg.reward(name) for name in cfg.classes}
+    out = []
+    for record in iter_file(data, ClassRules.from_config(cfg)):
+        if isinstance(record, Conversation):
+            try:
+                out.append(template_tokenizer.tokenize_conversation(record, rewards, max_len=cfg.data.max_len))
+            except ValueError:
+                continue
+    return out
+
+
+def packed_rows(conversations: Sequence[TokenizedConversation], pack_len: int) -> list[PackedRow]:
+    bins = first_fit_decreasing([len(c.input_ids) for c in conversations], pack_len)
+    return [pack_bin([conversations[i] for i in members]) for members in bins]
+
+
+def padded_rows(conversations: Sequence[TokenizedConversation], batch_size: int, seed: int) -> list[list[PackedRow]]:
+    """Naive batching: conversations in random order, `batch_size` a batch, each padded to its longest."""
+    order = list(conversations)
+    random.Random(seed).shuffle(order)
+    rows = [pack_bin([c]) for c in order]
+    return [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+
+
+def model_flops_per_token(model: torch.nn.Module, conversations: Sequence[TokenizedConversation]) -> float:
+    """6 x matmul parameters (every Linear, lm_head included) + 12 x layers x hidden x mean causal context."""
+    matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    lengths = [len(c.input_ids) for c in conversations]
+    mean_context = sum(n * (n + 1) / 2 for n in lengths) / sum(lengths)
+    config = model.config
+    return 6 * matmul_params + 12 * config.num_hidden_layers * config.hidden_size * mean_context
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype, size: int, seconds: float = 2.0) -> float:
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    torch.matmul(a, b)
+    sync()
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.matmul(a, b)
+        runs += 1
+        sync()
+    return 2 * size**3 * runs / (time.perf_counter() - start)
+
+
+def plain_loop(model: torch.nn.Module, batches: Sequence[Sequence[PackedRow]], cfg: Config, warmup: int,
+               device: torch.device, autocast: torch.dtype | None = None) -> dict[str, float]:
+    """Steady-state rates of train_step in this process, one batch of rows per step."""
+    model.to(device)
+    optimizer = tl.build_optimizer(model, cfg.train, lr=1e-3)
+    scheduler = tl.build_scheduler(optimizer, len(batches), cfg.train)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    tokens = supervised = 0
+    elapsed = 0.0
+    for step, rows in enumerate(batches):
+        batch = {k: v.to(device) for k, v in collate(rows, None, 0, list(cfg.classes)).items()}
+        sync()
+        start = time.perf_counter()
+        stats = tl.train_step(model, [batch], optimizer, scheduler, n_classes=len(cfg.classes), grad_clip=1.0,
+                              world_size=1, autocast_dtype=autocast)
+        sync()
+        if step >= warmup:
+            elapsed += time.perf_counter() - start
+            tokens += stats.tokens
+            supervised += stats.supervised_tokens
+    return {"tokens_per_s": tokens / elapsed, "supervised_tokens_per_s": supervised / elapsed,
+            "steps": len(batches) - warmup, "seconds": elapsed}
+
+
+def write_data(out: Path, rows: Sequence[PackedRow], conversations: Sequence[TokenizedConversation],
+               tokenizer_dir: Path, cfg: Config) -> Path:
+    """A data folder as the data stage writes it (train/*.parquet + stats.json), for the Ray loop."""
+    from crlft.model import load_tokenizer
+
+    (out / "train").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(list(rows)), out / "train" / "train-00000.parquet")
+    per_class: dict[str, dict[str, int]] = {c: {"records": 0, "tokens": 0, "supervised_tokens": 0} for c in cfg.classes}
+    for conversation in conversations:
+        counts = per_class[conversation.condition]
+        counts["records"] += 1
+        counts["tokens"] += len(conversation.input_ids)
+        counts["supervised_tokens"] += sum(w > 0 for w in conversation.weights)
+    template_tokenizer = TemplateTokenizer(Template.from_config(cfg), load_tokenizer(str(tokenizer_dir)))
+    stats = {
+        "mode": cfg.train.mode.value, "conditions": list(cfg.classes),
+        "rewards": {c: cfg.reward(c) for c in cfg.classes}, "pack_len": cfg.data.pack_len, "bins": len(rows),
+        "per_class": per_class, "tokenizer": str(tokenizer_dir),
+        "fingerprints": {"tokenizer_template": template_tokenizer.fingerprint()},
+    }  # fmt: skip
+    (out / "stats.json").write_text(json.dumps(stats))
+    return out
+
+
+def ray_loop(data: Path, model_dir: Path, cfg: Config, warmup: int, scratch: Path) -> list[dict[str, float]]:
+    """Steady-state rates of each epoch of the Ray Train loop (from its MLflow step metrics), and the fit's wall time.
+
+    The first epoch leaves out `warmup` steps; later epochs count every step, their Ray Data start included."""
+    from mlflow.tracking import MlflowClient
+
+    from jobs.train import train
+
+    start = time.perf_counter()
+    result = train(data, str(model_dir), scratch / "out", cfg)
+    wall = time.perf_counter() - start
+    client = MlflowClient(cfg.registry.tracking_uri)
+
+    def history(key: str) -> list[float]:
+        return [m.value for m in sorted(client.get_metric_history(result.mlflow_run_id, key), key=lambda m: m.step)]
+
+    supervised, supervised_rate = history("supervised_tokens"), history("supervised_tokens_per_s")
+    tokens_rate, epochs = history("tokens_per_s"), history("epoch")
+    passes = []
+    for epoch in sorted(set(epochs)):
+        steps = [i for i, e in enumerate(epochs) if e == epoch][0 if epoch else warmup :]
+        elapsed = sum(supervised[i] / supervised_rate[i] for i in steps)
+        tokens = sum(tokens_rate[i] * supervised[i] / supervised_rate[i] for i in steps)
+        passes.append({"tokens_per_s": tokens / elapsed, "supervised_tokens_per_s": sum(supervised[i] for i in steps)
+                       / elapsed, "steps": len(steps), "seconds": elapsed, "fit_wall_s": wall})
+    return passes
+
+
+def best(passes: Sequence[dict[str, float]]) -> dict[str, float]:
+    """The fastest pass: on a shared machine the slower ones measure the neighbours, not the loop."""
+    return {**max(passes, key=lambda p: p["supervised_tokens_per_s"]), "passes": len(passes),
+            "all_supervised_tokens_per_s": [round(p["supervised_tokens_per_s"], 1) for p in passes]}
+
+
+def cpu_section(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
+    from crlft.commands.init_model import build_default_model
+    from crlft.model import load_model_and_tokenizer
+
+    torch.set_num_threads(args.threads)
+    cfg = load_config(None, {
+        "data.pack_len": args.pack_len, "data.max_len": args.pack_len, "model.preset": args.preset,
+        "state_dir": str(scratch / "state"), "registry.tracking_uri": f"sqlite:///{scratch / 'mlflow.db'}",
+        "train.storage_path": str(scratch / "ray_results"), "train.workers": 1,
+        "train.cpus_per_worker": float(args.threads), "train.lr": 1e-3, "train.epochs": 2,
+    })  # fmt: skip
+    model_dir = build_default_model(scratch / "model", cfg, [args.data])
+    conversations = tokenized_conversations(args.data, model_dir, cfg)
+    rows = packed_rows(conversations, args.pack_len)
+    per_bin = max(1, round(len(conversations) / len(rows)))
+    padded = padded_rows(conversations, per_bin, seed=0)
+
+    def fresh_model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return load_model_and_tokenizer(str(model_dir))[0]
+
+    cpu = torch.device("cpu")
+    model = fresh_model()
+    flops_per_token = model_flops_per_token(model, conversations)
+    load_before = os.getloadavg()[0]
+    # Plain passes before and after the Ray fit, so that both loops meet the machine in the same states.
+    packed_passes = [plain_loop(fresh_model(), [[row] for row in rows], cfg, args.warmup, cpu)]
+    padded_passes = [plain_loop(fresh_model(), padded, cfg, args.warmup, cpu)]
+    data = write_data(scratch / "data", rows, conversations, model_dir, cfg)
+    ray = best(ray_loop(data, model_dir, cfg, args.warmup, scratch))
+    packed_passes.append(plain_loop(fresh_model(), [[row] for row in rows], cfg, args.warmup, cpu))
+    padded_passes.append(plain_loop(fresh_model(), padded, cfg, args.warmup, cpu))
+    packed_plain, padded_plain = best(packed_passes), best(padded_passes)
+    peak = matmul_flops(cpu, torch.float32, args.matmul_size)
+    achieved = packed_plain["tokens_per_s"] * flops_per_token
+    return {
+        "preset": args.preset,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "threads": args.threads,
+        "conversations": len(conversations),
+        "pack_len": args.pack_len,
+        "bins": len(rows),
+        "packing_efficiency": sum(len(r["input_ids"]) for r in rows) / (len(rows) * args.pack_len),
+        "padded_batch_size": per_bin,
+        "padded_efficiency": sum(len(c.input_ids) for c in conversations)
+        / sum(len(b) * max(len(r["input_ids"]) for r in b) for b in padded),
+        "plain_packed": packed_plain,
+        "plain_padded": padded_plain,
+        "ray_packed": ray,
+        "ray_overhead": packed_plain["supervised_tokens_per_s"] / ray["supervised_tokens_per_s"],
+        "packed_over_padded": packed_plain["supervised_tokens_per_s"] / padded_plain["supervised_tokens_per_s"],
+        "model_flops_per_token": flops_per_token,
+        "achieved_flops": achieved,
+        "matmul_flops": peak,
+        "flops_fraction": achieved / peak,
+        "load_average_1min": [round(load_before, 1), round(os.getloadavg()[0], 1)],
+    }
+
+
+def gpu_section(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
+    """bf16 on CUDA: plain single-GPU loop, then Ray Train with FSDP on every GPU."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from crlft.commands.init_model import build_default_model
+    from crlft.model import load_model_and_tokenizer
+
+    gpus = torch.cuda.device_count()
+    pack_len = args.gpu_pack_len
+    cfg = load_config(None, {
+        "data.pack_len": pack_len, "data.max_len": pack_len, "state_dir": str(scratch / "gpu_state"),
+        "registry.tracking_uri": f"sqlite:///{scratch / 'gpu_mlflow.db'}",
+        "train.storage_path": str(scratch / "gpu_ray_results"), "train.workers": gpus, "train.use_gpu": True,
+        "train.strategy": "fsdp", "train.cpus_per_worker": 1.0, "train.lr": 1e-4, "train.epochs": 1,
+    })  # fmt: skip
+    tokenizer_dir = build_default_model(scratch / "gpu_tokenizer", cfg, [args.data])
+    _, tokenizer = load_model_and_tokenizer(str(tokenizer_dir))
+    model_dir = scratch / "gpu_model"
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **GPU_MODEL)
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    conversations = tokenized_conversations(args.data, model_dir, cfg)
+    rows = packed_rows(conversations, pack_len)
+    rows = (rows * math.ceil(args.gpu_steps * gpus / len(rows)))[: args.gpu_steps * gpus]
+    model = load_model_and_tokenizer(str(model_dir))[0]
+    flops_per_token = model_flops_per_token(model, conversations)
+    device = torch.device("cuda")
+    plain = plain_loop(model, [[row] for row in rows[: args.gpu_steps]], cfg, args.warmup, device, torch.bfloat16)
+    del model
+    torch.cuda.empty_cache()
+    peak = matmul_flops(device, torch.bfloat16, 8192)
+    ray = best(ray_loop(write_data(scratch / "gpu_data", rows, conversations, model_dir, cfg), model_dir, cfg,
+                        args.warmup, scratch / "gpu"))
+    return {
+        "device": torch.cuda.get_device_name(0),
+        "gpus": gpus,
+        "parameters": sum(p.numel() for p in LlamaForCausalLM(config).parameters()),
+        "pack_len": pack_len,
+        "plain_tokens_per_s_per_gpu": plain["tokens_per_s"],
+        "plain_mfu": plain["tokens_per_s"] * flops_per_token / peak,
+        "fsdp_tokens_per_s_per_gpu": ray["tokens_per_s"] / gpus,
+        "fsdp_mfu": ray["tokens_per_s"] / gpus * flops_per_token / peak,
+        "bf16_matmul_flops": peak,
+        "plain": plain,
+        "fsdp": ray,
+    }
+
+
+def _report(results: dict[str, Any], echo: Callable[[str], None]) -> None:
+    cpu = results["cpu"]
+    plain, padded, ray = cpu["plain_packed"], cpu["plain_padded"], cpu["ray_packed"]
+    echo(f"model {cpu['preset']} ({cpu['parameters'] / 1e6:.2f}M params), {cpu['threads']} threads, "
+         f"load {cpu['load_average_1min']}, {cpu['conversations']} conversations -> {cpu['bins']} bins of "
+         f"{cpu['pack_len']} "
+         f"(packing {cpu['packing_efficiency']:.3f}; padded batches of {cpu['padded_batch_size']}: "
+         f"{cpu['padded_efficiency']:.3f})")
+    echo(f"plain packed: {plain['supervised_tokens_per_s']:.0f} supervised tok/s, {plain['tokens_per_s']:.0f} tok/s")
+    echo(f"plain padded: {padded['supervised_tokens_per_s']:.0f} supervised tok/s -> packed/padded "
+         f"{cpu['packed_over_padded']:.2f}x")
+    echo(f"ray packed:   {ray['supervised_tokens_per_s']:.0f} supervised tok/s (fit wall {ray['fit_wall_s']:.1f} s) "
+         f"-> plain/ray {cpu['ray_overhead']:.3f}")
+    echo(f"FLOP/s: {cpu['achieved_flops'] / 1e9:.2f} GFLOP/s achieved / {cpu['matmul_flops'] / 1e9:.2f} GFLOP/s "
+         f"matmul = {cpu['flops_fraction']:.3f}")
+    if "gpu" in results:
+        gpu = results["gpu"]
+        echo(f"GPU {gpu['device']} x{gpu['gpus']}: plain bf16 {gpu['plain_tokens_per_s_per_gpu']:.0f} tok/s/GPU "
+             f"(MFU {gpu['plain_mfu']:.3f}); Ray FSDP {gpu['fsdp_tokens_per_s_per_gpu']:.0f} tok/s/GPU "
+             f"(MFU {gpu['fsdp_mfu']:.3f})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data", nargs="?", type=Path, default=DEFAULT_DATA, help="conversations (JSON/JSONL/Parquet)")
+    parser.add_argument("--preset", choices=["tiny", "small"], default="tiny")
+    parser.add_argument("--pack-len", type=int, default=1024)
+    # One thread by default: OpenMP threads spin, and with more threads than free cores (a shared machine) a step
+    # can take 20x longer; on a dedicated machine pass --threads $(nproc).
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of both loops (Ray: CPUs per worker)")
+    parser.add_argument("--warmup", type=int, default=3, help="steps left out of each rate")
+    parser.add_argument("--matmul-size", type=int, default=1024)
+    parser.add_argument("--gpu-pack-len", type=int, default=4096)
+    parser.add_argument("--gpu-steps", type=int, default=40)
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    args = parser.parse_args(argv)
+
+    set_offline_defaults()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    with tempfile.TemporaryDirectory() as scratch_dir:
+        scratch = Path(scratch_dir)
+        results: dict[str, Any] = {"command": " ".join(["python", *sys.argv]), "cpu": cpu_section(args, scratch)}
+        if torch.cuda.is_available():
+            results["gpu"] = gpu_section(args, scratch)
+    _report(results, print)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
