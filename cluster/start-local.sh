@@ -26,6 +26,22 @@ for node in head worker; do
     fi
 done
 
+# With token authentication on, the dashboard wants the token too (Ray's own order: variable, file named, default file).
+auth_header=""
+if [[ "$RAY_AUTH_MODE" == token ]]; then
+    token="${RAY_AUTH_TOKEN:-}"
+    token_file="${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}"
+    if [[ -z "$token" && -s "$token_file" ]]; then
+        token="$(cat "$token_file")"
+    fi
+    if [[ -z "$token" ]]; then
+        echo "error: RAY_AUTH_MODE=token but no token: set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, or run" \
+            "\`ray get-auth-token --generate\`" >&2
+        exit 2
+    fi
+    auth_header="Authorization: Bearer $token"
+fi
+
 # Start one node in the background, blocking in `ray start --block` so that its pid owns every process of the node.
 # Each node has a temp dir of its own, as on separate machines: a shared one would let one node's runtime-env agent
 # delete a job's unpacked working directory while the other node's job driver still runs in it.
@@ -52,7 +68,9 @@ wait_for_nodes() {
             "$(dirname "${BASH_SOURCE[0]}")/stop-local.sh" --cluster-dir "$CRLFT_CLUSTER_DIR" >/dev/null || true
             exit 1
         fi
-        alive="$(curl -fsS --max-time 5 "$url" 2>/dev/null | grep -o '"state": *"ALIVE"' | wc -l || true)"
+        # The header comes on stdin, so that the token does not show in the process list.
+        alive="$(printf '%s\n' "$auth_header" | curl -fsS --max-time 5 -H @- "$url" 2>/dev/null |
+            grep -o '"state": *"ALIVE"' | wc -l || true)"
         if ((alive >= want)); then
             return 0
         fi

@@ -119,8 +119,20 @@ def resolve_address(address: str | None) -> str:
     return next((os.environ[name] for name in ADDRESS_ENV_VARS if os.environ.get(name)), DEFAULT_ADDRESS)
 
 
+AUTH_HINT = (
+    "the cluster requires Ray's token authentication: run with RAY_AUTH_MODE=token and its token in RAY_AUTH_TOKEN "
+    "(or in a file named by RAY_AUTH_TOKEN_PATH, or in ~/.ray/auth_token)"
+)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def connect(address: str | None) -> JobSubmissionClient:
     """A Jobs API client for the cluster, or a CrlftError that says how to reach one."""
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     url = resolve_address(address)
@@ -128,25 +140,25 @@ def connect(address: str | None) -> JobSubmissionClient:
         os.environ.pop(name, None)
     try:
         return JobSubmissionClient(url)
+    except AuthenticationError as exc:
+        raise CrlftError(f"Ray Jobs API at {url}: {_first_line(exc)}; {AUTH_HINT}") from None
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise CrlftError(
-            f"no Ray Jobs API at {url} ({str(exc).splitlines()[0]}): start a cluster (cluster/start-local.sh) or "
-            "pass the dashboard address of one with --address http://HOST:8265"
+            f"no Ray Jobs API at {url} ({_first_line(exc)}): start a cluster (cluster/start-local.sh) or pass the "
+            "dashboard address of one with --address http://HOST:8265"
         ) from None
 
 
 def client_call(what: str, call: Any, *args: Any, **kwargs: Any) -> Any:
-    """Runs one Jobs API call; its RuntimeError (unknown job, refused token, bad runtime env) becomes a CrlftError."""
+    """Runs one Jobs API call; its errors (unknown job, refused token, bad runtime env) become CrlftErrors."""
+    from ray.exceptions import AuthenticationError
+
     try:
         return call(*args, **kwargs)
+    except AuthenticationError as exc:
+        raise CrlftError(f"{what}: {_first_line(exc)}; {AUTH_HINT}") from None
     except (RuntimeError, ValueError, TypeError) as exc:
-        message = str(exc).strip()
-        if "Authentication" in message:
-            message += (
-                "\nA cluster with token authentication needs RAY_AUTH_MODE=token and its token in RAY_AUTH_TOKEN "
-                "(or RAY_AUTH_TOKEN_PATH) in this shell."
-            )
-        raise CrlftError(f"{what}: {message}") from None
+        raise CrlftError(f"{what}: {str(exc).strip()}") from None
 
 
 def follow(client: JobSubmissionClient, job_id: str, out: TextIO = sys.stdout, poll_s: float = 1.0) -> str:

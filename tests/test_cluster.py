@@ -273,26 +273,33 @@ def wait_for_serve(url: str, app: str, timeout_s: float) -> str:
     return status
 
 
-@pytest.mark.slow
-def test_pipeline_submitted_to_a_two_node_cluster_registers_a_champion_that_serve_on_the_cluster_answers(tmp_path):
-    from mlflow import MlflowClient
-    from openai import OpenAI
-
-    gcs, dashboard, client_port, serve_port = free_port(), free_port(), free_port(), free_port()
-    cluster_dir = tempfile.mkdtemp(prefix="crlft-ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    state, tracking_uri = tmp_path / "state", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    address = f"http://127.0.0.1:{dashboard}"
+def cluster_env(cluster_dir: str, **extra: str) -> dict[str, str]:
+    """The environment for the cluster scripts and crlft: free ports everywhere, no inherited cluster address."""
     env = {key: value for key, value in os.environ.items() if key not in submit.ADDRESS_ENV_VARS}
     env.update(
-        CRLFT_RAY_GCS_PORT=str(gcs),
-        CRLFT_RAY_DASHBOARD_PORT=str(dashboard),
-        CRLFT_RAY_CLIENT_PORT=str(client_port),
+        CRLFT_RAY_GCS_PORT=str(free_port()),
+        CRLFT_RAY_DASHBOARD_PORT=str(free_port()),
+        CRLFT_RAY_CLIENT_PORT=str(free_port()),
         CRLFT_RAY_WORKER_PORTS=str(WORKER_PORTS),
         CRLFT_RAY_PORT_BASE=str(free_port_block(2 * (10 + WORKER_PORTS))),
         CRLFT_CLUSTER_DIR=cluster_dir,
         RAY_AUTH_MODE="disabled",
         PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     )
+    env.update(extra)
+    return env
+
+
+@pytest.mark.slow
+def test_pipeline_submitted_to_a_two_node_cluster_registers_a_champion_that_serve_on_the_cluster_answers(tmp_path):
+    from mlflow import MlflowClient
+    from openai import OpenAI
+
+    cluster_dir = tempfile.mkdtemp(prefix="crlft-ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env = cluster_env(cluster_dir)
+    gcs, dashboard, serve_port = int(env["CRLFT_RAY_GCS_PORT"]), int(env["CRLFT_RAY_DASHBOARD_PORT"]), free_port()
+    state, tracking_uri = tmp_path / "state", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    address = f"http://127.0.0.1:{dashboard}"
     try:
         with local_cluster(env, cluster_dir) as cluster_pids:
             # The pipeline on the tiny defaults, through the Jobs API, with the working directory shipped.
@@ -363,5 +370,41 @@ def test_pipeline_submitted_to_a_two_node_cluster_registers_a_champion_that_serv
         assert running(cluster_pids) == set(), "Ray processes left behind"
         assert processes_mentioning(cluster_dir) == set()
         assert not listening(gcs) and not listening(dashboard) and not listening(serve_port)
+    finally:
+        shutil.rmtree(cluster_dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_cluster_with_token_authentication_answers_only_clients_that_send_its_token(tmp_path):
+    cluster_dir = tempfile.mkdtemp(prefix="crlft-ray-", dir="/tmp")
+    token = os.urandom(16).hex()
+    env = cluster_env(cluster_dir, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    address = f"http://127.0.0.1:{env['CRLFT_RAY_DASHBOARD_PORT']}"
+    try:
+        with local_cluster(env, cluster_dir):
+            no_token = crlft("jobs", "--address", address, env={**env, "RAY_AUTH_MODE": "disabled"}, timeout=60)
+            assert no_token.returncode == 2
+            assert "Authentication required" in no_token.stderr and "RAY_AUTH_MODE=token" in no_token.stderr
+            wrong = crlft("jobs", "--address", address, env={**env, "RAY_AUTH_TOKEN": "not-" + token}, timeout=60)
+            assert wrong.returncode == 2 and "Authentication failed" in wrong.stderr
+
+            out = tmp_path / "suite"
+            job = crlft(
+                "submit",
+                "synth",
+                "--address",
+                address,
+                "--follow",
+                "--out",
+                str(out),
+                "--n-expert",
+                "2",
+                "--n-eval",
+                "2",
+                env=env,
+                timeout=300,
+            )
+            assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-2000:]
+            assert (out / "eval.jsonl").is_file()
     finally:
         shutil.rmtree(cluster_dir, ignore_errors=True)
