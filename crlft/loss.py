@@ -60,7 +60,14 @@ def crlft_loss(
     Without the factor every step would be world_size times too small (the reference's once-fixed bug); dividing
     by this rank's own weight sum instead would let ranks with few supervised tokens count as much as full ones.
     """
-    ce = token_cross_entropy(logits, labels)
+    return crlft_loss_from_ce(token_cross_entropy(logits, labels), weights, weight_sum, world_size)
+
+
+def crlft_loss_from_ce(
+    ce: torch.Tensor, weights: torch.Tensor, weight_sum: torch.Tensor, world_size: int = 1
+) -> torch.Tensor:
+    """`crlft_loss` from per-token CE already computed (B, T): a caller that also logs per-class CE computes the
+    cross-entropy over the vocabulary once (a float32 (T, V) temporary is gigabytes for large vocabularies)."""
     # With no supervised token anywhere the numerator is 0 too: the floor only turns 0/0 into 0.
     denominator = weight_sum.to(ce.device, torch.float32).clamp_min(torch.finfo(torch.float32).tiny)
     return (weights.to(ce.dtype) * ce).sum() / denominator * world_size

@@ -39,7 +39,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from crlft.config import LoraConfig, TrainConfig
 from crlft.errors import CrlftError
-from crlft.loss import ClassLossSums, crlft_loss, global_weight_sum, per_class_sums, token_cross_entropy
+from crlft.loss import ClassLossSums, crlft_loss_from_ce, global_weight_sum, per_class_sums, token_cross_entropy
 from crlft.pack import PackedRow, collate
 
 REFERENCE_BASE_LR = 3e-4
@@ -294,16 +294,16 @@ def train_step(
         with gradient_sync(model, enabled=last):
             with _autocast(device, autocast_dtype):
                 logits = model(**model_inputs(batch, attn_implementation), use_cache=False).logits
-            loss = crlft_loss(logits, batch["labels"], batch["weights"], weight_sum, world_size)
+            ce = token_cross_entropy(logits, batch["labels"])
+            loss = crlft_loss_from_ce(ce, batch["weights"], weight_sum, world_size)
             loss.backward()
         with torch.no_grad():
-            ce = token_cross_entropy(logits.detach(), batch["labels"])
-            sums = per_class_sums(ce, batch["weights"], batch["class_ids"], n_classes)
+            sums = per_class_sums(ce.detach(), batch["weights"], batch["class_ids"], n_classes)
             ce_sum += sums.ce_sum
             class_tokens += sums.supervised_tokens
             local_loss += loss.detach() / world_size
             supervised += (batch["weights"] > 0).sum()
-        del logits, loss
+        del logits, ce, loss
     grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
     optimizer.step()
     scheduler.step()
