@@ -29,6 +29,15 @@ def recipe_config(args: argparse.Namespace | None = None) -> Config:
     return config_from_args(args, {"state_dir": "state_dir", "epochs": "train.epochs"})
 
 
+def spread_over_tasks(items: list[Any], n: int) -> list[Any]:
+    """The first n questions taken in turn from each task, so that the sample shows every task."""
+    by_task: dict[str, list[Any]] = {}
+    for item in items:
+        by_task.setdefault(item.task, []).append(item)
+    rounds = zip(*by_task.values(), strict=False)
+    return [item for round_ in rounds for item in round_][:n]
+
+
 def ask(url: str, model: str, api_key: str | None, question: str, condition: str) -> str:
     from openai import OpenAI
 
@@ -51,7 +60,7 @@ def side_by_side(rows: list[dict[str, Any]], expert: str, suboptimal: str) -> st
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--questions", type=int, default=8, help="held-out questions to ask the endpoint")
+    parser.add_argument("--questions", type=int, default=12, help="held-out questions to ask the endpoint")
     parser.add_argument("--keep-serving", action="store_true", help="stay up (endpoint, chat page) until Ctrl-C")
     parser.add_argument("--epochs", type=int, help="training epochs (default: the recipe's)")
     parser.add_argument("--state-dir", help="where the demo keeps its state (default .crlft)")
@@ -77,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         model_name = _served_name(url)
         api_key = cfg.serve.api_keys[0] if cfg.serve.api_keys else None
-        items = load_eval_suite(result.suite)[: args.questions] if result.suite else []
+        items = spread_over_tasks(load_eval_suite(result.suite), args.questions) if result.suite else []
         rows = []
         for item in items:
             e = ask(url, model_name, api_key, item.prompt, expert)

@@ -119,12 +119,16 @@ def run_pipeline(
         inputs, default_suite, default_heldout = default_inputs(cfg, cfg.train.seed)
         suite = suite or default_suite
         heldout = heldout or default_heldout
-    root = Path(cfg.state_dir) / "pipeline" / name
+    # Absolute paths: Ray workers run in other directories.
+    root = Path(cfg.state_dir).resolve() / "pipeline" / name
     log = StageLog(root / "stages.json", force)
     tracking_uri = resolve_tracking_uri(cfg, mlflow_uri)
     # With no model given, the embedded default is built under the state folder, its tokenizer trained on the inputs.
     embedded = base_model is None and cfg.model.base_model == Config().model.base_model
-    base = str(Path(cfg.state_dir) / "models" / cfg.model.preset) if embedded else (base_model or cfg.model.base_model)
+    base = str(Path(cfg.state_dir).resolve() / "models" / cfg.model.preset) if embedded else (
+        base_model or cfg.model.base_model)
+    if Path(base).exists():
+        base = str(Path(base).resolve())
     result = PipelineResult(root, root / "data", root / "model", base, Path(suite) if suite else None,
                             Path(heldout) if heldout else None, tracking_uri)
     data_fp = inputs_fingerprint(inputs)
