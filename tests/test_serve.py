@@ -164,9 +164,10 @@ def local_a(models: dict[str, Path]) -> ExportedModel:
 @pytest.fixture(scope="module")
 def stack(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     import ray
+    from ray import serve
 
     from crlft.registry import promote, register_model
-    from services.chat import deploy, shutdown
+    from services.chat import chat_application, public_url, shutdown, wait_until_ready
 
     state = tmp_path_factory.mktemp("serve-state")
     overrides = {
@@ -185,9 +186,17 @@ def stack(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> 
                                "serve.model_name": "tight-model"})
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        url = deploy(f"models:/{REGISTERED}@champion", cfg, watch_s=1.0)
-        tight_url = deploy(str(models["a"]), tight, api_keys=TIGHT_KEYS, name="tight", route_prefix="/tight")
-        yield {"url": url, "tight_url": tight_url, "cfg": cfg}
+        # Both apps start together (`deploy`, one app at a time, is what the CLI test runs).
+        serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+        serve.run_many([
+            serve.RunTarget(chat_application(f"models:/{REGISTERED}@champion", cfg, watch_s=1.0), name="main"),
+            serve.RunTarget(chat_application(str(models["a"]), tight, api_keys=TIGHT_KEYS), name="tight",
+                            route_prefix="/tight"),
+        ])
+        url = public_url(cfg.serve.host, cfg.serve.port)
+        for ready in (url, url + "/tight"):
+            wait_until_ready(ready)
+        yield {"url": url, "tight_url": url + "/tight", "cfg": cfg}
     finally:
         shutdown()
 
