@@ -291,6 +291,20 @@ def test_streamed_chunks_add_up_to_the_answer_and_end_with_done(client: openai.O
 
 
 @pytest.mark.slow
+def test_streamed_choices_interleave_and_each_ends_with_its_finish_reason(client: openai.OpenAI) -> None:
+    request = {"model": REGISTERED, "messages": [{"role": "user", "content": "two answers"}], "n": 2, "seed": 1,
+               "max_tokens": 8}
+    whole = client.chat.completions.create(**request)
+    texts, finishes = ["", ""], [None, None]
+    for chunk in client.chat.completions.create(**request, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            finishes[choice.index] = choice.finish_reason or finishes[choice.index]
+    assert texts == [c.message.content for c in whole.choices]
+    assert finishes == [c.finish_reason for c in whole.choices]
+
+
+@pytest.mark.slow
 def test_a_stop_string_cuts_the_answer_before_it(client: openai.OpenAI) -> None:
     request = {"model": REGISTERED, "messages": [{"role": "user", "content": "tell me about the moon"}],
                "temperature": 0.0, "max_tokens": 30}
