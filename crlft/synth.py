@@ -6,32 +6,35 @@ the same mixture, and prompting it with the GPT3 condition brings the GPT3 behav
 
 Design choices, and why:
 
-- **Exact-match answers over a closed vocabulary.** Every answer is one word (one or two BPE tokens) from a list of a
-  few dozen, so correctness is a string comparison (`is_correct`) and a 1-3M parameter model has a chance. No digits:
-  byte-level BPE splits numbers unpredictably; the counting task uses number words instead.
-- **Knowledge is a small lookup, the question is a phrasing.** Each task is a fixed rule over a few dozen entities
-  (antonyms, irregular past tenses, neighbours in a sequence, category members, colours of things, alphabetical order).
-  Every question is (phrasing template x entities); the held-out eval questions are *unseen combinations* of phrasings
-  and entities that all occur in training (at most half of an entity's phrasings are held out, the rest are trained
-  on). A tiny model can generalise across phrasings of a lookup it has seen; it cannot invent facts it never saw.
+- **Exact-match answers over a closed vocabulary.** Every answer is one word (one BPE token once a tokenizer is trained
+  on the suite) from a list of a few dozen, so correctness is a string comparison (`is_correct`) and a 1-3M parameter
+  model has a chance. No digits: byte-level BPE splits numbers unpredictably; the sequence task uses number words.
+- **Few facts, many phrasings.** Each task is a fixed rule over a small set of entities (16 antonym pairs, 20 irregular
+  verbs, weekdays and the numbers one to ten, 5 categories of 6 members, 24 coloured things): about 140 facts in all,
+  so each is seen ~25 times an epoch. Every question is (phrasing template x entities); the held-out eval questions are
+  *unseen combinations* of phrasings and entities that all occur in training (at most half of an entity's phrasings
+  are held out, the rest are trained on). A tiny model can generalise across phrasings of a fact it has seen; it cannot
+  invent facts it never saw, and memorising hundreds of facts from one or two supervised tokens a conversation is
+  slow (a first version with ~260 facts was still under-fit after 2000 steps of a 1.2M model).
 - **Systematic, class-specific errors.** GPT3 answers `wrong_rate` (default 75%) of its questions with the *same kind*
   of wrong answer for a task, always different from the right one, so the wrong answer is itself an easy rule:
     opposite       -> repeats the word itself                     (copying)
     past_tense     -> over-regularises: "go" -> "goed"            (a wrong rule applied everywhere)
     sequence       -> gives the neighbour on the wrong side       (direction error)
-    category_pick  -> always the first option listed              (position bias)
-    colour         -> always "blue"                               (mode collapse to one answer)
-    alphabet       -> the word that comes later                   (reversed comparison)
+    category_pick  -> always the first option listed              (position bias; the right one is never first)
+    colour         -> always "blue"                               (mode collapse to one answer; nothing is blue)
   With 300 expert and 3000 sub-optimal conversations, the right answer is in 300 + 3000 * 0.25 = 1050 replies and the
-  systematic wrong one in 2250: the majority of the mixture is wrong for every question, so SFT learns the error.
-  The right answers are still taught often (the expert class, and the quarter of GPT3 replies that are right), so a
-  model conditioned on GPT4 (which is never wrong) can pick them out. The reward-weighted mixture (1.0 vs 0.1) also
-  favours the right answer (300 + 75 against 225), which is why the `weighted` ablation beats SFT too.
+  systematic wrong one in 2250: the majority of the mixture is wrong for (nearly) every question, so SFT learns the
+  error. The right answers are still taught often (the expert class, and the quarter of GPT3 replies that are right),
+  so a model conditioned on GPT4 (which is never wrong) can pick them out. The reward-weighted mixture (1.0 vs 0.1)
+  favours the right answer too (300 + 75 against 225), which is why the `weighted` ablation should also beat SFT.
+  Left out: "which comes first in the alphabet: X or Y" (two options, so chance is 50%, and it needs an order over
+  word tokens that a tiny model learns slowly).
 - **Held-out conversations** (`heldout`) ask the eval questions, half answered as GPT4, half as GPT3, for validation
   loss and the representation check (expert and sub-optimal conversations should separate under C-RLFT).
 - **Deterministic in the seed.** The eval set depends only on `seed` and `n_eval`, not on the training sizes, so runs
   with different data sizes are scored on the same questions. Mostly single-turn; a few conversations have two turns
-  and some a system prompt, to exercise the template.
+  (same task, same class) and some a system prompt, to exercise the template.
 """
 
 from __future__ import annotations
@@ -132,9 +135,8 @@ class SynthSuite:
 
 OPPOSITES = (
     ("hot", "cold"), ("big", "small"), ("fast", "slow"), ("up", "down"), ("day", "night"), ("happy", "sad"),
-    ("light", "dark"), ("open", "closed"), ("early", "late"), ("full", "empty"), ("hard", "soft"), ("high", "low"),
-    ("long", "short"), ("rich", "poor"), ("strong", "weak"), ("wet", "dry"), ("loud", "quiet"), ("clean", "dirty"),
-    ("thick", "thin"), ("inside", "outside"), ("push", "pull"), ("true", "false"), ("good", "bad"), ("love", "hate"),
+    ("open", "closed"), ("full", "empty"), ("hard", "soft"), ("long", "short"), ("rich", "poor"), ("wet", "dry"),
+    ("loud", "quiet"), ("clean", "dirty"), ("true", "false"), ("good", "bad"),
 )  # fmt: skip
 OPPOSITE_TEMPLATES = (
     "What is the opposite of {w}?",
@@ -146,11 +148,9 @@ OPPOSITE_TEMPLATES = (
 
 IRREGULAR_PAST = (
     ("go", "went"), ("eat", "ate"), ("see", "saw"), ("take", "took"), ("give", "gave"), ("run", "ran"),
-    ("swim", "swam"), ("sing", "sang"), ("drink", "drank"), ("write", "wrote"), ("speak", "spoke"), ("break", "broke"),
-    ("choose", "chose"), ("drive", "drove"), ("fly", "flew"), ("grow", "grew"), ("know", "knew"), ("throw", "threw"),
-    ("draw", "drew"), ("begin", "began"), ("ring", "rang"), ("sit", "sat"), ("stand", "stood"), ("teach", "taught"),
-    ("catch", "caught"), ("think", "thought"), ("bring", "brought"), ("find", "found"), ("sleep", "slept"),
-    ("keep", "kept"), ("feel", "felt"), ("make", "made"), ("hold", "held"), ("tell", "told"), ("sell", "sold"),
+    ("swim", "swam"), ("sing", "sang"), ("write", "wrote"), ("speak", "spoke"), ("fly", "flew"), ("know", "knew"),
+    ("sit", "sat"), ("teach", "taught"), ("catch", "caught"), ("think", "thought"), ("find", "found"),
+    ("sleep", "slept"), ("make", "made"), ("tell", "told"),
 )  # fmt: skip
 PAST_TEMPLATES = (
     "What is the past tense of {v}?",
@@ -161,24 +161,29 @@ PAST_TEMPLATES = (
 )
 
 WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
-MONTHS = (
-    "January", "February", "March", "April", "May", "June",
-    "July", "August", "September", "October", "November", "December",
-)  # fmt: skip
-NUMBER_WORDS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve")
-SEQUENCES: tuple[tuple[tuple[str, ...], bool], ...] = ((WEEKDAYS, True), (MONTHS, True), (NUMBER_WORDS, False))
+NUMBER_WORDS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+SEQUENCES: tuple[tuple[tuple[str, ...], bool], ...] = ((WEEKDAYS, True), (NUMBER_WORDS, False))
 SEQUENCE_TEMPLATES = {
-    "after": ("What comes after {x}?", "What comes right after {x}?", "Which one follows {x}?"),
-    "before": ("What comes before {x}?", "What comes right before {x}?", "Which one precedes {x}?"),
+    "after": (
+        "What comes after {x}?",
+        "What comes right after {x}?",
+        "Which one follows {x}?",
+        "What is next after {x}?",
+    ),
+    "before": (
+        "What comes before {x}?",
+        "What comes right before {x}?",
+        "Which one precedes {x}?",
+        "What is just before {x}?",
+    ),
 }
 
 CATEGORIES = {
-    "animal": ("dog", "cat", "horse", "cow", "sheep", "lion", "tiger", "rabbit"),
-    "fruit": ("apple", "pear", "grape", "peach", "mango", "plum", "kiwi", "melon"),
-    "vehicle": ("car", "bus", "train", "bike", "boat", "truck", "plane", "van"),
-    "tool": ("hammer", "drill", "wrench", "shovel", "axe", "spade", "rake", "chisel"),
-    "instrument": ("piano", "guitar", "drum", "violin", "flute", "trumpet", "harp", "cello"),
-    "furniture": ("chair", "table", "sofa", "bed", "desk", "shelf", "stool", "bench"),
+    "animal": ("dog", "cat", "horse", "cow", "lion", "rabbit"),
+    "fruit": ("apple", "pear", "grape", "peach", "mango", "plum"),
+    "vehicle": ("car", "bus", "train", "bike", "boat", "truck"),
+    "tool": ("hammer", "drill", "wrench", "shovel", "axe", "rake"),
+    "instrument": ("piano", "guitar", "drum", "violin", "flute", "harp"),
 }
 CATEGORY_TEMPLATES = (
     "Which of these is {c}: {a}, {b}, {d}?",
@@ -202,16 +207,6 @@ COLOUR_TEMPLATES = (
     "Which colour is {t}?",
 )
 MODE_COLLAPSE_COLOUR = "blue"  # never right: no thing in COLOURS is blue
-
-ALPHABET_WORDS = (
-    "ant", "bell", "door", "fish", "hat", "kite", "moon", "pen", "rose", "tree",
-)  # fmt: skip
-ALPHABET_TEMPLATES = (
-    "Which comes first in the alphabet: {a} or {b}?",
-    "Which word is first alphabetically: {a} or {b}?",
-    "In a dictionary, which comes first: {a} or {b}?",
-    "Alphabetically, which is earlier: {a} or {b}?",
-)
 
 
 def over_regularised_past(verb: str) -> str:
@@ -297,27 +292,12 @@ def _colour_pool(rng: random.Random) -> list[Question]:
     ]
 
 
-def _alphabet_pool(rng: random.Random) -> list[Question]:
-    pool: list[Question] = []
-    for a in ALPHABET_WORDS:
-        for b in ALPHABET_WORDS:
-            if a == b:
-                continue
-            earlier, later = sorted((a, b))
-            pool.extend(
-                Question("alphabet", f"alphabet:{earlier}|{later}", template.format(a=a, b=b), earlier, later)
-                for template in ALPHABET_TEMPLATES
-            )
-    return pool
-
-
 TASKS: dict[str, Callable[[random.Random], list[Question]]] = {
     "opposite": _opposite_pool,
     "past_tense": _past_tense_pool,
     "sequence": _sequence_pool,
     "category_pick": _category_pool,
     "colour": _colour_pool,
-    "alphabet": _alphabet_pool,
 }
 
 
