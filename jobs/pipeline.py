@@ -171,12 +171,13 @@ def run_pipeline(
     result.metrics, result.version = evaluated["metrics"], evaluated["version"]
     print(evaluated.get("text", ""), flush=True)
 
-    if promote and result.version and result.metrics:
+    if promote and result.version and cfg.registry.metric in result.metrics:
         decision = promote_version(cfg.registry.model_name, result.version, cfg=cfg, tracking_uri=tracking_uri)
         result.promotion, result.champion = decision.summary(), decision.is_champion
         print(f"[promote] {decision.summary()}", flush=True)
     elif promote:
-        print("[promote] skipped: the model was not evaluated on a suite, so it cannot be compared", flush=True)
+        print(f"[promote] skipped: no {cfg.registry.metric} was measured (give --suite), so nothing to compare",
+              flush=True)
 
     if deploy:
         from services.chat import deploy as deploy_model
