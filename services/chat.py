@@ -29,6 +29,7 @@ import signal
 import time
 import urllib.error
 import urllib.request
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,17 +251,23 @@ class _Generation:
     """The choices of one chat request in the engine, as an async stream of (choice index, text | Completion).
 
     Submitted at construction (synchronously, so a model swap cannot slip between choosing the model and
-    submitting); engine callbacks arrive from the engine thread through the event loop."""
+    submitting). The engine thread appends events to a deque and wakes the event loop only when no wake-up is
+    pending: one wake-up per batch of tokens, not one per token."""
 
     def __init__(self, model: LoadedModel, prompt: list[int], params: list[SamplingParams], stream: bool) -> None:
         self.model = model
         self.prompt_tokens = len(prompt)
-        self._queue: asyncio.Queue[tuple[int, str | Completion]] = asyncio.Queue()
+        self._events: deque[tuple[int, str | Completion]] = deque()
+        self._ready = asyncio.Event()
+        self._wake_pending = False
         loop = asyncio.get_running_loop()
 
         def post(item: tuple[int, str | Completion]) -> None:
-            with contextlib.suppress(RuntimeError):  # the event loop is gone: nobody is listening any more
-                loop.call_soon_threadsafe(self._queue.put_nowait, item)
+            self._events.append(item)
+            if not self._wake_pending:
+                self._wake_pending = True
+                with contextlib.suppress(RuntimeError):  # the event loop is gone: nobody is listening any more
+                    loop.call_soon_threadsafe(self._ready.set)
 
         self.requests = [
             GenerationRequest(
@@ -285,20 +292,23 @@ class _Generation:
         pending = len(self.requests)
         last: float | None = None
         while pending:
-            batch = [await self._queue.get()]
+            await self._ready.wait()
             if last is not None and (wait := last + interval_s - time.monotonic()) > 0:
                 await asyncio.sleep(wait)
             last = time.monotonic()
-            while not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+            # Clear before draining: an event appended from here on schedules a new wake-up.
+            self._ready.clear()
+            self._wake_pending = False
             joined: list[tuple[int, str | Completion]] = []
-            for index, item in batch:
+            while self._events:
+                index, item = self._events.popleft()
                 pending -= isinstance(item, Completion)
                 if joined and isinstance(item, str) and joined[-1][0] == index and isinstance(joined[-1][1], str):
                     joined[-1] = (index, joined[-1][1] + item)
                 else:
                     joined.append((index, item))
-            yield joined
+            if joined:
+                yield joined
 
     async def completions(self) -> list[Completion]:
         done: dict[int, Completion] = {}
