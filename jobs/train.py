@@ -149,7 +149,7 @@ def _has_parquet(directory: str) -> bool:
 
 def describe_data(data_dir: str | Path, cfg: Config) -> DataDescription:
     """Read DATA/stats.json and check that the data can train `cfg.train.mode`; errors say what to rebuild."""
-    root = str(data_dir).rstrip("/")
+    root = str(data_dir).rstrip("/") if _is_uri(str(data_dir)) else str(Path(data_dir).resolve())
     stats_path = f"{root}/stats.json"
     text = _read_text(stats_path)
     if text is None:
@@ -580,6 +580,9 @@ def train(
     from crlft.tracking import setup_mlflow
 
     set_offline_defaults()
+    local_model = Path(base_model).expanduser()
+    if local_model.exists():  # workers run in other folders (and on other nodes): give them an absolute path
+        base_model = str(local_model.resolve())
     data = describe_data(data_dir, cfg)
     check_tokenizer(data, base_model, cfg)
     out = Path(out_dir).resolve()
@@ -643,8 +646,8 @@ def train(
 
             if isinstance(error, TrainingFailedError):
                 raise CrlftError(
-                    f"training failed after {cfg.train.max_failures} retries ({_first_line(error)}); fix the cause "
-                    f"and continue with --resume (run {name} in {storage})"
+                    f"training failed after {cfg.train.max_failures} retries: {failure_summary(error)}; fix the "
+                    f"cause and continue with --resume (run {name} in {storage})"
                 ) from error
             raise
     if result.checkpoint is None:
@@ -676,9 +679,19 @@ def train(
     )
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+def failure_summary(error: BaseException) -> str:
+    """One line per failed worker: its user-facing CrlftError message when it raised one, else the innermost cause."""
+    failures = getattr(error, "worker_failures", None) or {"-": getattr(error, "controller_failure", error)}
+    lines = []
+    for rank, failure in sorted(failures.items(), key=lambda item: str(item[0])):
+        chain = [failure]
+        while chain[-1].__cause__ is not None and len(chain) < 20:
+            chain.append(chain[-1].__cause__)
+        user_error = next((e for e in chain if isinstance(e, CrlftError)), None)
+        root = user_error or chain[-1]
+        text = str(root).strip().splitlines()
+        lines.append(f"rank {rank}: {text[0] if text else type(root).__name__}")
+    return "; ".join(dict.fromkeys(lines))
 
 
 def export_checkpoint(checkpoint_dir: str | Path, base_model: str, out_dir: str | Path, cfg: Config,

@@ -566,3 +566,15 @@ def test_the_cli_maps_its_flags_onto_the_config() -> None:
     assert (cfg.train.mode, cfg.train.workers, cfg.train.lora.enabled, cfg.train.epochs, cfg.train.grad_accum) == (
         Mode.sft, 2, True, 1, 4)
     assert cfg.train.use_gpu is False and not args.resume
+
+
+def test_a_failed_run_names_each_workers_cause_and_prefers_the_user_facing_message() -> None:
+    from ray.train import WorkerGroupError
+
+    from jobs.train import failure_summary
+
+    wrapped = RuntimeError("worker crashed")
+    wrapped.__cause__ = ValueError("shape mismatch in layer 3\ntraceback lines")
+    error = WorkerGroupError("Training failed", {0: CrlftError("no model at models/tiny: run init-model"), 1: wrapped})
+    expected = "rank 0: no model at models/tiny: run init-model; rank 1: shape mismatch in layer 3"
+    assert failure_summary(error) == expected
