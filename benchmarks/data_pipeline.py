@@ -4,12 +4,14 @@
 
 1. Generates N conversations in F files (OpenChat JSONL, ShareGPT JSON arrays, OpenAI JSONL; 1% broken records),
    and the same mix at N / scale.
-2. Ray: `build_dataset` on a local Ray started beforehand (its start-up is timed apart), at N / scale then N.
+2. Ray: `build_dataset` on a local Ray started first (its start-up is timed apart).
 3. Baseline: one process reads, validates, tokenizes (crlft.dataset.process_record), packs (pack_conversations) and
    writes the same shards; like any plain loop it keeps the accepted conversations in memory to group them.
+Each build runs in a fresh interpreter (its memory figures are its own), loop and Ray interleaved (a burst of other
+work on the host then does not land on one engine only); the host's load average is printed with each run.
 Prints conversations/s and tokens/s of both and their ratio, checks that both wrote byte-identical outputs, and
-reports the driver's peak RSS at N / scale and N: the Ray driver stays flat (records stream through the object store
-and workers), the plain loop grows with the input.
+the driver's RSS growth during the build at N / scale and N: the Ray driver stays flat (records stream through the
+object store and the workers), the plain loop grows with the input. Exit status 1 if the outputs differ.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ import contextlib
 import json
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +176,8 @@ class Run:
     tokens: int
     start_mib: float
     peak_mib: float
+    load: float  # the host's 1-minute load average at the end: other work competing for the cores
+    ray_start_s: float = 0.0
 
     @property
     def records_per_s(self) -> float:
@@ -184,19 +189,46 @@ class Run:
 
     def line(self) -> str:
         return (
-            f"{self.engine:<8} {self.conversations:>8} {self.seconds:>8.1f} {self.records_per_s:>10.0f} "
-            f"{self.tokens_per_s:>11.0f} {self.peak_mib:>10.0f} {self.peak_mib - self.start_mib:>+10.0f}"
+            f"{self.engine:<6} {self.conversations:>7} {self.seconds:>8.1f} {self.records_per_s:>8.0f} "
+            f"{self.tokens_per_s:>9.0f} {self.start_mib:>9.0f} {self.peak_mib:>9.0f} "
+            f"{self.peak_mib - self.start_mib:>+8.0f} {self.load:>5.1f}"
         )
 
 
-def measure(engine: str, build: Any, paths: list[str], tokenizer_dir: str, out: Path, cfg: Config,
-            conversations: int) -> Run:
-    with peak_rss() as memory:
+def child(engine: str, paths: list[str], tokenizer_dir: str, out: Path, conversations: int) -> Run:
+    """One measured build in this (fresh) process, so that its memory figures are its own."""
+    cfg = load_config(None, {})
+    ray_start_s = 0.0
+    if engine == "ray":
+        import ray
+
+        from jobs.build_dataset import build_dataset as build
+
         started = time.perf_counter()
-        stats = build(paths, tokenizer_dir, out, cfg)
-        seconds = time.perf_counter() - started
+        ray.init(include_dashboard=False, log_to_driver=False)
+        ray_start_s = time.perf_counter() - started
+    else:
+        build = single_process
+    try:
+        with peak_rss() as memory:
+            started = time.perf_counter()
+            stats = build(paths, tokenizer_dir, out, cfg)
+            seconds = time.perf_counter() - started
+    finally:
+        if engine == "ray":
+            ray.shutdown()
     tokens = sum(c["tokens"] for c in stats["per_class"].values())
-    return Run(engine, conversations, seconds, stats["records_in"], tokens, memory["start_mib"], memory["peak_mib"])
+    return Run(engine, conversations, seconds, stats["records_in"], tokens, memory["start_mib"], memory["peak_mib"],
+               os.getloadavg()[0], ray_start_s)  # fmt: skip
+
+
+def measure(engine: str, paths: list[str], tokenizer_dir: str, out: Path, conversations: int) -> Run:
+    """Runs `child` in a fresh interpreter (this file with --child)."""
+    spec = out.with_suffix(".json")
+    spec.write_text(json.dumps({"engine": engine, "paths": paths, "tokenizer": tokenizer_dir, "out": str(out),
+                                "conversations": conversations}))  # fmt: skip
+    subprocess.run([sys.executable, __file__, "--child", str(spec)], check=True)
+    return Run(**json.loads(spec.read_text())["run"])
 
 
 def identical_outputs(a: Path, b: Path) -> bool:
@@ -212,56 +244,50 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=int, default=4, help="the small input is conversations / scale")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the tiny default tokenizer, trained here)")
     parser.add_argument("--json", type=Path, help="also write the figures here as JSON")
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import ray
+    if args.child:
+        spec = json.loads(args.child.read_text())
+        run = child(spec["engine"], spec["paths"], spec["tokenizer"], Path(spec["out"]), spec["conversations"])
+        args.child.write_text(json.dumps({**spec, "run": asdict(run)}))
+        return 0
 
-    from jobs.build_dataset import build_dataset
-
-    cfg = load_config(None, {})
     with tempfile.TemporaryDirectory() as scratch_dir:
         scratch = Path(scratch_dir)
         tokenizer_dir = args.tokenizer
         if tokenizer_dir is None:
             tokenizer_dir = str(scratch / "tokenizer")
             train_tokenizer(default_corpus()).save_pretrained(tokenizer_dir)
-        small_n, large_n = args.conversations // args.scale, args.conversations
-        small = generate(scratch / "small", small_n, args.files, seed=1)
-        large = generate(scratch / "large", large_n, args.files, seed=2)
+        sizes = {args.conversations // args.scale: 1, args.conversations: 2}
+        inputs = {n: generate(scratch / f"in{n}", n, args.files, seed=seed) for n, seed in sizes.items()}
+        # Interleaved, so that a burst of other work on the host does not land on one engine only.
+        runs = [measure(engine, inputs[n], tokenizer_dir, scratch / f"{engine}{n}", n)
+                for n in sizes for engine in ("loop", "ray")]  # fmt: skip
+        same = identical_outputs(scratch / f"ray{args.conversations}", scratch / f"loop{args.conversations}")
 
-        started = time.perf_counter()
-        ray.init(include_dashboard=False, log_to_driver=False)
-        ray_start_s = time.perf_counter() - started
-        cpus = int(ray.cluster_resources().get("CPU", 0))
-        try:
-            ray_runs = [measure("ray", build_dataset, paths, tokenizer_dir, scratch / f"ray{n}", cfg, n)
-                        for paths, n in ((small, small_n), (large, large_n))]  # fmt: skip
-        finally:
-            ray.shutdown()
-        loop_runs = [measure("loop", single_process, paths, tokenizer_dir, scratch / f"loop{n}", cfg, n)
-                     for paths, n in ((small, small_n), (large, large_n))]  # fmt: skip
-        same = identical_outputs(scratch / f"ray{large_n}", scratch / f"loop{large_n}")
-
-    print(f"\nRay start-up {ray_start_s:.1f} s (once per session, not in the times below); {cpus} CPUs for Ray; "
-          f"host has {os.cpu_count()} cores")  # fmt: skip
-    print(f"{'engine':<8} {'convs':>8} {'seconds':>8} {'convs/s':>10} {'tokens/s':>11} {'peak MiB':>10} {'growth':>10}")
-    for run in [*ray_runs, *loop_runs]:
+    ray_runs = [r for r in runs if r.engine == "ray"]
+    loop_runs = [r for r in runs if r.engine == "loop"]
+    print(f"\nhost: {os.cpu_count()} cores; Ray start-up {ray_runs[-1].ray_start_s:.1f} s (not in the times below)")
+    print(f"{'engine':<6} {'convs':>7} {'seconds':>8} {'convs/s':>8} {'tokens/s':>9} {'RSS MiB':>9} {'peak MiB':>9} "
+          f"{'growth':>8} {'load':>5}")  # fmt: skip
+    for run in runs:
         print(run.line())
-    ray_large, loop_large = ray_runs[1], loop_runs[1]
+    ray_large, loop_large = ray_runs[-1], loop_runs[-1]
     ratio = ray_large.records_per_s / loop_large.records_per_s
-    ray_growth = [r.peak_mib - r.start_mib for r in ray_runs]
-    loop_growth = [r.peak_mib - r.start_mib for r in loop_runs]
-    print(f"Ray Data / single process at {large_n} conversations: {ratio:.2f}x conversations/s, "
+    print(f"Ray Data / single process at {args.conversations} conversations: {ratio:.2f}x conversations/s, "
           f"{ray_large.tokens_per_s / loop_large.tokens_per_s:.2f}x tokens/s")  # fmt: skip
-    print(f"driver peak RSS growth, input x{args.scale}: Ray {ray_growth[0]:+.0f} -> {ray_growth[1]:+.0f} MiB, "
-          f"single process {loop_growth[0]:+.0f} -> {loop_growth[1]:+.0f} MiB")  # fmt: skip
+    growth = {engine: " -> ".join(f"{r.peak_mib - r.start_mib:+.0f}" for r in rs)
+              for engine, rs in (("ray", ray_runs), ("loop", loop_runs))}  # fmt: skip
+    print(f"driver RSS growth during the build, input x{args.scale}: Ray {growth['ray']} MiB, "
+          f"single process {growth['loop']} MiB")  # fmt: skip
     print(f"byte-identical outputs (shards, rejects, stats): {'yes' if same else 'NO'}")
     if args.json:
         figures = {
-            "ray_start_s": ray_start_s, "cpus": cpus, "ratio_conversations_per_s": ratio, "identical": same,
-            "runs": [{**run.__dict__, "records_per_s": run.records_per_s, "tokens_per_s": run.tokens_per_s}
-                     for run in [*ray_runs, *loop_runs]],
+            "ratio_conversations_per_s": ratio, "identical": same,
+            "runs": [{**asdict(run), "records_per_s": run.records_per_s, "tokens_per_s": run.tokens_per_s}
+                     for run in runs],
         }  # fmt: skip
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
     return 0 if same else 1

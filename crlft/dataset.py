@@ -15,14 +15,15 @@ import json
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Literal, Protocol, TypedDict
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal, Protocol, TypedDict
 
 import pyarrow as pa
 
 from crlft.config import Config
 from crlft.conversation import RAW_PREVIEW_CHARS, ClassRules, Reject, parse_line
-from crlft.pack import first_fit_decreasing, pack_bin
-from crlft.template import TemplateTokenizer
+
+if TYPE_CHECKING:  # transformers and torch: seconds to import in every Ray worker that only reads or counts
+    from crlft.template import TemplateTokenizer
 
 InputKind = Literal["jsonl", "json", "parquet"]
 Status = Literal["accepted", "rejected", "filtered"]
@@ -282,6 +283,8 @@ class PackInput(Protocol):
 
 def pack_conversations(conversations: Sequence[PackInput], capacity: int) -> list[dict[str, list[Any]]]:
     """Rows of SHARD_SCHEMA: the conversations in (source, line) order, first-fit-decreasing into bins."""
+    from crlft.pack import first_fit_decreasing, pack_bin  # imports torch: only the packing workers pay for it
+
     ordered = sorted(conversations, key=lambda c: (c["source"], c["line"]))
     bins = first_fit_decreasing([len(c["input_ids"]) for c in ordered], capacity)
     rows = []

@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 from ray.data.datasource import FileBasedDatasource
@@ -52,8 +52,10 @@ from crlft.dataset import (
     shard_table,
 )
 from crlft.errors import CrlftError
-from crlft.template import Template, TemplateTokenizer
 from crlft.tracking import set_offline_defaults
+
+if TYPE_CHECKING:  # transformers: seconds to import in every Ray worker that only reads, counts or packs
+    from crlft.template import Template, TemplateTokenizer
 
 ROWS_PER_READ_BLOCK = 2048
 TOKENIZE_BATCH_ROWS = 512
@@ -71,8 +73,9 @@ _FLAGS = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="JSONL / JSON / Parquet files, directories or globs; local paths or URIs (s3://, gs://)")
-    parser.add_argument("--tokenizer", required=True, metavar="DIR",
-                        help="tokenizer directory or hub id (the base model's; <|end_of_turn|> is added if missing)")
+    parser.add_argument("--tokenizer", metavar="DIR",
+                        help="tokenizer directory or hub id, the base model's (default: model.base_model); "
+                        "<|end_of_turn|> is added if missing")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder: train/, val/, stats.json, rejects")
     parser.add_argument("--max-len", type=int, help="longest conversation in tokens (data.max_len)")
     parser.add_argument("--pack-len", type=int, help="tokens per packed bin (data.pack_len)")
@@ -89,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, _FLAGS)
     if args.expert_only:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"only_classes": [cfg.inference_condition]})})
-    stats = build_dataset(args.inputs, args.tokenizer, args.out, cfg)
+    stats = build_dataset(args.inputs, args.tokenizer or cfg.model.base_model, args.out, cfg)
     per_class = ", ".join(f"{name} {c['records']}" for name, c in stats["per_class"].items())
     print(
         f"{stats['records_in']} records: {stats['accepted']} accepted ({per_class}), {stats['rejected']} rejected, "
@@ -103,6 +106,8 @@ def build_dataset(inputs: list[str], tokenizer: str, out: str | Path, cfg: Confi
     """Build the training set into `out`; returns the stats (also written to `out`/stats.json).
 
     Uses the running Ray session if there is one, else starts a local one for the duration."""
+    from crlft.template import Template
+
     set_offline_defaults()
     paths = resolve_inputs(inputs)
     template = Template.from_config(cfg)
@@ -222,6 +227,7 @@ def _remote_listing_args(paths: Sequence[str]) -> dict[str, Any]:
 
 def _load_template_tokenizer(tokenizer: str, template: Template, cfg: Config) -> TemplateTokenizer:
     from crlft.model import load_tokenizer
+    from crlft.template import TemplateTokenizer
 
     return TemplateTokenizer(template, load_tokenizer(tokenizer, cfg.template.end_of_turn, cfg.model.trust_remote_code))
 
@@ -260,6 +266,7 @@ class TokenizeRecords:
                  settings: RecordSettings) -> None:
         set_offline_defaults()
         from crlft.model import load_tokenizer
+        from crlft.template import TemplateTokenizer
 
         self._tokenizer = TemplateTokenizer(template, load_tokenizer(tokenizer, end_of_turn, trust_remote_code))
         self._settings = settings
@@ -443,15 +450,19 @@ def _data_context() -> Iterator[None]:
     ctx.print_on_execution_start = terminal
     if "RAY_DATA_DEFAULT_SHUFFLE_STRATEGY" not in os.environ:
         ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    logger = logging.getLogger("ray.data")
-    level = logger.level
+    # ray.data: its INFO lines; its progress module: a warning that the bars are off (they are, on purpose).
+    loggers = {logging.getLogger("ray.data"): logging.WARNING, logging.getLogger("ray.data._internal.progress"):
+               logging.ERROR}  # fmt: skip
+    levels = {logger: logger.level for logger in loggers}
     if not terminal:
-        logger.setLevel(logging.WARNING)
+        for logger, level in loggers.items():
+            logger.setLevel(level)
     try:
         yield
     finally:
         ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.shuffle_strategy = saved
-        logger.setLevel(level)
+        for logger, level in levels.items():
+            logger.setLevel(level)
 
 
 def _log(message: str, started: float | None = None) -> None:
