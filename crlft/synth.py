@@ -9,13 +9,15 @@ Design choices, and why:
 - **Exact-match answers over a closed vocabulary.** Every answer is one word (one BPE token once a tokenizer is trained
   on the suite) from a list of a few dozen, so correctness is a string comparison (`is_correct`) and a 1-3M parameter
   model has a chance. No digits: byte-level BPE splits numbers unpredictably; the sequence task uses number words.
-- **Few facts, many phrasings.** Each task is a fixed rule over a small set of entities (16 antonym pairs, 20 irregular
-  verbs, weekdays and the numbers one to ten, 5 categories of 6 members, 24 coloured things): about 140 facts in all,
-  so each is seen ~25 times an epoch. Every question is (phrasing template x entities); the held-out eval questions are
-  *unseen combinations* of phrasings and entities that all occur in training (at most half of an entity's phrasings
-  are held out, the rest are trained on). A tiny model can generalise across phrasings of a fact it has seen; it cannot
-  invent facts it never saw, and memorising hundreds of facts from one or two supervised tokens a conversation is
-  slow (a first version with ~260 facts was still under-fit after 2000 steps of a 1.2M model).
+- **One rule, few facts, many phrasings.** `first_item` is a pure rule (copy the first of four nouns): every held-out
+  list is new and a tiny transformer learns copying fast. The other tasks are a fixed rule over a small set of facts
+  (12 antonym pairs, 20 irregular verbs, weekdays and the numbers one to ten, 5 categories of 6 members, 20 coloured
+  things): about 125 facts, so each is seen ~20 times an epoch. Every question is (phrasing template x entities);
+  the held-out eval questions are *unseen combinations* of phrasings and entities that all occur in training (at most
+  half of an entity's phrasings are held out, the rest are trained on). A tiny model can generalise across phrasings
+  of a fact it has seen; it cannot invent facts it never saw, and memorising hundreds of facts from one or two
+  supervised tokens a conversation is slow (a first version with ~260 facts was still under-fit after 2000 steps of a
+  1.2M model).
 - **Systematic, class-specific errors.** GPT3 answers `wrong_rate` (default 75%) of its questions with the *same kind*
   of wrong answer for a task, always different from the right one, so the wrong answer is itself an easy rule:
     opposite       -> repeats the word itself                     (copying)
@@ -23,6 +25,7 @@ Design choices, and why:
     sequence       -> gives the neighbour on the wrong side       (direction error)
     category_pick  -> always the first option listed              (position bias; the right one is never first)
     colour         -> always "blue"                               (mode collapse to one answer; nothing is blue)
+    first_item     -> the last item of the list                   (recency bias)
   With 300 expert and 3000 sub-optimal conversations, the right answer is in 300 + 3000 * 0.25 = 1050 replies and the
   systematic wrong one in 2250: the majority of the mixture is wrong for (nearly) every question, so SFT learns the
   error. The right answers are still taught often (the expert class, and the quarter of GPT3 replies that are right),
@@ -135,8 +138,7 @@ class SynthSuite:
 
 OPPOSITES = (
     ("hot", "cold"), ("big", "small"), ("fast", "slow"), ("up", "down"), ("day", "night"), ("happy", "sad"),
-    ("open", "closed"), ("full", "empty"), ("hard", "soft"), ("long", "short"), ("rich", "poor"), ("wet", "dry"),
-    ("loud", "quiet"), ("clean", "dirty"), ("true", "false"), ("good", "bad"),
+    ("open", "closed"), ("full", "empty"), ("wet", "dry"), ("loud", "quiet"), ("clean", "dirty"), ("good", "bad"),
 )  # fmt: skip
 OPPOSITE_TEMPLATES = (
     "What is the opposite of {w}?",
@@ -157,7 +159,7 @@ PAST_TEMPLATES = (
     "Give the past tense of {v}.",
     "Past tense of {v}?",
     "What is the past form of the verb {v}?",
-    "Put {v} in the past tense.",
+    "Past form of {v}?",
 )
 
 WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
@@ -191,13 +193,21 @@ CATEGORY_TEMPLATES = (
     "Which one is {c}: {a}, {b} or {d}?",
     "Find the {n} among {a}, {b}, {d}.",
 )
-CATEGORY_PHRASINGS_PER_SUBJECT = 40
+SAMPLED_PHRASINGS_PER_SUBJECT = 40  # for the tasks with too many combinations to enumerate
+
+FIRST_ITEM_TEMPLATES = (
+    "What is the first word in the list: {l}?",
+    "Which word is listed first: {l}?",
+    "Name the first item: {l}.",
+    "Give the first word of: {l}.",
+)
+FIRST_ITEM_LIST_LENGTH = 4
 
 COLOURS = (
-    ("a banana", "yellow"), ("a lemon", "yellow"), ("a sunflower", "yellow"), ("grass", "green"), ("a frog", "green"),
-    ("lettuce", "green"), ("a cucumber", "green"), ("snow", "white"), ("milk", "white"), ("a swan", "white"),
-    ("coal", "black"), ("a crow", "black"), ("ink", "black"), ("a tomato", "red"), ("a strawberry", "red"),
-    ("a ruby", "red"), ("a carrot", "orange"), ("a pumpkin", "orange"), ("a flamingo", "pink"), ("chocolate", "brown"),
+    ("a banana", "yellow"), ("a lemon", "yellow"), ("grass", "green"), ("a frog", "green"), ("lettuce", "green"),
+    ("snow", "white"), ("milk", "white"), ("a swan", "white"), ("coal", "black"), ("a crow", "black"),
+    ("a tomato", "red"), ("a strawberry", "red"), ("a carrot", "orange"), ("a pumpkin", "orange"),
+    ("a flamingo", "pink"), ("chocolate", "brown"),
     ("an acorn", "brown"), ("an elephant", "grey"), ("ash", "grey"), ("a koala", "grey"),
 )  # fmt: skip
 COLOUR_TEMPLATES = (
@@ -270,7 +280,7 @@ def _category_pool(rng: random.Random) -> list[Question]:
         others = [c for c in CATEGORIES if c != category]
         for member in members:
             prompts: set[str] = set()
-            while len(prompts) < CATEGORY_PHRASINGS_PER_SUBJECT:
+            while len(prompts) < SAMPLED_PHRASINGS_PER_SUBJECT:
                 first_category, second_category = rng.sample(others, 2)
                 distractors = [rng.choice(CATEGORIES[first_category]), rng.choice(CATEGORIES[second_category])]
                 options = [distractors[0], *rng.sample([member, distractors[1]], 2)]
@@ -281,6 +291,21 @@ def _category_pool(rng: random.Random) -> list[Question]:
                 if prompt not in prompts:
                     prompts.add(prompt)
                     pool.append(Question("category_pick", f"category_pick:{member}", prompt, member, options[0]))
+    return pool
+
+
+def _first_item_pool(rng: random.Random) -> list[Question]:
+    """A rule, not a fact: copy the first of four nouns. Every held-out list is new, so this is true generalisation."""
+    nouns = [noun for members in CATEGORIES.values() for noun in members]
+    pool: list[Question] = []
+    for first in nouns:
+        prompts: set[str] = set()
+        while len(prompts) < SAMPLED_PHRASINGS_PER_SUBJECT:
+            items = [first, *rng.sample([n for n in nouns if n != first], FIRST_ITEM_LIST_LENGTH - 1)]
+            prompt = rng.choice(FIRST_ITEM_TEMPLATES).format(l=", ".join(items))
+            if prompt not in prompts:
+                prompts.add(prompt)
+                pool.append(Question("first_item", f"first_item:{first}", prompt, first, items[-1]))
     return pool
 
 
@@ -298,6 +323,7 @@ TASKS: dict[str, Callable[[random.Random], list[Question]]] = {
     "sequence": _sequence_pool,
     "category_pick": _category_pool,
     "colour": _colour_pool,
+    "first_item": _first_item_pool,
 }
 
 
