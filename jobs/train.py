@@ -416,11 +416,13 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     scheduler = tl.build_scheduler(optimizer, plan.total_steps, train_cfg)
 
     position = TrainingPosition()
+    summary: dict[str, float] = {"step": 0.0, "epoch": 0.0}  # the latest step's metrics, kept in every checkpoint
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             loaded = tl.load_training_state(directory, model, optimizer, scheduler)
         position = loaded.position
+        summary = loaded.extra.get("summary") or {"step": float(position.global_step), "epoch": float(position.epoch)}
         if len(loaded.rng_states) == world_size:
             tl.restore_rng_state(loaded.rng_states[rank])
     else:
@@ -444,16 +446,16 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             yield tl.collate_micro_batch(row, pad_id, conditions, attn, device)
 
     def report(summary: dict[str, float]) -> None:
+        """Checkpoint with `summary` as the metrics (every rank calls it: the state dicts are gathered)."""
         metrics.flush()
         with tempfile.TemporaryDirectory() as directory:
-            tl.save_training_state(directory, model, optimizer, scheduler, position)
+            tl.save_training_state(directory, model, optimizer, scheduler, position, {"summary": summary})
             saved = ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
             ray.train.report(summary, checkpoint=saved)
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if loop["has_val"] else None
     start_step = float(position.global_step)  # reported: shows whether this worker group restored a checkpoint
-    summary: dict[str, float] = {"step": start_step, "epoch": float(position.epoch)}
     stopwatch = tl.Stopwatch()
     for epoch in range(position.epoch, plan.epochs):
         if position.global_step >= plan.total_steps:
@@ -497,7 +499,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             stopwatch.lap()
         if epoch_done:
             position = TrainingPosition(position.global_step, epoch + 1, 0)
-    report({**summary, "start_step": start_step, "final": 1.0})
+    summary = {**summary, "start_step": start_step, "final": 1.0}
+    report(summary)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -587,6 +590,7 @@ def train(
     check_tokenizer(data, base_model, cfg)
     out = Path(out_dir).resolve()
     storage = _storage_root(cfg)
+    to_resume = find_run_to_resume(storage, out) if resume else None
     tracking_uri = setup_mlflow(cfg, mlflow_uri)
     client = MlflowClient(tracking_uri)
     with ray_session(cfg):
@@ -596,8 +600,8 @@ def train(
         # Shards arrive in a seeded random order (fixed for the run); bins are shuffled again per epoch in the workers.
         datasets["train"] = datasets["train"].randomize_block_order(seed=cfg.train.seed)
         lr = _lr(cfg, data)
-        if resume:
-            name, record = find_run_to_resume(storage, out)
+        if to_resume is not None:
+            name, record = to_resume
             _check_same_plan(record, plan, lr, name)
             run_id = record.mlflow_run_id
             client.update_run(run_id, status="RUNNING")
