@@ -21,6 +21,7 @@ import glob
 import hashlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -59,6 +60,10 @@ if TYPE_CHECKING:  # transformers: seconds to import in every Ray worker that on
 
 ROWS_PER_READ_BLOCK = 2048
 TOKENIZE_BATCH_ROWS = 512
+# Tokenizer actors ask for 0.75 CPU and readers for 0.25: a full actor pool (one per CPU) then still leaves room for
+# the reads that feed it (with 1 CPU each, reads wait for an idle actor to be scaled down: stalls of many seconds).
+READ_CPUS = 0.25
+INPUT_BYTES_PER_ACTOR = 16 * 2**20
 SPLITS = ("train", "val")
 _GLOB_CHARS = ("*", "?", "[")
 _FLAGS = {
@@ -129,13 +134,14 @@ def _build(paths: list[str], tokenizer: str, out: str, cfg: Config, template: Te
         source = RecordDatasource(paths, **_remote_listing_args(paths))
     except (OSError, ValueError) as exc:  # listing remote inputs: missing bucket, no access, nothing there
         raise CrlftError(f"cannot list the inputs {', '.join(paths)}: {exc}") from None
-    records = ray.data.read_datasource(source)
+    records = ray.data.read_datasource(source, num_cpus=READ_CPUS)
     tokenized = records.map_batches(
         TokenizeRecords,
         fn_constructor_args=(tokenizer, cfg.template.end_of_turn, cfg.model.trust_remote_code, template, settings),
         batch_size=TOKENIZE_BATCH_ROWS,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_cpu_count()),
+        compute=_tokenizer_pool(source.estimate_inmemory_data_size()),
+        num_cpus=1 - READ_CPUS,
     ).materialize()
     tally = _tally(tokenized)
     _log(
@@ -425,10 +431,15 @@ class _Output:
                 stream.write((line + "\n").encode())
 
 
-def _cpu_count() -> int:
+def _tokenizer_pool(input_bytes: int | None) -> Any:
+    """Up to one tokenizer actor per CPU. Starting one costs seconds (transformers, the tokenizer), so the pool
+    starts with one per INPUT_BYTES_PER_ACTOR of input; Ray's autoscaler is slow to add them on its own."""
     import ray
+    import ray.data
 
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    initial = min(cpus, max(1, math.ceil((input_bytes or 0) / INPUT_BYTES_PER_ACTOR)))
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=cpus, initial_size=initial)
 
 
 @contextlib.contextmanager
