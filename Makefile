@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install browser demo test lint bench clean
 
 install: $(STAMP)
 
@@ -19,7 +19,12 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install
 	$(VENV)/bin/crlft demo $(ARGS)
 
-test: install
+# Debian's Chromium, which the chat page's browser test drives (tests/test_chat_page.py); CI runs as root.
+browser:
+	test -x /usr/bin/chromium || $$([ "$$(id -u)" = 0 ] || echo sudo) sh -c \
+		'apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium'
+
+test: install browser
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
