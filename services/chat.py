@@ -51,6 +51,7 @@ from crlft.generate import BatchGenerator, Completion, EngineLoop, GenerationReq
 from crlft.template import TemplateTokenizer
 from crlft.tracking import OFFLINE_ENV, set_offline_defaults
 from services import protocol
+from services.page import add_chat_page
 from services.protocol import ApiError
 
 logger = logging.getLogger("ray.serve")
@@ -212,6 +213,7 @@ class ChatSettings:
 
 
 fastapi_app = FastAPI(title="crlft chat", docs_url=None, redoc_url=None, openapi_url=None)
+add_chat_page(fastapi_app)  # GET /: the chat page (before @serve.ingress, which freezes the routes)
 
 
 @fastapi_app.exception_handler(ApiError)
