@@ -149,6 +149,7 @@ class ServeConfig(_Strict):
     max_queued_requests: int = Field(64, description="queued requests before 503 + Retry-After")
     max_batch_size: int = Field(16, description="sequences generated together")
     batch_wait_timeout_s: float = Field(0.02, description="wait for more requests before a batch starts")
+    access_log: bool = Field(True, description="log every request (the demo recipe turns it off to stay readable)")
 
 
 class Config(_Strict):

@@ -590,6 +590,7 @@ def chat_application(model: str, cfg: Config, *, api_keys: Sequence[str] = (), m
         graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,
         max_surge_percent=100,  # a redeploy starts the new replicas before the old ones stop
         max_constructor_retry_count=3,
+        logging_config={"enable_access_log": s.access_log},
     )
     return deployment.bind(settings)
 
