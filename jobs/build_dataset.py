@@ -7,10 +7,10 @@ Ray Data end to end, nothing collected on the driver:
       -> materialize in the object store (it feeds three consumers; spills to disk when larger than memory)
       -> small per-block tallies -> stats.json
       -> rejects, sorted by (source, line) and streamed -> rejects.jsonl
-      -> per split: group by a seeded hash of the text -> first-fit-decreasing per group -> Parquet shards
+      -> per split: group by a seeded hash of the text -> first-fit-decreasing per group -> one Parquet shard each
 
-The output depends only on the inputs, the config and the seed: a record's split and packing group come from its
-text, each group is packed in (source, line) order, and shards are named by write task.
+The output depends only on the inputs, the config and the seed, byte for byte: a record's split and packing group
+come from its text, each group is packed in (source, line) order into the shard named after the group.
 """
 
 from __future__ import annotations
@@ -250,7 +250,7 @@ class RecordDatasource(FileBasedDatasource):
 
     def _open_input_source(self, filesystem: Any, path: str, **open_args: Any) -> Any:
         if input_kind(path) == "parquet":
-            return filesystem.open_input_file(path)  # Parquet needs random access (its footer comes first)
+            return filesystem.open_input_file(path)  # Parquet needs random access: its footer, read first, is last
         return super()._open_input_source(filesystem, path, **open_args)
 
     def _read_stream(self, f: Any, path: str) -> Iterator[pa.Table]:
