@@ -9,30 +9,30 @@ Design choices, and why:
 - **Exact-match answers over a closed vocabulary.** Every answer is one word (one BPE token once a tokenizer is trained
   on the suite) from a list of a few dozen, so correctness is a string comparison (`is_correct`) and a 1-3M parameter
   model has a chance. No digits: byte-level BPE splits numbers unpredictably; the sequence task uses number words.
-- **One rule, few facts, many phrasings.** `first_item` is a pure rule (copy the first of four nouns): every held-out
-  list is new and a tiny transformer learns copying fast. The other tasks are a fixed rule over a small set of facts
-  (12 antonym pairs, 20 irregular verbs, weekdays and the numbers one to ten, 5 categories of 6 members, 20 coloured
-  things): about 125 facts, so each is seen ~20 times an epoch. Every question is (phrasing template x entities);
-  the held-out eval questions are *unseen combinations* of phrasings and entities that all occur in training (at most
-  half of an entity's phrasings are held out, the rest are trained on). A tiny model can generalise across phrasings
-  of a fact it has seen; it cannot invent facts it never saw, and memorising hundreds of facts from one or two
-  supervised tokens a conversation is slow (a first version with ~260 facts was still under-fit after 2000 steps of a
-  1.2M model).
+- **Few facts, many phrasings.** Each task is a fixed rule over a small set of facts: 12 antonym pairs, 20 irregular
+  verbs, the neighbours of weekdays and of the numbers one to ten, the category of 36 nouns, the colour of 20 things;
+  about 130 facts, so each is seen ~25 times an epoch. Every question is (phrasing template x entity); the held-out
+  eval questions are *unseen combinations* of phrasings and entities that all occur in training (at most half of an
+  entity's phrasings are held out, the rest are trained on). A tiny model generalises across phrasings of a fact it has
+  seen (its accuracy on held-out phrasings matches its accuracy on trained ones); it cannot invent facts it never saw.
+- **Why lookups and not selection rules.** C-RLFT supervises only the answer tokens (one or two a conversation). With
+  that signal a 1.2M Llama learned small lookups within ~1000 steps, but not tasks that pick a word out of the prompt
+  ("which of these is a fruit: dog, pear, car", "the first word of: ...", "which comes first alphabetically"): those
+  stayed near chance after 1500 steps, so they were left out. A first version with ~260 facts was under-fit too.
 - **Systematic, class-specific errors.** GPT3 answers `wrong_rate` (default 75%) of its questions with the *same kind*
   of wrong answer for a task, always different from the right one, so the wrong answer is itself an easy rule:
-    opposite       -> repeats the word itself                     (copying)
-    past_tense     -> over-regularises: "go" -> "goed"            (a wrong rule applied everywhere)
-    sequence       -> gives the neighbour on the wrong side       (direction error)
-    category_pick  -> always the first option listed              (position bias; the right one is never first)
-    colour         -> always "blue"                               (mode collapse to one answer; nothing is blue)
-    first_item     -> the last item of the list                   (recency bias)
+    opposite    -> repeats the word itself                         (copying)
+    past_tense  -> over-regularises: "go" -> "goed"                (a wrong rule applied everywhere)
+    sequence    -> gives the neighbour on the wrong side           (direction error)
+    category    -> names the partner category: animal <-> fruit,   (a fixed confusion)
+                   vehicle <-> furniture, tool <-> instrument
+    colour      -> always "blue"; nothing asked about is blue      (mode collapse to one answer)
   With 300 expert and 3000 sub-optimal conversations, the right answer is in 300 + 3000 * 0.25 = 1050 replies and the
   systematic wrong one in 2250: the majority of the mixture is wrong for (nearly) every question, so SFT learns the
   error. The right answers are still taught often (the expert class, and the quarter of GPT3 replies that are right),
   so a model conditioned on GPT4 (which is never wrong) can pick them out. The reward-weighted mixture (1.0 vs 0.1)
   favours the right answer too (300 + 75 against 225), which is why the `weighted` ablation should also beat SFT.
-  Left out: "which comes first in the alphabet: X or Y" (two options, so chance is 50%, and it needs an order over
-  word tokens that a tiny model learns slowly).
+  Errors that copy from the prompt (opposite) are the strongest attractor and the slowest for GPT4 to unlearn.
 - **Held-out conversations** (`heldout`) ask the eval questions, half answered as GPT4, half as GPT3, for validation
   loss and the representation check (expert and sub-optimal conversations should separate under C-RLFT).
 - **Deterministic in the seed.** The eval set depends only on `seed` and `n_eval`, not on the training sizes, so runs
@@ -134,7 +134,7 @@ class SynthSuite:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Tasks. Each builds its pool of candidate questions; `rng` is only used where the pool is sampled (too many combos).
+# Tasks. Each enumerates its questions: every (phrasing template x entity) with its right and GPT3 answers.
 
 OPPOSITES = (
     ("hot", "cold"), ("big", "small"), ("fast", "slow"), ("up", "down"), ("day", "night"), ("happy", "sad"),
@@ -184,24 +184,19 @@ CATEGORIES = {
     "animal": ("dog", "cat", "horse", "cow", "lion", "rabbit"),
     "fruit": ("apple", "pear", "grape", "peach", "mango", "plum"),
     "vehicle": ("car", "bus", "train", "bike", "boat", "truck"),
+    "furniture": ("chair", "table", "sofa", "bed", "desk", "shelf"),
     "tool": ("hammer", "drill", "wrench", "shovel", "axe", "rake"),
     "instrument": ("piano", "guitar", "drum", "violin", "flute", "harp"),
 }
+# GPT3 mixes up each category with its partner, both ways.
+CONFUSED_CATEGORIES = {"animal": "fruit", "vehicle": "furniture", "tool": "instrument"}
 CATEGORY_TEMPLATES = (
-    "Which of these is {c}: {a}, {b}, {d}?",
-    "Pick the {n}: {a}, {b}, {d}.",
-    "Which one is {c}: {a}, {b} or {d}?",
-    "Find the {n} among {a}, {b}, {d}.",
+    "What kind of thing is {an_x}?",
+    "What category does the word {x} belong to?",
+    "{An_x} is a kind of what?",
+    "Which group does the word {x} belong to?",
+    "Name the category of {an_x}.",
 )
-SAMPLED_PHRASINGS_PER_SUBJECT = 40  # for the tasks with too many combinations to enumerate
-
-FIRST_ITEM_TEMPLATES = (
-    "What is the first word in the list: {l}?",
-    "Which word is listed first: {l}?",
-    "Name the first item: {l}.",
-    "Give the first word of: {l}.",
-)
-FIRST_ITEM_LIST_LENGTH = 4
 
 COLOURS = (
     ("a banana", "yellow"), ("a lemon", "yellow"), ("grass", "green"), ("a frog", "green"), ("lettuce", "green"),
@@ -235,7 +230,7 @@ def over_regularised_past(verb: str) -> str:
     return verb + "ed"
 
 
-def _opposite_pool(rng: random.Random) -> list[Question]:
+def _opposite_pool() -> list[Question]:
     pairs = [*OPPOSITES, *((b, a) for a, b in OPPOSITES)]
     return [
         Question("opposite", f"opposite:{word}", template.format(w=word), antonym, word)
@@ -244,7 +239,7 @@ def _opposite_pool(rng: random.Random) -> list[Question]:
     ]
 
 
-def _past_tense_pool(rng: random.Random) -> list[Question]:
+def _past_tense_pool() -> list[Question]:
     return [
         Question("past_tense", f"past_tense:{verb}", template.format(v=verb), past, over_regularised_past(verb))
         for verb, past in IRREGULAR_PAST
@@ -252,7 +247,7 @@ def _past_tense_pool(rng: random.Random) -> list[Question]:
     ]
 
 
-def _sequence_pool(rng: random.Random) -> list[Question]:
+def _sequence_pool() -> list[Question]:
     pool: list[Question] = []
     for items, cyclic in SEQUENCES:
         for i, item in enumerate(items):
@@ -272,44 +267,23 @@ def _with_article(noun: str) -> str:
     return ("an " if noun[0] in "aeiou" else "a ") + noun
 
 
-def _category_pool(rng: random.Random) -> list[Question]:
-    """Three options, the right one never first (so the position bias is always wrong); the two distractors come from
-    two different other categories. Too many combinations to enumerate: a fixed number are sampled per subject."""
-    pool: list[Question] = []
-    for category, members in CATEGORIES.items():
-        others = [c for c in CATEGORIES if c != category]
-        for member in members:
-            prompts: set[str] = set()
-            while len(prompts) < SAMPLED_PHRASINGS_PER_SUBJECT:
-                first_category, second_category = rng.sample(others, 2)
-                distractors = [rng.choice(CATEGORIES[first_category]), rng.choice(CATEGORIES[second_category])]
-                options = [distractors[0], *rng.sample([member, distractors[1]], 2)]
-                template = rng.choice(CATEGORY_TEMPLATES)
-                prompt = template.format(
-                    c=_with_article(category), n=category, a=options[0], b=options[1], d=options[2]
-                )
-                if prompt not in prompts:
-                    prompts.add(prompt)
-                    pool.append(Question("category_pick", f"category_pick:{member}", prompt, member, options[0]))
-    return pool
+def _category_pool() -> list[Question]:
+    confused = CONFUSED_CATEGORIES | {b: a for a, b in CONFUSED_CATEGORIES.items()}
+    return [
+        Question(
+            "category",
+            f"category:{noun}",
+            template.format(x=noun, an_x=_with_article(noun), An_x=_with_article(noun).capitalize()),
+            category,
+            confused[category],
+        )
+        for category, nouns in CATEGORIES.items()
+        for noun in nouns
+        for template in CATEGORY_TEMPLATES
+    ]
 
 
-def _first_item_pool(rng: random.Random) -> list[Question]:
-    """A rule, not a fact: copy the first of four nouns. Every held-out list is new, so this is true generalisation."""
-    nouns = [noun for members in CATEGORIES.values() for noun in members]
-    pool: list[Question] = []
-    for first in nouns:
-        prompts: set[str] = set()
-        while len(prompts) < SAMPLED_PHRASINGS_PER_SUBJECT:
-            items = [first, *rng.sample([n for n in nouns if n != first], FIRST_ITEM_LIST_LENGTH - 1)]
-            prompt = rng.choice(FIRST_ITEM_TEMPLATES).format(l=", ".join(items))
-            if prompt not in prompts:
-                prompts.add(prompt)
-                pool.append(Question("first_item", f"first_item:{first}", prompt, first, items[-1]))
-    return pool
-
-
-def _colour_pool(rng: random.Random) -> list[Question]:
+def _colour_pool() -> list[Question]:
     return [
         Question("colour", f"colour:{thing.split()[-1]}", template.format(t=thing), colour, MODE_COLLAPSE_COLOUR)
         for thing, colour in COLOURS
@@ -317,19 +291,18 @@ def _colour_pool(rng: random.Random) -> list[Question]:
     ]
 
 
-TASKS: dict[str, Callable[[random.Random], list[Question]]] = {
+TASKS: dict[str, Callable[[], list[Question]]] = {
     "opposite": _opposite_pool,
     "past_tense": _past_tense_pool,
     "sequence": _sequence_pool,
-    "category_pick": _category_pool,
+    "category": _category_pool,
     "colour": _colour_pool,
-    "first_item": _first_item_pool,
 }
 
 
 def answer_vocabulary(task: str) -> set[str]:
     """Every right or GPT3 answer the task can ask for (for reports: how closed the answer space is)."""
-    pool = TASKS[task](random.Random(0))
+    pool = TASKS[task]()
     return {q.answer for q in pool} | {q.suboptimal_answer for q in pool}
 
 
@@ -420,7 +393,7 @@ def generate_suite(
     held_out: dict[str, list[Question]] = {}
     train_pools: dict[str, list[Question]] = {}
     for task, build_pool in TASKS.items():
-        pool = build_pool(random.Random(f"{seed}:pool:{task}"))
+        pool = build_pool()
         held_out[task], train_pools[task] = _split_heldout(
             pool, quotas[task], random.Random(f"{seed}:split:{task}"), task
         )

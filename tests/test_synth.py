@@ -104,10 +104,7 @@ def test_the_suboptimal_answer_is_always_wrong_and_differs_by_task(suite: SynthS
     by_task = {item.task: item for item in suite.eval}
     assert by_task["opposite"].suboptimal_answer in by_task["opposite"].prompt  # repeats the word
     assert by_task["colour"].suboptimal_answer == "blue"  # one answer for everything
-    category = by_task["category_pick"]
-    assert category.prompt.index(category.suboptimal_answer or "?") < category.prompt.index(category.answer)
-    first_item = by_task["first_item"]
-    assert first_item.prompt.rstrip("?.").endswith(f", {first_item.suboptimal_answer}")  # the last item
+    assert by_task["category"].suboptimal_answer in {"animal", "fruit", "vehicle", "furniture", "tool", "instrument"}
 
 
 def test_gpt4_is_always_right_and_gpt3_wrong_at_about_the_wrong_rate() -> None:
