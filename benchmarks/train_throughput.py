@@ -8,10 +8,13 @@ FLOP/s against the machine's measured matmul FLOP/s.
 2. Ray loop: `jobs.train.train` with one worker of `--threads` CPUs on the same bins (Ray Data shard, Ray Train
    worker, MLflow logging); its per-step rates come back from MLflow. Ray overhead = plain rate / Ray rate.
    Rates are steady state: the first `--warmup` steps of each loop are left out, and so is the worker start-up
-   (reported separately as the fit's wall time).
+   (reported separately as the fit's wall time); each loop makes `--passes` passes and the fastest counts.
+   On a shared machine wall-clock rates measure the neighbours too: every rate is also given per CPU second of the
+   process that trains (the Ray worker's CPU time includes Ray's threads in it), and those ratios are the steady ones.
 3. FLOPs: useful model FLOPs per real token = 6 x (matmul parameters) + 12 x layers x hidden x (mean causal context
-   inside the token's conversation), i.e. the padding and the cross-conversation half of a packed bin count as waste.
-   Peak: a large square float32 matmul with the same thread count.
+   inside the token's conversation): padding, and the masked-out attention across the conversations of a packed bin
+   (sdpa with a block mask still computes it), count as waste.
+   Peak: a large square float32 matmul with the same thread count; both per CPU second.
 4. GPU (only when CUDA is available): a larger Llama in bf16, plain single-GPU loop and Ray Train with FSDP over every
    GPU; tokens/s/GPU and MFU against the measured bf16 matmul peak.
 
@@ -91,17 +94,21 @@ def model_flops_per_token(model: torch.nn.Module, conversations: Sequence[Tokeni
 
 
 def matmul_flops(device: torch.device, dtype: torch.dtype, size: int, seconds: float = 2.0) -> float:
+    """FLOP/s of a square matmul: per CPU second of this process on CPU (like the loops' CPU-time rates), per
+    second on GPU."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    on_gpu = device.type == "cuda"
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    clock = time.perf_counter if on_gpu else time.process_time
     torch.matmul(a, b)
     sync()
-    runs, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
+    runs, start = 0, clock()
+    while clock() - start < seconds:
         torch.matmul(a, b)
         runs += 1
         sync()
-    return 2 * size**3 * runs / (time.perf_counter() - start)
+    return 2 * size**3 * runs / (clock() - start)
 
 
 def plain_loop(model: torch.nn.Module, batches: Sequence[Sequence[PackedRow]], cfg: Config, warmup: int,
@@ -112,19 +119,22 @@ def plain_loop(model: torch.nn.Module, batches: Sequence[Sequence[PackedRow]], c
     scheduler = tl.build_scheduler(optimizer, len(batches), cfg.train)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     tokens = supervised = 0
-    elapsed = 0.0
+    elapsed = cpu_elapsed = 0.0
     for step, rows in enumerate(batches):
         batch = {k: v.to(device) for k, v in collate(rows, None, 0, list(cfg.classes)).items()}
         sync()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         stats = tl.train_step(model, [batch], optimizer, scheduler, n_classes=len(cfg.classes), grad_clip=1.0,
                               world_size=1, autocast_dtype=autocast)
         sync()
         if step >= warmup:
             elapsed += time.perf_counter() - start
+            cpu_elapsed += time.process_time() - cpu_start
             tokens += stats.tokens
             supervised += stats.supervised_tokens
+    # CPU seconds do not count the time other processes held the cores: steadier than wall time on a shared machine.
     return {"tokens_per_s": tokens / elapsed, "supervised_tokens_per_s": supervised / elapsed,
+            "tokens_per_cpu_s": tokens / cpu_elapsed, "supervised_tokens_per_cpu_s": supervised / cpu_elapsed,
             "steps": len(batches) - warmup, "seconds": elapsed}
 
 
@@ -168,15 +178,16 @@ def ray_loop(data: Path, model_dir: Path, cfg: Config, warmup: int, scratch: Pat
     def history(key: str) -> list[float]:
         return [m.value for m in sorted(client.get_metric_history(result.mlflow_run_id, key), key=lambda m: m.step)]
 
-    supervised, supervised_rate = history("supervised_tokens"), history("supervised_tokens_per_s")
+    supervised, step_s, step_cpu_s = history("supervised_tokens"), history("step_s"), history("step_cpu_s")
     tokens_rate, epochs = history("tokens_per_s"), history("epoch")
     passes = []
     for epoch in sorted(set(epochs)):
         steps = [i for i, e in enumerate(epochs) if e == epoch][0 if epoch else warmup :]
-        elapsed = sum(supervised[i] / supervised_rate[i] for i in steps)
-        tokens = sum(tokens_rate[i] * supervised[i] / supervised_rate[i] for i in steps)
-        passes.append({"tokens_per_s": tokens / elapsed, "supervised_tokens_per_s": sum(supervised[i] for i in steps)
-                       / elapsed, "steps": len(steps), "seconds": elapsed, "fit_wall_s": wall})
+        elapsed, cpu_elapsed = sum(step_s[i] for i in steps), sum(step_cpu_s[i] for i in steps)
+        tokens, supervised_tokens = sum(tokens_rate[i] * step_s[i] for i in steps), sum(supervised[i] for i in steps)
+        passes.append({"tokens_per_s": tokens / elapsed, "supervised_tokens_per_s": supervised_tokens / elapsed,
+                       "supervised_tokens_per_cpu_s": supervised_tokens / cpu_elapsed, "steps": len(steps),
+                       "seconds": elapsed, "fit_wall_s": wall})
     return passes
 
 
@@ -195,7 +206,7 @@ def cpu_section(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         "data.pack_len": args.pack_len, "data.max_len": args.pack_len, "model.preset": args.preset,
         "state_dir": str(scratch / "state"), "registry.tracking_uri": f"sqlite:///{scratch / 'mlflow.db'}",
         "train.storage_path": str(scratch / "ray_results"), "train.workers": 1,
-        "train.cpus_per_worker": float(args.threads), "train.lr": 1e-3, "train.epochs": 2,
+        "train.cpus_per_worker": float(args.threads), "train.lr": 1e-3, "train.epochs": args.passes,
     })  # fmt: skip
     model_dir = build_default_model(scratch / "model", cfg, [args.data])
     conversations = tokenized_conversations(args.data, model_dir, cfg)
@@ -211,16 +222,22 @@ def cpu_section(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     model = fresh_model()
     flops_per_token = model_flops_per_token(model, conversations)
     load_before = os.getloadavg()[0]
-    # Plain passes before and after the Ray fit, so that both loops meet the machine in the same states.
-    packed_passes = [plain_loop(fresh_model(), [[row] for row in rows], cfg, args.warmup, cpu)]
-    padded_passes = [plain_loop(fresh_model(), padded, cfg, args.warmup, cpu)]
-    data = write_data(scratch / "data", rows, conversations, model_dir, cfg)
-    ray = best(ray_loop(data, model_dir, cfg, args.warmup, scratch))
-    packed_passes.append(plain_loop(fresh_model(), [[row] for row in rows], cfg, args.warmup, cpu))
-    padded_passes.append(plain_loop(fresh_model(), padded, cfg, args.warmup, cpu))
+    # One plain pass before the Ray fit and the others after it, so that both loops meet the machine alike.
+    def plain_passes(count: int) -> None:
+        for _ in range(count):
+            packed_passes.append(plain_loop(fresh_model(), [[row] for row in rows], cfg, args.warmup, cpu))
+            padded_passes.append(plain_loop(fresh_model(), padded, cfg, args.warmup, cpu))
+
+    packed_passes: list[dict[str, float]] = []
+    padded_passes: list[dict[str, float]] = []
+    plain_passes(1)
+    ray_passes = ray_loop(write_data(scratch / "data", rows, conversations, model_dir, cfg), model_dir, cfg,
+                          args.warmup, scratch)
+    ray = best(ray_passes)
+    plain_passes(args.passes - 1)
     packed_plain, padded_plain = best(packed_passes), best(padded_passes)
     peak = matmul_flops(cpu, torch.float32, args.matmul_size)
-    achieved = packed_plain["tokens_per_s"] * flops_per_token
+    achieved = max(p["tokens_per_cpu_s"] for p in packed_passes) * flops_per_token
     return {
         "preset": args.preset,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -236,7 +253,11 @@ def cpu_section(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         "plain_padded": padded_plain,
         "ray_packed": ray,
         "ray_overhead": packed_plain["supervised_tokens_per_s"] / ray["supervised_tokens_per_s"],
+        "ray_overhead_cpu_time": max(p["supervised_tokens_per_cpu_s"] for p in packed_passes)
+        / max(p["supervised_tokens_per_cpu_s"] for p in ray_passes),
         "packed_over_padded": packed_plain["supervised_tokens_per_s"] / padded_plain["supervised_tokens_per_s"],
+        "packed_over_padded_cpu_time": max(p["supervised_tokens_per_cpu_s"] for p in packed_passes)
+        / max(p["supervised_tokens_per_cpu_s"] for p in padded_passes),
         "model_flops_per_token": flops_per_token,
         "achieved_flops": achieved,
         "matmul_flops": peak,
@@ -304,11 +325,11 @@ def _report(results: dict[str, Any], echo: Callable[[str], None]) -> None:
          f"{cpu['padded_efficiency']:.3f})")
     echo(f"plain packed: {plain['supervised_tokens_per_s']:.0f} supervised tok/s, {plain['tokens_per_s']:.0f} tok/s")
     echo(f"plain padded: {padded['supervised_tokens_per_s']:.0f} supervised tok/s -> packed/padded "
-         f"{cpu['packed_over_padded']:.2f}x")
+         f"{cpu['packed_over_padded']:.2f}x (per CPU second: {cpu['packed_over_padded_cpu_time']:.2f}x)")
     echo(f"ray packed:   {ray['supervised_tokens_per_s']:.0f} supervised tok/s (fit wall {ray['fit_wall_s']:.1f} s) "
-         f"-> plain/ray {cpu['ray_overhead']:.3f}")
-    echo(f"FLOP/s: {cpu['achieved_flops'] / 1e9:.2f} GFLOP/s achieved / {cpu['matmul_flops'] / 1e9:.2f} GFLOP/s "
-         f"matmul = {cpu['flops_fraction']:.3f}")
+         f"-> plain/ray {cpu['ray_overhead']:.3f} (per CPU second of the worker: {cpu['ray_overhead_cpu_time']:.3f})")
+    echo(f"FLOP/s per CPU second: {cpu['achieved_flops'] / 1e9:.2f} GFLOP/s achieved (packed) / "
+         f"{cpu['matmul_flops'] / 1e9:.2f} GFLOP/s matmul = {cpu['flops_fraction']:.3f}")
     if "gpu" in results:
         gpu = results["gpu"]
         echo(f"GPU {gpu['device']} x{gpu['gpus']}: plain bf16 {gpu['plain_tokens_per_s_per_gpu']:.0f} tok/s/GPU "
@@ -325,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     # can take 20x longer; on a dedicated machine pass --threads $(nproc).
     parser.add_argument("--threads", type=int, default=1, help="torch threads of both loops (Ray: CPUs per worker)")
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of each rate")
+    parser.add_argument("--passes", type=int, default=3, help="passes over the data per loop (the fastest counts)")
     parser.add_argument("--matmul-size", type=int, default=1024)
     parser.add_argument("--gpu-pack-len", type=int, default=4096)
     parser.add_argument("--gpu-steps", type=int, default=40)

@@ -536,12 +536,14 @@ def read_position(directory: str | Path) -> TrainingPosition:
 
 
 class Stopwatch:
-    """Seconds since the last lap."""
+    """Wall and process-CPU seconds since the last lap (CPU time counts every thread of this process, Ray's own
+    included, but not the time other processes held the cores)."""
 
     def __init__(self) -> None:
-        self._last = time.perf_counter()
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
 
-    def lap(self) -> float:
-        now = time.perf_counter()
-        elapsed, self._last = now - self._last, now
+    def lap(self) -> tuple[float, float]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        elapsed = (wall - self._wall, cpu - self._cpu)
+        self._wall, self._cpu = wall, cpu
         return elapsed

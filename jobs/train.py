@@ -470,7 +470,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 n_classes=len(conditions), grad_clip=train_cfg.grad_clip, world_size=world_size,
                 attn_implementation=attn, autocast_dtype=autocast,
             )  # fmt: skip
-            seconds = stopwatch.lap()
+            seconds, cpu_seconds = stopwatch.lap()
             position = TrainingPosition(position.global_step + 1, epoch, position.step_in_epoch + 1)
             summary = {
                 "step": float(position.global_step),
@@ -481,6 +481,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 "supervised_tokens": float(stats.supervised_tokens),
                 "supervised_tokens_per_s": stats.supervised_tokens / seconds,
                 "tokens_per_s": stats.tokens / seconds,
+                "step_s": seconds,
+                "step_cpu_s": cpu_seconds,  # well below step_s: the worker waits (data, other ranks, a busy host)
                 **_class_metrics("loss", stats.class_sums, conditions),
             }
             metrics.log(summary, position.global_step)
