@@ -358,7 +358,7 @@ def datasets(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
         # 2 bins: with 2 workers (or 1 worker accumulating 2) every step sees the same global batch
         "conditioned": write_dataset(root / "conditioned", tiny_model, "crlft", bins=2, val_bins=2),
         "plain": write_dataset(root / "plain", tiny_model, "sft", bins=2),
-        "long": write_dataset(root / "long", tiny_model, "crlft", bins=8, per_bin=2),
+        "long": write_dataset(root / "long", tiny_model, "crlft", bins=24, per_bin=2),
     }
 
 
@@ -505,19 +505,19 @@ def _run_and_kill_a_worker(run: Any, storage: Path, timeout_s: float = 240) -> t
 def test_a_killed_worker_is_replaced_and_the_run_continues_from_its_checkpoint(
     ray_session: None, datasets: dict[str, Path], tiny_model: Path, tmp_path: Path
 ) -> None:
-    cfg = config(tmp_path, **{"train.workers": 2, "train.epochs": 12, "train.checkpoint_every": 4,
+    cfg = config(tmp_path, **{"train.workers": 2, "train.epochs": 3, "train.checkpoint_every": 4,
                               "train.max_failures": 1})
     result, error = _run_and_kill_a_worker(lambda: _train(datasets["long"], tiny_model, tmp_path / "out", cfg),
                                            tmp_path / "ray_results")
     assert error is None
-    assert result.steps == 48 and result.restored_from_step is not None and result.restored_from_step >= 4
+    assert result.steps == 36 and result.restored_from_step is not None and result.restored_from_step % 4 == 0
 
 
 @pytest.mark.slow
 def test_a_stopped_run_resumes_to_the_same_steps_and_optimizer_state_as_an_uninterrupted_one(
     ray_session: None, datasets: dict[str, Path], tiny_model: Path, tmp_path: Path
 ) -> None:
-    settings = {"train.workers": 1, "train.epochs": 6, "train.checkpoint_every": 5, "train.max_failures": 0}
+    settings = {"train.workers": 1, "train.epochs": 2, "train.checkpoint_every": 5, "train.max_failures": 0}
     straight_cfg = config(tmp_path / "straight", **settings)
     straight = _train(datasets["long"], tiny_model, tmp_path / "straight" / "out", straight_cfg)
 
@@ -544,9 +544,7 @@ def test_a_stopped_run_resumes_to_the_same_steps_and_optimizer_state_as_an_unint
             torch.testing.assert_close(resumed_state["state"][name][key], moments[key], rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.slow
-def test_resume_without_a_run_to_resume_says_so(ray_session: None, datasets: dict[str, Path], tiny_model: Path,
-                                               tmp_path: Path) -> None:
+def test_resume_without_a_run_to_resume_says_so(datasets: dict[str, Path], tiny_model: Path, tmp_path: Path) -> None:
     with pytest.raises(CrlftError, match="nothing to resume"):
         _train(datasets["plain"], tiny_model, tmp_path / "out", config(tmp_path, **{"train.mode": "sft"}),
                resume=True)
