@@ -531,10 +531,6 @@ def load_training_state(
     return LoadedState(TrainingPosition(**state["position"]), rng_states, state["extra"])
 
 
-def read_position(directory: str | Path) -> TrainingPosition:
-    return TrainingPosition(**json.loads((Path(directory) / STATE_FILE).read_text())["position"])
-
-
 class Stopwatch:
     """Wall and process-CPU seconds since the last lap (CPU time counts every thread of this process, Ray's own
     included, but not the time other processes held the cores)."""
