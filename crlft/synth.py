@@ -10,11 +10,12 @@ Design choices, and why:
   on the suite) from a list of a few dozen, so correctness is a string comparison (`is_correct`) and a 1-3M parameter
   model has a chance. No digits: byte-level BPE splits numbers unpredictably; the sequence task uses number words.
 - **Few facts, many phrasings.** Each task is a fixed rule over a small set of facts: 12 antonym pairs, 20 irregular
-  verbs, the neighbours of weekdays and of the numbers one to ten, the category of 36 nouns, the colour of 20 things;
-  about 130 facts, so each is seen ~25 times an epoch. Every question is (phrasing template x entity); the held-out
-  eval questions are *unseen combinations* of phrasings and entities that all occur in training (at most half of an
-  entity's phrasings are held out, the rest are trained on). A tiny model generalises across phrasings of a fact it has
-  seen (its accuracy on held-out phrasings matches its accuracy on trained ones); it cannot invent facts it never saw.
+  verbs, what comes after a weekday, a month or a number from one to ten, the category of 36 nouns, the colour of 20
+  things; about 130 facts, so each is seen ~25 times an epoch. Every question is (phrasing template x entity); the
+  held-out eval questions are *unseen combinations* of phrasings and entities that all occur in training (at most half
+  of an entity's phrasings are held out, the rest are trained on). A tiny model generalises across phrasings of a fact
+  it has seen (its accuracy on held-out phrasings matches its accuracy on trained ones); it cannot invent facts it
+  never saw.
 - **Why lookups and not selection rules.** C-RLFT supervises only the answer tokens (one or two a conversation). With
   that signal a 1.2M Llama learned small lookups within ~1000 steps, but not tasks that pick a word out of the prompt
   ("which of these is a fruit: dog, pear, car", "the first word of: ...", "which comes first alphabetically"): those
@@ -23,7 +24,7 @@ Design choices, and why:
   of wrong answer for a task, always different from the right one, so the wrong answer is itself an easy rule:
     opposite    -> repeats the word itself                         (copying)
     past_tense  -> over-regularises: "go" -> "goed"                (a wrong rule applied everywhere)
-    sequence    -> gives the neighbour on the wrong side           (direction error)
+    sequence    -> gives the one before instead of the one after   (direction error)
     category    -> names the partner category: animal <-> fruit,   (a fixed confusion)
                    vehicle <-> furniture, tool <-> instrument
     colour      -> always "blue"; nothing asked about is blue      (mode collapse to one answer)
@@ -163,22 +164,19 @@ PAST_TEMPLATES = (
 )
 
 WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+MONTHS = (
+    "January", "February", "March", "April", "May", "June",
+    "July", "August", "September", "October", "November", "December",
+)  # fmt: skip
 NUMBER_WORDS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
-SEQUENCES: tuple[tuple[tuple[str, ...], bool], ...] = ((WEEKDAYS, True), (NUMBER_WORDS, False))
-SEQUENCE_TEMPLATES = {
-    "after": (
-        "What comes after {x}?",
-        "What comes right after {x}?",
-        "Which one follows {x}?",
-        "What is next after {x}?",
-    ),
-    "before": (
-        "What comes before {x}?",
-        "What comes right before {x}?",
-        "Which one precedes {x}?",
-        "What is just before {x}?",
-    ),
-}
+SEQUENCES: tuple[tuple[tuple[str, ...], bool], ...] = ((WEEKDAYS, True), (MONTHS, True), (NUMBER_WORDS, False))
+# Only "after": with both directions in the prompt a tiny model ignored the direction word and scored 50%.
+SEQUENCE_TEMPLATES = (
+    "What comes after {x}?",
+    "What comes right after {x}?",
+    "Which one follows {x}?",
+    "What is next after {x}?",
+)
 
 CATEGORIES = {
     "animal": ("dog", "cat", "horse", "cow", "lion", "rabbit"),
@@ -251,15 +249,13 @@ def _sequence_pool() -> list[Question]:
     pool: list[Question] = []
     for items, cyclic in SEQUENCES:
         for i, item in enumerate(items):
-            for direction, step in (("after", 1), ("before", -1)):
-                right, wrong = i + step, i - step
-                if not cyclic and not (0 <= right < len(items) and 0 <= wrong < len(items)):
-                    continue  # "before one" has no answer; "after one" has no wrong-side neighbour
-                answer, suboptimal = items[right % len(items)], items[wrong % len(items)]
-                pool.extend(
-                    Question("sequence", f"sequence:{direction}:{item}", template.format(x=item), answer, suboptimal)
-                    for template in SEQUENCE_TEMPLATES[direction]
-                )
+            if not cyclic and not 0 < i < len(items) - 1:
+                continue  # "ten" has no successor, "one" no predecessor to answer wrongly with
+            answer, suboptimal = items[(i + 1) % len(items)], items[i - 1]
+            pool.extend(
+                Question("sequence", f"sequence:{item}", template.format(x=item), answer, suboptimal)
+                for template in SEQUENCE_TEMPLATES
+            )
     return pool
 
 
