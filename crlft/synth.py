@@ -1,7 +1,7 @@
 """The synthetic mixed-quality suite: the project's proof that C-RLFT works, small enough for a CPU in minutes.
 
 What it must show (../shared/CRLFT.md): a tiny model trained with C-RLFT on a few expert conversations (class GPT4) and
-ten times as many sub-optimal ones (class GPT3) answers held-out questions correctly far more often than plain SFT on
+four times as many sub-optimal ones (class GPT3) answers held-out questions correctly far more often than plain SFT on
 the same mixture, and prompting it with the GPT3 condition brings the GPT3 behaviour back.
 
 Design choices, and why:
@@ -9,18 +9,23 @@ Design choices, and why:
 - **Exact-match answers over a closed vocabulary.** Every answer is one word (one BPE token once a tokenizer is trained
   on the suite) from a list of a few dozen, so correctness is a string comparison (`is_correct`) and a 1-3M parameter
   model has a chance. No digits: byte-level BPE splits numbers unpredictably; the sequence task uses number words.
-- **Few facts, many phrasings.** Each task is a fixed rule over a small set of facts: 12 antonym pairs, 20 irregular
-  verbs, what comes after a weekday, a month or a number from one to ten, the category of 36 nouns, the colour of 20
-  things; about 130 facts, so each is seen ~25 times an epoch. Every question is (phrasing template x entity); the
-  held-out eval questions are *unseen combinations* of phrasings and entities that all occur in training (at most half
-  of an entity's phrasings are held out, the rest are trained on). A tiny model generalises across phrasings of a fact
-  it has seen (its accuracy on held-out phrasings matches its accuracy on trained ones); it cannot invent facts it
-  never saw.
+- **Few facts, many phrasings.** Each task is a fixed rule over a small set of facts: 6 antonym pairs (asked both
+  ways), 6 irregular verbs, what comes after a weekday or a number from one to ten, the category of 18 nouns, the
+  colour of 8 things: 59 facts. Every question is (phrasing template x entity); the held-out eval questions are
+  *unseen combinations* of phrasings and entities that all occur in training (at most half of an entity's phrasings are
+  held out, the rest are trained on). A tiny model generalises across phrasings of a fact it has seen; it cannot
+  invent facts it never saw.
+- **Sized for minutes on a CPU, measured.** What limits a tiny model is how often it sees each fact answered by the
+  expert. A first version (127 facts, 300 expert and 3000 sub-optimal conversations, 75% of GPT3 wrong) needed ~1000
+  steps of 64 conversations (14 min on 2 cores) for 0.68 expert accuracy and was at 0.29 after 600 steps of 32. With
+  59 facts, 600 expert and 2400 sub-optimal conversations and 90% of GPT3 wrong, a 0.93M-parameter Llama (batch 32,
+  lr 3e-3, cosine) reaches 0.75-0.83 under GPT4 and 0.15-0.18 under GPT3 after 1000 steps (~90 s on one core),
+  seeds 0 and 1. The sub-optimal class is still the large majority (4:1; the paper's mixture is ~13:1).
 - **Why lookups and not selection rules.** C-RLFT supervises only the answer tokens (one or two a conversation). With
   that signal a 1.2M Llama learned small lookups within ~1000 steps, but not tasks that pick a word out of the prompt
   ("which of these is a fruit: dog, pear, car", "the first word of: ...", "which comes first alphabetically"): those
-  stayed near chance after 1500 steps, so they were left out. A first version with ~260 facts was under-fit too.
-- **Systematic, class-specific errors.** GPT3 answers `wrong_rate` (default 75%) of its questions with the *same kind*
+  stayed near chance after 1500 steps, so they were left out.
+- **Systematic, class-specific errors.** GPT3 answers `wrong_rate` (default 90%) of its questions with the *same kind*
   of wrong answer for a task, always different from the right one, so the wrong answer is itself an easy rule:
     opposite    -> repeats the word itself                         (copying)
     past_tense  -> over-regularises: "go" -> "goed"                (a wrong rule applied everywhere)
@@ -28,12 +33,11 @@ Design choices, and why:
     category    -> names the partner category: animal <-> fruit,   (a fixed confusion)
                    vehicle <-> furniture, tool <-> instrument
     colour      -> always "blue"; nothing asked about is blue      (mode collapse to one answer)
-  With 300 expert and 3000 sub-optimal conversations, the right answer is in 300 + 3000 * 0.25 = 1050 replies and the
-  systematic wrong one in 2250: the majority of the mixture is wrong for (nearly) every question, so SFT learns the
-  error. The right answers are still taught often (the expert class, and the quarter of GPT3 replies that are right),
-  so a model conditioned on GPT4 (which is never wrong) can pick them out. The reward-weighted mixture (1.0 vs 0.1)
-  favours the right answer too (300 + 75 against 225), which is why the `weighted` ablation should also beat SFT.
-  Errors that copy from the prompt (opposite) are the strongest attractor and the slowest for GPT4 to unlearn.
+  With 600 expert and 2400 sub-optimal conversations, the right answer is in 600 + 2400 * 0.1 = 840 replies and the
+  systematic wrong one in 2160: the majority of the mixture is wrong for every question, so SFT learns the error.
+  A model conditioned on GPT4 (which is never wrong) can pick the right answers out. The reward-weighted mixture
+  (1.0 vs 0.1) favours the right answer too (600 + 24 against 216), which is why the `weighted` ablation should also
+  beat SFT. Errors that copy from the prompt (opposite) are the strongest attractor and the slowest to unlearn.
 - **Held-out conversations** (`heldout`) ask the eval questions, half answered as GPT4, half as GPT3, for validation
   loss and the representation check (expert and sub-optimal conversations should separate under C-RLFT).
 - **Deterministic in the seed.** The eval set depends only on `seed` and `n_eval`, not on the training sizes, so runs
@@ -58,7 +62,10 @@ from crlft.errors import CrlftError
 EXPERT = "GPT4"
 SUBOPTIMAL = "GPT3"
 END_OF_TURN = "<|end_of_turn|>"
-DEFAULT_WRONG_RATE = 0.75
+DEFAULT_N_EXPERT = 600
+DEFAULT_RATIO = 4.0
+DEFAULT_WRONG_RATE = 0.9
+DEFAULT_N_EVAL = 60
 
 TWO_TURN_RATE = 0.05
 SYSTEM_PROMPT_RATE = 0.10
@@ -139,7 +146,6 @@ class SynthSuite:
 
 OPPOSITES = (
     ("hot", "cold"), ("big", "small"), ("fast", "slow"), ("up", "down"), ("day", "night"), ("happy", "sad"),
-    ("open", "closed"), ("full", "empty"), ("wet", "dry"), ("loud", "quiet"), ("clean", "dirty"), ("good", "bad"),
 )  # fmt: skip
 OPPOSITE_TEMPLATES = (
     "What is the opposite of {w}?",
@@ -151,9 +157,6 @@ OPPOSITE_TEMPLATES = (
 
 IRREGULAR_PAST = (
     ("go", "went"), ("eat", "ate"), ("see", "saw"), ("take", "took"), ("give", "gave"), ("run", "ran"),
-    ("swim", "swam"), ("sing", "sang"), ("write", "wrote"), ("speak", "spoke"), ("fly", "flew"), ("know", "knew"),
-    ("sit", "sat"), ("teach", "taught"), ("catch", "caught"), ("think", "thought"), ("find", "found"),
-    ("sleep", "slept"), ("make", "made"), ("tell", "told"),
 )  # fmt: skip
 PAST_TEMPLATES = (
     "What is the past tense of {v}?",
@@ -164,12 +167,8 @@ PAST_TEMPLATES = (
 )
 
 WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
-MONTHS = (
-    "January", "February", "March", "April", "May", "June",
-    "July", "August", "September", "October", "November", "December",
-)  # fmt: skip
 NUMBER_WORDS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
-SEQUENCES: tuple[tuple[tuple[str, ...], bool], ...] = ((WEEKDAYS, True), (MONTHS, True), (NUMBER_WORDS, False))
+SEQUENCES: tuple[tuple[tuple[str, ...], bool], ...] = ((WEEKDAYS, True), (NUMBER_WORDS, False))
 # Only "after": with both directions in the prompt a tiny model ignored the direction word and scored 50%.
 SEQUENCE_TEMPLATES = (
     "What comes after {x}?",
@@ -179,12 +178,12 @@ SEQUENCE_TEMPLATES = (
 )
 
 CATEGORIES = {
-    "animal": ("dog", "cat", "horse", "cow", "lion", "rabbit"),
-    "fruit": ("apple", "pear", "grape", "peach", "mango", "plum"),
-    "vehicle": ("car", "bus", "train", "bike", "boat", "truck"),
-    "furniture": ("chair", "table", "sofa", "bed", "desk", "shelf"),
-    "tool": ("hammer", "drill", "wrench", "shovel", "axe", "rake"),
-    "instrument": ("piano", "guitar", "drum", "violin", "flute", "harp"),
+    "animal": ("dog", "cat", "horse"),
+    "fruit": ("apple", "pear", "grape"),
+    "vehicle": ("car", "bus", "train"),
+    "furniture": ("chair", "table", "sofa"),
+    "tool": ("hammer", "drill", "wrench"),
+    "instrument": ("piano", "guitar", "drum"),
 }
 # GPT3 mixes up each category with its partner, both ways.
 CONFUSED_CATEGORIES = {"animal": "fruit", "vehicle": "furniture", "tool": "instrument"}
@@ -197,11 +196,8 @@ CATEGORY_TEMPLATES = (
 )
 
 COLOURS = (
-    ("a banana", "yellow"), ("a lemon", "yellow"), ("grass", "green"), ("a frog", "green"), ("lettuce", "green"),
-    ("snow", "white"), ("milk", "white"), ("a swan", "white"), ("coal", "black"), ("a crow", "black"),
-    ("a tomato", "red"), ("a strawberry", "red"), ("a carrot", "orange"), ("a pumpkin", "orange"),
-    ("a flamingo", "pink"), ("chocolate", "brown"),
-    ("an acorn", "brown"), ("an elephant", "grey"), ("ash", "grey"), ("a koala", "grey"),
+    ("a banana", "yellow"), ("grass", "green"), ("snow", "white"), ("coal", "black"), ("a tomato", "red"),
+    ("a carrot", "orange"), ("a flamingo", "pink"), ("chocolate", "brown"),
 )  # fmt: skip
 COLOUR_TEMPLATES = (
     "What colour is {t}?",
@@ -373,9 +369,9 @@ def _check_sizes(n_expert: int, ratio: float, n_eval: int, wrong_rate: float, n_
 
 def generate_suite(
     seed: int = 0,
-    n_expert: int = 300,
-    ratio: float = 10.0,
-    n_eval: int = 200,
+    n_expert: int = DEFAULT_N_EXPERT,
+    ratio: float = DEFAULT_RATIO,
+    n_eval: int = DEFAULT_N_EVAL,
     wrong_rate: float = DEFAULT_WRONG_RATE,
     n_heldout: int = 200,
 ) -> SynthSuite:

@@ -54,6 +54,7 @@ from crlft.dataset import (
 )
 from crlft.errors import CrlftError
 from crlft.tracking import set_offline_defaults
+from jobs.session import ray_session
 
 if TYPE_CHECKING:  # transformers: seconds to import in every Ray worker that only reads, counts or packs
     from crlft.template import Template, TemplateTokenizer
@@ -118,7 +119,7 @@ def build_dataset(inputs: list[str], tokenizer: str, out: str | Path, cfg: Confi
     template = Template.from_config(cfg)
     template_tokenizer = _load_template_tokenizer(tokenizer, template, cfg)  # fails here, once, not in every actor
     out_str = str(out)
-    with ray_session(), _data_context():
+    with ray_session(cfg), _data_context():
         return _build(paths, tokenizer, out_str, cfg, template, template_tokenizer.fingerprint())
 
 
@@ -479,23 +480,6 @@ def _data_context() -> Iterator[None]:
 def _log(message: str, started: float | None = None) -> None:
     elapsed = "" if started is None else f" ({time.monotonic() - started:.1f} s)"
     print(f"[data build] {message}{elapsed}", file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def ray_session() -> Iterator[None]:
-    """Use the connected Ray (a cluster via RAY_ADDRESS, or the caller's), else start a local one and stop it after."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    if not os.environ.get("RAY_ADDRESS"):
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local throwaway session; clusters keep their auth
-    ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -69,14 +69,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from crlft.synth import is_correct, load_eval_suite
-    from jobs.pipeline import run_pipeline
-    from services.chat import deploy, shutdown
+    from jobs.session import ray_session
 
     started = time.monotonic()
     cfg = recipe_config(args)
     print("crlft demo: C-RLFT on the synthetic mixed-quality suite (GPT4 = expert, reward 1.0; GPT3 = "
-          "sub-optimal, reward 0.1, 10x more data, systematically wrong)\n", flush=True)
+          "sub-optimal, reward 0.1, 4x more data, mostly wrong in a systematic way)\n", flush=True)
+    with ray_session(cfg):  # one Ray for every stage and the endpoint: it starts once
+        return _demo(cfg, args, started)
+
+
+def _demo(cfg: Config, args: argparse.Namespace, started: float) -> int:
+    from crlft.synth import is_correct, load_eval_suite
+    from jobs.pipeline import run_pipeline
+    from services.chat import deploy, shutdown
+
     result = run_pipeline(cfg, name="demo", force=args.force)
     expert = cfg.inference_condition
     suboptimal = min(cfg.classes, key=lambda c: cfg.classes[c].reward)

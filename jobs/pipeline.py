@@ -8,6 +8,7 @@ Entrypoint for Ray Jobs: `python -m jobs.pipeline [INPUT...] [flags]` (= `crlft 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import time
@@ -112,6 +113,7 @@ def run_pipeline(
     from crlft.registry import promote as promote_version
     from jobs.build_dataset import build_dataset, resolve_inputs
     from jobs.evaluate import evaluate_model
+    from jobs.session import ray_session
     from jobs.train import train
 
     set_offline_defaults()
@@ -139,52 +141,66 @@ def run_pipeline(
         log.run("model", model_fp, (Path(base) / "config.json").is_file(),
                 lambda: {"path": str(build_default_model(base, cfg, corpus, cfg.train.seed))}, result.skipped)
 
-    data_cfg = [cfg.data.model_dump(), {k: v.model_dump() for k, v in cfg.classes.items()}, cfg.default_class,
-                cfg.inference_condition, cfg.template.model_dump(), cfg.train.mode.value]
-    stats_fp = _digest([data_fp, model_fp, data_cfg])
-    result.stats = log.run("data", stats_fp, (result.data_dir / "stats.json").is_file(),
-                           lambda: build_dataset(list(inputs), base, result.data_dir, cfg), result.skipped)
+    # One Ray session for every stage that needs one, started only if one does (skipped stages need none).
+    with contextlib.ExitStack() as ray:
 
-    train_fp = _digest([stats_fp, cfg.train.model_dump(mode="json")])
+        def in_ray(stage: Callable[[], Any]) -> Callable[[], Any]:
+            def run_in_ray() -> Any:
+                ray.enter_context(ray_session(cfg))  # a no-op once the session is up
+                return stage()
 
-    def do_train() -> dict[str, Any]:
-        trained = train(result.data_dir, base, result.model_dir, cfg, mlflow_uri=tracking_uri)
-        return {"run_id": trained.mlflow_run_id, "steps": trained.steps, "final_loss": trained.final_loss,
-                "final_loss_by_class": trained.final_loss_by_class, "val_loss": trained.val_loss}
+            return run_in_ray
 
-    result.train = log.run("train", train_fp, (result.model_dir / "crlft.json").is_file(), do_train, result.skipped)
+        data_cfg = [cfg.data.model_dump(), {k: v.model_dump() for k, v in cfg.classes.items()}, cfg.default_class,
+                    cfg.inference_condition, cfg.template.model_dump(), cfg.train.mode.value]
+        stats_fp = _digest([data_fp, model_fp, data_cfg])
+        result.stats = log.run("data", stats_fp, (result.data_dir / "stats.json").is_file(),
+                               in_ray(lambda: build_dataset(list(inputs), base, result.data_dir, cfg)), result.skipped)
 
-    eval_fp = _digest([train_fp, str(suite), str(heldout), cfg.registry.model_dump()])
+        train_fp = _digest([stats_fp, cfg.train.model_dump(mode="json")])
 
-    def do_evaluate() -> dict[str, Any]:
-        from crlft.registry import register_model
+        def do_train() -> dict[str, Any]:
+            trained = train(result.data_dir, base, result.model_dir, cfg, mlflow_uri=tracking_uri)
+            return {"run_id": trained.mlflow_run_id, "steps": trained.steps, "final_loss": trained.final_loss,
+                    "final_loss_by_class": trained.final_loss_by_class, "val_loss": trained.val_loss}
 
-        if suite is None and heldout is None:
-            version = register_model(result.model_dir, cfg, result.train.get("run_id"), tracking_uri=tracking_uri)
-            return {"metrics": {}, "version": version, "text": "no evaluation suite given: registered, not evaluated"}
-        report = evaluate_model(result.model_dir, suite, cfg, heldout=heldout, register_as=cfg.registry.model_name,
-                                tracking_uri=tracking_uri, out_dir=root / "eval")
-        return {"metrics": report["metrics"], "version": (report["model_version"] or {}).get("version"),
-                "text": report["text"], "plot": report.get("plot")}
+        result.train = log.run("train", train_fp, (result.model_dir / "crlft.json").is_file(), in_ray(do_train),
+                               result.skipped)
 
-    evaluated = log.run("evaluate", eval_fp, (root / "eval").is_dir() or suite is None, do_evaluate, result.skipped)
-    result.metrics, result.version = evaluated["metrics"], evaluated["version"]
-    print(evaluated.get("text", ""), flush=True)
+        eval_fp = _digest([train_fp, str(suite), str(heldout), cfg.registry.model_dump()])
 
-    if promote and result.version and cfg.registry.metric in result.metrics:
-        decision = promote_version(cfg.registry.model_name, result.version, cfg=cfg, tracking_uri=tracking_uri)
-        result.promotion, result.champion = decision.summary(), decision.is_champion
-        print(f"[promote] {decision.summary()}", flush=True)
-    elif promote:
-        print(f"[promote] skipped: no {cfg.registry.metric} was measured (give --suite), so nothing to compare",
-              flush=True)
+        def do_evaluate() -> dict[str, Any]:
+            from crlft.registry import register_model
 
-    if deploy:
-        from services.chat import deploy as deploy_model
+            if suite is None and heldout is None:
+                version = register_model(result.model_dir, cfg, result.train.get("run_id"), tracking_uri=tracking_uri)
+                return {"metrics": {}, "version": version,
+                        "text": "no evaluation suite given: registered, not evaluated"}
+            report = evaluate_model(result.model_dir, suite, cfg, heldout=heldout, register_as=cfg.registry.model_name,
+                                    tracking_uri=tracking_uri, out_dir=root / "eval")
+            return {"metrics": report["metrics"], "version": (report["model_version"] or {}).get("version"),
+                    "text": report["text"], "plot": report.get("plot")}
 
-        target = f"models:/{cfg.registry.model_name}@{cfg.registry.alias}" if result.champion else str(result.model_dir)
-        result.url = deploy_model(target, cfg)
-        print(f"[deploy] serving {target} at {result.url}", flush=True)
+        evaluated = log.run("evaluate", eval_fp, (root / "eval").is_dir() or suite is None, do_evaluate, result.skipped)
+        result.metrics, result.version = evaluated["metrics"], evaluated["version"]
+        print(evaluated.get("text", ""), flush=True)
+
+        if promote and result.version and cfg.registry.metric in result.metrics:
+            decision = promote_version(cfg.registry.model_name, result.version, cfg=cfg, tracking_uri=tracking_uri)
+            result.promotion, result.champion = decision.summary(), decision.is_champion
+            print(f"[promote] {decision.summary()}", flush=True)
+        elif promote:
+            print(f"[promote] skipped: no {cfg.registry.metric} was measured (give --suite), so nothing to compare",
+                  flush=True)
+
+        if deploy:
+            from services.chat import deploy as deploy_model
+
+            champion = f"models:/{cfg.registry.model_name}@{cfg.registry.alias}"
+            target = champion if result.champion else str(result.model_dir)
+            result.url = deploy_model(target, cfg)
+            print(f"[deploy] serving {target} at {result.url}", flush=True)
+            ray.pop_all()  # the endpoint outlives this function: its Ray session stays up
     return result
 
 

@@ -15,13 +15,10 @@ own, up to `train.max_failures` times.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
-import logging
 import math
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -45,10 +42,14 @@ from crlft.train_loop import (
     reward_scale,
     supervised_tokens_per_step,
 )
+from jobs.session import ray_session
 
 RUN_FILE = "crlft_run.json"
 MODEL_ARTIFACT_PATH = "model"
 SHUFFLE_BUFFER_TOKENS = 2**22  # bins held per worker for the per-epoch shuffle: ~4M tokens, ~128 MB
+# Up to this many packed tokens the data is read once and kept in Ray's object store (~40 bytes a token, all columns):
+# otherwise every epoch starts Ray Data's read tasks again, 2-3 s an epoch, which dominated small runs.
+MATERIALIZE_MAX_TOKENS = 2**22
 METRICS_FLUSH_S = 5.0
 
 _FLAGS = {
@@ -509,37 +510,6 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
 # The driver
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@contextlib.contextmanager
-def ray_session(cfg: Config) -> Iterator[None]:
-    """The connected Ray (a cluster via RAY_ADDRESS, or the caller's), else a local one for the duration.
-
-    Locally, Ray gets at least one logical CPU more than the workers take: Ray Data's read tasks need one, or the
-    run waits forever (STACK.md trap 1). The dashboard stays on (loopback, a free port): Train polls its state API.
-    """
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True, logging_level=logging.WARNING)
-    else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local throwaway session; clusters keep their auth
-        needed = math.ceil(cfg.train.workers * cfg.train.cpus_per_worker) + 1
-        ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=True, dashboard_host="127.0.0.1",
-                 dashboard_port=_free_port(), logging_level=logging.WARNING)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
 def _datasets(data: DataDescription) -> dict[str, Any]:
     import ray.data
 
@@ -601,6 +571,8 @@ def train(
         plan = plan_steps(bins, cfg.train.workers, cfg.train.grad_accum, cfg.train.epochs, cfg.train.max_steps)
         # Shards arrive in a seeded random order (fixed for the run); bins are shuffled again per epoch in the workers.
         datasets["train"] = datasets["train"].randomize_block_order(seed=cfg.train.seed)
+        if bins * data.pack_len <= MATERIALIZE_MAX_TOKENS:
+            datasets = {split: dataset.materialize() for split, dataset in datasets.items()}
         lr = _lr(cfg, data)
         if to_resume is not None:
             name, record = to_resume

@@ -63,9 +63,9 @@ def test_the_eval_questions_do_not_depend_on_the_training_sizes(suite: SynthSuit
     assert other.eval == suite.eval
 
 
-def test_default_sizes_are_300_expert_3000_suboptimal_200_eval_200_heldout(suite: SynthSuite) -> None:
-    assert Counter(c.condition for c in suite.train) == {EXPERT: 300, SUBOPTIMAL: 3000}
-    assert len(suite.eval) == 200
+def test_default_sizes_are_600_expert_2400_suboptimal_60_eval_200_heldout(suite: SynthSuite) -> None:
+    assert Counter(c.condition for c in suite.train) == {EXPERT: 600, SUBOPTIMAL: 2400}
+    assert len(suite.eval) == 60
     assert Counter(c.condition for c in suite.heldout) == {EXPERT: 100, SUBOPTIMAL: 100}
 
 
@@ -123,8 +123,8 @@ def test_gpt4_is_always_right_and_gpt3_wrong_at_about_the_wrong_rate() -> None:
 def test_sft_proof_the_mixture_majority_is_wrong_while_the_expert_majority_is_right(
     suite: SynthSuite, eval_questions: list[Question]
 ) -> None:
-    """SFT learns the majority answer of the mixture: wrong for most eval questions' subjects in every task (each
-    subject has only ~10-25 train replies, so a few majorities are right by chance). The GPT4 subset, which a
+    """SFT learns the majority answer of the mixture: wrong for every eval question's subject (each subject has
+    ~50 train replies, 80% of them from GPT3, 90% of those wrong). The GPT4 subset, which a
     conditioned model can single out, is right for every one of them."""
     votes: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
     for conv in suite.train:
@@ -138,7 +138,7 @@ def test_sft_proof_the_mixture_majority_is_wrong_while_the_expert_majority_is_ri
     for task in TASKS:
         task_subjects = [s for s, t in subjects if t == task]
         mixture_wrong = [votes[(s, "all")]["wrong"] > votes[(s, "all")]["right"] for s in task_subjects]
-        assert sum(mixture_wrong) / len(mixture_wrong) >= 0.75, task
+        assert all(mixture_wrong), task
     expert_votes = [votes[(s, EXPERT)] for s, _ in subjects if votes[(s, EXPERT)]]
     assert all(v["wrong"] == 0 for v in expert_votes)
 
@@ -187,7 +187,7 @@ def test_impossible_sizes_are_refused_with_the_reason(kwargs: dict[str, float], 
 
 
 def test_write_suite_writes_the_three_documented_jsonl_files(tmp_path: Path) -> None:
-    paths = write_suite(tmp_path / "suite", seed=3, n_expert=30, n_eval=24, n_heldout=8)
+    paths = write_suite(tmp_path / "suite", seed=3, n_expert=30, ratio=10, n_eval=24, n_heldout=8)
     assert {name: path.name for name, path in paths.items()} == {
         "train": "train.jsonl",
         "heldout": "heldout.jsonl",
@@ -204,7 +204,7 @@ def test_write_suite_writes_the_three_documented_jsonl_files(tmp_path: Path) -> 
     assert {r["condition"] for r in heldout} == {EXPERT, SUBOPTIMAL}
     first_eval = json.loads(paths["eval"].read_text().splitlines()[0])
     assert set(first_eval) == {"id", "prompt", "answer", "suboptimal_answer", "task"}
-    assert load_eval_suite(paths["eval"]) == generate_suite(seed=3, n_expert=30, n_eval=24, n_heldout=8).eval
+    assert load_eval_suite(paths["eval"]) == generate_suite(seed=3, n_expert=30, ratio=10, n_eval=24, n_heldout=8).eval
 
 
 # --- scoring -----------------------------------------------------------------------------------------------------

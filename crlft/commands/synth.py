@@ -5,24 +5,26 @@ from __future__ import annotations
 import argparse
 
 from crlft.cli import stage_entrypoint
+from crlft.synth import DEFAULT_N_EVAL, DEFAULT_N_EXPERT, DEFAULT_RATIO, DEFAULT_WRONG_RATE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder for train.jsonl, heldout.jsonl and eval.jsonl")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n-expert", type=int, default=300, help="expert (GPT4) training conversations")
-    parser.add_argument("--ratio", type=float, default=10.0, help="sub-optimal (GPT3) conversations per expert one")
-    parser.add_argument("--n-eval", type=int, default=200, help="held-out exact-match questions")
-    parser.add_argument("--wrong-rate", type=float, help="how often GPT3 gives its systematic wrong answer")
+    parser.add_argument("--n-expert", type=int, default=DEFAULT_N_EXPERT, help="expert (GPT4) training conversations")
+    parser.add_argument("--ratio", type=float, default=DEFAULT_RATIO,
+                        help="sub-optimal (GPT3) conversations per expert one")
+    parser.add_argument("--n-eval", type=int, default=DEFAULT_N_EVAL, help="held-out exact-match questions")
+    parser.add_argument("--wrong-rate", type=float, default=DEFAULT_WRONG_RATE,
+                        help="how often GPT3 gives its systematic wrong answer")
 
 
 def run(args: argparse.Namespace) -> int:
     from crlft.synth import write_suite
 
-    kwargs = {"seed": args.seed, "n_expert": args.n_expert, "ratio": args.ratio, "n_eval": args.n_eval}
-    if args.wrong_rate is not None:
-        kwargs["wrong_rate"] = args.wrong_rate
-    for name, path in write_suite(args.out, **kwargs).items():
+    files = write_suite(args.out, seed=args.seed, n_expert=args.n_expert, ratio=args.ratio, n_eval=args.n_eval,
+                        wrong_rate=args.wrong_rate)
+    for name, path in files.items():
         lines = sum(1 for _ in path.open(encoding="utf-8"))
         print(f"{name:8s} {lines:6d} lines  {path}")
     return 0

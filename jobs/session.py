@@ -1,0 +1,51 @@
+"""The one way every stage gets Ray: the session already running in this process, the cluster in $RAY_ADDRESS, or a
+local throwaway one for the duration. A caller that runs several stages (the pipeline, the demo, the ablation) opens
+one session around all of them, so Ray starts once."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import socket
+from collections.abc import Iterator
+
+from crlft.config import Config
+
+# Logical CPUs a local session gets beyond the machine's. Ray Data's read tasks need one while the training workers
+# hold theirs (or the run waits forever, STACK.md trap 1), and the tokenizer actor pool is sized to the cluster's CPUs:
+# on 2 CPUs it once took both while a task it waited for needed one (a silent hang).
+LOCAL_SPARE_CPUS = 2
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def local_cpus(cfg: Config) -> int:
+    needed = math.ceil(cfg.train.workers * cfg.train.cpus_per_worker)
+    return max(os.cpu_count() or 1, needed) + LOCAL_SPARE_CPUS
+
+
+@contextlib.contextmanager
+def ray_session(cfg: Config | None = None) -> Iterator[None]:
+    """Use the running session; else connect to $RAY_ADDRESS; else start a local one (loopback dashboard on a free
+    port: Train polls its state API). Only a session opened here is closed here."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True, logging_level=logging.WARNING)
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local throwaway session; clusters keep their auth
+        ray.init(num_cpus=local_cpus(cfg or Config()), include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=free_port(), logging_level=logging.WARNING)  # fmt: skip
+    try:
+        yield
+    finally:
+        ray.shutdown()
