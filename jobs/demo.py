@@ -75,11 +75,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = recipe_config(args)
     print("crlft demo: C-RLFT on the synthetic mixed-quality suite (GPT4 = expert, reward 1.0; GPT3 = "
           "sub-optimal, reward 0.1, 4x more data, mostly wrong in a systematic way)\n", flush=True)
-    with ray_session(cfg):  # one Ray for every stage and the endpoint: it starts once
-        return _demo(cfg, args, started)
+    with ray_session(cfg) as dashboard:  # one Ray for every stage and the endpoint: it starts once
+        return _demo(cfg, args, started, dashboard)
 
 
-def _demo(cfg: Config, args: argparse.Namespace, started: float) -> int:
+def _demo(cfg: Config, args: argparse.Namespace, started: float, dashboard: str | None) -> int:
     from crlft.synth import is_correct, load_eval_suite
     from jobs.pipeline import run_pipeline
     from services.chat import deploy, shutdown
@@ -109,7 +109,7 @@ def _demo(cfg: Config, args: argparse.Namespace, started: float) -> int:
         accuracy = {k: v for k, v in result.metrics.items() if k.startswith("accuracy_") and "/" not in k}
         if accuracy:
             print(f"whole held-out suite: {json.dumps({k: round(v, 3) for k, v in accuracy.items()})}")
-        print(_where(cfg, result, url, model_name, expert))
+        print(_where(cfg, result, url, model_name, expert, dashboard))
         print(f"demo finished in {time.monotonic() - started:.0f} s", flush=True)
         if args.keep_serving:
             print("serving until Ctrl-C ...", flush=True)
@@ -126,7 +126,7 @@ def _served_name(url: str) -> str:
     return httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
 
 
-def _where(cfg: Config, result: Any, url: str, model_name: str, expert: str) -> str:
+def _where(cfg: Config, result: Any, url: str, model_name: str, expert: str, dashboard: str | None) -> str:
     body = json.dumps({"model": model_name, "messages": [{"role": "user", "content": "What is the opposite of hot?"}],
                        "condition": expert})
     return f"""
@@ -141,7 +141,7 @@ Where everything is:
   curl             curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'
   openai           OpenAI(base_url="{url}/v1", api_key="unused").chat.completions.create(model="{model_name}",
                        messages=[...], extra_body={{"condition": "{expert}"}})
-  Ray dashboard    http://127.0.0.1:8265 (while the demo runs)"""
+  Ray dashboard    {dashboard or "(the cluster's)"} (while the demo runs)"""
 
 
 if __name__ == "__main__":

@@ -31,21 +31,22 @@ def local_cpus(cfg: Config) -> int:
 
 
 @contextlib.contextmanager
-def ray_session(cfg: Config | None = None) -> Iterator[None]:
+def ray_session(cfg: Config | None = None) -> Iterator[str | None]:
     """Use the running session; else connect to $RAY_ADDRESS; else start a local one (loopback dashboard on a free
-    port: Train polls its state API). Only a session opened here is closed here."""
+    port: Train polls its state API). Yields the dashboard's URL when this call opened the session. Only a session
+    opened here is closed here."""
     import ray
 
     if ray.is_initialized():
-        yield
+        yield None
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True, logging_level=logging.WARNING)
+        context = ray.init(log_to_driver=True, logging_level=logging.WARNING)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local throwaway session; clusters keep their auth
-        ray.init(num_cpus=local_cpus(cfg or Config()), include_dashboard=True, dashboard_host="127.0.0.1",
-                 dashboard_port=free_port(), logging_level=logging.WARNING)  # fmt: skip
+        context = ray.init(num_cpus=local_cpus(cfg or Config()), include_dashboard=True, dashboard_host="127.0.0.1",
+                           dashboard_port=free_port(), logging_level=logging.WARNING)  # fmt: skip
     try:
-        yield
+        yield f"http://{context.dashboard_url}" if context.dashboard_url else None
     finally:
         ray.shutdown()
