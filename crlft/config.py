@@ -120,7 +120,9 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (0: only at the end)")
     num_to_keep: int = Field(2, ge=1, description="checkpoints kept per run")
     max_failures: int = Field(2, ge=0, description="worker failures recovered from the latest checkpoint")
-    storage_path: str = Field(".crlft/ray_results", description="Ray Train storage (shared storage on clusters)")
+    storage_path: str | None = Field(
+        None, description="Ray Train storage (shared storage on clusters); default: <state_dir>/ray_results"
+    )
     seed: int = Field(0, description="seed of initialisation, data order and dropout")
 
 

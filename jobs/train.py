@@ -5,11 +5,11 @@
       rank 0: per-step metrics to MLflow; every checkpoint_every steps and at the end: ray.train.report(checkpoint)
     driver: final checkpoint -> exported model in --out (crlft.export) -> logged to the MLflow run as artifacts
 
-Runs live in `train.storage_path` (Ray Train's RunConfig): one folder per run, named after --out and the start time,
-with `crlft_run.json` saying which --out, data and MLflow run it belongs to. `--resume` continues the newest run of the
-same --out from its latest checkpoint (Ray Train V2 restores a run's checkpoints when a trainer is started again with
-the same name and storage path); a lost worker is replaced and the run continues from its latest checkpoint on its
-own, up to `train.max_failures` times.
+Runs live in `train.storage_path` (default `<state_dir>/ray_results`; Ray Train's RunConfig): one folder per run,
+named after --out and the start time, with `crlft_run.json` saying which --out, data and MLflow run it belongs to.
+`--resume` continues the newest run of the same --out from its latest checkpoint (Ray Train V2 restores a run's
+checkpoints when a trainer is started again with the same name and storage path); a lost worker is replaced and the
+run continues from its latest checkpoint on its own, up to `train.max_failures` times.
 """
 
 from __future__ import annotations
@@ -233,7 +233,7 @@ class RunRecord:
 
 
 def _storage_root(cfg: Config) -> str:
-    path = cfg.train.storage_path
+    path = cfg.train.storage_path or str(Path(cfg.state_dir) / "ray_results")
     return path if _is_uri(path) else str(Path(path).resolve())
 
 
