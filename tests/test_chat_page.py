@@ -168,7 +168,9 @@ def test_a_question_is_answered_in_streamed_pieces_under_the_default_condition(s
     assert page.locator(".msg.user .text").all_text_contents() == ["What is the capital of France?"]
     assert page.get_by_label("Message").input_value() == ""
     grew = page.evaluate("window.answerLengths")
-    assert len([n for n in grew if n > 0]) >= 3, f"the answer did not arrive in pieces: {grew}"
+    # The first piece is sent at once, the rest every 50 ms: any answer longer than a token shows at least twice. (The
+    # untrained model samples; a short answer can be finished by the second piece, so more is not guaranteed.)
+    assert len([n for n in grew if n > 0]) >= 2, f"the answer did not arrive in pieces: {grew}"
     shown = page.locator(".msg.assistant .text").last.evaluate("text => text.textContent.length")  # UTF-16 units
     assert grew == sorted(grew) and grew[-1] == shown
     [sent] = page.chat_requests
