@@ -102,20 +102,11 @@ MODES = tuple(v.name for v in VARIANTS if v.data == "all")  # the four ways to t
 # Configurations
 
 
-def expert_class(cfg: Config) -> str:
-    return cfg.inference_condition
-
-
-def suboptimal_class(cfg: Config) -> str:
-    """The lowest-reward class (the sub-optimal source)."""
-    return min(cfg.classes, key=lambda name: (cfg.classes[name].reward, name))
-
-
 def kept_classes(variant: Variant, cfg: Config) -> list[str] | None:
     if variant.data == "expert":
-        return [expert_class(cfg)]
+        return [cfg.inference_condition]
     if variant.data == "suboptimal":
-        return [suboptimal_class(cfg)]
+        return [cfg.suboptimal_condition]
     return None
 
 
@@ -142,9 +133,11 @@ def run_config(variant: Variant, cfg: Config, seed: int, steps: int, steps_per_e
 
 
 def steps_per_epoch(stats: dict[str, Any], cfg: Config) -> int:
-    """Optimiser steps in one pass over the data (jobs.train's plan: bins split over workers, grad_accum a step)."""
+    """Optimiser steps in one pass over the data, as jobs.train plans them."""
+    from crlft.train_loop import plan_steps
+
     bins = int(stats["splits"]["train"]["bins"])
-    return max(1, math.ceil((bins // cfg.train.workers) / cfg.train.grad_accum))
+    return plan_steps(bins, cfg.train.workers, cfg.train.grad_accum, 1, None).steps_per_epoch
 
 
 def recipe_steps(stats: dict[str, Any], cfg: Config) -> int:
@@ -363,12 +356,6 @@ class Ablation:
     summary_run_id: str | None = None
 
 
-def write_suite_files(out: Path, seed: int) -> dict[str, Path]:
-    from crlft.synth import write_suite
-
-    return write_suite(out, seed=seed)
-
-
 def suite_files(folder: Path) -> dict[str, Path]:
     files = {name: folder / f"{name}.jsonl" for name in ("train", "heldout", "eval")}
     missing = [str(path) for path in files.values() if not path.is_file()]
@@ -460,6 +447,7 @@ def run_ablation(cfg: Config, out: Path, *, seeds: Sequence[int] = DEFAULT_SEEDS
                  mlflow_uri: str | None = None, parallel: int = 1, log: Callable[[str], None] = print) -> Ablation:
     """Build the data, train and evaluate every variant for every seed in one Ray session, summarize, plot, log."""
     from crlft.commands.init_model import build_default_model
+    from crlft.synth import write_suite
     from crlft.tracking import set_offline_defaults, setup_mlflow
     from jobs.build_dataset import build_dataset
     from jobs.session import ray_session
@@ -475,10 +463,10 @@ def run_ablation(cfg: Config, out: Path, *, seeds: Sequence[int] = DEFAULT_SEEDS
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     ablation_id = time.strftime("%Y%m%d-%H%M%S")
-    suite = suite_files(suite_dir) if suite_dir else write_suite_files(out / "suite", seed=0)
+    suite = suite_files(suite_dir) if suite_dir else write_suite(out / "suite", seed=0)
     tracking_uri = setup_mlflow(cfg.model_copy(update={"registry": cfg.registry.model_copy(
         update={"experiment": EXPERIMENT})}), mlflow_uri)  # fmt: skip
-    expert, suboptimal = expert_class(cfg), suboptimal_class(cfg)
+    expert, suboptimal = cfg.inference_condition, cfg.suboptimal_condition
     started = time.monotonic()
     with ray_session(cfg):
         base_models = {}

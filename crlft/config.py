@@ -186,6 +186,11 @@ class Config(_Strict):
                 raise ValueError(f"class name {name!r} must be a non-empty word (it is written into the prompt)")
         return self
 
+    @property
+    def suboptimal_condition(self) -> str:
+        """The lowest-reward class (the sub-optimal source; ties broken by name)."""
+        return min(self.classes, key=lambda name: (self.classes[name].reward, name))
+
     def reward(self, condition: str) -> float:
         """The training weight of a class under the configured mode (1.0 where the mode ignores rewards)."""
         return self.classes[condition].reward if self.train.mode.uses_reward else 1.0

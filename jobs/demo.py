@@ -86,7 +86,7 @@ def _demo(cfg: Config, args: argparse.Namespace, started: float, dashboard: str 
 
     result = run_pipeline(cfg, name="demo", force=args.force)
     expert = cfg.inference_condition
-    suboptimal = min(cfg.classes, key=lambda c: cfg.classes[c].reward)
+    suboptimal = cfg.suboptimal_condition
     target = f"models:/{cfg.registry.model_name}@{cfg.registry.alias}" if result.champion else str(result.model_dir)
     print(f"[serve] deploying {target} ...", flush=True)
     url = deploy(target, cfg)

@@ -142,11 +142,11 @@ def run_pipeline(
                 lambda: {"path": str(build_default_model(base, cfg, corpus, cfg.train.seed))}, result.skipped)
 
     # One Ray session for every stage that needs one, started only if one does (skipped stages need none).
-    with contextlib.ExitStack() as ray:
+    with contextlib.ExitStack() as session:
 
         def in_ray(stage: Callable[[], Any]) -> Callable[[], Any]:
             def run_in_ray() -> Any:
-                ray.enter_context(ray_session(cfg))  # a no-op once the session is up
+                session.enter_context(ray_session(cfg))  # a no-op once the session is up
                 return stage()
 
             return run_in_ray
@@ -200,7 +200,7 @@ def run_pipeline(
             target = champion if result.champion else str(result.model_dir)
             result.url = deploy_model(target, cfg)
             print(f"[deploy] serving {target} at {result.url}", flush=True)
-            ray.pop_all()  # the endpoint outlives this function: its Ray session stays up
+            session.pop_all()  # the endpoint outlives this function: its Ray session stays up
     return result
 
 
