@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.metadata
 import itertools
 import re
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
@@ -193,10 +195,28 @@ def init_model(
 def load_tokenizer(
     name_or_path: str, end_of_turn: str = "<|end_of_turn|>", trust_remote_code: bool = False
 ) -> PreTrainedTokenizerBase:
-    """Load a tokenizer and give it the end-of-turn special token and a pad token, exactly as the trainer does."""
+    """Load a tokenizer and give it the end-of-turn special token and a pad token, exactly as the trainer does,
+    in the form an exported folder reads back as (see `_as_saved`)."""
     tokenizer = _auto_tokenizer(name_or_path, trust_remote_code)
     _add_special_end_of_turn(tokenizer, end_of_turn)
     _ensure_pad_token(tokenizer)
+    return _as_saved(tokenizer, trust_remote_code)
+
+
+def _as_saved(tokenizer: PreTrainedTokenizerBase, trust_remote_code: bool) -> PreTrainedTokenizerBase:
+    """The tokenizer as `save_pretrained` then `from_pretrained` give it back: what the exported model is served
+    with (vLLM, TGI, AutoTokenizer). Some classes tokenize differently after that round trip, so the data is
+    tokenized with the saved form and training ids equal the export's chat template ids by construction."""
+    with tempfile.TemporaryDirectory(prefix="crlft-tokenizer-") as folder:
+        tokenizer.save_pretrained(folder)
+        return _keep_legacy(AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code))
+
+
+def _keep_legacy(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """transformers 5 does not save `legacy`, and a SentencePiece Llama/Mistral tokenizer read back without it drops
+    the `▁` its pretraining put after every special token: record it so that every save keeps the model's rule."""
+    if hasattr(tokenizer, "legacy"):
+        tokenizer.init_kwargs["legacy"] = tokenizer.legacy
     return tokenizer
 
 
@@ -225,6 +245,19 @@ def load_model_and_tokenizer(
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def parameter_count(name_or_path: str, trust_remote_code: bool = False) -> int:
+    """Parameters of a model, from its config alone (built on the meta device: no weights are read)."""
+    _check_local_path(name_or_path)
+    source, gguf_kwargs = _pretrained_source(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **gguf_kwargs)
+    except (OSError, ValueError) as error:
+        raise _load_error(name_or_path, error) from error
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return sum(parameter.numel() for parameter in model.parameters())
 
 
 def import_model(
@@ -323,7 +356,7 @@ def _auto_tokenizer(name_or_path: str, trust_remote_code: bool) -> PreTrainedTok
     _check_local_path(name_or_path)
     try:
         source, gguf_kwargs = _pretrained_source(name_or_path)
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **gguf_kwargs)
+        return _keep_legacy(AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **gguf_kwargs))
     except (OSError, ValueError) as error:
         raise _load_error(name_or_path, error) from error
 

@@ -1,18 +1,25 @@
-"""The conditioned conversation template, defined once (CRLFT.md, "Class-conditioned policy").
+"""The conditioned conversation template, defined once (docs/architecture.md, "Template").
 
     <s>[system<|end_of_turn|>]GPT4 User: {user}<|end_of_turn|>GPT4 Assistant: {assistant}<|end_of_turn|>...
 
 Training (`tokenize_conversation`), serving (`tokenize_prompt`) and the tokenizer's Jinja `chat_template`
-(`chat_template`) all come from `Template`, so they cannot disagree. Text is tokenized in the pieces between the
-template's own special tokens, with `split_special_tokens=True`, so that a user typing `<|end_of_turn|>` gets plain
-text; the Jinja template renders the same pieces, and Hugging Face splits a rendered string at special tokens before
-tokenizing, so both give the same ids for any text that contains no special-token literal.
+(`chat_template`) all come from `Template`. The ids the chat template gives (what vLLM, TGI and every Hugging Face
+user feed the model) are the truth, and training matches them by construction:
+- each piece of text between two of the template's special tokens is tokenized wrapped in those very special tokens,
+  which are then dropped, so context-sensitive tokenizers (SentencePiece's `▁` prefix only at the start of the text)
+  see it exactly as in the rendered chat template;
+- the tokenizer is used in the form its saved folder reads back as (`crlft.model.load_tokenizer`), the folder the
+  exported model is served from.
+A special-token literal typed inside a message (`<|end_of_turn|>`, `<s>`...) stays plain text here, where the chat
+template's string would turn it into the control token; the server tokenizes with `tokenize_prompt`, so training and
+serving agree on it too.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
@@ -126,27 +133,65 @@ class TemplateTokenizer:
         self.tokenizer = tokenizer
         self.eot_id: int = eot_id
         self.bos_ids: list[int] = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        self._special_ids = {token.content: i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+        # Longest first, so that a literal containing another is matched whole.
+        literals = sorted(self._special_ids, key=len, reverse=True)
+        self._special_literal = re.compile("(" + "|".join(map(re.escape, literals)) + ")") if literals else None
 
     def fingerprint(self) -> str:
         vocab = sorted(self.tokenizer.get_vocab().items())
-        digest = hashlib.sha256(json.dumps([self.template.fingerprint(), vocab, self.bos_ids]).encode())
+        # How text becomes tokens, besides the vocabulary: the same vocabulary with another prefix rule gives other ids.
+        pipeline = json.loads(self.tokenizer.backend_tokenizer.to_str())
+        rules = [pipeline.get(key) for key in ("normalizer", "pre_tokenizer", "added_tokens")]
+        digest = hashlib.sha256(json.dumps([self.template.fingerprint(), vocab, self.bos_ids, rules]).encode())
         return digest.hexdigest()[:16]
 
     def _encode_pieces(self, pieces: Sequence[_Piece]) -> list[tuple[list[int], list[float]]]:
-        enc = self.tokenizer(
-            [p.text for p in pieces],
-            add_special_tokens=False,
-            split_special_tokens=True,
-            return_offsets_mapping=True,
-            return_attention_mask=False,
-        )
+        """Ids and weights of each piece of a conversation, tokenized as it stands in the rendered template text:
+        after BOS or an end-of-turn (the first piece at the very start when the tokenizer has no BOS), before an
+        end-of-turn. Tokenizers are context-sensitive there (SentencePiece's `prepend_scheme=first` adds `▁` only at
+        the start of the text), so each piece is wrapped in the special tokens that surround it in the chat
+        template's text and those are dropped again: the ids are the chat template's ids by construction."""
         out = []
-        for piece, ids, offsets in zip(pieces, enc["input_ids"], enc["offset_mapping"], strict=True):
+        for i, piece in enumerate(pieces):
+            opening = self.template.end_of_turn if i else self.tokenizer.bos_token if self.bos_ids else ""
+            ids, ends = self._encode_in_context(piece.text, opening, self.template.end_of_turn)
             # A token is supervised when it ends inside the content (a token straddling prefix and content counts).
             weights = [piece.content_weight if piece.content_weight and end > piece.content_start else 0.0
-                       for _, end in offsets]
-            out.append((list(ids), weights))
+                       for end in ends]
+            out.append((ids, weights))
         return out
+
+    def _encode_in_context(self, text: str, opening: str, closing: str) -> tuple[list[int], list[int]]:
+        """Ids of text between the special tokens `opening` and `closing` (either may be ""), with each token's end
+        offset in text. Special-token literals typed inside text stay plain text: they are tokenized on their own with
+        `split_special_tokens`, and the text after one is tokenized as if it followed an end-of-turn."""
+        ids: list[int] = []
+        ends: list[int] = []
+        start = 0
+        for k, part in enumerate(self._special_literal.split(text) if self._special_literal else [text]):
+            if k % 2:  # a typed special-token literal
+                enc = self.tokenizer(part, add_special_tokens=False, split_special_tokens=True,
+                                     return_offsets_mapping=True)
+                part_ids, part_ends = enc["input_ids"], [end for _, end in enc["offset_mapping"]]
+            else:
+                before = opening if k == 0 else self.template.end_of_turn
+                part_ids, part_ends = self._encode_between(part, before, closing)
+            ids += part_ids
+            ends += [start + end for end in part_ends]
+            start += len(part)
+        return ids, ends
+
+    def _encode_between(self, text: str, opening: str, closing: str) -> tuple[list[int], list[int]]:
+        enc = self.tokenizer(opening + text + closing, add_special_tokens=False, return_offsets_mapping=True,
+                             return_attention_mask=False)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        head, tail = int(bool(opening)), int(bool(closing))
+        if ids[:head] != [self._special_ids.get(opening)] * head or ids[len(ids) - tail:] != [
+            self._special_ids.get(closing)
+        ] * tail:
+            raise CrlftError(f"the tokenizer does not keep {opening!r} and {closing!r} as single special tokens")
+        return ids[head:len(ids) - tail], [end - len(opening) for _, end in offsets[head:len(offsets) - tail]]
 
     def _pieces(self, system: str, messages: Sequence[Message], condition: str,
                 rewards: Mapping[str, float]) -> list[_Piece]:
@@ -194,10 +239,8 @@ class TemplateTokenizer:
         ids = list(self.bos_ids)
         for piece_ids, _ in self._encode_pieces(self._pieces(system, messages, condition, {})):
             ids += piece_ids + [self.eot_id]
-        head = self.tokenizer(
-            self.template.prefix("assistant", condition), add_special_tokens=False, split_special_tokens=True
-        )["input_ids"]
-        return ids + list(head)
+        head, _ = self._encode_in_context(self.template.prefix("assistant", condition), self.template.end_of_turn, "")
+        return ids + head
 
     def render(self, conv: Conversation) -> str:
         """The conversation as text, exactly as the model sees it (for `crlft data show` and debugging)."""
