@@ -7,6 +7,7 @@ template it was trained with.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,3 +101,19 @@ def load_exported(model_dir: str | Path, **load_kwargs: Any) -> ExportedModel:
     meta = read_meta(model_dir)
     model, tokenizer = load_model_and_tokenizer(str(model_dir), end_of_turn=meta.template.end_of_turn, **load_kwargs)
     return ExportedModel(model, tokenizer, meta, TemplateTokenizer(meta.template, tokenizer), Path(model_dir))
+
+
+def export_checkpoint(checkpoint_dir: str | Path, base_model: str, out_dir: str | Path, cfg: Config,
+                      meta_extra: Mapping[str, Any] | None = None) -> Path:
+    """The model of a training checkpoint as an exported model folder: the base model, LoRA applied if the run used
+    it (merged or kept as an adapter, as train.lora.merge says), the trained weights loaded."""
+    from crlft import train_loop as tl
+    from crlft.model import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(base_model, cfg.template.end_of_turn, cfg.model.trust_remote_code)
+    if cfg.train.lora.enabled:
+        model = tl.wrap_lora(model, cfg.train.lora)
+    tl.load_model_weights(checkpoint_dir, model)
+    if cfg.train.lora.enabled and cfg.train.lora.merge:
+        model = tl.merge_lora(model)
+    return save_exported(model, tokenizer, out_dir, ModelMeta.from_config(cfg, **dict(meta_extra or {})))

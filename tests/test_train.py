@@ -302,7 +302,7 @@ def test_lora_targets_missing_from_the_model_name_its_layers(tiny_model: Path) -
 
 
 def test_data_of_another_template_is_refused_with_what_to_rebuild(tiny_model: Path, tmp_path: Path) -> None:
-    from jobs.train import describe_data
+    from jobs.training.data import describe_data
 
     data = write_dataset(tmp_path / "data", tiny_model, "crlft", bins=2, per_bin=1)
     with pytest.raises(CrlftError, match="rebuild the data with --mode sft"):
@@ -316,7 +316,7 @@ def test_data_of_another_template_is_refused_with_what_to_rebuild(tiny_model: Pa
 
 def test_data_tokenized_with_another_tokenizer_is_refused(tiny_model: Path, tmp_path: Path) -> None:
     from crlft.model import init_model
-    from jobs.train import check_tokenizer, describe_data
+    from jobs.training.data import check_tokenizer, describe_data
 
     data = describe_data(write_dataset(tmp_path / "data", tiny_model, "crlft", bins=2, per_bin=1), Config())
     other = init_model(tmp_path / "other", texts=["a completely different corpus 123"] * 20)

@@ -1,0 +1,64 @@
+"""Folders that are local paths or URIs (s3://, gs://, ...): one place that tells them apart, through pyarrow's
+filesystems, so the stages read and write both the same way."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def location(path: str | Path) -> str:
+    """A URI without its trailing slash, or a local path made absolute (Ray workers run in other folders)."""
+    text = str(path)
+    return text.rstrip("/") if is_uri(text) else str(Path(text).expanduser().resolve())
+
+
+def filesystem_and_path(path: str | Path) -> tuple[Any, str]:
+    """A pyarrow filesystem and the path in it, for a local path or a URI."""
+    from pyarrow import fs
+
+    text = str(path)
+    if is_uri(text):
+        return fs.FileSystem.from_uri(text)
+    return fs.LocalFileSystem(), location(text)
+
+
+def read_text(path: str | Path) -> str | None:
+    """The file's text, or None when there is no such file."""
+    from pyarrow import fs
+
+    filesystem, inner = filesystem_and_path(path)
+    if filesystem.get_file_info(inner).type != fs.FileType.File:
+        return None
+    with filesystem.open_input_stream(inner) as stream:
+        return stream.read().decode()
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write the file, creating its folder."""
+    filesystem, inner = filesystem_and_path(path)
+    filesystem.create_dir(inner.rsplit("/", 1)[0], recursive=True)
+    with filesystem.open_output_stream(inner) as stream:
+        stream.write(text.encode())
+
+
+def subfolders(path: str | Path) -> list[str]:
+    """Names of the folders directly in `path` (none when it does not exist)."""
+    from pyarrow import fs
+
+    filesystem, inner = filesystem_and_path(path)
+    infos = filesystem.get_file_info(fs.FileSelector(inner, allow_not_found=True))
+    return sorted(info.base_name for info in infos if info.type == fs.FileType.Directory)
+
+
+def has_parquet(path: str | Path) -> bool:
+    """Whether `path` holds a .parquet file at any depth (Ray Data reads them recursively)."""
+    from pyarrow import fs
+
+    filesystem, inner = filesystem_and_path(path)
+    infos = filesystem.get_file_info(fs.FileSelector(inner, allow_not_found=True, recursive=True))
+    return any(info.type == fs.FileType.File and info.path.endswith(".parquet") for info in infos)

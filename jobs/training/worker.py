@@ -1,0 +1,201 @@
+"""The loop every Ray Train worker runs (`train_loop_per_worker`): build the model (LoRA, DDP or FSDP), restore the
+latest checkpoint if there is one, then per epoch: grad_accum packed bins per step from this worker's Ray Data shard
+(`crlft.train_loop.train_step`), rank 0's metrics to MLflow, a checkpoint every `train.checkpoint_every` steps and at
+the end (every rank takes part: the state dicts are gathered), validation loss per class after each epoch."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from crlft import train_loop as tl
+from crlft.config import Config
+from crlft.tracking import set_offline_defaults
+from crlft.train_loop import StepPlan, StepStats, TrainingPosition
+from jobs.training.tracking import MetricsLogger
+
+
+def train_loop_per_worker(loop: dict[str, Any]) -> None:
+    """Ray Train's entry point; `loop` is the driver's train_loop_config (jobs.train.train)."""
+    import ray.train
+
+    set_offline_defaults()
+    context = ray.train.get_context()
+    worker = Worker(Config.model_validate(loop["config"]), loop, context.get_world_rank(), context.get_world_size())
+    worker.run()
+
+
+def _threads(cpus_per_worker: float) -> int:
+    return max(1, math.floor(cpus_per_worker))
+
+
+def _class_metrics(prefix: str, sums: Any, conditions: list[str]) -> dict[str, float]:
+    from crlft.loss import mean_ce_by_class
+
+    return {f"{prefix}_{name}": value for name, value in mean_ce_by_class(sums, conditions).items()}
+
+
+def _attn_implementation(model: Any, use_gpu: bool) -> str:
+    """Varlen flash attention on GPU when installed (packed rows need no mask there); else the model's own."""
+    if use_gpu:
+        try:
+            import flash_attn  # noqa: F401
+
+            model.set_attn_implementation("flash_attention_2")
+        except (ImportError, ValueError):
+            pass
+    return model.config._attn_implementation
+
+
+class Worker:
+    """One rank's training: the model, optimiser and schedule, where it is in the plan, and its latest metrics."""
+
+    def __init__(self, cfg: Config, loop: dict[str, Any], rank: int, world_size: int) -> None:
+        import ray.train.torch
+
+        self.cfg, self.loop, self.rank, self.world_size = cfg, loop, rank, world_size
+        torch.set_num_threads(_threads(cfg.train.cpus_per_worker))
+        self.device = ray.train.torch.get_device()
+        self.plan = StepPlan(**loop["plan"])
+        self.conditions: list[str] = loop["conditions"]
+        self._build_model()
+        self.optimizer = tl.build_optimizer(self.model, cfg.train, loop["lr"])
+        self.scheduler = tl.build_scheduler(self.optimizer, self.plan.total_steps, cfg.train)
+        self._restore()
+        self.metrics = MetricsLogger(loop["tracking_uri"], loop["run_id"]) if rank == 0 else MetricsLogger(None, None)
+        self.stopwatch = tl.Stopwatch()
+
+    def _build_model(self) -> None:
+        """The same initialisation on every rank (LoRA adapters are random), wrapped for DDP or FSDP."""
+        import ray.train.torch
+
+        from crlft.model import load_model_and_tokenizer
+
+        train_cfg = self.cfg.train
+        tl.seed_everything(train_cfg.seed)
+        model, self.tokenizer = load_model_and_tokenizer(self.loop["base_model"], self.cfg.template.end_of_turn,
+                                                         self.cfg.model.trust_remote_code)
+        self.attn = _attn_implementation(model, train_cfg.use_gpu)
+        if train_cfg.gradient_checkpointing:
+            tl.enable_gradient_checkpointing(model)
+        if train_cfg.lora.enabled:
+            model = tl.wrap_lora(model, train_cfg.lora)
+        bf16 = torch.bfloat16 if train_cfg.use_gpu else None
+        if train_cfg.strategy == "fsdp":
+            self.model = tl.shard_fsdp(model.to(self.device), param_dtype=bf16)
+            self.autocast = None  # FSDP's mixed-precision policy casts the parameters itself
+        else:
+            self.model = ray.train.torch.prepare_model(model)
+            self.autocast = bf16
+
+    def _restore(self) -> None:
+        """Position, metrics and random state from the latest checkpoint; a fresh start is seeded per rank."""
+        import ray.train
+
+        self.position = TrainingPosition()
+        self.summary: dict[str, float] = {"step": 0.0, "epoch": 0.0}  # the latest step's metrics, in every checkpoint
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            tl.seed_everything(self.cfg.train.seed + self.rank)
+            return
+        with checkpoint.as_directory() as directory:
+            loaded = tl.load_training_state(directory, self.model, self.optimizer, self.scheduler)
+        self.position = loaded.position
+        self.summary = loaded.extra.get("summary") or {"step": float(self.position.global_step),
+                                                       "epoch": float(self.position.epoch)}
+        if len(loaded.rng_states) == self.world_size:
+            tl.restore_rng_state(loaded.rng_states[self.rank])
+
+    def run(self) -> None:
+        import ray.train
+
+        train_shard = ray.train.get_dataset_shard("train")
+        val_shard = ray.train.get_dataset_shard("val") if self.loop["has_val"] else None
+        start_step = float(self.position.global_step)  # reported: shows whether this worker group restored
+        for epoch in range(self.position.epoch, self.plan.epochs):
+            if self.position.global_step >= self.plan.total_steps:
+                break
+            self._train_epoch(epoch, train_shard)
+            epoch_done = self.position.step_in_epoch >= self.plan.steps_per_epoch
+            if val_shard is not None:
+                self._validate(val_shard)
+            if epoch_done:
+                self.position = TrainingPosition(self.position.global_step, epoch + 1, 0)
+        self.report({**self.summary, "start_step": start_step, "final": 1.0})
+
+    def _train_epoch(self, epoch: int, shard: Any) -> None:
+        """Steps of `epoch` until it ends, the plan ends or (resumed mid-epoch) the rest of it is done."""
+        train_cfg = self.cfg.train
+        position = self.position
+        skip = position.step_in_epoch * train_cfg.grad_accum if epoch == position.epoch else 0
+        micro_batches = self.batches(shard, train_cfg.seed + epoch, skip)
+        self.position = TrainingPosition(position.global_step, epoch, position.step_in_epoch if skip else 0)
+        self.stopwatch.lap()
+        for group in tl.chunked(micro_batches, train_cfg.grad_accum):
+            stats = tl.train_step(
+                self.model, group, self.optimizer, self.scheduler,
+                n_classes=len(self.conditions), grad_clip=train_cfg.grad_clip, world_size=self.world_size,
+                attn_implementation=self.attn, autocast_dtype=self.autocast,
+            )  # fmt: skip
+            seconds, cpu_seconds = self.stopwatch.lap()
+            self.position = TrainingPosition(self.position.global_step + 1, epoch, self.position.step_in_epoch + 1)
+            self.summary = self._step_metrics(stats, epoch, seconds, cpu_seconds)
+            self.metrics.log(self.summary, self.position.global_step)
+            if self.position.global_step >= self.plan.total_steps:
+                break
+            if train_cfg.checkpoint_every and self.position.global_step % train_cfg.checkpoint_every == 0:
+                self.report(self.summary)
+                self.stopwatch.lap()
+
+    def _step_metrics(self, stats: StepStats, epoch: int, seconds: float, cpu_seconds: float) -> dict[str, float]:
+        return {
+            "step": float(self.position.global_step),
+            "epoch": float(epoch),
+            "loss": stats.loss,
+            "lr": stats.lr,
+            "grad_norm": stats.grad_norm,
+            "supervised_tokens": float(stats.supervised_tokens),
+            "supervised_tokens_per_s": stats.supervised_tokens / seconds,
+            "tokens_per_s": stats.tokens / seconds,
+            "step_s": seconds,
+            "step_cpu_s": cpu_seconds,  # well below step_s: the worker waits (data, other ranks, a busy host)
+            **_class_metrics("loss", stats.class_sums, self.conditions),
+        }
+
+    def _validate(self, shard: Any) -> None:
+        val = tl.evaluate(self.model, self.batches(shard, None), n_classes=len(self.conditions), device=self.device,
+                          attn_implementation=self.attn, autocast_dtype=self.autocast)
+        val_metrics = {"val_loss": val.loss, **_class_metrics("val_loss", val.class_sums, self.conditions)}
+        self.metrics.log(val_metrics, self.position.global_step)
+        self.summary.update(val_metrics)
+        self.stopwatch.lap()
+
+    def batches(self, shard: Any, shuffle_seed: int | None, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """Micro-batches of one packed bin each, rescaled to the training mode's rewards; `skip` bins dropped."""
+        rows = shard.iter_batches(
+            batch_size=1,
+            batch_format="numpy",
+            local_shuffle_buffer_size=self.loop["shuffle_buffer"] if shuffle_seed is not None else None,
+            local_shuffle_seed=shuffle_seed,
+        )
+        scale: dict[str, float] = self.loop["reward_scale"]
+        for index, record in enumerate(rows):
+            if index < skip:
+                continue
+            row = tl.rescale_row(tl.as_packed_row({k: v[0] for k, v in record.items()}), scale)
+            yield tl.collate_micro_batch(row, self.tokenizer.pad_token_id, self.conditions, self.attn, self.device)
+
+    def report(self, summary: dict[str, float]) -> None:
+        """Checkpoint with `summary` as the metrics (every rank calls it: the state dicts are gathered)."""
+        import ray.train
+
+        self.metrics.flush()
+        with tempfile.TemporaryDirectory() as directory:
+            tl.save_training_state(directory, self.model, self.optimizer, self.scheduler, self.position,
+                                   {"summary": summary})
+            saved = ray.train.Checkpoint.from_directory(directory) if self.rank == 0 else None
+            ray.train.report(summary, checkpoint=saved)
