@@ -26,7 +26,7 @@ from crlft.pack import first_fit_decreasing, packing_efficiency, padding_efficie
 from crlft.template import Template, TemplateTokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "fastchat" / "dummy_conversation.json"
+DEFAULT_DATA = REPO_ROOT / "tests" / "fixtures" / "fastchat" / "dummy_conversation.json"  # FastChat sample
 REQUIRED_FFD_EFFICIENCY = 0.98
 
 

@@ -28,11 +28,6 @@ from crlft.errors import CrlftError
 from crlft.registry import MODELS_SCHEME, TAG, ModelRef
 from crlft.tracking import set_offline_defaults
 
-# FastChat's llm_judge data: installed with the package if the lead bundles it, else the shared copy beside the repo.
-BENCH_DIR_CANDIDATES = (
-    Path(__file__).resolve().parents[1] / "crlft" / "data" / "fastchat",
-    Path(__file__).resolve().parents[2] / "shared" / "data" / "fastchat",
-)
 JUDGE_KEY_VARIABLES = ("CRLFT_JUDGE_API_KEY", "OPENAI_API_KEY")
 RESULT_FILES = {"metrics.json", "condition_swap.jsonl", "condition_swap.txt", "embeddings.png", "representation.json"}
 
@@ -50,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="conversations per condition in the representation check (the paper used 2000)")
     parser.add_argument("--bench", action="append", choices=["mt_bench", "vicuna"],
                         help="open-ended benchmark to answer (repeatable)")
-    parser.add_argument("--bench-dir", metavar="DIR", help="FastChat llm_judge data folder (default: the bundled one)")
+    parser.add_argument("--bench-dir", metavar="DIR", help="FastChat llm_judge data folder (default: packaged copy)")
     parser.add_argument("--bench-limit", type=int, metavar="N", help="only the first N questions of each benchmark")
     parser.add_argument("--judge-url", metavar="URL",
                         help="OpenAI-compatible API base of the judge, e.g. http://host:8000/v1 (key from "
@@ -116,15 +111,6 @@ def _parse_version_ref(text: str) -> ModelRef:
     return ModelRef(name, version=version)
 
 
-def _find_bench_dir(given: str | Path | None) -> Path:
-    if given:
-        return Path(given)
-    for candidate in BENCH_DIR_CANDIDATES:
-        if candidate.is_dir():
-            return candidate
-    raise CrlftError("no FastChat benchmark data found: pass --bench-dir DIR (a copy of FastChat's llm_judge/data)")
-
-
 def _load_suite(path: str | Path) -> list[Any]:
     from crlft.synth import load_eval_suite
 
@@ -157,7 +143,7 @@ def _plan(model: str | Path, suite: str | Path | None, cfg: Config, *, heldout: 
     if heldout is not None and not Path(heldout).is_file():
         raise CrlftError(f"held-out file {heldout} does not exist (write one with `crlft synth`)")
     benches = list(dict.fromkeys(bench))
-    found_bench_dir = _find_bench_dir(bench_dir) if benches else None
+    found_bench_dir = Path(bench_dir or ev.BENCH_DATA) if benches else None
     for name in benches:
         ev.load_bench(name, found_bench_dir or ".", limit=1)
     if judge_url:

@@ -3,7 +3,7 @@
 - `render(dir)`: a kustomization rendered in Python, for exactly the kustomize features the manifests use
   (resources, namespace, labels, images, JSON 6902 patches with a target), applied in kustomize's own order
   (patches, namespace, labels, images); any other kustomization field or patch form is refused, not guessed at.
-- `ray_object_errors(obj)`: a RayCluster / RayJob / RayService against KubeRay's CRD schema (../shared/data/
+- `ray_object_errors(obj)`: a RayCluster / RayJob / RayService against KubeRay's CRD schema (tests/fixtures/
   kuberay-crds), made strict the way an API server with field validation is: unknown fields are errors. Also the
   list-map / set uniqueness the CRD declares and the operator's worker-group rules. Not evaluated: the CRD's CEL
   rules (x-kubernetes-validations).
@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-CRD_DIR = REPO.parent / "shared" / "data" / "kuberay-crds"
+CRD_DIR = REPO / "tests" / "fixtures" / "kuberay-crds"
 K8S_VERSION = "1.33"
 RAY_KINDS = {"RayCluster": "rayclusters", "RayJob": "rayjobs", "RayService": "rayservices"}
 CLUSTER_SCOPED = {"Namespace", "PersistentVolume", "StorageClass", "ClusterRole", "ClusterRoleBinding", "PriorityClass"}

@@ -39,7 +39,7 @@ from crlft.pack import IGNORE_INDEX
 from crlft.template import Template, TemplateTokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
-FASTCHAT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fastchat" / "dummy_conversation.json"
+FASTCHAT = FIXTURES / "fastchat" / "dummy_conversation.json"
 PARQUET_ROWS: list[dict[str, Any]] = [
     {"items": [{"role": "user", "content": "Parquet question?", "weight": None},
                {"role": "assistant", "content": "Parquet answer.", "weight": 2.0}],
@@ -236,10 +236,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     zipped = gzip.compress((FIXTURES / "bad_records.jsonl").read_bytes())
     (root / "mixed" / "nested" / "zipped.jsonl.gz").write_bytes(zipped)
     shutil.copy(FIXTURES / "bad_records.jsonl", root / "bad_records.jsonl")
-    found = [str(root / "mixed"), str(root / "bad_records.jsonl")]
-    if FASTCHAT.is_file():
-        found.append(str(FASTCHAT.resolve()))
-    return found
+    return [str(root / "mixed"), str(root / "bad_records.jsonl"), str(FASTCHAT.resolve())]
 
 
 def _expected(files: list[str], rules: ClassRules) -> Iterator[Conversation | Reject]:

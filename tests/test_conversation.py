@@ -12,7 +12,7 @@ from crlft.conversation import ClassRules, Conversation, Reject, iter_file, pars
 from crlft.errors import CrlftError
 
 FIXTURES = Path(__file__).parent / "fixtures"
-FASTCHAT = Path(__file__).resolve().parents[2] / "shared" / "data" / "fastchat"
+FASTCHAT = FIXTURES / "fastchat"
 RULES = ClassRules.from_config(Config())
 
 

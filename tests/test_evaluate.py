@@ -17,9 +17,6 @@ import pytest
 from crlft.config import Config
 from crlft.errors import CrlftError
 
-FASTCHAT = Path(__file__).resolve().parents[2] / "shared" / "data" / "fastchat"
-needs_fastchat = pytest.mark.skipif(not FASTCHAT.is_dir(), reason="FastChat data not found beside the repo")
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -164,16 +161,15 @@ def test_a_bad_heldout_line_is_one_error_naming_file_and_line(exported: Any, tmp
 # Benchmarks and the judge
 
 
-@needs_fastchat
 def test_benchmarks_load_two_turn_mt_bench_with_references_and_vicuna() -> None:
-    from crlft.evaluate import load_bench
+    from crlft.evaluate import BENCH_DATA, load_bench
 
-    mt_bench = load_bench("mt_bench", FASTCHAT)
+    mt_bench = load_bench("mt_bench", BENCH_DATA)
     assert len(mt_bench) == 80 and all(len(q.turns) == 2 for q in mt_bench)
     assert all(q.reference for q in mt_bench if q.category == "math")
-    assert len(load_bench("vicuna", FASTCHAT, limit=5)) == 5
+    assert len(load_bench("vicuna", BENCH_DATA, limit=5)) == 5
     with pytest.raises(CrlftError, match="unknown benchmark"):
-        load_bench("arena", FASTCHAT)
+        load_bench("arena", BENCH_DATA)
 
 
 def test_judge_ratings_are_read_as_fastchat_does() -> None:
@@ -184,11 +180,10 @@ def test_judge_ratings_are_read_as_fastchat_does() -> None:
     assert parse_rating("I cannot rate this.") == -1.0
 
 
-@needs_fastchat
 def test_grading_uses_the_multi_turn_prompt_for_turn_two_and_the_reference_for_math() -> None:
-    from crlft.evaluate import BenchAnswer, bench_metrics, grade, load_bench, load_judge_prompts
+    from crlft.evaluate import BENCH_DATA, BenchAnswer, bench_metrics, grade, load_bench, load_judge_prompts
 
-    questions = [q for q in load_bench("mt_bench", FASTCHAT) if q.category in ("writing", "math")][::10][:2]
+    questions = [q for q in load_bench("mt_bench", BENCH_DATA) if q.category in ("writing", "math")][::10][:2]
     assert [q.category for q in questions] == ["writing", "math"]
     answers = [BenchAnswer(q.question_id, "m", (f"first {q.question_id}", f"second {q.question_id}"), "GPT4")
                for q in questions]  # fmt: skip
@@ -198,7 +193,7 @@ def test_grading_uses_the_multi_turn_prompt_for_turn_two_and_the_reference_for_m
         seen.append(user)
         return "Rating: [[4]]" if len(seen) % 2 else "Rating: [[8]]"
 
-    judgments = grade(questions, answers, judge, load_judge_prompts(FASTCHAT / "judge_prompts.jsonl"))
+    judgments = grade(questions, answers, judge, load_judge_prompts(BENCH_DATA / "judge_prompts.jsonl"))
     assert [(j.turn, j.judge_prompt) for j in judgments] == [
         (1, "single-v1"), (2, "single-v1-multi-turn"), (1, "single-math-v1"), (2, "single-math-v1-multi-turn")]
     assert f"second {questions[0].question_id}" in seen[1] and questions[1].reference[0] in seen[2]
@@ -252,14 +247,13 @@ def test_the_judge_is_any_openai_compatible_endpoint_with_the_key_from_the_envir
         openai_judge(url, "missing")("s", "u")
 
 
-@needs_fastchat
-def test_eval_answers_mt_bench_and_the_judge_grades_it(models: dict[str, Path], tmp_path: Path,
-                                                       judge_server: tuple[str, list[dict[str, Any]]]) -> None:
+def test_eval_answers_the_packaged_mt_bench_and_the_judge_grades_it(
+        models: dict[str, Path], tmp_path: Path, judge_server: tuple[str, list[dict[str, Any]]]) -> None:
     from jobs.evaluate import evaluate_model
 
     url, requests = judge_server
     report = evaluate_model(models["crlft"], None, Config(state_dir=str(tmp_path / "state")), bench=["mt_bench"],
-                            bench_dir=FASTCHAT, bench_limit=1, judge_url=url, judge_model="judge-1",
+                            bench_limit=1, judge_url=url, judge_model="judge-1",
                             log_mlflow=False, out_dir=tmp_path / "out", bench_max_new_tokens=4)  # fmt: skip
     assert report["metrics"]["mt_bench_score"] == 6.0 and len(requests) == 2  # one question, two turns
     answers = [json.loads(line) for line in (tmp_path / "out" / "mt_bench_answers.jsonl").read_text().splitlines()]

@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 import yaml
 from k8s_check import (
-    CRD_DIR,
     RAY_KINDS,
     REPO,
     RenderError,
@@ -27,9 +26,6 @@ from k8s_check import (
 K8S = REPO / "k8s"
 OVERLAYS = ("cpu", "gpu")
 SECRETS_TEMPLATE = K8S / "secrets.template.yaml"
-
-pytestmark = pytest.mark.skipif(not CRD_DIR.is_dir(), reason=f"KubeRay CRDs not found at {CRD_DIR}")
-
 
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, list[dict[str, Any]]]:
