@@ -53,6 +53,7 @@ from crlft.dataset import (
     shard_table,
 )
 from crlft.errors import CrlftError
+from crlft.storage import filesystem_and_path, is_uri, location
 from crlft.tracking import set_offline_defaults
 from jobs.session import ray_session
 
@@ -184,7 +185,7 @@ def resolve_inputs(inputs: Sequence[str]) -> list[str]:
         raise CrlftError("no INPUT given: name files, directories or globs of JSONL / JSON / Parquet")
     resolved: list[str] = []
     for item in inputs:
-        if _is_uri(item):
+        if is_uri(item):
             resolved.append(item)
             continue
         if any(ch in item for ch in _GLOB_CHARS):
@@ -217,17 +218,13 @@ def _local_files(given: str, path: Path) -> list[str]:
     return files
 
 
-def _is_uri(path: str) -> bool:
-    return "://" in path
-
-
 def _scheme(path: str) -> str:
-    return path.split("://", 1)[0] if _is_uri(path) else "local"
+    return path.split("://", 1)[0] if is_uri(path) else "local"
 
 
 def _remote_listing_args(paths: Sequence[str]) -> dict[str, Any]:
     """Ray lists remote directories itself: keep only the accepted suffixes there (local ones are listed above)."""
-    if any(_is_uri(p) for p in paths):
+    if any(is_uri(p) for p in paths):
         return {"file_extensions": [suffix.lstrip(".") for suffix in INPUT_SUFFIXES]}
     return {}
 
@@ -399,21 +396,12 @@ def _efficiency(tokens: int, bins: int, pack_len: int) -> float:
     return round(tokens / (bins * pack_len), 6) if bins else 0.0
 
 
-def filesystem_and_path(location: str) -> tuple[Any, str]:
-    """A pyarrow filesystem and the path in it, for a local folder or a URI (s3://, gs://, ...)."""
-    from pyarrow import fs
-
-    if _is_uri(location):
-        return fs.FileSystem.from_uri(location)
-    return fs.LocalFileSystem(), str(Path(location).resolve())
-
-
 class _Output:
     """The output folder, local or a URI."""
 
     def __init__(self, out: str) -> None:
         self._fs, self._base = filesystem_and_path(out)
-        self._location = out.rstrip("/") if _is_uri(out) else self._base
+        self._location = location(out)
         self._fs.create_dir(self._base, recursive=True)
 
     def make_folder(self, name: str) -> str:
