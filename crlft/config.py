@@ -113,7 +113,16 @@ class TrainConfig(_Strict):
     grad_accum: int = Field(1, ge=1, description="micro-batches (packed bins) per optimiser step and worker")
     workers: int = Field(1, ge=1, description="data-parallel Ray Train workers")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per worker (fractional on small machines)")
-    use_gpu: bool = Field(False, description="one GPU per worker, nccl, bf16")
+    use_gpu: bool = Field(False, description="one GPU per worker, nccl")
+    attention: Literal["auto", "sdpa", "flex_attention", "flash_attention_2"] = Field(
+        "auto", description="attention over packed bins: sdpa (computes the pairs across conversations, then masks "
+        "them), flex_attention (GPU; skips them), flash_attention_2 (GPU, flash_attn installed; varlen, skips them); "
+        "auto: flash_attention_2 where installed on GPU, else sdpa"
+    )
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="compute dtype: bf16 autocast (float32 weights, optimiser and loss), fp32, or auto: bf16 "
+        "on GPUs with bf16 and, for models of hidden size >= 512, on CPUs with AVX512-BF16 or AMX; else fp32"
+    )
     strategy: Literal["ddp", "fsdp"] = Field("ddp", description="data parallelism: replicate (ddp) or shard (fsdp)")
     gradient_checkpointing: bool = Field(False, description="recompute activations to save memory")
     lora: LoraConfig = Field(default_factory=LoraConfig)

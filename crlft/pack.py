@@ -11,6 +11,8 @@ sequence detection from position ids. The tensor then reaches the kernel untouch
 - "sdpa" hands it to torch's scaled_dot_product_attention: a bool mask (True = may attend) or an additive float.
 - "eager" ADDS it to the attention scores: it must be an additive float (0 = attend, dtype minimum = blocked);
   a bool mask there would silently add 0/1 and mask nothing.
+- "flex_attention" takes a BlockMask (torch.nn.attention.flex_attention) instead of a tensor: the same mask, stored
+  as the tiles that hold any allowed pair, so the kernel skips the rest. It has no backward pass on CPU (torch 2.13).
 A row with nothing to attend to yields zeros (torch's safe softmax, sdpa on CPU) or NaN (some GPU kernels) or a
 uniform average (eager); to stay out of that, every padding token attends to itself only.
 Without a mask, transformers infers packing from position ids only when no KV cache exists (use_cache=False);
@@ -20,9 +22,12 @@ with the default cache of an eval forward it silently attends across conversatio
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, TypedDict
+from typing import TYPE_CHECKING, Protocol, TypedDict
 
 import torch
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 IGNORE_INDEX = -100  # label of a position with no next-token target; torch's cross-entropy default ignore_index
 PADDING = -1  # sequence id and class id of padding positions
@@ -160,16 +165,36 @@ def block_causal_mask(sequence_ids: torch.Tensor) -> torch.Tensor:
     return (same_block & causal).unsqueeze(1)
 
 
-def attention_mask_for(mask: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
-    """The bool mask in the form the attention implementation consumes (see the module docstring)."""
+def flex_block_mask(sequence_ids: torch.Tensor) -> BlockMask:
+    """`block_causal_mask` as FlexAttention's BlockMask, built on the device of `sequence_ids`: the kernel skips
+    every tile (128 x 128 tokens) in which no query may attend any key, so attention across the conversations of a
+    bin is not computed at all, where sdpa computes it and masks it out."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    batch, length = sequence_ids.shape
+
+    def same_conversation_causal(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        same = (sequence_ids[b, q] == sequence_ids[b, k]) & (sequence_ids[b, q] != PADDING)
+        return (same & (k <= q)) | (q == k)
+
+    return create_block_mask(same_conversation_causal, batch, None, length, length, device=sequence_ids.device)
+
+
+def attention_mask_for(
+    sequence_ids: torch.Tensor, attn_implementation: str, dtype: torch.dtype
+) -> torch.Tensor | BlockMask:
+    """The conversations' mask in the form the attention implementation consumes (see the module docstring)."""
+    if attn_implementation == "flex_attention":
+        return flex_block_mask(sequence_ids)
+    mask = block_causal_mask(sequence_ids)
     if attn_implementation == "sdpa":
         return mask
     if attn_implementation == "eager":
         blocked = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=mask.device)
         return torch.where(mask, torch.zeros((), dtype=dtype, device=mask.device), blocked)
     raise ValueError(
-        f"packed batches support attn_implementation 'sdpa' or 'eager', not {attn_implementation!r} "
-        "(flash attention takes packed sequences as one row with position ids, no mask)"
+        f"packed batches support attn_implementation 'sdpa', 'eager' or 'flex_attention', not "
+        f"{attn_implementation!r} (flash attention takes packed sequences as one row with position ids, no mask)"
     )
 
 
@@ -178,13 +203,14 @@ def collate(
     pad_to: int | None,
     pad_id: int,
     conditions: Sequence[str] | None = None,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str | None = "sdpa",
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, torch.Tensor]:
     """Packed rows as one right-padded batch.
 
     Returns input_ids, labels (IGNORE_INDEX on padding), weights (float32, 0 on padding), position_ids (0 on padding),
-    attention_mask (B, 1, T, T) for `attn_implementation` (additive in `dtype` for eager, bool for sdpa),
+    attention_mask (B, 1, T, T) for `attn_implementation` (additive in `dtype` for eager, bool for sdpa, a BlockMask
+    for flex_attention; no attention_mask when `attn_implementation` is None),
     sequence_ids (B, T) numbering conversations within each row (PADDING on padding) and, when `conditions` gives
     the class order, class_ids (B, T): the index of each token's class in `conditions` (PADDING on padding).
     T is the longest row, or `pad_to`.
@@ -217,9 +243,10 @@ def collate(
         "labels": torch.tensor([padded(row["labels"], IGNORE_INDEX) for row in rows], dtype=torch.long),
         "weights": torch.tensor([padded(row["weights"], 0.0) for row in rows], dtype=torch.float32),
         "position_ids": torch.tensor([padded(row["position_ids"], 0) for row in rows], dtype=torch.long),
-        "attention_mask": attention_mask_for(block_causal_mask(sequence_ids), attn_implementation, dtype),
         "sequence_ids": sequence_ids,
     }
+    if attn_implementation is not None:
+        batch["attention_mask"] = attention_mask_for(sequence_ids, attn_implementation, dtype)
     if conditions is not None:
         batch["class_ids"] = torch.tensor([padded(class_ids(row), PADDING) for row in rows], dtype=torch.long)
     return batch

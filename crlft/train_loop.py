@@ -15,6 +15,7 @@ single-process loop (benchmarks/train_throughput.py) and in unit tests.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import math
 import random
@@ -22,7 +23,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,13 +38,17 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.optim.lr_scheduler import LambdaLR
 
-from crlft.config import LoraConfig, TrainConfig
 from crlft.errors import CrlftError
 from crlft.loss import ClassLossSums, crlft_loss_from_ce, global_weight_sum, per_class_sums, token_cross_entropy
-from crlft.pack import PackedRow, collate
+from crlft.pack import PackedRow, attention_mask_for, collate
+
+if TYPE_CHECKING:  # only annotations: crlft.config needs pydantic, which the GPU check's machine lacks
+    from crlft.config import LoraConfig, TrainConfig
 
 REFERENCE_BASE_LR = 3e-4
 REFERENCE_BASE_TOKENS = 4e6  # supervised tokens per step at which the reference's base lr applies
+
+BF16_CPU_MIN_HIDDEN = 512  # bf16 autocast on CPU: 1.00x float32 at hidden 128, ~2x at 576 (SmolLM2-135M)
 
 MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -195,6 +200,26 @@ def chunked(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield group
 
 
+def set_attention(model: nn.Module, requested: str, device: torch.device) -> str:
+    """Give `model` the attention implementation of `train.attention` on `device`; return its name.
+
+    auto takes varlen flash attention on GPU where flash_attn is installed, else keeps the model's own (sdpa for
+    Llama); flex_attention, which also skips the pairs across conversations, is not chosen for you: it has not been
+    measured against sdpa on a GPU yet."""
+    if requested == "auto":
+        if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+            with contextlib.suppress(ImportError, ValueError):  # a model without flash attention keeps its own
+                model.set_attn_implementation("flash_attention_2")
+        return model.config._attn_implementation
+    if requested == "flex_attention" and device.type != "cuda":
+        raise CrlftError("train.attention flex_attention needs a GPU: FlexAttention has no backward pass on CPU")
+    try:
+        model.set_attn_implementation(requested)
+    except (ImportError, ValueError) as error:
+        raise CrlftError(f"train.attention {requested} is not available here: {error}") from None
+    return requested
+
+
 def model_inputs(batch: Mapping[str, torch.Tensor], attn_implementation: str) -> dict[str, torch.Tensor]:
     """Keyword arguments of the model's forward. Flash attention takes packed sequences from the position ids
     (varlen kernels); the other implementations take the block-diagonal mask."""
@@ -207,10 +232,15 @@ def model_inputs(batch: Mapping[str, torch.Tensor], attn_implementation: str) ->
 def collate_micro_batch(
     row: PackedRow, pad_id: int, conditions: Sequence[str], attn_implementation: str, device: torch.device
 ) -> dict[str, torch.Tensor]:
-    """One packed bin as a batch of one, on `device`."""
-    collate_impl = "sdpa" if attn_implementation.startswith("flash") else attn_implementation
-    batch = collate([row], None, pad_id, conditions, attn_implementation=collate_impl)
-    return {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
+    """One packed bin as a batch of one, on `device`, with the attention mask built there (none for flash attention,
+    which reads the conversations from the position ids)."""
+    batch = {
+        name: tensor.to(device, non_blocking=True)
+        for name, tensor in collate([row], None, pad_id, conditions, attn_implementation=None).items()
+    }
+    if not attn_implementation.startswith("flash"):
+        batch["attention_mask"] = attention_mask_for(batch["sequence_ids"], attn_implementation, torch.float32)
+    return batch
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -247,6 +277,29 @@ def gradient_sync(model: nn.Module, enabled: bool) -> contextlib.AbstractContext
 
         return fsdp_no_sync()
     return contextlib.nullcontext()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 matmuls in hardware: a CUDA GPU with bf16 support, or a CPU with AVX512-BF16
+    or AMX (oneDNN's bf16 kernels); elsewhere bf16 is emulated and slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def compute_dtype(precision: str, device: torch.device, hidden_size: int) -> torch.dtype | None:
+    """The autocast dtype of `train.precision` for a model of `hidden_size` on `device` (None: float32). Weights,
+    gradients, the optimiser and the loss stay in float32 either way (crlft.loss takes the cross-entropy in float32).
+
+    auto is bf16 on GPUs with bf16, and on CPUs with bf16 in hardware for models of at least BF16_CPU_MIN_HIDDEN:
+    below that the matmuls are too small a share of the step for bf16 to pay for its casts (benchmarks/RESULTS.md,
+    "Precision")."""
+    native = native_bf16(device) and (device.type == "cuda" or hidden_size >= BF16_CPU_MIN_HIDDEN)
+    if precision == "bf16" or (precision == "auto" and native):
+        return torch.bfloat16
+    if precision in ("auto", "fp32"):
+        return None
+    raise ValueError(f"unknown precision {precision!r}: auto, bf16 or fp32")
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

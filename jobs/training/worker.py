@@ -39,18 +39,6 @@ def _class_metrics(prefix: str, sums: Any, conditions: list[str]) -> dict[str, f
     return {f"{prefix}_{name}": value for name, value in mean_ce_by_class(sums, conditions).items()}
 
 
-def _attn_implementation(model: Any, use_gpu: bool) -> str:
-    """Varlen flash attention on GPU when installed (packed rows need no mask there); else the model's own."""
-    if use_gpu:
-        try:
-            import flash_attn  # noqa: F401
-
-            model.set_attn_implementation("flash_attention_2")
-        except (ImportError, ValueError):
-            pass
-    return model.config._attn_implementation
-
-
 class Worker:
     """One rank's training: the model, optimiser and schedule, where it is in the plan, and its latest metrics."""
 
@@ -79,18 +67,18 @@ class Worker:
         tl.seed_everything(train_cfg.seed)
         model, self.tokenizer = load_model_and_tokenizer(self.loop["base_model"], self.cfg.template.end_of_turn,
                                                          self.cfg.model.trust_remote_code)
-        self.attn = _attn_implementation(model, train_cfg.use_gpu)
+        self.attn = tl.set_attention(model, train_cfg.attention, self.device)
+        dtype = tl.compute_dtype(train_cfg.precision, self.device, model.config.hidden_size)
         if train_cfg.gradient_checkpointing:
             tl.enable_gradient_checkpointing(model)
         if train_cfg.lora.enabled:
             model = tl.wrap_lora(model, train_cfg.lora)
-        bf16 = torch.bfloat16 if train_cfg.use_gpu else None
         if train_cfg.strategy == "fsdp":
-            self.model = tl.shard_fsdp(model.to(self.device), param_dtype=bf16)
+            self.model = tl.shard_fsdp(model.to(self.device), param_dtype=dtype)
             self.autocast = None  # FSDP's mixed-precision policy casts the parameters itself
         else:
             self.model = ray.train.torch.prepare_model(model)
-            self.autocast = bf16
+            self.autocast = dtype
 
     def _restore(self) -> None:
         """Position, metrics and random state from the latest checkpoint; a fresh start is seeded per rank."""
