@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -152,46 +152,53 @@ class TemplateTokenizer:
         end-of-turn. Tokenizers are context-sensitive there (SentencePiece's `prepend_scheme=first` adds `▁` only at
         the start of the text), so each piece is wrapped in the special tokens that surround it in the chat
         template's text and those are dropped again: the ids are the chat template's ids by construction."""
+        first = self.tokenizer.bos_token if self.bos_ids else ""
+        openings = [self.template.end_of_turn if i else first for i in range(len(pieces))]
+        encoded = self._encode_in_context([p.text for p in pieces], openings, self.template.end_of_turn)
         out = []
-        for i, piece in enumerate(pieces):
-            opening = self.template.end_of_turn if i else self.tokenizer.bos_token if self.bos_ids else ""
-            ids, ends = self._encode_in_context(piece.text, opening, self.template.end_of_turn)
+        for piece, (ids, ends) in zip(pieces, encoded, strict=True):
             # A token is supervised when it ends inside the content (a token straddling prefix and content counts).
             weights = [piece.content_weight if piece.content_weight and end > piece.content_start else 0.0
                        for end in ends]
             out.append((ids, weights))
         return out
 
-    def _encode_in_context(self, text: str, opening: str, closing: str) -> tuple[list[int], list[int]]:
-        """Ids of text between the special tokens `opening` and `closing` (either may be ""), with each token's end
-        offset in text. Special-token literals typed inside text stay plain text: they are tokenized on their own with
-        `split_special_tokens`, and the text after one is tokenized as if it followed an end-of-turn."""
-        ids: list[int] = []
-        ends: list[int] = []
-        start = 0
-        for k, part in enumerate(self._special_literal.split(text) if self._special_literal else [text]):
-            if k % 2:  # a typed special-token literal
-                enc = self.tokenizer(part, add_special_tokens=False, split_special_tokens=True,
-                                     return_offsets_mapping=True)
-                part_ids, part_ends = enc["input_ids"], [end for _, end in enc["offset_mapping"]]
-            else:
-                before = opening if k == 0 else self.template.end_of_turn
-                part_ids, part_ends = self._encode_between(part, before, closing)
-            ids += part_ids
-            ends += [start + end for end in part_ends]
-            start += len(part)
-        return ids, ends
+    def _encode_in_context(self, texts: Sequence[str], openings: Sequence[str],
+                           closing: str) -> list[tuple[list[int], list[int]]]:
+        """Ids of each text as it stands between the special tokens opening and `closing` ("" for none), with each
+        token's end offset in the text; one batched tokenizer call. Special-token literals typed inside a text stay
+        plain text: they are tokenized alone with `split_special_tokens`, and the text after one is tokenized as if
+        it followed an end-of-turn."""
+        parts: list[tuple[int, int, str, str | None]] = []  # (text index, start in the text, part, opening or None)
+        for index, (text, opening) in enumerate(zip(texts, openings, strict=True)):
+            start = 0
+            for k, part in enumerate(self._special_literal.split(text) if self._special_literal else [text]):
+                parts.append((index, start, part, None if k % 2 else opening if k == 0 else self.template.end_of_turn))
+                start += len(part)
+        wrapped = iter(self._encode([o + p + closing for _, _, p, o in parts if o is not None], False))
+        literal = iter(self._encode([p for _, _, p, o in parts if o is None], True))
+        out: list[tuple[list[int], list[int]]] = [([], []) for _ in texts]
+        for index, start, _, opening in parts:
+            ids, ends = next(literal) if opening is None else self._unwrap(*next(wrapped), opening, closing)
+            out[index][0].extend(ids)
+            out[index][1].extend(start + end for end in ends)
+        return out
 
-    def _encode_between(self, text: str, opening: str, closing: str) -> tuple[list[int], list[int]]:
-        enc = self.tokenizer(opening + text + closing, add_special_tokens=False, return_offsets_mapping=True,
-                             return_attention_mask=False)
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    def _encode(self, texts: list[str], split_special_tokens: bool) -> Iterator[tuple[list[int], list[int]]]:
+        if not texts:
+            return iter(())
+        enc = self.tokenizer(texts, add_special_tokens=False, split_special_tokens=split_special_tokens,
+                             return_offsets_mapping=True, return_attention_mask=False)
+        return ((ids, [end for _, end in offsets]) for ids, offsets in zip(enc["input_ids"], enc["offset_mapping"],
+                                                                          strict=True))
+
+    def _unwrap(self, ids: list[int], ends: list[int], opening: str, closing: str) -> tuple[list[int], list[int]]:
+        """Drop the wrapping special tokens again (checking they stayed whole) and shift offsets past `opening`."""
         head, tail = int(bool(opening)), int(bool(closing))
-        if ids[:head] != [self._special_ids.get(opening)] * head or ids[len(ids) - tail:] != [
-            self._special_ids.get(closing)
-        ] * tail:
+        wrapper = [self._special_ids.get(opening)] * head, [self._special_ids.get(closing)] * tail
+        if (ids[:head], ids[len(ids) - tail:]) != wrapper:
             raise CrlftError(f"the tokenizer does not keep {opening!r} and {closing!r} as single special tokens")
-        return ids[head:len(ids) - tail], [end - len(opening) for _, end in offsets[head:len(offsets) - tail]]
+        return ids[head:len(ids) - tail], [end - len(opening) for end in ends[head:len(ends) - tail]]
 
     def _pieces(self, system: str, messages: Sequence[Message], condition: str,
                 rewards: Mapping[str, float]) -> list[_Piece]:
@@ -239,7 +246,8 @@ class TemplateTokenizer:
         ids = list(self.bos_ids)
         for piece_ids, _ in self._encode_pieces(self._pieces(system, messages, condition, {})):
             ids += piece_ids + [self.eot_id]
-        head, _ = self._encode_in_context(self.template.prefix("assistant", condition), self.template.end_of_turn, "")
+        [(head, _)] = self._encode_in_context([self.template.prefix("assistant", condition)],
+                                              [self.template.end_of_turn], "")
         return ids + head
 
     def render(self, conv: Conversation) -> str:
