@@ -112,7 +112,7 @@ def export_checkpoint(checkpoint_dir: str | Path, base_model: str, out_dir: str 
 
     model, tokenizer = load_model_and_tokenizer(base_model, cfg.template.end_of_turn, cfg.model.trust_remote_code)
     if cfg.train.lora.enabled:
-        model = tl.wrap_lora(model, cfg.train.lora)
+        model = tl.wrap_lora(model, cfg.train.lora, [tokenizer.convert_tokens_to_ids(cfg.template.end_of_turn)])
     tl.load_model_weights(checkpoint_dir, model)
     if cfg.train.lora.enabled and cfg.train.lora.merge:
         model = tl.merge_lora(model)

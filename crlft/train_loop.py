@@ -1,8 +1,10 @@
 """The training step and everything around it that needs no Ray: the same code runs in a Ray Train worker, in a plain
 single-process loop (benchmarks/train_throughput.py) and in unit tests.
 
-- Learning rate: the reference's auto rule `lr = 3e-4 * sqrt(supervised_tokens_per_step / 4e6)` when none is given;
-  AdamW with the paper's betas/eps/decay; linear warm-up, cosine decay to a floor (a fraction of the peak).
+- Learning rate (`choose_lr`, with its reason): the reference's auto rule `lr = 3e-4 * sqrt(supervised_tokens_per_step
+  / 4e6)` where it fits (full fine-tuning on large batches), a rate from the model's size where it does not (small
+  batches, small models, LoRA); a warning when the first epoch's loss has not moved. AdamW with the paper's
+  betas/eps/decay; linear warm-up, cosine decay to a floor (a fraction of the peak).
 - One optimiser step = `grad_accum` packed bins per rank. The loss of the step is normalised by the weight sum of ALL
   its micro-batches on ALL ranks (crlft.loss), known before the first backward; gradients are synchronised only on
   the last micro-batch.
@@ -74,6 +76,61 @@ def auto_lr(supervised_tokens: float) -> float:
     if supervised_tokens <= 0:
         raise CrlftError("the data has no supervised tokens (every weight is 0): nothing to train on")
     return REFERENCE_BASE_LR * math.sqrt(supervised_tokens / REFERENCE_BASE_TOKENS)
+
+
+# Where the reference's rule does not fit (small batches, small models, LoRA), the peak rate follows the model's size:
+# SCALE_LR at SCALE_PARAMS parameters, with the inverse square root of the size (about 1e-5 for 7B-13B models, 1e-4 at
+# 100M, 1e-3 for a few-million-parameter toy), inside [MIN_LR, MAX_LR]. LoRA adapters start at zero and take a rate
+# LORA_FACTOR times larger (1e-4 and up).
+SCALE_LR = 1e-4
+SCALE_PARAMS = 1e8
+MIN_LR, MAX_LR = 1e-5, 1e-3
+LORA_FACTOR = 10.0
+STALL_DROP = 0.02  # relative loss drop over the first epoch below which the run warns that it is not learning
+
+
+@dataclass(frozen=True)
+class LrChoice:
+    lr: float
+    reason: str  # one line: which rule chose it, from what
+
+
+def size_lr(n_params: int) -> float:
+    """A full fine-tuning rate for a model of n_params parameters (see SCALE_LR)."""
+    return min(MAX_LR, max(MIN_LR, SCALE_LR * math.sqrt(SCALE_PARAMS / n_params)))
+
+
+def choose_lr(train: TrainConfig, supervised_tokens: float, n_params: int) -> LrChoice:
+    """The peak learning rate and why: train.lr when set; for full fine-tuning the reference's rule unless the
+    model's size calls for more (small batches and small models); for LoRA a size-based adapter rate."""
+    if train.lr is not None:
+        return LrChoice(train.lr, "train.lr")
+    size_rate = size_lr(n_params)
+    if train.lora.enabled:
+        lr = min(MAX_LR, max(1e-4, LORA_FACTOR * size_rate))
+        return LrChoice(lr, f"LoRA on a {n_params / 1e6:,.0f}M-parameter model: adapters start at zero and need 1e-4 "
+                        "and up (the reference's rule is for full fine-tuning); set train.lr to choose another")
+    reference = auto_lr(supervised_tokens)
+    rule = f"the reference's rule 3e-4 * sqrt(T / 4e6) at T = {supervised_tokens:,.0f} supervised tokens a step"
+    if reference >= size_rate:
+        return LrChoice(reference, rule)
+    return LrChoice(size_rate, f"{rule} gives {reference:.1e}, too small to learn on a batch this size (it is "
+                    f"calibrated for millions of tokens a step): using the rate for a {n_params / 1e6:,.0f}M-parameter "
+                    "model instead; set train.lr to choose another")
+
+
+def stalled_loss_warning(epoch_losses: Sequence[float], lr: LrChoice) -> str | None:
+    """A warning when the loss of the first epoch (its step losses, in order) did not fall by STALL_DROP: the mean of
+    the last quarter of its steps against the mean of the first quarter."""
+    if len(epoch_losses) < 2:
+        return None
+    quarter = max(1, len(epoch_losses) // 4)
+    start, end = np.mean(epoch_losses[:quarter]), np.mean(epoch_losses[-quarter:])
+    if end <= start * (1.0 - STALL_DROP):
+        return None
+    return (f"the loss has not moved in the first epoch ({start:.4f} -> {end:.4f} over {len(epoch_losses)} steps): "
+            f"the model is not learning at lr {lr.lr:.2e} ({lr.reason}); try a larger train.lr, more data per step "
+            "or more epochs")
 
 
 def warmup_steps(total_steps: int, warmup_fraction: float) -> int:
@@ -414,8 +471,10 @@ def evaluate(
 # Model wrapping: LoRA, gradient checkpointing, FSDP
 
 
-def wrap_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
-    """The model with LoRA adapters on `lora.target_modules`; only the adapters train."""
+def wrap_lora(model: nn.Module, lora: LoraConfig, token_ids: Sequence[int]) -> nn.Module:
+    """The model with LoRA adapters on `lora.target_modules`; only the adapters train, and the input and output
+    embedding rows of `token_ids` (C-RLFT's end-of-turn token: a new token starts at the mean embedding, and without
+    its own rows the model never learns to stop)."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -424,6 +483,7 @@ def wrap_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
+        trainable_token_indices=embedding_rows(model, token_ids) if token_ids else None,
         task_type="CAUSAL_LM",
     )
     try:
@@ -436,8 +496,20 @@ def wrap_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
         ) from None
 
 
+def embedding_rows(model: nn.Module, token_ids: Sequence[int]) -> dict[str, list[int]]:
+    """PEFT's `trainable_token_indices`: the rows of `token_ids` in the input embeddings, and in the output
+    embeddings unless they are tied to the input ones (then PEFT trains the shared row once)."""
+    names = {module: name for name, module in model.named_modules()}
+    layers = [model.get_input_embeddings()]
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not layers[0].weight:
+        layers.append(output)
+    return {names[layer]: list(token_ids) for layer in layers}
+
+
 def merge_lora(model: nn.Module) -> nn.Module:
-    """The plain model with the adapters folded into its weights."""
+    """The plain model with the adapters folded into its weights (the trained token rows written into the
+    embeddings)."""
     return model.merge_and_unload()
 
 

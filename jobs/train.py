@@ -30,7 +30,7 @@ from crlft.config import Config, Mode
 from crlft.errors import CrlftError
 from crlft.export import export_checkpoint
 from crlft.tracking import set_offline_defaults
-from crlft.train_loop import StepPlan, auto_lr, plan_steps, supervised_tokens_per_step
+from crlft.train_loop import LrChoice, StepPlan, choose_lr, plan_steps, supervised_tokens_per_step
 from jobs.session import ray_session
 from jobs.training.data import DataDescription, check_tokenizer, describe_data
 from jobs.training.runs import RunRecord, check_same_plan, find_run_to_resume, run_name, storage_root, write_run_record
@@ -128,15 +128,17 @@ def train(
     client = MlflowClient(tracking_uri)
     with ray_session(cfg):
         datasets, plan = _datasets(data, cfg)
-        lr = _lr(cfg, data)
-        run = _open_run(client, cfg, data, base_model, out, plan, lr, to_resume)
+        lr = _lr(cfg, data, base_model)
+        print(f"[train] learning rate {lr.lr:.3g}: {lr.reason}", flush=True)
+        run = _open_run(client, cfg, data, base_model, out, plan, lr.lr, to_resume)
         loop = {
             "config": cfg.dump(),
             "base_model": base_model,
             "conditions": data.conditions,
             "reward_scale": data.reward_scale,
             "plan": asdict(plan),
-            "lr": lr,
+            "lr": lr.lr,
+            "lr_reason": lr.reason,
             "tracking_uri": tracking_uri,
             "run_id": run.run_id,
             "has_val": data.has_val,
@@ -190,11 +192,11 @@ def _datasets(data: DataDescription, cfg: Config) -> tuple[dict[str, Any], StepP
     return datasets, plan
 
 
-def _lr(cfg: Config, data: DataDescription) -> float:
-    if cfg.train.lr is not None:
-        return cfg.train.lr
-    return auto_lr(supervised_tokens_per_step(data.pack_len, cfg.train.workers, cfg.train.grad_accum,
-                                              data.supervised_ratio))
+def _lr(cfg: Config, data: DataDescription, base_model: str) -> LrChoice:
+    from crlft.model import parameter_count
+
+    tokens = supervised_tokens_per_step(data.pack_len, cfg.train.workers, cfg.train.grad_accum, data.supervised_ratio)
+    return choose_lr(cfg.train, tokens, parameter_count(base_model, cfg.model.trust_remote_code))
 
 
 def _trainer(cfg: Config, loop: dict[str, Any], datasets: dict[str, Any], run: _Run) -> Any:

@@ -254,7 +254,7 @@ def test_training_state_round_trips_weights_optimizer_scheduler_position_and_rng
 ) -> None:
     cfg = load_config(None, {})
     rows = packed_rows(tiny_model, cfg, bins=1, per_bin=2)
-    model = tl.wrap_lora(_model(tiny_model), cfg.train.lora)
+    model = tl.wrap_lora(_model(tiny_model), cfg.train.lora, [])
     optimizer = tl.build_optimizer(model, cfg.train, lr=1e-2)
     scheduler = tl.build_scheduler(optimizer, 10, cfg.train)
     tl.train_step(model, [_batch(rows)], optimizer, scheduler, n_classes=2, grad_clip=1.0, world_size=1)
@@ -262,7 +262,7 @@ def test_training_state_round_trips_weights_optimizer_scheduler_position_and_rng
     tl.save_training_state(tmp_path, model, optimizer, scheduler, tl.TrainingPosition(1, 0, 1), {"run": "x"})
     expected_draws = (random.random(), torch.rand(3))
 
-    restored = tl.wrap_lora(_model(tiny_model), cfg.train.lora)
+    restored = tl.wrap_lora(_model(tiny_model), cfg.train.lora, [])
     restored_optimizer = tl.build_optimizer(restored, cfg.train, lr=1e-2)
     restored_scheduler = tl.build_scheduler(restored_optimizer, 10, cfg.train)
     loaded = tl.load_training_state(tmp_path, restored, restored_optimizer, restored_scheduler)
@@ -283,7 +283,7 @@ def test_training_state_round_trips_weights_optimizer_scheduler_position_and_rng
 
 def test_loading_a_checkpoint_into_a_different_model_says_what_differs(tiny_model: Path, tmp_path: Path) -> None:
     cfg = load_config(None, {})
-    lora = tl.wrap_lora(_model(tiny_model), cfg.train.lora)
+    lora = tl.wrap_lora(_model(tiny_model), cfg.train.lora, [])
     optimizer = tl.build_optimizer(lora, cfg.train, lr=1e-2)
     tl.save_training_state(tmp_path, lora, optimizer, tl.build_scheduler(optimizer, 2, cfg.train),
                            tl.TrainingPosition())
@@ -294,7 +294,7 @@ def test_loading_a_checkpoint_into_a_different_model_says_what_differs(tiny_mode
 def test_lora_targets_missing_from_the_model_name_its_layers(tiny_model: Path) -> None:
     cfg = load_config(None, {"train.lora.target_modules": ["c_attn"]})
     with pytest.raises(CrlftError, match="q_proj"):
-        tl.wrap_lora(_model(tiny_model), cfg.train.lora)
+        tl.wrap_lora(_model(tiny_model), cfg.train.lora, [])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -443,13 +443,15 @@ def test_two_cpu_workers_train_each_ablation_mode_and_strategy(
     result = _train(datasets[data], tiny_model, tmp_path / "out", cfg)
     assert result.steps == 2 and torch.isfinite(torch.tensor(result.final_loss))
     _check_exported(result.out_dir, Mode(mode))
-    if cfg.train.lora.enabled:  # the merged model differs from the base only through the trained adapters
+    if cfg.train.lora.enabled:  # the merged model differs from the base only through the adapters and end-of-turn rows
         from safetensors.torch import load_file
 
         base, merged = load_file(tiny_model / "model.safetensors"), load_file(result.out_dir / "model.safetensors")
         assert base.keys() == merged.keys()
         changed = {name for name in base if not torch.equal(base[name], merged[name])}
-        assert changed and all(name.endswith(("q_proj.weight", "v_proj.weight")) for name in changed)
+        assert {"model.embed_tokens.weight", "lm_head.weight"} < changed
+        assert all(name.endswith(("q_proj.weight", "v_proj.weight", "embed_tokens.weight", "lm_head.weight"))
+                   for name in changed)
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ the end (every rank takes part: the state dicts are gathered), validation loss p
 from __future__ import annotations
 
 import math
+import sys
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -72,7 +73,8 @@ class Worker:
         if train_cfg.gradient_checkpointing:
             tl.enable_gradient_checkpointing(model)
         if train_cfg.lora.enabled:
-            model = tl.wrap_lora(model, train_cfg.lora)
+            end_of_turn = self.tokenizer.convert_tokens_to_ids(self.cfg.template.end_of_turn)
+            model = tl.wrap_lora(model, train_cfg.lora, [end_of_turn])
         if train_cfg.strategy == "fsdp":
             self.model = tl.shard_fsdp(model.to(self.device), param_dtype=dtype)
             self.autocast = None  # FSDP's mixed-precision policy casts the parameters itself
@@ -109,6 +111,8 @@ class Worker:
                 break
             self._train_epoch(epoch, train_shard)
             epoch_done = self.position.step_in_epoch >= self.plan.steps_per_epoch
+            if epoch == 0 and epoch_done:
+                self._warn_if_not_learning()
             if val_shard is not None:
                 self._validate(val_shard)
             if epoch_done:
@@ -123,6 +127,7 @@ class Worker:
         micro_batches = self.batches(shard, train_cfg.seed + epoch, skip)
         self.position = TrainingPosition(position.global_step, epoch, position.step_in_epoch if skip else 0)
         self.stopwatch.lap()
+        self.epoch_losses: list[float] = []
         for group in tl.chunked(micro_batches, train_cfg.grad_accum):
             stats = tl.train_step(
                 self.model, group, self.optimizer, self.scheduler,
@@ -132,12 +137,19 @@ class Worker:
             seconds, cpu_seconds = self.stopwatch.lap()
             self.position = TrainingPosition(self.position.global_step + 1, epoch, self.position.step_in_epoch + 1)
             self.summary = self._step_metrics(stats, epoch, seconds, cpu_seconds)
+            self.epoch_losses.append(stats.loss)
             self.metrics.log(self.summary, self.position.global_step)
             if self.position.global_step >= self.plan.total_steps:
                 break
             if train_cfg.checkpoint_every and self.position.global_step % train_cfg.checkpoint_every == 0:
                 self.report(self.summary)
                 self.stopwatch.lap()
+
+    def _warn_if_not_learning(self) -> None:
+        """Say plainly when the first epoch's loss has not moved (rank 0: the loss is the global batch's)."""
+        warning = tl.stalled_loss_warning(self.epoch_losses, tl.LrChoice(self.loop["lr"], self.loop["lr_reason"]))
+        if warning and self.rank == 0:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
 
     def _step_metrics(self, stats: StepStats, epoch: int, seconds: float, cpu_seconds: float) -> dict[str, float]:
         return {
