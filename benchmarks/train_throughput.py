@@ -2,6 +2,7 @@
 FLOP/s against the machine's measured matmul FLOP/s.
 
     python benchmarks/train_throughput.py [DATA] [--preset tiny] [--pack-len 1024] [--threads N] [--json FILE]
+    python benchmarks/train_throughput.py --precision [--base-model smollm2] [--steps N] [--lr LR] [--json FILE]
 
 1. Plain loop: one process, `--threads` torch threads, crlft.train_loop.train_step over the packed bins (one bin per
    step), and over naive padded batches of the same conversations (batch size: the bins' mean conversation count).
@@ -15,7 +16,9 @@ FLOP/s against the machine's measured matmul FLOP/s.
    inside the token's conversation): padding, and the masked-out attention across the conversations of a packed bin
    (sdpa with a block mask still computes it), count as waste.
    Peak: a large square float32 matmul with the same thread count; both per CPU second.
-4. GPU (only when CUDA is available): a larger Llama in bf16, plain single-GPU loop and Ray Train with FSDP over every
+4. Precision (`--precision`, instead of 1-3): the plain packed loop in float32 and with bf16 autocast, passes
+   alternating from the same initial weights; rates per CPU second and wall, and every step's loss of both curves.
+5. GPU (only when CUDA is available): a larger Llama in bf16, plain single-GPU loop and Ray Train with FSDP over every
    GPU; tokens/s/GPU and MFU against the measured bf16 matmul peak.
 
 Conversations: DATA (default: the FastChat dummy conversations), with a tokenizer trained on them, as
@@ -41,6 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from benchmarks.flops import matmul_flops, model_flops_per_token
 from crlft import train_loop as tl
 from crlft.config import Config, load_config
 from crlft.conversation import ClassRules, Conversation, iter_file
@@ -49,7 +53,7 @@ from crlft.template import Template, TemplateTokenizer, TokenizedConversation
 from crlft.tracking import set_offline_defaults
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "fastchat" / "dummy_conversation.json"
+DEFAULT_DATA = REPO_ROOT / "tests" / "fixtures" / "fastchat" / "dummy_conversation.json"  # FastChat sample
 GPU_MODEL = {  # a ~0.4B-parameter Llama: big enough for the GPU to be busy, small enough for any GPU
     "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 24, "num_attention_heads": 16,
     "num_key_value_heads": 16, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
@@ -84,42 +88,16 @@ def padded_rows(conversations: Sequence[TokenizedConversation], batch_size: int,
     return [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
 
 
-def model_flops_per_token(model: torch.nn.Module, conversations: Sequence[TokenizedConversation]) -> float:
-    """6 x matmul parameters (every Linear, lm_head included) + 12 x layers x hidden x mean causal context."""
-    matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    lengths = [len(c.input_ids) for c in conversations]
-    mean_context = sum(n * (n + 1) / 2 for n in lengths) / sum(lengths)
-    config = model.config
-    return 6 * matmul_params + 12 * config.num_hidden_layers * config.hidden_size * mean_context
-
-
-def matmul_flops(device: torch.device, dtype: torch.dtype, size: int, seconds: float = 2.0) -> float:
-    """FLOP/s of a square matmul: per CPU second of this process on CPU (like the loops' CPU-time rates), per
-    second on GPU."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    on_gpu = device.type == "cuda"
-    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
-    clock = time.perf_counter if on_gpu else time.process_time
-    torch.matmul(a, b)
-    sync()
-    runs, start = 0, clock()
-    while clock() - start < seconds:
-        torch.matmul(a, b)
-        runs += 1
-        sync()
-    return 2 * size**3 * runs / (clock() - start)
-
-
 def plain_loop(model: torch.nn.Module, batches: Sequence[Sequence[PackedRow]], cfg: Config, warmup: int,
                device: torch.device, autocast: torch.dtype | None = None) -> dict[str, float]:
     """Steady-state rates of train_step in this process, one batch of rows per step."""
     model.to(device)
-    optimizer = tl.build_optimizer(model, cfg.train, lr=1e-3)
+    optimizer = tl.build_optimizer(model, cfg.train, lr=cfg.train.lr or 1e-3)
     scheduler = tl.build_scheduler(optimizer, len(batches), cfg.train)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     tokens = supervised = 0
     elapsed = cpu_elapsed = 0.0
+    losses = []
     for step, rows in enumerate(batches):
         batch = {k: v.to(device) for k, v in collate(rows, None, 0, list(cfg.classes)).items()}
         sync()
@@ -127,6 +105,7 @@ def plain_loop(model: torch.nn.Module, batches: Sequence[Sequence[PackedRow]], c
         stats = tl.train_step(model, [batch], optimizer, scheduler, n_classes=len(cfg.classes), grad_clip=1.0,
                               world_size=1, autocast_dtype=autocast)
         sync()
+        losses.append(stats.loss)
         if step >= warmup:
             elapsed += time.perf_counter() - start
             cpu_elapsed += time.process_time() - cpu_start
@@ -135,7 +114,7 @@ def plain_loop(model: torch.nn.Module, batches: Sequence[Sequence[PackedRow]], c
     # CPU seconds do not count the time other processes held the cores: steadier than wall time on a shared machine.
     return {"tokens_per_s": tokens / elapsed, "supervised_tokens_per_s": supervised / elapsed,
             "tokens_per_cpu_s": tokens / cpu_elapsed, "supervised_tokens_per_cpu_s": supervised / cpu_elapsed,
-            "steps": len(batches) - warmup, "seconds": elapsed}
+            "steps": len(batches) - warmup, "seconds": elapsed, "losses": losses}
 
 
 def write_data(out: Path, rows: Sequence[PackedRow], conversations: Sequence[TokenizedConversation],
@@ -220,7 +199,7 @@ def cpu_section(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
 
     cpu = torch.device("cpu")
     model = fresh_model()
-    flops_per_token = model_flops_per_token(model, conversations)
+    flops_per_token = model_flops_per_token(model, [len(c.input_ids) for c in conversations])
     load_before = os.getloadavg()[0]
     # One plain pass before the Ray fit and the others after it, so that both loops meet the machine alike.
     def plain_passes(count: int) -> None:
@@ -266,6 +245,49 @@ def cpu_section(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     }
 
 
+def precision_section(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
+    """bf16 autocast against float32 in the plain loop: the same bins, the same initial weights, passes alternating
+    fp32, bf16, fp32, bf16, ... (the machine's load meets both alike); every step's loss is kept to compare the curves.
+    The model: `--base-model` (a folder, GGUF file or bundled name, e.g. smollm2), else the `--preset` model."""
+    from crlft.commands.init_model import build_default_model
+    from crlft.model import load_model_and_tokenizer, resolve_model_source
+
+    torch.set_num_threads(args.threads)
+    cfg = load_config(None, {"data.pack_len": args.pack_len, "data.max_len": args.pack_len,
+                             "model.preset": args.preset, "train.lr": args.lr})
+    source = resolve_model_source(args.base_model) if args.base_model else str(
+        build_default_model(scratch / "model", cfg, [args.data]))
+    model = load_model_and_tokenizer(source)[0]
+    initial = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    conversations = tokenized_conversations(args.data, Path(source), cfg)
+    rows = packed_rows(conversations, args.pack_len)[: args.steps]
+    cpu = torch.device("cpu")
+    passes: dict[str, list[dict[str, Any]]] = {"fp32": [], "bf16": []}
+    for _ in range(args.passes):
+        for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+            model.load_state_dict(initial)
+            load = os.getloadavg()[0]
+            passes[name].append({**plain_loop(model, [[row] for row in rows], cfg, args.warmup, cpu, dtype),
+                                 "load_average_1min": round(load, 1)})
+    fp32, bf16 = passes["fp32"][0]["losses"], passes["bf16"][0]["losses"]
+    rate = {name: max(p["supervised_tokens_per_cpu_s"] for p in runs) for name, runs in passes.items()}
+    wall = {name: max(p["supervised_tokens_per_s"] for p in runs) for name, runs in passes.items()}
+    return {
+        "model": args.base_model or args.preset,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "native_bf16": tl.native_bf16(cpu),
+        "threads": args.threads, "pack_len": args.pack_len, "steps": len(rows), "lr": args.lr,
+        "supervised_tokens_per_cpu_s": rate, "supervised_tokens_per_s": wall,
+        "bf16_over_fp32_cpu_time": rate["bf16"] / rate["fp32"],
+        "bf16_over_fp32_wall": wall["bf16"] / wall["fp32"],
+        "all_bf16_over_fp32_cpu_time": [round(b["supervised_tokens_per_cpu_s"] / f["supervised_tokens_per_cpu_s"], 2)
+                                        for f, b in zip(passes["fp32"], passes["bf16"], strict=True)],
+        "losses": {"fp32": fp32, "bf16": bf16},
+        "max_relative_loss_gap": max(abs(b - f) / f for f, b in zip(fp32, bf16, strict=True)),
+        "passes": passes,
+    }  # fmt: skip
+
+
 def gpu_section(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     """bf16 on CUDA: plain single-GPU loop, then Ray Train with FSDP on every GPU."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -292,7 +314,7 @@ def gpu_section(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     rows = packed_rows(conversations, pack_len)
     rows = (rows * math.ceil(args.gpu_steps * gpus / len(rows)))[: args.gpu_steps * gpus]
     model = load_model_and_tokenizer(str(model_dir))[0]
-    flops_per_token = model_flops_per_token(model, conversations)
+    flops_per_token = model_flops_per_token(model, [len(c.input_ids) for c in conversations])
     device = torch.device("cuda")
     plain = plain_loop(model, [[row] for row in rows[: args.gpu_steps]], cfg, args.warmup, device, torch.bfloat16)
     del model
@@ -337,6 +359,22 @@ def _report(results: dict[str, Any], echo: Callable[[str], None]) -> None:
              f"(MFU {gpu['fsdp_mfu']:.3f})")
 
 
+def _report_precision(result: dict[str, Any], echo: Callable[[str], None]) -> None:
+    rate, wall = result["supervised_tokens_per_cpu_s"], result["supervised_tokens_per_s"]
+    loads = [p["load_average_1min"] for runs in result["passes"].values() for p in runs]
+    echo(f"model {result['model']} ({result['parameters'] / 1e6:.1f}M params), {result['threads']} threads, "
+         f"{result['steps']} bins of {result['pack_len']}, native bf16: {result['native_bf16']}, "
+         f"load {min(loads)}-{max(loads)}")
+    echo(f"supervised tok/s per CPU second: fp32 {rate['fp32']:.1f}, bf16 {rate['bf16']:.1f} -> "
+         f"bf16/fp32 {result['bf16_over_fp32_cpu_time']:.2f}x (per pass pair {result['all_bf16_over_fp32_cpu_time']})")
+    echo(f"best wall supervised tok/s: fp32 {wall['fp32']:.1f}, bf16 {wall['bf16']:.1f} -> "
+         f"{result['bf16_over_fp32_wall']:.2f}x")
+    fp32, bf16 = result["losses"]["fp32"], result["losses"]["bf16"]
+    echo("loss per step (first pass), fp32 / bf16: "
+         + ", ".join(f"{f:.3f}/{b:.3f}" for f, b in zip(fp32, bf16, strict=True)))
+    echo(f"largest relative gap between the curves: {result['max_relative_loss_gap']:.4f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", nargs="?", type=Path, default=DEFAULT_DATA, help="conversations (JSON/JSONL/Parquet)")
@@ -350,6 +388,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--matmul-size", type=int, default=1024)
     parser.add_argument("--gpu-pack-len", type=int, default=4096)
     parser.add_argument("--gpu-steps", type=int, default=40)
+    parser.add_argument("--precision", action="store_true",
+                        help="only compare bf16 autocast with float32 (plain loop, passes alternating)")
+    parser.add_argument("--base-model", metavar="SOURCE",
+                        help="with --precision: a model folder, GGUF file or bundled name (smollm2), not --preset")
+    parser.add_argument("--steps", type=int, help="with --precision: bins (steps) per pass (default: all)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the plain loops")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
 
@@ -358,10 +402,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("ray").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory() as scratch_dir:
         scratch = Path(scratch_dir)
-        results: dict[str, Any] = {"command": " ".join(["python", *sys.argv]), "cpu": cpu_section(args, scratch)}
-        if torch.cuda.is_available():
-            results["gpu"] = gpu_section(args, scratch)
-    _report(results, print)
+        results: dict[str, Any] = {"command": " ".join(["python", *sys.argv])}
+        if args.precision:
+            results["precision"] = precision_section(args, scratch)
+            _report_precision(results["precision"], print)
+        else:
+            results["cpu"] = cpu_section(args, scratch)
+            if torch.cuda.is_available():
+                results["gpu"] = gpu_section(args, scratch)
+            _report(results, print)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
