@@ -35,21 +35,8 @@ from typing import Any
 import psutil
 import pyarrow.parquet as pq
 
+from crlft import dataset as ds
 from crlft.config import Config, load_config
-from crlft.dataset import (
-    RecordResult,
-    RecordSettings,
-    Tally,
-    group_of,
-    input_kind,
-    iter_raw_records,
-    pack_conversations,
-    pack_groups_for,
-    process_record,
-    reject_line,
-    shard_name,
-    shard_table,
-)
 from crlft.model import default_corpus, load_tokenizer, train_tokenizer
 from crlft.template import Template, TemplateTokenizer
 
@@ -130,16 +117,16 @@ def single_process(paths: list[str], tokenizer_dir: str, out: Path, cfg: Config)
     """The same stage as one plain loop: same functions, same outputs, everything in this process."""
     from jobs.build_dataset import SPLITS, make_stats
 
-    settings = RecordSettings.from_config(cfg)
+    settings = ds.RecordSettings.from_config(cfg)
     template = Template.from_config(cfg)
     tokenizer = TemplateTokenizer(template, load_tokenizer(tokenizer_dir, cfg.template.end_of_turn))
-    tally = Tally()
-    accepted: dict[str, list[RecordResult]] = defaultdict(list)
-    rejects: list[RecordResult] = []
+    tally = ds.Tally()
+    accepted: dict[str, list[ds.RecordResult]] = defaultdict(list)
+    rejects: list[ds.RecordResult] = []
     for path in paths:
         with open(path, "rb") as stream:
-            for raw in iter_raw_records(input_kind(path), stream):
-                record = process_record(settings, tokenizer, path, raw)
+            for raw in ds.iter_raw_records(ds.input_kind(path), stream):
+                record = ds.process_record(settings, tokenizer, path, raw)
                 tally.add(record)
                 if record["status"] == "accepted":
                     accepted[record["split"]].append(record)
@@ -147,20 +134,20 @@ def single_process(paths: list[str], tokenizer_dir: str, out: Path, cfg: Config)
                     rejects.append(record)
     out.mkdir(parents=True, exist_ok=True)
     rejects.sort(key=lambda r: (r["source"], r["line"]))
-    (out / "rejects.jsonl").write_text("".join(reject_line(r) + "\n" for r in rejects))
+    (out / "rejects.jsonl").write_text("".join(ds.reject_line(r) + "\n" for r in rejects))
     bins: dict[str, int] = {}
     for split in SPLITS:
         if not accepted[split]:
             continue
-        groups = pack_groups_for(len(accepted[split]))
-        members: dict[int, list[RecordResult]] = defaultdict(list)
+        groups = ds.pack_groups_for(len(accepted[split]))
+        members: dict[int, list[ds.RecordResult]] = defaultdict(list)
         for record in accepted[split]:
-            members[group_of(record["key"], groups)].append(record)
+            members[ds.group_of(record["key"], groups)].append(record)
         (out / split).mkdir(exist_ok=True)
         bins[split] = 0
         for group, records in members.items():
-            rows = pack_conversations(records, cfg.data.pack_len)
-            pq.write_table(shard_table(rows), out / split / shard_name(group))
+            rows = ds.pack_conversations(records, cfg.data.pack_len)
+            pq.write_table(ds.shard_table(rows), out / split / ds.shard_name(group))
             bins[split] += len(rows)
     stats = make_stats(tally, bins, cfg, template, tokenizer_dir, tokenizer.fingerprint(), paths)
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")

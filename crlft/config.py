@@ -1,6 +1,6 @@
 """One typed configuration for every stage: loaded from YAML, overridden from the CLI, logged with every run.
 
-The defaults are the paper's (../shared/CRLFT.md): class GPT4 (reward 1.0, the inference condition; ShareGPT models
+The defaults are the OpenChat paper's: class GPT4 (reward 1.0, the inference condition; ShareGPT models
 "Model: GPT-4" and "gpt-4*") and class GPT3 (reward 0.1, the default class for everything else).
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -197,8 +198,9 @@ class Config(_Strict):
 
     @property
     def suboptimal_condition(self) -> str:
-        """The lowest-reward class (the sub-optimal source; ties broken by name)."""
-        return min(self.classes, key=lambda name: (self.classes[name].reward, name))
+        """The sub-optimal class (`suboptimal_of`); the inference class itself when it is the only one."""
+        rewards = {name: spec.reward for name, spec in self.classes.items()}
+        return suboptimal_of(rewards, self.inference_condition) or self.inference_condition
 
     def reward(self, condition: str) -> float:
         """The training weight of a class under the configured mode (1.0 where the mode ignores rewards)."""
@@ -206,6 +208,13 @@ class Config(_Strict):
 
     def dump(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def suboptimal_of(rewards: Mapping[str, float], inference_condition: str) -> str | None:
+    """The lowest-reward class other than the inference (expert) one, ties broken by name; None when there is none.
+    The one definition for configs and exported models (crlft.json's conditions)."""
+    others = [name for name in rewards if name != inference_condition]
+    return min(others, key=lambda name: (rewards[name], name)) if others else None
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -193,41 +193,18 @@ def parse_object(
 
 
 def iter_file(path: str | Path, rules: ClassRules) -> Iterator[Conversation | Reject]:
-    """Read one local file (JSONL, JSON array/object, or Parquet) in order. Lines are 1-based; JSON arrays and Parquet
-    rows are numbered by 1-based record index."""
+    """Read one local file in order with the data stage's readers (crlft.dataset), so a file gives here exactly the
+    records and rejects `crlft data build` gives: JSON lines (numbered by line), a .json array or single object and
+    Parquet rows (numbered by 1-based record index; null fields are absent), compressed or not."""
+    import pyarrow as pa
+
+    from crlft.dataset import input_kind, iter_raw_records, parse_raw  # crlft.dataset imports this module
+
     p = Path(path)
     if not p.is_file():
         raise CrlftError(f"input {p} does not exist")
     source = str(p)
-    suffix = p.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        for i, row in enumerate(pq.read_table(p).to_pylist(), start=1):
-            yield parse_object(row, rules, source, i)
-        return
-    text = p.read_text(encoding="utf-8", errors="replace")
-    if suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise CrlftError(
-                f"{source}:{exc.lineno}: not valid JSON: {exc.msg} (a .json file holds one array of records)"
-            ) from None
-        for i, item in enumerate(items, start=1):
-            yield parse_object(item, rules, source, i)
-        return
-    for i, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            yield parse_line(line, rules, source, i)
-
-
-def conversation_to_json(conv: Conversation) -> dict[str, Any]:
-    """The canonical OpenChat form of an accepted record (what the data stage writes for the validation split)."""
-    record: dict[str, Any] = {
-        "items": [{"role": m.role, "content": m.content, "weight": m.weight} for m in conv.messages],
-        "condition": conv.condition,
-    }
-    if conv.system:
-        record["system"] = conv.system
-    return record
+    kind = input_kind(source)
+    with pa.OSFile(source) if kind == "parquet" else pa.input_stream(source, compression="detect") as stream:
+        for raw in iter_raw_records(kind, stream):
+            yield parse_raw(raw, rules, source)

@@ -15,16 +15,17 @@ import json
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, BinaryIO, Literal, Protocol, TypedDict
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal, Protocol, TypedDict, TypeVar
 
 import pyarrow as pa
 
 from crlft.config import Config
-from crlft.conversation import RAW_PREVIEW_CHARS, ClassRules, Reject, parse_line
+from crlft.conversation import RAW_PREVIEW_CHARS, ClassRules, Conversation, Reject, parse_line
 
 if TYPE_CHECKING:  # transformers and torch: seconds to import in every Ray worker that only reads or counts
     from crlft.template import TemplateTokenizer
 
+T = TypeVar("T")
 InputKind = Literal["jsonl", "json", "parquet"]
 Status = Literal["accepted", "rejected", "filtered"]
 
@@ -150,6 +151,13 @@ def iter_parquet(source: Any, batch_rows: int = 4096) -> Iterator[RawRecord]:
         yield RawRecord(line=index + 1, text="", error=f"unreadable Parquet after row {index}: {exc}")
 
 
+def parse_raw(raw: RawRecord, rules: ClassRules, source: str) -> Conversation | Reject:
+    """A record as read, validated: the reader's own error, or `parse_line`'s verdict."""
+    if raw["error"]:
+        return Reject(source, raw["line"], raw["error"], raw["text"])
+    return parse_line(raw["text"], rules, source, raw["line"])
+
+
 def iter_raw_records(kind: InputKind, stream: BinaryIO) -> Iterator[RawRecord]:
     """The records of one input stream of the given kind (Parquet needs a random-access file)."""
     if kind == "parquet":
@@ -159,8 +167,9 @@ def iter_raw_records(kind: InputKind, stream: BinaryIO) -> Iterator[RawRecord]:
     return iter_json_lines(stream)
 
 
-def chunked(items: Iterable[RawRecord], size: int) -> Iterator[list[RawRecord]]:
-    chunk: list[RawRecord] = []
+def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Consecutive groups of `size` (the last one may be shorter)."""
+    chunk: list[T] = []
     for item in items:
         chunk.append(item)
         if len(chunk) == size:
@@ -237,11 +246,7 @@ def process_record(settings: RecordSettings, tokenizer: TemplateTokenizer, sourc
         source=source, line=raw["line"], status="rejected", reason="", raw="", condition="", split="",
         input_ids=[], weights=[], truncated=False, n_tokens=0, n_supervised=0, key=key, digest=digest,
     )  # fmt: skip
-    parsed = (
-        Reject(source, raw["line"], raw["error"], raw["text"])
-        if raw["error"]
-        else parse_line(raw["text"], settings.rules, source, raw["line"])
-    )
+    parsed = parse_raw(raw, settings.rules, source)
     if isinstance(parsed, Reject):
         return {**result, "reason": parsed.reason, "raw": parsed.raw[:RAW_PREVIEW_CHARS]}
     if settings.only_classes is not None and parsed.condition not in settings.only_classes:

@@ -1,4 +1,4 @@
-"""Evaluation of an exported model, without Ray: what shows that C-RLFT worked (CRLFT.md, "Evidence that it worked").
+"""Evaluation of an exported model, without Ray: what shows that C-RLFT worked (the paper's evidence, section 5).
 
 - Verifiable suites (prompt + expected answer, e.g. the synthetic eval.jsonl): greedy, batched generation under each
   condition, exact-match accuracy (`crlft.synth.score`), and the condition swap: the same prompts under every
@@ -17,13 +17,14 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from crlft.config import suboptimal_of
 from crlft.conversation import ClassRules, Conversation, Message, iter_file
 from crlft.errors import CrlftError
 from crlft.export import ExportedModel, ModelMeta
@@ -36,12 +37,6 @@ from crlft.synth import EvalItem, score
 def conditions_by_reward(meta: ModelMeta) -> list[str]:
     """The model's conditions, best first (the inference condition first among equals)."""
     return sorted(meta.conditions, key=lambda c: (-meta.conditions[c], c != meta.inference_condition, c))
-
-
-def suboptimal_condition(meta: ModelMeta) -> str | None:
-    """The lowest-reward condition other than the inference (expert) one; None for a single-class model."""
-    others = [c for c in conditions_by_reward(meta) if c != meta.inference_condition]
-    return others[-1] if others else None
 
 
 def select_conditions(meta: ModelMeta, requested: Sequence[str] | None) -> list[str]:
@@ -149,8 +144,8 @@ def evaluate_suite(exported: ExportedModel, items: Sequence[EvalItem], condition
         else:
             predictions = shared
         results[condition] = ConditionResult(condition, predictions, score(predictions, items))
-    return SuiteEvaluation(list(items), results, meta.inference_condition, suboptimal_condition(meta), with_condition,
-                           meta.mode)  # fmt: skip
+    suboptimal = suboptimal_of(meta.conditions, meta.inference_condition)
+    return SuiteEvaluation(list(items), results, meta.inference_condition, suboptimal, with_condition, meta.mode)
 
 
 def suite_metrics(evaluation: SuiteEvaluation) -> dict[str, float]:
@@ -522,11 +517,3 @@ def bench_metrics(bench: str, judgments: Sequence[Judgment]) -> dict[str, float]
         if bench == "mt_bench":
             metrics[f"{bench}_turn{turn}"] = float(np.mean([j.score for j in rated if j.turn == turn]))
     return metrics
-
-
-@dataclass
-class BenchResult:
-    bench: str
-    answers: list[BenchAnswer]
-    judgments: list[Judgment] = field(default_factory=list)
-    metrics: dict[str, float] = field(default_factory=dict)

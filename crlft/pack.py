@@ -250,15 +250,3 @@ def collate(
     if conditions is not None:
         batch["class_ids"] = torch.tensor([padded(class_ids(row), PADDING) for row in rows], dtype=torch.long)
     return batch
-
-
-def collate_padded(
-    conversations: Sequence[Tokenized],
-    pad_id: int,
-    conditions: Sequence[str] | None = None,
-    attn_implementation: str = "sdpa",
-    dtype: torch.dtype = torch.float32,
-) -> dict[str, torch.Tensor]:
-    """The naive baseline: one conversation per row, right-padded to the longest; same columns as `collate`."""
-    rows = [pack_bin([conversation]) for conversation in conversations]
-    return collate(rows, None, pad_id, conditions, attn_implementation, dtype)

@@ -50,6 +50,7 @@ LOCK_TIMEOUT_S = 300.0
 
 # What MLflow accepts in tag keys (mlflow.utils.validation): anything else in a suite or metric name becomes "_".
 _TAG_KEY_UNSAFE = re.compile(r"[^/\w.\- ]")
+_MLFLOW_ID = re.compile(r"^[0-9a-f]{32}$")  # a run id, safe to put in a search filter
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))/?$")
 
 
@@ -228,10 +229,10 @@ def register_model(
     """Register `model_dir` as a new version of `name` (default cfg.registry.model_name); returns the version.
 
     Lineage: the version points at the training run `run_id` (default: the run named in the model's crlft.json, when
-    this store has it). The version is created from the run's artifacts `model/` (a plain folder cannot be registered
-    through `runs:/`, STACK.md trap 9): the trainer logs its export there; if the run has none, the folder is logged
-    there now. Without a training run, a registration run is made to hold the folder. Lineage tags come from the
-    model's crlft.json; `tags` add to or override them."""
+    this store has it). The version is created from the run's artifacts `model/` (MLflow 3 cannot register a plain
+    folder through `runs:/`, only with create_model_version(source=<artifact uri>)): the trainer logs its export
+    there; if the run has none, the folder is logged there now. Without a training run, a registration run is made to
+    hold the folder. Lineage tags come from the model's crlft.json; `tags` add to or override them."""
     model_dir = Path(model_dir)
     _check_model_dir(model_dir)
     version_tags = {**lineage_tags(model_dir, cfg), **dict(tags or {})}
@@ -271,6 +272,29 @@ def register_model(
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Resolve and load
+
+
+def trained_version(client: MlflowClient, name: str, model_dir: str | Path) -> ModelRef | None:
+    """The version of `name` that `crlft train` registered for this exported folder (found through the training run
+    its crlft.json names); None for a folder trained elsewhere or registered in another store."""
+    from mlflow.exceptions import MlflowException
+
+    from crlft.export import read_meta
+
+    run_id = read_meta(model_dir).extra.get("mlflow_run_id") if Path(model_dir).is_dir() else None
+    if not isinstance(run_id, str) or not _MLFLOW_ID.match(run_id):
+        return None
+    try:
+        versions = client.search_model_versions(f"name = '{name}' AND run_id = '{run_id}'")
+    except MlflowException:
+        return None
+    latest = max((int(v.version) for v in versions), default=None)
+    return ModelRef(name, version=str(latest)) if latest is not None else None
+
+
+def champion_uri(cfg: Config) -> str:
+    """`models:/<registry.model_name>@<registry.alias>`: the version serving follows by default."""
+    return ModelRef(cfg.registry.model_name, alias=cfg.registry.alias).uri
 
 
 def parse_model_uri(uri: str) -> ModelRef:

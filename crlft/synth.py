@@ -1,8 +1,8 @@
 """The synthetic mixed-quality suite: the project's proof that C-RLFT works, small enough for a CPU in minutes.
 
-What it must show (../shared/CRLFT.md): a tiny model trained with C-RLFT on a few expert conversations (class GPT4) and
-four times as many sub-optimal ones (class GPT3) answers held-out questions correctly far more often than plain SFT on
-the same mixture, and prompting it with the GPT3 condition brings the GPT3 behaviour back.
+What it must show (the paper's claim, at laptop scale): a tiny model trained with C-RLFT on a few expert conversations
+(class GPT4) and four times as many sub-optimal ones (class GPT3) answers held-out questions correctly far more often
+than plain SFT on the same mixture, and prompting it with the GPT3 condition brings the GPT3 behaviour back.
 
 Design choices, and why:
 

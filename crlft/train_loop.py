@@ -245,18 +245,6 @@ def _as_list(values: Any) -> list:
     return values.tolist() if hasattr(values, "tolist") else list(values)
 
 
-def chunked(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    """Consecutive groups of `size` (the last one may be shorter)."""
-    group: list[Any] = []
-    for item in items:
-        group.append(item)
-        if len(group) == size:
-            yield group
-            group = []
-    if group:
-        yield group
-
-
 def set_attention(model: nn.Module, requested: str, device: torch.device) -> str:
     """Give `model` the attention implementation of `train.attention` on `device`; return its name.
 

@@ -34,7 +34,7 @@ import pyarrow as pa
 from ray.data.datasource import FileBasedDatasource
 
 from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
-from crlft.config import Config
+from crlft.config import Config, Mode
 from crlft.dataset import (
     INPUT_SUFFIXES,
     RECORD_SCHEMA,
@@ -90,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep only the inference condition's class (data.only_classes)")
     parser.add_argument("--val-fraction", type=float, help="share of conversations held out (data.val_fraction)")
     parser.add_argument("--seed", type=int, help="seed of the split and packing groups (data.seed)")
-    parser.add_argument("--mode", choices=["crlft", "conditioned", "weighted", "sft"],
+    parser.add_argument("--mode", choices=[m.value for m in Mode],
                         help="training mode: decides conditions in the prompt and rewards in the weights")
     add_config_arguments(parser)
 
@@ -342,7 +342,8 @@ def _write_packed(accepted: Any, count: int, capacity: int, folder: str) -> int:
 
 def make_stats(tally: Tally, bins: dict[str, int], cfg: Config, template: Template, tokenizer: str,
                tokenizer_fingerprint: str, paths: Sequence[str]) -> dict[str, Any]:
-    """stats.json (CONTRACTS.md): counts, per-class tokens, packing, and what the shards were built from."""
+    """stats.json (docs/architecture.md, "Shards"): counts, per-class tokens, packing, and what the shards were built
+    from."""
     pack_len = cfg.data.pack_len
     splits = {
         split: {

@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _demo(cfg: Config, args: argparse.Namespace, started: float, dashboard: str | None) -> int:
+    from crlft.registry import champion_uri
     from crlft.synth import is_correct, load_eval_suite
     from jobs.pipeline import run_pipeline
     from services.chat import deploy, shutdown
@@ -87,7 +88,7 @@ def _demo(cfg: Config, args: argparse.Namespace, started: float, dashboard: str 
     result = run_pipeline(cfg, name="demo", force=args.force)
     expert = cfg.inference_condition
     suboptimal = cfg.suboptimal_condition
-    target = f"models:/{cfg.registry.model_name}@{cfg.registry.alias}" if result.champion else str(result.model_dir)
+    target = champion_uri(cfg) if result.champion else str(result.model_dir)
     print(f"[serve] deploying {target} ...", flush=True)
     url = deploy(target, cfg)
     try:

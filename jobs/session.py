@@ -14,8 +14,9 @@ from collections.abc import Iterator
 from crlft.config import Config
 
 # Logical CPUs a local session gets beyond the machine's. Ray Data's read tasks need one while the training workers
-# hold theirs (or the run waits forever, STACK.md trap 1), and the tokenizer actor pool is sized to the cluster's CPUs:
-# on 2 CPUs it once took both while a task it waited for needed one (a silent hang).
+# hold theirs (or the run waits forever: Ray Train + Ray Data on 2 CPUs deadlock silently when the workers take every
+# CPU), and the tokenizer actor pool is sized to the cluster's CPUs: on 2 CPUs it once took both while a task it
+# waited for needed one (a silent hang).
 LOCAL_SPARE_CPUS = 2
 
 
@@ -30,23 +31,33 @@ def local_cpus(cfg: Config) -> int:
     return max(os.cpu_count() or 1, needed) + LOCAL_SPARE_CPUS
 
 
-@contextlib.contextmanager
-def ray_session(cfg: Config | None = None) -> Iterator[str | None]:
-    """Use the running session; else connect to $RAY_ADDRESS; else start a local one (loopback dashboard on a free
-    port: Train polls its state API). Yields the dashboard's URL when this call opened the session. Only a session
-    opened here is closed here."""
+def start_ray(cfg: Config | None = None, address: str | None = None) -> tuple[bool, str | None]:
+    """Use the running session; else connect to `address` or $RAY_ADDRESS; else start a local one (loopback dashboard
+    on a free port: Train polls its state API). Returns whether this call opened the session (its opener shuts it
+    down) and, for a local one, the dashboard's URL."""
     import ray
 
     if ray.is_initialized():
-        yield None
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        context = ray.init(log_to_driver=True, logging_level=logging.WARNING)
-    else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local throwaway session; clusters keep their auth
-        context = ray.init(num_cpus=local_cpus(cfg or Config()), include_dashboard=True, dashboard_host="127.0.0.1",
-                           dashboard_port=free_port(), logging_level=logging.WARNING)  # fmt: skip
+        return False, None
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
+        return True, None
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, loopback-only session; clusters keep their auth
+    context = ray.init(num_cpus=local_cpus(cfg or Config()), include_dashboard=True, dashboard_host="127.0.0.1",
+                       dashboard_port=free_port(), logging_level=logging.WARNING)  # fmt: skip
+    return True, f"http://{context.dashboard_url}" if context.dashboard_url else None
+
+
+@contextlib.contextmanager
+def ray_session(cfg: Config | None = None) -> Iterator[str | None]:
+    """Ray for the duration of the block (`start_ray`); yields the dashboard's URL when this call started a local
+    session. Only a session opened here is closed here."""
+    import ray
+
+    opened, dashboard = start_ray(cfg)
     try:
-        yield f"http://{context.dashboard_url}" if context.dashboard_url else None
+        yield dashboard
     finally:
-        ray.shutdown()
+        if opened:
+            ray.shutdown()

@@ -48,8 +48,10 @@ from crlft.config import Config, load_config
 from crlft.errors import CrlftError
 from crlft.export import ModelMeta, load_exported
 from crlft.generate import BatchGenerator, Completion, EngineLoop, GenerationRequest, SamplingParams
+from crlft.registry import MODELS_SCHEME, champion_uri, parse_model_uri, resolve_model
 from crlft.template import TemplateTokenizer
 from crlft.tracking import OFFLINE_ENV, set_offline_defaults
+from jobs.session import start_ray
 from services import protocol
 from services.page import add_chat_page
 from services.protocol import ApiError
@@ -58,7 +60,6 @@ logger = logging.getLogger("ray.serve")
 
 APP_NAME = "crlft-chat"
 DEPLOYMENT_NAME = "ChatServer"
-MODELS_SCHEME = "models:/"
 ENV_MODEL = "CRLFT_MODEL"
 ENV_CONFIG = "CRLFT_CONFIG"
 ENV_API_KEYS = "CRLFT_API_KEYS"  # comma-separated; the way to give keys to a Serve config / KubeRay (a Secret)
@@ -77,8 +78,6 @@ def resolve_model_uri(uri: str, cfg: Config, tracking_uri: str | None = None) ->
     """A local model folder for a folder path or a registered model (`models:/NAME@ALIAS`, `models:/NAME/VERSION`,
     downloaded once into the registry cache)."""
     if uri.startswith(MODELS_SCHEME):
-        from crlft.registry import resolve_model  # MLflow is slow to import: only when the registry is used
-
         return Path(resolve_model(uri, cfg, tracking_uri=tracking_uri))
     path = Path(uri).expanduser()
     if not (path / "config.json").is_file():
@@ -106,7 +105,7 @@ def served_name(uri: str, cfg: Config, override: str | None = None) -> str:
     if override or cfg.serve.model_name:
         return str(override or cfg.serve.model_name)
     if uri.startswith(MODELS_SCHEME):
-        return uri[len(MODELS_SCHEME):].split("@")[0].split("/")[0]
+        return parse_model_uri(uri).name
     return Path(uri).expanduser().resolve().name
 
 
@@ -552,10 +551,6 @@ def api_keys_from_env() -> list[str]:
     return [k.strip() for k in os.environ.get(ENV_API_KEYS, "").split(",") if k.strip()]
 
 
-def champion_uri(cfg: Config) -> str:
-    return f"{MODELS_SCHEME}{cfg.registry.model_name}@{cfg.registry.alias}"
-
-
 def chat_application(model: str, cfg: Config, *, api_keys: Sequence[str] = (), model_name: str | None = None,
                      watch_s: float | None = None, tracking_uri: str | None = None) -> Application:
     """The Serve application for `model` (a folder or models:/ URI), with the options of `cfg.serve`."""
@@ -624,21 +619,6 @@ def __getattr__(name: str) -> Any:
 # Running it: local Ray + Serve
 
 
-def ensure_ray(address: str | None = None) -> bool:
-    """Connect to `address` (or $RAY_ADDRESS), else start a fresh local Ray; returns whether this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, loopback-only instance (STACK.md trap 3)
-        ray.init(address="local", include_dashboard=False)
-    return True
-
-
 def public_url(host: str, port: int) -> str:
     shown = "127.0.0.1" if host in ("0.0.0.0", "", None) else ("[::1]" if host == "::" else host)
     return f"http://{shown}:{port}"
@@ -668,7 +648,7 @@ def deploy(model: str, cfg: Config | None = None, blocking: bool = False, *, api
     cfg = cfg or Config()
     set_offline_defaults()
     resolve_model_uri(model, cfg, tracking_uri)  # fail here, with a clear message, not in a replica retry loop
-    started_ray = ensure_ray(address)
+    started_ray, _ = start_ray(cfg, address)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     host, port = _http_address(cfg)
     app = chat_application(model, cfg, api_keys=api_keys, model_name=model_name, watch_s=watch_s,

@@ -11,6 +11,8 @@ import argparse
 import sys
 
 from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
+from crlft.registry import champion_uri
+from jobs.session import start_ray
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,9 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from services.chat import (
         api_keys_from_env,
-        champion_uri,
         deploy,
-        ensure_ray,
         resolve_model_uri,
         shutdown,
         wait_for_interrupt,
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     keys = [*args.api_keys, *api_keys_from_env()]
     resolve_model_uri(model, cfg, args.mlflow_uri)  # a wrong --model fails now, not after Ray has started
     print(f"starting Ray Serve for {model} ...", file=sys.stderr, flush=True)
-    started_ray = ensure_ray(args.address)
+    started_ray, _ = start_ray(cfg, args.address)
     try:
         url = deploy(model, cfg, api_keys=keys, watch_s=args.watch_s, tracking_uri=args.mlflow_uri)
         auth = f" (API keys: {len(set(keys) | set(cfg.serve.api_keys))})" if keys or cfg.serve.api_keys else ""

@@ -17,7 +17,7 @@ import pytest
 
 from crlft.cli import stage_entrypoint
 from crlft.config import Config, load_config
-from crlft.conversation import ClassRules, Conversation, Reject, iter_file, parse_line, parse_object
+from crlft.conversation import ClassRules, Conversation, Reject, iter_file, parse_line
 from crlft.dataset import (
     PACK_GROUP_CONVERSATIONS,
     RawRecord,
@@ -240,17 +240,9 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 
 
 def _expected(files: list[str], rules: ClassRules) -> Iterator[Conversation | Reject]:
-    """What the library's own reader makes of each file (Parquet through drop_nulls, .gz through its plain twin)."""
+    """What the library's own reader (one process, no Ray) makes of each file."""
     for name in files:
-        path = Path(name)
-        if path.suffix == ".parquet":
-            yield from (parse_object(drop_nulls(row), rules, name, i)
-                        for i, row in enumerate(pq.read_table(path).to_pylist(), start=1))
-        elif path.suffix == ".gz":
-            lines = gzip.decompress(path.read_bytes()).decode().splitlines()
-            yield from (parse_line(text, rules, name, i) for i, text in enumerate(lines, start=1) if text.strip())
-        else:
-            yield from iter_file(path, rules)
+        yield from iter_file(name, rules)
 
 
 def _shard_rows(folder: Path) -> list[dict[str, Any]]:

@@ -96,6 +96,31 @@ def test_parquet_rows_are_read(tmp_path: Path) -> None:
     assert isinstance(conv, Conversation) and conv.line == 1
 
 
+def test_a_json_file_holding_one_object_is_one_record(tmp_path: Path) -> None:
+    record = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    (tmp_path / "one.json").write_text(json.dumps(record, indent=2))
+    (conv,) = iter_file(tmp_path / "one.json", RULES)
+    assert isinstance(conv, Conversation) and conv.line == 1
+
+
+def test_parquet_nulls_are_absent_fields_as_the_data_stage_reads_them(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"items": [{"role": "user", "content": "q", "weight": None},
+                       {"role": "assistant", "content": "a", "weight": 2.0}], "system": None}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "nulls.parquet")
+    (conv,) = iter_file(tmp_path / "nulls.parquet", RULES)
+    assert isinstance(conv, Conversation), conv
+    assert [m.weight for m in conv.messages] == [1.0, 2.0] and conv.system == ""  # absent weight: the default
+
+
+def test_a_json_array_that_does_not_parse_is_one_reject_at_its_line(tmp_path: Path) -> None:
+    (tmp_path / "broken.json").write_text('[\n  {"messages": []},\n  {oops}\n]\n')
+    (reject,) = iter_file(tmp_path / "broken.json", RULES)
+    assert isinstance(reject, Reject) and reject.line == 3 and "not valid JSON" in reject.reason
+
+
 def test_missing_input_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(CrlftError, match="does not exist"):
         list(iter_file(tmp_path / "nope.jsonl", RULES))

@@ -13,7 +13,6 @@ from crlft.pack import (
     IGNORE_INDEX,
     PADDING,
     collate,
-    collate_padded,
     first_fit_decreasing,
     pack_bin,
     packing_efficiency,
@@ -177,12 +176,6 @@ def test_collate_rejects_pad_to_shorter_than_a_row_and_unknown_classes() -> None
         collate(rows, pad_to=2, pad_id=PAD_ID)
     with pytest.raises(ValueError, match=r"\['GPT4'\] are not among the classes \['GPT3'\]"):
         collate(rows, pad_to=None, pad_id=PAD_ID, conditions=["GPT3"])
-
-
-def test_collate_padded_puts_one_conversation_per_row() -> None:
-    batch = collate_padded([([1, 2, 3], [0.0, 1.0, 1.0], "GPT4"), ([4], [0.0], "GPT3")], pad_id=PAD_ID)
-    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
-    assert batch["sequence_ids"].tolist() == [[0, 0, 0], [0, PADDING, PADDING]]
 
 
 # --- the packed forward -----------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
+from crlft.config import Mode
 from crlft.conversation import ClassRules, Reject, iter_file
 from crlft.template import Template, TemplateTokenizer, TokenizedConversation
 
@@ -33,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="a conversation file (JSONL, JSON or Parquet, any accepted format)")
     parser.add_argument("--tokenizer", required=True, help="model or tokenizer folder (or hub id)")
     parser.add_argument("--n", type=int, default=3, help="how many conversations to show")
-    parser.add_argument("--mode", choices=["crlft", "conditioned", "weighted", "sft"], help="default: train.mode")
+    parser.add_argument("--mode", choices=[m.value for m in Mode], help="default: train.mode")
     parser.add_argument("--color", choices=["auto", "always", "never"], default="auto")
     add_config_arguments(parser)
 

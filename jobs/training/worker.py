@@ -15,6 +15,7 @@ import torch
 
 from crlft import train_loop as tl
 from crlft.config import Config
+from crlft.dataset import chunked
 from crlft.tracking import set_offline_defaults
 from crlft.train_loop import StepPlan, StepStats, TrainingPosition
 from jobs.training.tracking import MetricsLogger
@@ -128,7 +129,7 @@ class Worker:
         self.position = TrainingPosition(position.global_step, epoch, position.step_in_epoch if skip else 0)
         self.stopwatch.lap()
         self.epoch_losses: list[float] = []
-        for group in tl.chunked(micro_batches, train_cfg.grad_accum):
+        for group in chunked(micro_batches, train_cfg.grad_accum):
             stats = tl.train_step(
                 self.model, group, self.optimizer, self.scheduler,
                 n_classes=len(self.conditions), grad_clip=train_cfg.grad_clip, world_size=self.world_size,
