@@ -1,8 +1,8 @@
-"""`crlft`: one command whose subcommands mirror the stages.
+"""What every `crlft` subcommand shares, Ray-free: `--config FILE` and `--set section.key=value` (a stage's own flags
+are shorthands for config keys), user errors as one line and exit status 2, and `python -m <module>` entrypoints.
 
-Each stage lives in a module with `add_arguments(parser)` and `run(args) -> int`; the same module is a
-`python -m jobs.<stage>` entrypoint (what `ray job submit` runs) through `stage_entrypoint`. Every subcommand takes
-`--config FILE` and `--set section.key=value` overrides; its own flags are shorthands for config keys.
+The command table (which subcommand runs which module) is the application's, in jobs/cli.py: this core names no
+module of jobs/, services/ or benchmarks/. A stage module has `add_arguments(parser)` and `run(args) -> int`.
 """
 
 from __future__ import annotations
@@ -18,25 +18,6 @@ import yaml
 
 from crlft.config import Config, load_config
 from crlft.errors import CrlftError
-
-# command -> (module, one-line help). Modules are imported only when their command runs (Ray is slow to import).
-COMMANDS: dict[str, tuple[str, str]] = {
-    "init-model": ("crlft.commands.init_model", "build the embedded default model and tokenizer (no download)"),
-    "synth": ("crlft.commands.synth", "write the synthetic mixed-quality suite (train / held-out / eval)"),
-    "data show": ("crlft.commands.show", "print conversations as the model sees them, tokens marked with weights"),
-    "data build": ("jobs.build_dataset", "Ray Data: validate, condition, tokenize and pack conversations"),
-    "train": ("jobs.train", "Ray Train: C-RLFT across workers, with checkpoints and MLflow tracking"),
-    "eval": ("jobs.evaluate", "evaluate a model: accuracy per condition, condition swap, embeddings, benchmarks"),
-    "promote": ("jobs.promote", "move the champion alias to a registered version if it is at least as good"),
-    "models": ("jobs.models", "list registered model versions with their metrics and aliases"),
-    "serve": ("services.serve_cli", "serve a model behind the OpenAI-compatible endpoint (Ray Serve)"),
-    "pipeline": ("jobs.pipeline", "data -> train -> evaluate -> register -> promote (-> deploy)"),
-    "submit": ("jobs.submit", "submit a stage to a Ray cluster through the Jobs API"),
-    "jobs": ("jobs.submit_list", "list the jobs of a Ray cluster"),
-    "stop": ("jobs.submit_stop", "stop a job on a Ray cluster"),
-    "ablation": ("benchmarks.ablation", "reproduce the paper's ablation on the synthetic suite"),
-    "demo": ("jobs.demo", "the whole product on the embedded defaults, ending with answers from the served model"),
-}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,64 +47,6 @@ def config_from_args(args: argparse.Namespace, flags: Mapping[str, str] | None =
     return load_config(getattr(args, "config", None), overrides)
 
 
-def _load(module_name: str) -> Any:
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
-            return None
-        raise
-
-
-def selected_command(argv: Sequence[str]) -> str | None:
-    """The command named by argv (`data build` is two words), found without importing any stage."""
-    words = [a for a in argv[:2] if not a.startswith("-")]
-    for n in (2, 1):
-        name = " ".join(words[:n])
-        if len(words) >= n and name in COMMANDS:
-            return name
-    return None
-
-
-def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
-    """Every command is listed; only the selected one's module is imported (stages import Ray, which is slow)."""
-    selected = selected_command(argv)
-    parser = argparse.ArgumentParser(
-        prog="crlft",
-        description="C-RLFT (OpenChat) fine-tuning and serving on Ray: mixed-quality conversations are labelled by "
-        "source, the source is written into the prompt, and the loss is weighted by each source's reward.",
-    )
-    top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    groups: dict[str, argparse._SubParsersAction] = {}
-    for name, (module_name, help_text) in COMMANDS.items():
-        sub = top
-        leaf = name
-        if " " in name:
-            group, leaf = name.split(" ", 1)
-            if group not in groups:
-                group_parser = top.add_parser(group, help=f"{group} commands")
-                groups[group] = group_parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
-            sub = groups[group]
-        p = sub.add_parser(leaf, help=help_text, description=help_text)
-        if name != selected:
-            continue
-        module = _load(module_name)
-        if module is None:
-            p.set_defaults(_run=_not_built(name))
-            continue
-        module.add_arguments(p)
-        p.set_defaults(_run=module.run)
-    return parser
-
-
-def _not_built(name: str) -> Callable[[argparse.Namespace], int]:
-    def run(_: argparse.Namespace) -> int:
-        print(f"crlft {name}: this stage is not built yet", file=sys.stderr)
-        return 3
-
-    return run
-
-
 def run_guarded(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """User errors become one clear line and exit status 2; set CRLFT_DEBUG=1 for the traceback."""
     try:
@@ -139,20 +62,11 @@ def run_guarded(run: Callable[[argparse.Namespace], int], args: argparse.Namespa
 
 
 def stage_entrypoint(module_name: str, argv: Sequence[str] | None = None) -> int:
-    """`python -m jobs.<stage>`: the same flags as the matching `crlft` subcommand."""
+    """`python -m <module>` for a stage module (what `ray job submit` runs): its flags, described by the first line
+    of its docstring."""
     module = importlib.import_module(module_name)
-    help_text = next((h for m, h in COMMANDS.values() if m == module_name), None)
-    parser = argparse.ArgumentParser(prog=f"python -m {module_name}", description=help_text)
+    description = module.__doc__.strip().splitlines()[0] if module.__doc__ else None
+    parser = argparse.ArgumentParser(prog=f"python -m {module_name}", description=description)
     module.add_arguments(parser)
     args = parser.parse_args(argv)
     return run_guarded(module.run, args)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(argv).parse_args(argv)
-    return run_guarded(args._run, args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

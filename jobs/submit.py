@@ -1,7 +1,7 @@
 """`crlft submit STAGE --address http://HOST:8265 [--follow] [stage args]`: run a stage on a Ray cluster.
 
 The stage runs as a Ray job through the Jobs API (`JobSubmissionClient`), as `python -m jobs.<stage> ARGS` (or
-`python -m crlft.cli COMMAND ARGS` for a command that is not a jobs module), in the runtime env of
+`python -m jobs.cli COMMAND ARGS` for a command that is not a jobs module), in the runtime env of
 cluster/runtime_env.yaml: the working directory is uploaded, so the cluster runs the code being submitted.
 `crlft jobs` and `crlft stop JOB` (jobs/submit_list.py, jobs/submit_stop.py) share the client code here.
 
@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import yaml
 
-from crlft.cli import COMMANDS, stage_entrypoint
+from crlft.cli import stage_entrypoint
 from crlft.errors import CrlftError
+from jobs.cli import COMMANDS
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -51,7 +52,7 @@ def stage_entrypoints() -> dict[str, list[str]]:
             command = ["python", "-m", module]
             stages[module.removeprefix("jobs.")] = command
         else:
-            command = ["python", "-m", "crlft.cli", *name.split()]
+            command = ["python", "-m", "jobs.cli", *name.split()]
         stages[name] = command
         stages[name.replace(" ", "-")] = command
     return stages

@@ -9,7 +9,6 @@ A screenshot of a two-turn conversation is kept at test-artifacts/chat-page.png.
 from __future__ import annotations
 
 import shutil
-import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from fastapi.testclient import TestClient
 from crlft.config import Config, load_config
 from crlft.export import ModelMeta, save_exported
 from crlft.model import init_model, load_model_and_tokenizer
+from jobs.session import free_port
 from services.page import add_chat_page
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,12 +45,6 @@ new MutationObserver(() => {
   if (seen[seen.length - 1] !== length) seen.push(length);
 }).observe(document, { subtree: true, childList: true, characterData: true });
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -84,7 +78,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("chat-page")
     model, tokenizer = load_model_and_tokenizer(str(init_model(root / "base", seed=0)))
     exported = save_exported(model, tokenizer, root / "exported", ModelMeta.from_config(Config()))
-    overrides = {"state_dir": str(root / "state"), "serve.port": _free_port(), "serve.cpus_per_replica": 0.25,
+    overrides = {"state_dir": str(root / "state"), "serve.port": free_port(), "serve.cpus_per_replica": 0.25,
                  "serve.max_replicas": 1, "serve.model_name": MODEL_NAME, "serve.max_new_tokens": 128}
     cfg = load_config(None, overrides)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)

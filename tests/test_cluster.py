@@ -22,6 +22,7 @@ import yaml
 
 from crlft.errors import CrlftError
 from jobs import submit
+from jobs.session import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "cluster"
@@ -107,7 +108,7 @@ def test_stages_run_as_python_dash_m_commands_of_the_project():
     assert stages["pipeline"] == ["python", "-m", "jobs.pipeline"]
     assert stages["train"] == ["python", "-m", "jobs.train"]
     assert stages["data-build"] == stages["build_dataset"] == ["python", "-m", "jobs.build_dataset"]
-    assert stages["synth"] == ["python", "-m", "crlft.cli", "synth"]
+    assert stages["synth"] == ["python", "-m", "jobs.cli", "synth"]
     assert not {"submit", "jobs", "stop"} & set(stages)
     assert submit.entrypoint_for("pipeline", ["--set", "train.epochs=1", "a b.jsonl"], REPO) == (
         "python -m jobs.pipeline --set train.epochs=1 'a b.jsonl'"
@@ -168,12 +169,6 @@ def test_an_unreachable_jobs_api_is_a_user_error_that_says_what_to_do():
 
 # ---------------------------------------------------------------------------------------------------------------------
 # End to end on a real two-node cluster
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def port_is_free(port: int) -> bool:

@@ -4,7 +4,7 @@ benchmark answers graded by an OpenAI-compatible judge, and `crlft eval`'s handl
 from __future__ import annotations
 
 import json
-import socket
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,12 +16,7 @@ import pytest
 
 from crlft.config import Config
 from crlft.errors import CrlftError
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from jobs.session import free_port
 
 
 def _export(root: Path, mode: str) -> Path:
@@ -131,8 +126,17 @@ def test_the_representation_check_scores_and_plots_expert_against_suboptimal_con
     result = representation_check(exported, conversations, tmp_path / "plot.png", max_per_class=5)
     assert result.counts == {"GPT3": 5, "GPT4": 5}
     assert result.silhouette is not None and -1.0 <= result.silhouette <= 1.0
-    assert result.method in ("UMAP", "PCA")
+    assert result.method == "UMAP"  # the paper's projection: umap-learn is a dependency
     assert result.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_projection_falls_back_to_pca_without_umap(monkeypatch: pytest.MonkeyPatch) -> None:
+    from crlft.evaluate import project_2d
+
+    monkeypatch.setitem(sys.modules, "umap", None)  # what an environment without umap-learn gives: ImportError
+    points = np.random.default_rng(0).normal(size=(12, 8))
+    projected, method = project_2d(points)
+    assert method == "PCA" and projected.shape == (12, 2)
 
 
 def test_silhouette_is_high_for_separate_clusters_and_undefined_for_one_class() -> None:
@@ -284,7 +288,7 @@ def test_eval_without_mlflow_writes_the_table_plot_and_metrics_and_nothing_parti
 
 
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    from crlft.cli import main
+    from jobs.cli import main
 
     code = main(argv)
     return code, capsys.readouterr().err

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from crlft.loss import (
     token_cross_entropy,
 )
 from crlft.pack import IGNORE_INDEX, PADDING
+from jobs.session import free_port
 
 VOCAB = 11
 FEATURES = 6
@@ -145,16 +145,10 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ddp_gradients(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[torch.Tensor]]:
     out_dir = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(out_dir)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(out_dir)), nprocs=2, join=True)
     rank0, rank1 = (torch.load(out_dir / f"rank{r}.pt") for r in (0, 1))
     for name in rank0:  # DDP keeps the replicas identical
         for g0, g1 in zip(rank0[name], rank1[name], strict=True):

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from crlft.cli import build_parser
 from crlft.config import reference_markdown
+from jobs.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -41,7 +41,7 @@ def quick_commands() -> list[str]:
 def test_readme_quick_commands_run_as_written(tmp_path: Path) -> None:
     commands = quick_commands()
     assert len(commands) == 3
-    crlft = [sys.executable, "-m", "crlft.cli"]
+    crlft = [sys.executable, "-m", "jobs.cli"]
     for command in commands:
         argv = shlex.split(command)
         done = subprocess.run(crlft + argv[1:], cwd=tmp_path, capture_output=True, text=True, timeout=300)

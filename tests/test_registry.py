@@ -4,7 +4,6 @@ at least as good, even when promotions race. Run against a real `mlflow server` 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -18,16 +17,11 @@ import pytest
 
 from crlft.config import Config
 from crlft.errors import CrlftError
+from jobs.session import free_port
 
 pytestmark = pytest.mark.slow
 
 SERVER_START_TIMEOUT_S = 120
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -359,7 +353,7 @@ def test_an_unreachable_tracking_server_is_one_line_error_and_nothing_is_written
 def test_models_and_promote_commands_print_the_versions_and_the_decision(
     server_store: tuple[Config, str], exported_model: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from crlft.cli import main
+    from jobs.cli import main
 
     cfg, uri = server_store
     name = unique_name()

@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,18 +30,13 @@ from crlft.errors import CrlftError
 from crlft.export import ExportedModel, ModelMeta, load_exported, save_exported
 from crlft.generate import BatchGenerator, Completion, GenerationRequest, SamplingParams
 from crlft.model import init_model, load_model_and_tokenizer
+from jobs.session import free_port
 from services import protocol
 from services.protocol import ApiError
 
 REPO = Path(__file__).resolve().parents[1]
 REGISTERED = "chat-test"
 TIGHT_KEYS = ("key-one", "key-two")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _export(out: Path, seed: int) -> Path:
@@ -174,7 +168,7 @@ def stack(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> 
         "state_dir": str(state),
         "registry.tracking_uri": f"sqlite:///{state / 'mlflow.db'}",
         "registry.model_name": REGISTERED,
-        "serve.port": _free_port(),
+        "serve.port": free_port(),
         "serve.cpus_per_replica": 0.25,
         "serve.max_replicas": 1,
         "serve.max_batch_size": 8,
@@ -460,9 +454,9 @@ def test_a_new_champion_is_picked_up_without_dropping_a_request_in_flight(
 @pytest.mark.slow
 def test_crlft_serve_prints_the_url_when_ready_and_stops_cleanly_on_ctrl_c(models: dict[str, Path],
                                                                            tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "CRLFT_API_KEYS": "secret-key", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "crlft.cli", "serve", "--model", str(models["a"]), "--port", str(port),
+    command = [sys.executable, "-m", "jobs.cli", "serve", "--model", str(models["a"]), "--port", str(port),
                "--set", "serve.cpus_per_replica=0.25", "--set", f"state_dir={tmp_path}"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
                                cwd=REPO)
