@@ -125,7 +125,7 @@ def _plan(model: str | Path, suite: str | Path | None, cfg: Config, *, heldout: 
           register_as: str | None, log_to_version: str | None, log_mlflow: bool,
           tracking_uri: str | None, out_dir: str | Path | None) -> _Plan:
     from crlft import evaluate as ev
-    from crlft.registry import client_for, get_version, parse_model_uri, suite_id
+    from crlft.registry import client_for, get_version, parse_model_uri, suite_id, trained_version
 
     model = str(model)
     if suite is None and heldout is None and not bench:
@@ -159,6 +159,8 @@ def _plan(model: str | Path, suite: str | Path | None, cfg: Config, *, heldout: 
     uri = None
     if uses_mlflow:
         client, uri = client_for(cfg, tracking_uri)  # an unreachable server fails here, before any work
+        if target is None and not register_as:  # a folder `crlft train` exported: the version it registered
+            target = trained_version(client, cfg.registry.model_name, model)
         if target is not None:
             version = get_version(client, target)  # a missing model, version or alias fails here too
             target = ModelRef(target.name, version=str(version.version))

@@ -4,6 +4,7 @@
       each step: grad_accum bins per worker, loss over the global weight sum (crlft.train_loop.train_step)
       rank 0: per-step metrics to MLflow; every checkpoint_every steps and at the end: ray.train.report(checkpoint)
     driver: final checkpoint -> exported model in --out (crlft.export) -> logged to the MLflow run as artifacts
+            -> registered as a new version of registry.model_name (lineage tags; `crlft eval` records onto it)
 
 This file is the command and the driver; the pieces are in jobs/training/: `data` (stats.json checked against the
 config and the tokenizer), `runs` (run folders, resume), `tracking` (the MLflow run, the metrics logger), `worker`
@@ -29,12 +30,13 @@ from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
 from crlft.config import Config, Mode
 from crlft.errors import CrlftError
 from crlft.export import export_checkpoint
+from crlft.registry import MODEL_ARTIFACT_PATH, ModelRef, register_model
 from crlft.tracking import set_offline_defaults
 from crlft.train_loop import LrChoice, StepPlan, choose_lr, plan_steps, supervised_tokens_per_step
 from jobs.session import ray_session
 from jobs.training.data import DataDescription, check_tokenizer, describe_data
 from jobs.training.runs import RunRecord, check_same_plan, find_run_to_resume, run_name, storage_root, write_run_record
-from jobs.training.tracking import MODEL_ARTIFACT_PATH, data_params, flatten, start_run
+from jobs.training.tracking import data_params, flatten, start_run
 from jobs.training.worker import train_loop_per_worker
 
 SHUFFLE_BUFFER_TOKENS = 2**22  # bins held per worker for the per-epoch shuffle: ~4M tokens, ~128 MB
@@ -72,9 +74,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, _FLAGS)
     result = train(args.data, cfg.model.base_model, args.out, cfg, mlflow_uri=args.mlflow_uri, resume=args.resume)
     losses = ", ".join(f"{name} {value:.4f}" for name, value in result.final_loss_by_class.items())
+    registered = ModelRef(cfg.registry.model_name, result.model_version).uri
     print(
         f"[train] {result.steps} steps, final loss {result.final_loss:.4f} ({losses}) -> {result.out_dir} "
-        f"(MLflow run {result.mlflow_run_id})"
+        f"(MLflow run {result.mlflow_run_id}; registered as {registered})"
     )
     return 0
 
@@ -83,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
 class TrainResult:
     out_dir: Path  # the exported model
     mlflow_run_id: str
-    model_artifact_uri: str  # the exported folder logged in the MLflow run (register versions from it)
+    model_artifact_uri: str  # the exported folder logged in the MLflow run (the registered version's source)
+    model_version: str  # the version of registry.model_name the exported model was registered as
     steps: int
     final_loss: float  # loss of the last step (C-RLFT weighted, global batch)
     final_loss_by_class: dict[str, float]  # mean CE per class over the last step's supervised tokens
@@ -130,7 +134,7 @@ def train(
         datasets, plan = _datasets(data, cfg)
         lr = _lr(cfg, data, base_model)
         print(f"[train] learning rate {lr.lr:.3g}: {lr.reason}", flush=True)
-        run = _open_run(client, cfg, data, base_model, out, plan, lr.lr, to_resume)
+        run = _open_run(client, cfg, data, base_model, out, plan, lr.lr, to_resume, tracking_uri)
         loop = {
             "config": cfg.dump(),
             "base_model": base_model,
@@ -155,23 +159,24 @@ class _Run:
     root: str
     name: str
     run_id: str
+    tracking_uri: str
 
 
 def _open_run(client: Any, cfg: Config, data: DataDescription, base_model: str, out: Path, plan: StepPlan,
-              lr: float, to_resume: tuple[str, RunRecord] | None) -> _Run:
+              lr: float, to_resume: tuple[str, RunRecord] | None, tracking_uri: str) -> _Run:
     """The run to resume (same plan, its MLflow run RUNNING again) or a new one, recorded in its folder."""
     root = storage_root(cfg)
     if to_resume is not None:
         name, record = to_resume
         check_same_plan(record, plan, lr, name)
         client.update_run(record.mlflow_run_id, status="RUNNING")
-        return _Run(root, name, record.mlflow_run_id)
+        return _Run(root, name, record.mlflow_run_id, tracking_uri)
     name = run_name(out)
     params = {**flatten(cfg.dump()), **data_params(data), "train.lr_resolved": f"{lr:.6g}",
               "train.total_steps": str(plan.total_steps), "base_model": base_model}
     run_id = start_run(client, cfg.registry.experiment, name, params, data)
     write_run_record(root, name, RunRecord(str(out), data.root, base_model, run_id, asdict(plan), lr))
-    return _Run(root, name, run_id)
+    return _Run(root, name, run_id, tracking_uri)
 
 
 def _datasets(data: DataDescription, cfg: Config) -> tuple[dict[str, Any], StepPlan]:
@@ -246,7 +251,7 @@ def _fit(trainer: Any, client: Any, run: _Run, max_failures: int) -> Any:
 
 def _export(result: Any, client: Any, run: _Run, data: DataDescription, base_model: str, out: Path, cfg: Config,
             plan: StepPlan) -> TrainResult:
-    """The final checkpoint exported into `out` and logged into the MLflow run, which ends FINISHED."""
+    """The final checkpoint exported into `out`, logged into the MLflow run (which ends FINISHED) and registered."""
     metrics, run_id = dict(result.metrics or {}), run.run_id
     artifact_uri = f"{client.get_run(run_id).info.artifact_uri}/{MODEL_ARTIFACT_PATH}"
     steps = int(metrics.get("step", plan.total_steps))
@@ -256,11 +261,17 @@ def _export(result: Any, client: Any, run: _Run, data: DataDescription, base_mod
             "mlflow_run_id": run_id, "mlflow_artifact_uri": artifact_uri,
         })
     client.log_artifacts(run_id, str(out), MODEL_ARTIFACT_PATH)
+    try:
+        version = register_model(out, cfg, run_id, tracking_uri=run.tracking_uri)
+    except CrlftError:
+        client.set_terminated(run_id, "FAILED")
+        raise
     client.set_terminated(run_id, "FINISHED")
     return TrainResult(
         out_dir=out,
         mlflow_run_id=run_id,
         model_artifact_uri=artifact_uri,
+        model_version=version,
         steps=steps,
         final_loss=float(metrics.get("loss", float("nan"))),
         final_loss_by_class=_by_class(metrics, "loss_"),

@@ -10,8 +10,8 @@ import json
 import logging
 import os
 import random
+import re
 import signal
-import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -30,6 +30,7 @@ from crlft.errors import CrlftError
 from crlft.pack import PackedRow, collate, pack_bin
 from crlft.template import Template, TemplateTokenizer
 from crlft.tracking import set_offline_defaults
+from jobs.session import free_port
 
 set_offline_defaults()
 
@@ -329,19 +330,13 @@ def test_data_tokenized_with_another_tokenizer_is_refused(tiny_model: Path, tmp_
 # Ray Train end to end
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ray_session() -> Iterator[None]:
     import ray
 
     saved_env = dict(os.environ)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=_free_port(),
+    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(),
              logging_level=logging.WARNING, log_to_driver=False)
     try:
         yield
@@ -399,12 +394,14 @@ def _check_exported(out: Path, mode: Mode) -> None:
 
 
 @pytest.mark.slow
-def test_two_cpu_workers_train_crlft_track_it_in_mlflow_and_export_the_model(
-    crlft_two_workers: tuple[Any, Config],
+def test_two_cpu_workers_train_crlft_track_it_in_mlflow_export_and_register_the_model(
+    crlft_two_workers: tuple[Any, Config], tmp_path: Path,
 ) -> None:
     from mlflow.tracking import MlflowClient
 
     from crlft.export import read_meta
+    from crlft.registry import promote
+    from jobs.evaluate import evaluate_model
 
     result, cfg = crlft_two_workers
     assert result.steps == 3 and result.restored_from_step is None
@@ -424,6 +421,29 @@ def test_two_cpu_workers_train_crlft_track_it_in_mlflow_and_export_the_model(
     assert meta.mode == "crlft" and meta.extra["mlflow_run_id"] == result.mlflow_run_id
     assert meta.extra["mlflow_artifact_uri"] == result.model_artifact_uri and meta.extra["steps"] == 3
     _check_exported(result.out_dir, Mode.crlft)
+    # Registered as a version (lineage tags) that `crlft eval` finds and records on, and `crlft promote` promotes.
+    name = cfg.registry.model_name
+    version = client.get_model_version(name, result.model_version)
+    assert version.run_id == result.mlflow_run_id and version.source == result.model_artifact_uri
+    assert version.tags["crlft.mode"] == "crlft" and version.tags["crlft.data_fingerprint"]
+    suite = tmp_path / "suite.jsonl"
+    suite.write_text("".join(json.dumps({"prompt": f"What is {a}+1?", "answer": f"{a + 1}"}) + "\n" for a in range(3)))
+    report = evaluate_model(result.out_dir, suite, cfg, out_dir=tmp_path / "eval", max_new_tokens=4)
+    assert report["model_version"] == {"name": name, "version": result.model_version}  # found, not registered again
+    decision = promote(name, result.model_version, cfg=cfg)
+    assert decision.is_champion, decision.summary()
+
+
+@pytest.mark.slow
+def test_a_run_without_a_learning_rate_says_which_it_chose_and_why_and_learns(
+    ray_session: None, datasets: dict[str, Path], tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    cfg = config(tmp_path, **{"train.lr": None, "train.epochs": 1})  # 24 steps of 2 conversations: a tiny batch
+    result = _train(datasets["long"], tiny_model, tmp_path / "out", cfg)
+    printed = capsys.readouterr().out
+    assert re.search(r"\[train\] learning rate \S+: the reference's rule .* gives \S+, too small", printed), printed
+    losses = _loss_history(cfg, result.mlflow_run_id)
+    assert sum(losses[-4:]) < 0.9 * sum(losses[:4]), losses
 
 
 @pytest.mark.slow

@@ -11,7 +11,6 @@ from typing import Any
 
 from jobs.training.data import DataDescription
 
-MODEL_ARTIFACT_PATH = "model"
 METRICS_FLUSH_S = 5.0
 
 
