@@ -1,4 +1,4 @@
-"""The whole pipeline: data -> train -> evaluate + register -> promote (-> deploy), each stage the function its own
+"""The whole pipeline: data -> train (+ register) -> evaluate -> promote (-> deploy), each stage the function its own
 command runs. Resumable: a stage whose inputs, upstream outputs and config section are unchanged since it last
 finished is skipped (its record in `<state_dir>/pipeline/<name>/stages.json` says why).
 
@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
-from crlft.config import Config
+from crlft.config import Config, Mode
 from crlft.errors import CrlftError
 from crlft.tracking import resolve_tracking_uri, set_offline_defaults
+from jobs.session import ray_session
 
 DEFAULT_NAME = "default"
 
@@ -109,13 +110,6 @@ def run_pipeline(
     deploy: bool = False,
     force: bool = False,
 ) -> PipelineResult:
-    from crlft.commands.init_model import build_default_model
-    from crlft.registry import promote as promote_version
-    from jobs.build_dataset import build_dataset, resolve_inputs
-    from jobs.evaluate import evaluate_model
-    from jobs.session import ray_session
-    from jobs.train import train
-
     set_offline_defaults()
     if not inputs:
         inputs, default_suite, default_heldout = default_inputs(cfg, cfg.train.seed)
@@ -123,85 +117,132 @@ def run_pipeline(
         heldout = heldout or default_heldout
     # Absolute paths: Ray workers run in other directories.
     root = Path(cfg.state_dir).resolve() / "pipeline" / name
-    log = StageLog(root / "stages.json", force)
-    tracking_uri = resolve_tracking_uri(cfg, mlflow_uri)
-    # With no model given, the embedded default is built under the state folder, its tokenizer trained on the inputs.
-    embedded = base_model is None and cfg.model.base_model == Config().model.base_model
-    base = str(Path(cfg.state_dir).resolve() / "models" / cfg.model.preset) if embedded else (
-        base_model or cfg.model.base_model)
-    if Path(base).exists():
-        base = str(Path(base).resolve())
-    result = PipelineResult(root, root / "data", root / "model", base, Path(suite) if suite else None,
-                            Path(heldout) if heldout else None, tracking_uri)
-    data_fp = inputs_fingerprint(inputs)
-    model_fp = _digest([base, cfg.model.model_dump()])
-    if embedded:
-        model_fp = _digest([model_fp, data_fp, cfg.template.model_dump(), cfg.train.mode.value])
-        corpus = [p for p in resolve_inputs(inputs) if Path(p).is_file()]  # remote inputs: the built-in corpus
-        log.run("model", model_fp, (Path(base) / "config.json").is_file(),
-                lambda: {"path": str(build_default_model(base, cfg, corpus, cfg.train.seed))}, result.skipped)
-
+    result = PipelineResult(root, root / "data", root / "model", _base_model(cfg, base_model),
+                            Path(suite) if suite else None, Path(heldout) if heldout else None,
+                            resolve_tracking_uri(cfg, mlflow_uri))  # fmt: skip
     # One Ray session for every stage that needs one, started only if one does (skipped stages need none).
     with contextlib.ExitStack() as session:
+        stages = _Stages(cfg, result, StageLog(root / "stages.json", force), session)
+        train_fp = stages.train(stages.data(list(inputs), stages.model(list(inputs), base_model is None)))
+        stages.evaluate(train_fp)
+        if promote:
+            stages.promote()
+        if deploy:
+            stages.deploy()
+    return result
 
-        def in_ray(stage: Callable[[], Any]) -> Callable[[], Any]:
-            def run_in_ray() -> Any:
-                session.enter_context(ray_session(cfg))  # a no-op once the session is up
-                return stage()
 
-            return run_in_ray
+def _base_model(cfg: Config, given: str | None) -> str:
+    """The model to fine-tune: the one given, else the config's; the embedded default lives under the state folder."""
+    if given is None and cfg.model.base_model == Config().model.base_model:
+        return str(Path(cfg.state_dir).resolve() / "models" / cfg.model.preset)
+    base = given or cfg.model.base_model
+    return str(Path(base).resolve()) if Path(base).exists() else base
 
+
+@dataclass
+class _Stages:
+    """The stages in order; each returns the fingerprint the next one builds on."""
+
+    cfg: Config
+    result: PipelineResult
+    log: StageLog
+    session: contextlib.ExitStack
+
+    def in_ray(self, stage: Callable[[], Any]) -> Callable[[], Any]:
+        def run_in_ray() -> Any:
+            self.session.enter_context(ray_session(self.cfg))  # a no-op once the session is up
+            return stage()
+
+        return run_in_ray
+
+    def model(self, inputs: list[str], default_asked: bool) -> str:
+        """With no model given, the embedded default is built, its tokenizer trained on the inputs."""
+        from crlft.commands.init_model import build_default_model
+        from jobs.build_dataset import resolve_inputs
+
+        cfg, base = self.cfg, self.result.base_model
+        model_fp = _digest([base, cfg.model.model_dump()])
+        if not (default_asked and cfg.model.base_model == Config().model.base_model):
+            return model_fp
+        model_fp = _digest([model_fp, inputs_fingerprint(inputs), cfg.template.model_dump(), cfg.train.mode.value])
+        corpus = [p for p in resolve_inputs(inputs) if Path(p).is_file()]  # remote inputs: the built-in corpus
+        self.log.run("model", model_fp, (Path(base) / "config.json").is_file(),
+                     lambda: {"path": str(build_default_model(base, cfg, corpus, cfg.train.seed))}, self.result.skipped)
+        return model_fp
+
+    def data(self, inputs: list[str], model_fp: str) -> str:
+        from jobs.build_dataset import build_dataset
+
+        cfg, result = self.cfg, self.result
         data_cfg = [cfg.data.model_dump(), {k: v.model_dump() for k, v in cfg.classes.items()}, cfg.default_class,
                     cfg.inference_condition, cfg.template.model_dump(), cfg.train.mode.value]
-        stats_fp = _digest([data_fp, model_fp, data_cfg])
-        result.stats = log.run("data", stats_fp, (result.data_dir / "stats.json").is_file(),
-                               in_ray(lambda: build_dataset(list(inputs), base, result.data_dir, cfg)), result.skipped)
+        stats_fp = _digest([inputs_fingerprint(inputs), model_fp, data_cfg])
+        build = self.in_ray(lambda: build_dataset(inputs, result.base_model, result.data_dir, cfg))
+        result.stats = self.log.run("data", stats_fp, (result.data_dir / "stats.json").is_file(), build, result.skipped)
+        return stats_fp
 
-        train_fp = _digest([stats_fp, cfg.train.model_dump(mode="json")])
+    def train(self, stats_fp: str) -> str:
+        """Train, export and register (`crlft train` registers the model it exports)."""
+        from crlft.registry import register_model
+        from jobs.train import train
+
+        cfg, result = self.cfg, self.result
 
         def do_train() -> dict[str, Any]:
-            trained = train(result.data_dir, base, result.model_dir, cfg, mlflow_uri=tracking_uri)
-            return {"run_id": trained.mlflow_run_id, "steps": trained.steps, "final_loss": trained.final_loss,
-                    "final_loss_by_class": trained.final_loss_by_class, "val_loss": trained.val_loss}
+            trained = train(result.data_dir, result.base_model, result.model_dir, cfg, mlflow_uri=result.tracking_uri)
+            return {"run_id": trained.mlflow_run_id, "version": trained.model_version, "steps": trained.steps,
+                    "final_loss": trained.final_loss, "final_loss_by_class": trained.final_loss_by_class,
+                    "val_loss": trained.val_loss}
 
-        result.train = log.run("train", train_fp, (result.model_dir / "crlft.json").is_file(), in_ray(do_train),
-                               result.skipped)
+        train_fp = _digest([stats_fp, cfg.train.model_dump(mode="json")])
+        result.train = self.log.run("train", train_fp, (result.model_dir / "crlft.json").is_file(),
+                                    self.in_ray(do_train), result.skipped)
+        # A train stage recorded before training registered its model has no version yet: register it now.
+        result.version = result.train.get("version") or register_model(
+            result.model_dir, cfg, result.train.get("run_id"), tracking_uri=result.tracking_uri)
+        return train_fp
 
-        eval_fp = _digest([train_fp, str(suite), str(heldout), cfg.registry.model_dump()])
+    def evaluate(self, train_fp: str) -> None:
+        """Figures recorded on the version training registered (nothing to do without a suite)."""
+        from jobs.evaluate import evaluate_model
+
+        cfg, result = self.cfg, self.result
+        if result.suite is None and result.heldout is None:
+            print("[evaluate] no evaluation suite given: registered, not evaluated", flush=True)
+            return
 
         def do_evaluate() -> dict[str, Any]:
-            from crlft.registry import register_model
+            report = evaluate_model(result.model_dir, result.suite, cfg, heldout=result.heldout,
+                                    log_to_version=f"{cfg.registry.model_name}/{result.version}",
+                                    tracking_uri=result.tracking_uri, out_dir=result.root / "eval")
+            return {"metrics": report["metrics"], "text": report["text"], "plot": report.get("plot")}
 
-            if suite is None and heldout is None:
-                version = register_model(result.model_dir, cfg, result.train.get("run_id"), tracking_uri=tracking_uri)
-                return {"metrics": {}, "version": version,
-                        "text": "no evaluation suite given: registered, not evaluated"}
-            report = evaluate_model(result.model_dir, suite, cfg, heldout=heldout, register_as=cfg.registry.model_name,
-                                    tracking_uri=tracking_uri, out_dir=root / "eval")
-            return {"metrics": report["metrics"], "version": (report["model_version"] or {}).get("version"),
-                    "text": report["text"], "plot": report.get("plot")}
-
-        evaluated = log.run("evaluate", eval_fp, (root / "eval").is_dir() or suite is None, do_evaluate, result.skipped)
-        result.metrics, result.version = evaluated["metrics"], evaluated["version"]
+        eval_fp = _digest([train_fp, str(result.suite), str(result.heldout), cfg.registry.model_dump()])
+        evaluated = self.log.run("evaluate", eval_fp, (result.root / "eval").is_dir(), do_evaluate, result.skipped)
+        result.metrics = evaluated["metrics"]
         print(evaluated.get("text", ""), flush=True)
 
-        if promote and result.version and cfg.registry.metric in result.metrics:
-            decision = promote_version(cfg.registry.model_name, result.version, cfg=cfg, tracking_uri=tracking_uri)
-            result.promotion, result.champion = decision.summary(), decision.is_champion
-            print(f"[promote] {decision.summary()}", flush=True)
-        elif promote:
+    def promote(self) -> None:
+        from crlft.registry import promote
+
+        cfg, result = self.cfg, self.result
+        if cfg.registry.metric not in result.metrics:
             print(f"[promote] skipped: no {cfg.registry.metric} was measured (give --suite), so nothing to compare",
                   flush=True)
+            return
+        decision = promote(cfg.registry.model_name, str(result.version), cfg=cfg, tracking_uri=result.tracking_uri)
+        result.promotion, result.champion = decision.summary(), decision.is_champion
+        print(f"[promote] {decision.summary()}", flush=True)
 
-        if deploy:
-            from services.chat import deploy as deploy_model
+    def deploy(self) -> None:
+        from crlft.registry import champion_uri
+        from services.chat import deploy
 
-            champion = f"models:/{cfg.registry.model_name}@{cfg.registry.alias}"
-            target = champion if result.champion else str(result.model_dir)
-            result.url = deploy_model(target, cfg)
-            print(f"[deploy] serving {target} at {result.url}", flush=True)
-            session.pop_all()  # the endpoint outlives this function: its Ray session stays up
-    return result
+        target = champion_uri(self.cfg) if self.result.champion else str(self.result.model_dir)
+        self.result.url = deploy(target, self.cfg)
+        print(f"[deploy] serving {target} at {self.result.url}", flush=True)
+        self.session.pop_all()  # the endpoint outlives run_pipeline: its Ray session stays up
 
 
 _FLAGS = {"mode": "train.mode", "epochs": "train.epochs", "max_steps": "train.max_steps", "workers": "train.workers",
@@ -216,7 +257,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heldout", metavar="FILE", help="held-out conversations for the representation check")
     parser.add_argument("--base-model", metavar="DIR|HF_ID", help="default: model.base_model (built if missing)")
     parser.add_argument("--name", default=DEFAULT_NAME, help="pipeline run name (its state folder)")
-    parser.add_argument("--mode", choices=["crlft", "conditioned", "weighted", "sft"])
+    parser.add_argument("--mode", choices=[m.value for m in Mode])
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--max-steps", type=int)
     parser.add_argument("--workers", type=int)
