@@ -301,13 +301,16 @@ def add_end_of_turn(
 ) -> bool:
     """Make end_of_turn a special token of tokenizer and model; return whether the vocabulary grew.
 
-    New embedding rows (input and output) start at the mean of the existing token rows, as in OpenChat,
-    so the new token begins as an "average" token instead of a random one. Generation stops at it.
+    New embedding rows (input and output) start as a copy of the EOS token's rows when the tokenizer has one: a
+    pretrained chat model already knows where its turns end, so it stops at the new token from the first step and
+    training only has to prefer it (from the mean, a short LoRA run of SmolLM2 had not learned to stop at all). Without
+    an EOS token they start at the mean of the existing rows, as in OpenChat. Generation stops at the new token.
     """
     known_tokens = len(tokenizer)
+    eos_id = tokenizer.eos_token_id
     grew = _add_special_end_of_turn(tokenizer, end_of_turn)
     if grew:
-        _grow_embeddings(model, known_tokens, len(tokenizer))
+        _grow_embeddings(model, known_tokens, len(tokenizer), eos_id)
     end_of_turn_id = tokenizer.convert_tokens_to_ids(end_of_turn)
     model.generation_config.eos_token_id = _with_first(end_of_turn_id, model.generation_config.eos_token_id)
     return grew
@@ -328,8 +331,9 @@ def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
-def _grow_embeddings(model: PreTrainedModel, known_tokens: int, total_tokens: int) -> None:
-    """Cover ids [known_tokens, total_tokens) and set their input and output rows to the mean of the known rows."""
+def _grow_embeddings(model: PreTrainedModel, known_tokens: int, total_tokens: int, source_id: int | None) -> None:
+    """Cover ids [known_tokens, total_tokens) and set their input and output rows to those of `source_id`, or to the
+    mean of the known rows when there is no source."""
     rows = model.get_input_embeddings().weight.shape[0]
     if total_tokens > rows:
         model.resize_token_embeddings(total_tokens, mean_resizing=False)
@@ -341,8 +345,10 @@ def _grow_embeddings(model: PreTrainedModel, known_tokens: int, total_tokens: in
         matrices.append(output_embeddings.weight)
     with torch.no_grad():
         for weight in matrices:
-            mean_row = weight[:known_rows].float().mean(dim=0).to(weight.dtype)
-            weight[known_tokens:total_tokens] = mean_row
+            if source_id is not None and source_id < known_rows:
+                weight[known_tokens:total_tokens] = weight[source_id].clone()
+            else:
+                weight[known_tokens:total_tokens] = weight[:known_rows].float().mean(dim=0).to(weight.dtype)
 
 
 def _with_first(token_id: int, eos: int | list[int] | None) -> list[int]:

@@ -120,11 +120,14 @@ def test_loading_a_model_that_has_end_of_turn_changes_nothing(tiny_dir: Path) ->
     assert model.generation_config.eos_token_id[0] == tokenizer.convert_tokens_to_ids(END_OF_TURN)
 
 
-def test_loading_a_model_without_end_of_turn_adds_it_with_mean_initialised_rows(dir_without_end_of_turn: Path) -> None:
+def test_loading_a_model_without_end_of_turn_adds_it_with_the_rows_of_its_eos_token(
+    dir_without_end_of_turn: Path,
+) -> None:
     original = AutoModelForCausalLM.from_pretrained(dir_without_end_of_turn)
     old_rows = original.config.vocab_size
 
     model, tokenizer = load_model_and_tokenizer(str(dir_without_end_of_turn))
+    eos_id = tokenizer.eos_token_id
 
     end_of_turn_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
     assert end_of_turn_id == old_rows  # appended after the last id
@@ -136,7 +139,7 @@ def test_loading_a_model_without_end_of_turn_adds_it_with_mean_initialised_rows(
     ]:
         assert new.shape[0] == old_rows + 1
         assert torch.equal(new[:old_rows], old)
-        torch.testing.assert_close(new[end_of_turn_id], old.mean(dim=0))
+        assert torch.equal(new[end_of_turn_id], old[eos_id])  # the model stops at it as it stopped at EOS
     assert model.generation_config.eos_token_id[0] == end_of_turn_id
 
 
@@ -146,11 +149,12 @@ def test_data_stage_tokenizer_and_trainer_agree_on_the_added_id(dir_without_end_
     assert data_tokenizer.get_vocab() == trainer_tokenizer.get_vocab()
 
 
-def test_padded_vocabulary_reuses_a_spare_row_initialised_to_the_mean_of_real_tokens(
+def test_without_an_eos_token_a_padded_vocabulary_reuses_a_spare_row_set_to_the_mean_of_real_tokens(
     dir_without_end_of_turn: Path,
 ) -> None:
     model = AutoModelForCausalLM.from_pretrained(dir_without_end_of_turn)
     tokenizer = AutoTokenizer.from_pretrained(dir_without_end_of_turn)
+    tokenizer.eos_token = None
     real_tokens = len(tokenizer)
     model.resize_token_embeddings(real_tokens + 8, mean_resizing=False)  # spare rows, as many hub models have
     real_rows = model.get_input_embeddings().weight[:real_tokens].clone()
