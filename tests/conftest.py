@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
+
+import pytest
 
 # huggingface_hub reads HF_HUB_OFFLINE when first imported: set it before anything imports transformers.
 for key, value in {
@@ -15,3 +19,22 @@ for key, value in {
     "TOKENIZERS_PARALLELISM": "false",
 }.items():
     os.environ.setdefault(key, value)
+
+
+@pytest.fixture(scope="module")
+def ray_session() -> Iterator[None]:
+    """A local Ray for the tests of one module (4 logical CPUs on 2 cores: workers take fractions), dashboard on
+    loopback (without it Train logs state-API errors in a loop)."""
+    import ray
+
+    from jobs.session import free_port
+
+    saved_env = dict(os.environ)
+    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(),
+             logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        os.environ.clear()
+        os.environ.update(saved_env)

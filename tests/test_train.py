@@ -7,14 +7,13 @@ crlft.template + crlft.pack (the same rows the data stage writes), so the number
 from __future__ import annotations
 
 import json
-import logging
 import os
 import random
 import re
 import signal
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,6 @@ from crlft.errors import CrlftError
 from crlft.pack import PackedRow, collate, pack_bin
 from crlft.template import Template, TemplateTokenizer
 from crlft.tracking import set_offline_defaults
-from jobs.session import free_port
 
 set_offline_defaults()
 
@@ -328,22 +326,6 @@ def test_data_tokenized_with_another_tokenizer_is_refused(tiny_model: Path, tmp_
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Ray Train end to end
-
-
-@pytest.fixture(scope="module")
-def ray_session() -> Iterator[None]:
-    import ray
-
-    saved_env = dict(os.environ)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(),
-             logging_level=logging.WARNING, log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        os.environ.clear()
-        os.environ.update(saved_env)
 
 
 @pytest.fixture(scope="module")
