@@ -56,7 +56,7 @@ ATTENTION_PATHS = ("sdpa", "flex_attention", "flash_attention_2")
 
 @dataclass(frozen=True)
 class Scale:
-    model: dict[str, Any]  # LlamaConfig kwargs (vocab_size: the tokenizer's)
+    model: dict[str, Any]  # LlamaConfig kwargs
     pack_len: int
     conversation_lengths: tuple[int, int]  # log-uniform between these
     warmup: int  # steps left out of the rates (compilation, allocator)
@@ -69,15 +69,17 @@ class Scale:
     tolerance: float  # relative, for the agreement checks
 
 
-GPU = Scale(
-    model={"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
-           "num_key_value_heads": 4, "max_position_embeddings": 4096, "tie_word_embeddings": False},
+GPU = Scale(  # TinyLlama-1.1B's shape
+    model={"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+           "num_attention_heads": 32, "num_key_value_heads": 4, "max_position_embeddings": 4096,
+           "tie_word_embeddings": False},
     pack_len=4096, conversation_lengths=(64, 2048), warmup=3, steps=8, matmul_size=8192, matmul_seconds=3.0,
     engine_batches=(1, 32, 128), prompt_len=128, new_tokens=128, tolerance=2e-2,
 )  # fmt: skip
 SMOKE = Scale(
-    model={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-           "num_key_value_heads": 2, "max_position_embeddings": 512, "tie_word_embeddings": False},
+    model={"vocab_size": 1024, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+           "tie_word_embeddings": False},
     pack_len=256, conversation_lengths=(16, 128), warmup=1, steps=2, matmul_size=256, matmul_seconds=0.2,
     engine_batches=(1, 4), prompt_len=16, new_tokens=8, tolerance=2e-2,
 )  # fmt: skip
@@ -96,7 +98,7 @@ class Setup:
         return self.tokenizer.pad_token_id
 
     def fresh_model(self) -> nn.Module:
-        model = build_model(self.scale, len(self.tokenizer), self.device)
+        model = build_model(self.scale, self.device)
         model.load_state_dict(self.initial)
         return model
 
@@ -116,15 +118,17 @@ def build_tokenizer() -> Any:
     return train_tokenizer(default_corpus(), end_of_turn=END_OF_TURN)
 
 
-def build_model(scale: Scale, vocab_size: int, device: torch.device, seed: int = 0) -> nn.Module:
+def build_model(scale: Scale, device: torch.device, seed: int = 0) -> nn.Module:
+    """Random weights. The vocabulary is a real model's size, larger than the local tokenizer's: ids it lacks decode
+    to nothing, which is all the engine needs of them."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     with device:
-        return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, **scale.model))
+        return LlamaForCausalLM(LlamaConfig(**scale.model))
 
 
-def random_bins(scale: Scale, vocab_size: int, count: int, seed: int = 0) -> list[PackedRow]:
+def random_bins(scale: Scale, count: int, seed: int = 0) -> list[PackedRow]:
     """`count` full bins of random conversations: a prompt with weight 0, then an answer weighted by its class's
     reward (what the template writes), packed first-fit-decreasing; the fullest bins first."""
     rng = random.Random(seed)
@@ -134,7 +138,7 @@ def random_bins(scale: Scale, vocab_size: int, count: int, seed: int = 0) -> lis
         length = round(math.exp(rng.uniform(math.log(low), math.log(high))))
         condition = CONDITIONS[len(conversations) % 2]
         prompt = length // 3
-        ids = [rng.randrange(4, vocab_size) for _ in range(length)]
+        ids = [rng.randrange(4, scale.model["vocab_size"]) for _ in range(length)]
         conversations.append((ids, [0.0] * prompt + [REWARDS[condition]] * (length - prompt), condition))
     bins = first_fit_decreasing([len(c[0]) for c in conversations], scale.pack_len)
     return [pack_bin([conversations[i] for i in members]) for members in bins[:count]]
@@ -299,7 +303,7 @@ def _check(name: str, value: float, reference: float, tolerance: float) -> dict[
 
 def serving(setup: Setup, echo: Callable[[str], None]) -> list[dict[str, Any]]:
     """Output tokens/s of crlft's engine and of transformers' generate, same prompts, greedy, fixed length."""
-    scale, device, vocab_size = setup.scale, setup.device, len(setup.tokenizer)
+    scale, device, vocab_size = setup.scale, setup.device, setup.scale.model["vocab_size"]
     model = setup.fresh_model().to(torch.bfloat16 if tl.native_bf16(device) else torch.float32).eval()
     model.generation_config.eos_token_id = None  # every request generates exactly new_tokens
     model.generation_config.pad_token_id = setup.pad_id
@@ -352,9 +356,9 @@ def _sync(device: torch.device) -> None:
 def check(scale: Scale, device: torch.device, echo: Callable[[str], None]) -> dict[str, Any]:
     start = time.perf_counter()
     tokenizer = build_tokenizer()
-    model = build_model(scale, len(tokenizer), device)
+    model = build_model(scale, device)
     setup = Setup(scale, device, tokenizer, {k: v.detach().clone() for k, v in model.state_dict().items()},
-                  random_bins(scale, len(tokenizer), scale.warmup + scale.steps))
+                  random_bins(scale, scale.warmup + scale.steps))
     del model
     peak = matmul_flops(device, torch.bfloat16, scale.matmul_size, scale.matmul_seconds)
     echo(f"bf16 matmul {scale.matmul_size}^2: {peak / 1e12:.3f} TFLOP/s")

@@ -17,7 +17,9 @@ FLOP/s against the machine's measured matmul FLOP/s.
    (sdpa with a block mask still computes it), count as waste.
    Peak: a large square float32 matmul with the same thread count; both per CPU second.
 4. Precision (`--precision`, instead of 1-3): the plain packed loop in float32 and with bf16 autocast, passes
-   alternating from the same initial weights; rates per CPU second and wall, and every step's loss of both curves.
+   alternating from the same initial weights; rates per CPU second and wall, every step's loss of both curves, and
+   the held-out loss of the trained weights with a float32 forward (the bf16 curve is measured through a bf16
+   forward, which rounds the weights).
 5. GPU (only when CUDA is available): a larger Llama in bf16, plain single-GPU loop and Ray Train with FSDP over every
    GPU; tokens/s/GPU and MFU against the measured bf16 matmul peak.
 
@@ -54,6 +56,7 @@ from crlft.tracking import set_offline_defaults
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT / "tests" / "fixtures" / "fastchat" / "dummy_conversation.json"  # FastChat sample
+HELD_OUT_BINS = 8  # --precision: bins after the trained ones, to compare what each precision learned
 GPU_MODEL = {  # a ~0.4B-parameter Llama: big enough for the GPU to be busy, small enough for any GPU
     "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 24, "num_attention_heads": 16,
     "num_key_value_heads": 16, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
@@ -260,15 +263,20 @@ def precision_section(args: argparse.Namespace, scratch: Path) -> dict[str, Any]
     model = load_model_and_tokenizer(source)[0]
     initial = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     conversations = tokenized_conversations(args.data, Path(source), cfg)
-    rows = packed_rows(conversations, args.pack_len)[: args.steps]
+    every_bin = packed_rows(conversations, args.pack_len)
+    steps = args.steps or len(every_bin) - HELD_OUT_BINS
+    rows, held_out = every_bin[:steps], every_bin[steps : steps + HELD_OUT_BINS]
     cpu = torch.device("cpu")
+    held_out_batches = [collate([row], None, 0, list(cfg.classes)) for row in held_out]
     passes: dict[str, list[dict[str, Any]]] = {"fp32": [], "bf16": []}
     for _ in range(args.passes):
         for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
             model.load_state_dict(initial)
             load = os.getloadavg()[0]
-            passes[name].append({**plain_loop(model, [[row] for row in rows], cfg, args.warmup, cpu, dtype),
-                                 "load_average_1min": round(load, 1)})
+            rates = plain_loop(model, [[row] for row in rows], cfg, args.warmup, cpu, dtype)
+            # The trained float32 weights on bins it never saw, with a float32 forward: what each precision learned.
+            held = tl.evaluate(model, held_out_batches, n_classes=len(cfg.classes), device=cpu).loss
+            passes[name].append({**rates, "held_out_loss_fp32_forward": held, "load_average_1min": round(load, 1)})
     fp32, bf16 = passes["fp32"][0]["losses"], passes["bf16"][0]["losses"]
     rate = {name: max(p["supervised_tokens_per_cpu_s"] for p in runs) for name, runs in passes.items()}
     wall = {name: max(p["supervised_tokens_per_s"] for p in runs) for name, runs in passes.items()}
@@ -284,6 +292,7 @@ def precision_section(args: argparse.Namespace, scratch: Path) -> dict[str, Any]
                                         for f, b in zip(passes["fp32"], passes["bf16"], strict=True)],
         "losses": {"fp32": fp32, "bf16": bf16},
         "max_relative_loss_gap": max(abs(b - f) / f for f, b in zip(fp32, bf16, strict=True)),
+        "held_out_loss_fp32_forward": {name: runs[0]["held_out_loss_fp32_forward"] for name, runs in passes.items()},
         "passes": passes,
     }  # fmt: skip
 
@@ -373,6 +382,9 @@ def _report_precision(result: dict[str, Any], echo: Callable[[str], None]) -> No
     echo("loss per step (first pass), fp32 / bf16: "
          + ", ".join(f"{f:.3f}/{b:.3f}" for f, b in zip(fp32, bf16, strict=True)))
     echo(f"largest relative gap between the curves: {result['max_relative_loss_gap']:.4f}")
+    held = result["held_out_loss_fp32_forward"]
+    echo(f"held-out loss of the trained weights (float32 forward, {HELD_OUT_BINS} unseen bins): fp32-trained "
+         f"{held['fp32']:.4f}, bf16-trained {held['bf16']:.4f}")
 
 
 def main(argv: list[str] | None = None) -> int:
