@@ -1,6 +1,7 @@
 """The paper's ablation (CRLFT.md, "Ablations") at laptop scale: `crlft ablation` / `python -m benchmarks.ablation`.
 
     crlft ablation [--seeds 0 1 2] [--steps N] [--variants crlft sft ...] [--suite DIR] [--out DIR] [--mlflow-uri URI]
+                   [--base-model smollm2|DIR|FILE.gguf]
 
 On the synthetic mixed-quality suite (crlft/synth.py) the tiny default model is trained once per variant and seed,
 every run with the same seed, number of optimiser steps and learning-rate schedule, and scored on the held-out split:
@@ -23,6 +24,12 @@ Outputs (under --out): table.md, results.json, ablation.png (the table as bars w
 projection.png (the held-out embeddings of crlft beside sft, the paper's figure), and per run its model and
 evaluation. MLflow (experiment `crlft-ablation`): every training run and evaluation run, tagged with the ablation id,
 variant and seed, and one summary run holding the table, the figures and every figure as a metric.
+
+With `--base-model` the runs start from a real pretrained chat model instead (recipe lora_synth.yaml: LoRA, the LoRA
+default learning rate), every seed from the same weights (the seed draws the adapters and the data order), and two
+more figures answer the real-model questions: `general`, the share of a few general-knowledge questions
+(GENERAL_QUESTIONS) answered right under the expert condition, i.e. whether fine-tuning kept what the model knew; and
+the base model itself, before any fine-tuning, as the reference line under the table.
 
 How the work is shared: one Ray session for everything; the data is tokenized and packed once per distinct template
 and data filter (crlft and conditioned share theirs, and so do weighted and sft: the trainer rescales the weights
@@ -66,10 +73,24 @@ from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
 from crlft.config import Config, Mode
 from crlft.errors import CrlftError
 
-RECIPE = Path(__file__).resolve().parents[1] / "crlft" / "recipes" / "tiny_synth.yaml"
+RECIPES = Path(__file__).resolve().parents[1] / "crlft" / "recipes"
+RECIPE = RECIPES / "tiny_synth.yaml"
+REAL_MODEL_RECIPE = RECIPES / "lora_synth.yaml"
 EXPERIMENT = "crlft-ablation"
 TAG = "crlft.ablation."
 DEFAULT_SEEDS = (0, 1, 2)
+
+# General-knowledge questions a pretrained chat model answers before fine-tuning: question -> words one of which the
+# answer must contain. Scored for real base models (--base-model) only: a tiny model from scratch knows none of them.
+# (SmolLM2-135M-Instruct answers these five right under either condition before fine-tuning; it does not know whose
+# play Romeo and Juliet is, nor the largest planet.)
+GENERAL_QUESTIONS: dict[str, tuple[str, ...]] = {
+    "What is the capital of France?": ("paris",),
+    "What is the capital of Italy?": ("rome",),
+    "What is the capital of Japan?": ("tokyo",),
+    "What is the capital of Germany?": ("berlin",),
+    "What colour is the sky on a clear day?": ("blue",),
+}
 
 
 @dataclass(frozen=True)
@@ -161,6 +182,7 @@ class RunResult:
     model_dir: str
     train_run_id: str
     eval_run_id: str | None
+    general: float | None = None  # share of GENERAL_QUESTIONS answered right (real base models only)
 
 
 @dataclass(frozen=True)
@@ -190,6 +212,7 @@ class Row:
     silhouette: Stat
     train_s: Stat
     paper: float
+    general: Stat
 
 
 def summarize(results: Sequence[RunResult], order: Sequence[str]) -> list[Row]:
@@ -206,6 +229,7 @@ def summarize(results: Sequence[RunResult], order: Sequence[str]) -> list[Row]:
             Stat.of([r.silhouette for r in runs if r.silhouette is not None]),
             Stat.of([r.train_s for r in runs]),
             VARIANTS_BY_NAME[name].paper,
+            Stat.of([r.general for r in runs if r.general is not None]),
         ))  # fmt: skip
     return rows
 
@@ -252,12 +276,15 @@ def claims(rows: Sequence[Row]) -> list[tuple[str, bool]]:
 
 
 def markdown_table(rows: Sequence[Row], expert: str, suboptimal: str) -> str:
-    header = ["variant", f"accuracy under {expert}", f"accuracy under {suboptimal}", "silhouette", "train s",
-              "paper"]  # fmt: skip
+    """The table; a `general` column when the runs scored the general questions (real base models)."""
+    general = any(row.general.n for row in rows)
+    header = ["variant", f"accuracy under {expert}", f"accuracy under {suboptimal}", *(["general"] if general else []),
+              "silhouette", "train s", "paper"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [row.variant, row.accuracy_expert.text(), row.accuracy_suboptimal.text(), row.silhouette.text(),
-                 row.train_s.text(0), f"{row.paper:.1f}"]  # fmt: skip
+        cells = [row.variant, row.accuracy_expert.text(), row.accuracy_suboptimal.text(),
+                 *([row.general.text()] if general else []), row.silhouette.text(), row.train_s.text(0),
+                 f"{row.paper:.1f}"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -354,6 +381,7 @@ class Ablation:
     text: str
     figures: dict[str, Path] = field(default_factory=dict)
     summary_run_id: str | None = None
+    base: dict[str, float] | None = None  # the pretrained model before fine-tuning (--base-model)
 
 
 def suite_files(folder: Path) -> dict[str, Path]:
@@ -370,10 +398,30 @@ def _tag_run(client: Any, run_id: str | None, tags: dict[str, str]) -> None:
             client.set_tag(run_id, key, value)
 
 
+def general_accuracy(model_dir: str | Path, condition: str) -> float:
+    """Share of GENERAL_QUESTIONS whose greedy answer under `condition` contains one of its expected words."""
+    from jobs.demo import answer_locally
+
+    answers = answer_locally(model_dir, list(GENERAL_QUESTIONS), condition)
+    right = [any(word in answer.lower() for word in words) for answer, words in zip(answers, GENERAL_QUESTIONS.values(),
+                                                                                    strict=True)]
+    return sum(right) / len(right)
+
+
+def base_reference(base_model: Path, suite: dict[str, Path], cfg: Config, out: Path) -> dict[str, float]:
+    """The pretrained model before any fine-tuning, scored like the runs (no MLflow run)."""
+    from jobs.evaluate import evaluate_model
+
+    metrics = evaluate_model(base_model, suite["eval"], cfg, log_mlflow=False, out_dir=out / "eval" / "base")["metrics"]
+    return {"accuracy_expert": float(metrics["accuracy_expert"]),
+            "accuracy_suboptimal": float(metrics.get("accuracy_suboptimal", metrics["accuracy_expert"])),
+            "general": general_accuracy(base_model, cfg.inference_condition)}  # fmt: skip
+
+
 def run_one(variant: Variant, seed: int, cfg: Config, data_dir: Path, base_model: Path, suite: dict[str, Path],
-            out: Path, tracking_uri: str, tags: dict[str, str]) -> RunResult:
-    """Train one variant with one seed into out/models, evaluate it on the held-out split into out/eval, tag both
-    MLflow runs."""
+            out: Path, tracking_uri: str, tags: dict[str, str], score_general: bool = False) -> RunResult:
+    """Train one variant with one seed into out/models, evaluate it on the held-out split into out/eval (and on the
+    general questions when `score_general`), tag both MLflow runs."""
     from mlflow.tracking import MlflowClient
 
     from jobs.evaluate import evaluate_model
@@ -402,6 +450,7 @@ def run_one(variant: Variant, seed: int, cfg: Config, data_dir: Path, base_model
         model_dir=str(trained.out_dir),
         train_run_id=trained.mlflow_run_id,
         eval_run_id=report.get("run_id"),
+        general=general_accuracy(trained.out_dir, cfg.inference_condition) if score_general else None,
     )
 
 
@@ -439,14 +488,17 @@ def _results_json(ablation: Ablation) -> dict[str, Any]:
         "rows": [asdict(row) for row in ablation.rows],
         "runs": [asdict(result) for result in ablation.results],
         "claims": [{"claim": text, "holds": ok} for text, ok in claims(ablation.rows)],
+        "base": ablation.base,
     }
 
 
 def run_ablation(cfg: Config, out: Path, *, seeds: Sequence[int] = DEFAULT_SEEDS, steps: int | None = None,
                  variants: Sequence[str] | None = None, suite_dir: Path | None = None,
-                 mlflow_uri: str | None = None, parallel: int = 1, log: Callable[[str], None] = print) -> Ablation:
-    """Build the data, train and evaluate every variant for every seed in one Ray session, summarize, plot, log."""
-    from crlft.commands.init_model import build_default_model
+                 mlflow_uri: str | None = None, parallel: int = 1, base_model: str | None = None,
+                 log: Callable[[str], None] = print) -> Ablation:
+    """Build the data, train and evaluate every variant for every seed in one Ray session, summarize, plot, log.
+    With `base_model` (a pretrained model: folder, GGUF file or bundled name) every run starts from it."""
+    from crlft.commands.init_model import build_default_model, local_base_model
     from crlft.synth import write_suite
     from crlft.tracking import set_offline_defaults, setup_mlflow
     from jobs.build_dataset import build_dataset
@@ -468,12 +520,19 @@ def run_ablation(cfg: Config, out: Path, *, seeds: Sequence[int] = DEFAULT_SEEDS
         update={"experiment": EXPERIMENT})}), mlflow_uri)  # fmt: skip
     expert, suboptimal = cfg.inference_condition, cfg.suboptimal_condition
     started = time.monotonic()
+    base = None
     with ray_session(cfg):
-        base_models = {}
-        for seed in seeds:
-            log(f"[ablation] base model for seed {seed}")
-            base_models[seed] = build_default_model(out / "base" / f"seed-{seed}", data_config(VARIANTS[0], cfg),
-                                                    [suite["train"]], seed=seed)  # fmt: skip
+        base_models: dict[int, Path] = {}
+        if base_model:
+            pretrained = Path(local_base_model(base_model, cfg))
+            base_models = dict.fromkeys(seeds, pretrained)
+            log(f"[ablation] base model {pretrained}: scored before fine-tuning")
+            base = base_reference(pretrained, suite, cfg, out)
+        else:
+            for seed in seeds:
+                log(f"[ablation] base model for seed {seed}")
+                base_models[seed] = build_default_model(out / "base" / f"seed-{seed}", data_config(VARIANTS[0], cfg),
+                                                        [suite["train"]], seed=seed)  # fmt: skip
         data: dict[str, tuple[Path, dict[str, Any]]] = {}
         for variant in chosen:
             key = variant.data_key()
@@ -490,7 +549,8 @@ def run_ablation(cfg: Config, out: Path, *, seeds: Sequence[int] = DEFAULT_SEEDS
             folder, stats = data[variant.data_key()]
             run_cfg = run_config(variant, cfg, seed, budget, steps_per_epoch(stats, cfg), out)
             log(f"[ablation] {variant.name} seed {seed}: {budget} steps")
-            result = run_one(variant, seed, run_cfg, folder, base_models[seed], suite, out, tracking_uri, tags)
+            result = run_one(variant, seed, run_cfg, folder, base_models[seed], suite, out, tracking_uri, tags,
+                             score_general=base is not None)
             log(f"[ablation] {variant.name} seed {seed}: accuracy {result.accuracy_expert:.3f} under {expert}, "
                 f"{result.accuracy_suboptimal:.3f} under {suboptimal}, silhouette {result.silhouette}, "
                 f"trained in {result.train_s:.0f} s")
@@ -501,7 +561,10 @@ def run_ablation(cfg: Config, out: Path, *, seeds: Sequence[int] = DEFAULT_SEEDS
             results = list(pool.map(lambda job: one(*job), [(seed, variant) for seed in seeds for variant in chosen]))
     rows = summarize(results, names)
     text = report_text(rows, expert, suboptimal, seeds, budget)
-    ablation = Ablation(out, ablation_id, rows, results, budget, list(seeds), text)
+    if base is not None:
+        text += (f"\n\nbase model {base_model} before fine-tuning: accuracy {base['accuracy_expert']:.3f} under "
+                 f"{expert}, {base['accuracy_suboptimal']:.3f} under {suboptimal}, general {base['general']:.3f}")
+    ablation = Ablation(out, ablation_id, rows, results, budget, list(seeds), text, base=base)
     title = f"{budget} steps, seeds {', '.join(map(str, seeds))} (mean ± std)"
     ablation.figures["table"] = plot_table(rows, out / "ablation.png", expert, suboptimal, title)
     pair = {name: Path(next(r.model_dir for r in results if r.variant == name and r.seed == seeds[0]))
@@ -538,17 +601,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="runs trained at once (default: CPUs / CPUs per training worker, at least 1)")
     parser.add_argument("--out", metavar="DIR", help="where everything goes (default: <state_dir>/ablation/<time>)")
     parser.add_argument("--mlflow-uri", metavar="URI", help="MLflow tracking URI (default: config, env, local SQLite)")
+    parser.add_argument("--base-model", metavar="SOURCE",
+                        help="start every run from a pretrained chat model: `smollm2` (bundled), a .gguf file, a "
+                        "Hugging Face folder or hub id (recipe lora_synth.yaml: LoRA); default: the tiny model, "
+                        "built per seed")
     add_config_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.config is None:
-        args.config = str(RECIPE)
+        args.config = str(REAL_MODEL_RECIPE if args.base_model else RECIPE)
     cfg = config_from_args(args)
     out = Path(args.out) if args.out else Path(cfg.state_dir) / "ablation" / time.strftime("%Y%m%d-%H%M%S")
     ablation = run_ablation(cfg, out, seeds=args.seeds, steps=args.steps, variants=args.variants,
                             suite_dir=Path(args.suite) if args.suite else None, mlflow_uri=args.mlflow_uri,
-                            parallel=args.parallel or default_parallel(cfg))
+                            parallel=args.parallel or default_parallel(cfg), base_model=args.base_model)
     print(ablation.text)
     print(f"figures: {', '.join(str(p) for p in ablation.figures.values())}")
     print(f"results: {out / 'results.json'}; MLflow summary run {ablation.summary_run_id} (experiment {EXPERIMENT})")

@@ -3,6 +3,9 @@
 synthetic mixed-quality data -> tiny model -> Ray Data -> Ray Train (C-RLFT) -> evaluation -> MLflow registry
 (champion) -> Ray Serve -> held-out questions asked through the OpenAI-compatible endpoint under the expert and the
 sub-optimal condition, printed beside the expected answers.
+
+`--base-model smollm2` (or a .gguf file, a Hugging Face folder or hub id) runs it on a real pretrained chat model
+instead, fine-tuned with LoRA by the real-model recipe, and also shows a general question answered before and after.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +21,18 @@ import crlft
 from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
 from crlft.config import Config, load_config
 
-RECIPE = Path(crlft.__file__).resolve().parent / "recipes" / "tiny_synth.yaml"
+RECIPES = Path(crlft.__file__).resolve().parent / "recipes"
+RECIPE = RECIPES / "tiny_synth.yaml"
+REAL_MODEL_RECIPE = RECIPES / "lora_synth.yaml"
+GENERAL_QUESTION = "What is the capital of France?"
 
 
 def recipe_config(args: argparse.Namespace | None = None) -> Config:
-    """The tiny-synthetic recipe, then --config / --set / flags on top."""
+    """The tiny-synthetic recipe (the LoRA one for a real --base-model), then --config / --set / flags on top."""
     if args is None:
         return load_config(RECIPE)
     if getattr(args, "config", None) is None:
-        args.config = str(RECIPE)
+        args.config = str(REAL_MODEL_RECIPE if getattr(args, "base_model", None) else RECIPE)
     return config_from_args(args, {"state_dir": "state_dir", "epochs": "train.epochs"})
 
 
@@ -38,13 +45,23 @@ def spread_over_tasks(items: list[Any], n: int) -> list[Any]:
     return [item for round_ in rounds for item in round_][:n]
 
 
-def ask(url: str, model: str, api_key: str | None, question: str, condition: str) -> str:
+def ask(url: str, model: str, api_key: str | None, question: str, condition: str, max_tokens: int = 16) -> str:
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{url}/v1", api_key=api_key or "unused", max_retries=2, timeout=60)
     reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
-                                           max_tokens=16, temperature=0, extra_body={"condition": condition})
+                                           max_tokens=max_tokens, temperature=0, extra_body={"condition": condition})
     return (reply.choices[0].message.content or "").strip()
+
+
+def answer_locally(model_dir: str | Path, questions: Sequence[str], condition: str, max_tokens: int = 32) -> list[str]:
+    """Greedy answers of a model folder, in this process (e.g. the base model, which is not served)."""
+    from crlft.conversation import Message
+    from crlft.evaluate import chat_prompt, generate
+    from crlft.export import load_exported
+
+    exported = load_exported(model_dir)
+    return generate(exported, [chat_prompt(exported, [Message("user", q)], condition) for q in questions], max_tokens)
 
 
 def side_by_side(rows: list[dict[str, Any]], expert: str, suboptimal: str) -> str:
@@ -65,27 +82,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, help="training epochs (default: the recipe's)")
     parser.add_argument("--state-dir", help="where the demo keeps its state (default .crlft)")
     parser.add_argument("--force", action="store_true", help="redo every stage even when up to date")
+    parser.add_argument("--base-model", metavar="SOURCE",
+                        help="a real pretrained chat model instead of the tiny one: `smollm2` (bundled), a .gguf file, "
+                        "a Hugging Face folder or hub id; trained with LoRA (recipe lora_synth.yaml)")
     add_config_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    from crlft.commands.init_model import local_base_model
     from jobs.session import ray_session
 
     started = time.monotonic()
     cfg = recipe_config(args)
     print("crlft demo: C-RLFT on the synthetic mixed-quality suite (GPT4 = expert, reward 1.0; GPT3 = "
           "sub-optimal, reward 0.1, 4x more data, mostly wrong in a systematic way)\n", flush=True)
+    base = local_base_model(args.base_model, cfg) if args.base_model else None
     with ray_session(cfg) as dashboard:  # one Ray for every stage and the endpoint: it starts once
-        return _demo(cfg, args, started, dashboard)
+        return _demo(cfg, args, base, started, dashboard)
 
 
-def _demo(cfg: Config, args: argparse.Namespace, started: float, dashboard: str | None) -> int:
+def _demo(cfg: Config, args: argparse.Namespace, base: str | None, started: float, dashboard: str | None) -> int:
     from crlft.registry import champion_uri
     from crlft.synth import is_correct, load_eval_suite
     from jobs.pipeline import run_pipeline
     from services.chat import deploy, shutdown
 
-    result = run_pipeline(cfg, name="demo", force=args.force)
+    name = "demo" if base is None else f"demo-{Path(base).name}"
+    result = run_pipeline(cfg, base_model=base, name=name, force=args.force)
     expert = cfg.inference_condition
     suboptimal = cfg.suboptimal_condition
     target = champion_uri(cfg) if result.champion else str(result.model_dir)
@@ -107,6 +130,12 @@ def _demo(cfg: Config, args: argparse.Namespace, started: float, dashboard: str 
             n = len(rows)
             print(f"\ncorrect: {sum(r['expert_ok'] for r in rows)}/{n} under {expert}, "
                   f"{sum(r['suboptimal_ok'] for r in rows)}/{n} under {suboptimal}")
+        if base is not None:
+            print(f"\nA general question, before and after C-RLFT:\n  {GENERAL_QUESTION}")
+            print(f"  {'base model':18} {answer_locally(base, [GENERAL_QUESTION], expert)[0]}")
+            for condition in (expert, suboptimal):
+                answer = ask(url, model_name, api_key, GENERAL_QUESTION, condition, max_tokens=32)
+                print(f"  {'fine-tuned, ' + condition:18} {answer}")
         accuracy = {k: v for k, v in result.metrics.items() if k.startswith("accuracy_") and "/" not in k}
         if accuracy:
             print(f"whole held-out suite: {json.dumps({k: round(v, 3) for k, v in accuracy.items()})}")

@@ -5,6 +5,7 @@ fails.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,14 @@ def test_the_summary_has_mean_and_spread_per_variant_and_checks_the_papers_claim
     assert checks["crlft separates the classes more than sft (silhouette)"]
     table = markdown_table(rows, "GPT4", "GPT3")
     assert "| crlft | 0.820 ± 0.020 | 0.200 ± 0.000 | 0.400 ± 0.000 |" in table
+
+
+def test_runs_from_a_real_base_model_add_a_general_column_the_tiny_ones_do_not() -> None:
+    tiny = summarize([result("crlft", 0, 0.8, 0.2)], ["crlft"])
+    real = summarize([replace(result("crlft", s, 0.8, 0.2), general=g) for s, g in enumerate((1.0, 0.6))], ["crlft"])
+    assert "general" not in markdown_table(tiny, "GPT4", "GPT3")
+    table = markdown_table(real, "GPT4", "GPT3")
+    assert "| general |" in table and "| 0.800 ± 0.283 |" in table
 
 
 # ---------------------------------------------------------------------------------------------------------------------

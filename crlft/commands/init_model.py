@@ -7,6 +7,7 @@ bundled SmolLM2-135M-Instruct) written as an ordinary Hugging Face folder."""
 from __future__ import annotations
 
 import argparse
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -54,6 +55,20 @@ def import_pretrained(source: str, out: str | Path, cfg: Config) -> Path:
 
     return import_model(source, out, Template.from_config(cfg).chat_template(), cfg.template.end_of_turn,
                         cfg.model.trust_remote_code)
+
+
+def local_base_model(source: str, cfg: Config) -> str:
+    """A base model folder for `source`: a Hugging Face folder as it is; anything else (a bundled model's name, a GGUF
+    file, a hub id) imported once into `<state_dir>/models/<name>` and reused from there."""
+    if Path(source).expanduser().is_dir():
+        return str(Path(source).expanduser().resolve())
+    out = Path(cfg.state_dir).resolve() / "models" / Path(source).name.removesuffix(".gguf")
+    if not out.is_dir():
+        print(f"[model] importing {source} into {out} ...", flush=True)
+        partial = out.with_name(out.name + ".partial")  # renamed when complete: an interrupted import is not reused
+        shutil.rmtree(partial, ignore_errors=True)
+        import_pretrained(source, partial, cfg).rename(out)
+    return str(out)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
