@@ -37,7 +37,8 @@ def test_the_smoke_run_passes_with_only_what_the_gpu_machine_has(tmp_path: Path)
     assert all("skipped" in row for row in not_run)  # no backward for FlexAttention on CPU, no flash attention
 
     assert [row["check"] for row in check["agreement"]] == ["flex_attention vs sdpa: loss",
-                                                            "packed vs one conversation a row: loss"]
+                                                            "packed vs one conversation a row: loss",
+                                                            "packed vs one conversation a row: grad_norm"]
     assert all(row["ok"] for row in check["agreement"])
 
     assert [row["batch"] for row in check["serving"]] == [1, 4]
