@@ -82,8 +82,8 @@ DEFAULT_SEEDS = (0, 1, 2)
 
 # General-knowledge questions a pretrained chat model answers before fine-tuning: question -> words one of which the
 # answer must contain. Scored for real base models (--base-model) only: a tiny model from scratch knows none of them.
-# (SmolLM2-135M-Instruct answers these five right under either condition before fine-tuning; it does not know whose
-# play Romeo and Juliet is, nor the largest planet.)
+# (SmolLM2-135M-Instruct answered all five right in a first look and 4 of 5 in the measured run, RESULTS.md; it did
+# not know whose play Romeo and Juliet is, nor the largest planet, so those are left out.)
 GENERAL_QUESTIONS: dict[str, tuple[str, ...]] = {
     "What is the capital of France?": ("paris",),
     "What is the capital of Italy?": ("rome",),
