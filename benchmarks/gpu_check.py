@@ -2,7 +2,7 @@
 numerical agreement, and the serving engine's decode throughput; one table at the end.
 
     benchmarks/gpu_check.sh [--json FILE]          # on one GPU: about 5 minutes, at most 8
-    python benchmarks/gpu_check.py --cpu-smoke     # the same code on a tiny model on the CPU (CI: seconds)
+    python -m benchmarks.gpu_check --cpu-smoke     # the same code on a tiny model on the CPU (CI: seconds)
 
 It needs only torch, transformers and peft (no Ray, MLflow, pydantic or download: the model is built from a config
 with random weights, the tokenizer is trained on crlft's built-in corpus, the conversations are random token ids with

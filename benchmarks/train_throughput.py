@@ -1,8 +1,8 @@
 """Training throughput: the Ray Train loop against a plain PyTorch loop, packed against padded batches, and achieved
 FLOP/s against the machine's measured matmul FLOP/s.
 
-    python benchmarks/train_throughput.py [DATA] [--preset tiny] [--pack-len 1024] [--threads N] [--json FILE]
-    python benchmarks/train_throughput.py --precision [--base-model smollm2] [--steps N] [--lr LR] [--json FILE]
+    python -m benchmarks.train_throughput [DATA] [--preset tiny] [--pack-len 1024] [--threads N] [--json FILE]
+    python -m benchmarks.train_throughput --precision [--base-model smollm2] [--steps N] [--lr LR] [--json FILE]
 
 1. Plain loop: one process, `--threads` torch threads, crlft.train_loop.train_step over the packed bins (one bin per
    step), and over naive padded batches of the same conversations (batch size: the bins' mean conversation count).
