@@ -1,4 +1,4 @@
-"""The paper's ablation (CRLFT.md, "Ablations") at laptop scale: `crlft ablation` / `python -m benchmarks.ablation`.
+"""The OpenChat paper's ablation at laptop scale: `crlft ablation` / `python -m benchmarks.ablation`.
 
     crlft ablation [--seeds 0 1 2] [--steps N] [--variants crlft sft ...] [--suite DIR] [--out DIR] [--mlflow-uri URI]
                    [--base-model smollm2|DIR|FILE.gguf]
@@ -70,12 +70,9 @@ from pathlib import Path
 from typing import Any
 
 from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
-from crlft.config import Config, Mode
+from crlft.config import REAL_MODEL_SYNTH_RECIPE, SYNTH_RECIPE, Config, Mode
 from crlft.errors import CrlftError
 
-RECIPES = Path(__file__).resolve().parents[1] / "crlft" / "recipes"
-RECIPE = RECIPES / "tiny_synth.yaml"
-REAL_MODEL_RECIPE = RECIPES / "lora_synth.yaml"
 EXPERIMENT = "crlft-ablation"
 TAG = "crlft.ablation."
 DEFAULT_SEEDS = (0, 1, 2)
@@ -610,7 +607,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.config is None:
-        args.config = str(REAL_MODEL_RECIPE if args.base_model else RECIPE)
+        args.config = str(REAL_MODEL_SYNTH_RECIPE if args.base_model else SYNTH_RECIPE)
     cfg = config_from_args(args)
     out = Path(args.out) if args.out else Path(cfg.state_dir) / "ablation" / time.strftime("%Y%m%d-%H%M%S")
     ablation = run_ablation(cfg, out, seeds=args.seeds, steps=args.steps, variants=args.variants,

@@ -227,6 +227,12 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+# Recipes shipped with the package: the synthetic suite on the tiny model, and on a real --base-model with LoRA.
+RECIPES = Path(__file__).resolve().parent / "recipes"
+SYNTH_RECIPE = RECIPES / "tiny_synth.yaml"
+REAL_MODEL_SYNTH_RECIPE = RECIPES / "lora_synth.yaml"
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Load YAML (or the defaults), apply `section.key: value` overrides, validate; errors name the field."""
     tree: dict[str, Any] = {}

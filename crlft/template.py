@@ -1,4 +1,4 @@
-"""The conditioned conversation template, defined once (docs/architecture.md, "Template").
+"""The conditioned conversation template, defined once (docs/architecture.md).
 
     <s>[system<|end_of_turn|>]GPT4 User: {user}<|end_of_turn|>GPT4 Assistant: {assistant}<|end_of_turn|>...
 

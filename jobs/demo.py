@@ -17,22 +17,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import crlft
 from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
-from crlft.config import Config, load_config
+from crlft.config import REAL_MODEL_SYNTH_RECIPE, SYNTH_RECIPE, Config, load_config
 
-RECIPES = Path(crlft.__file__).resolve().parent / "recipes"
-RECIPE = RECIPES / "tiny_synth.yaml"
-REAL_MODEL_RECIPE = RECIPES / "lora_synth.yaml"
 GENERAL_QUESTION = "What is the capital of France?"
 
 
 def recipe_config(args: argparse.Namespace | None = None) -> Config:
     """The tiny-synthetic recipe (the LoRA one for a real --base-model), then --config / --set / flags on top."""
     if args is None:
-        return load_config(RECIPE)
+        return load_config(SYNTH_RECIPE)
     if getattr(args, "config", None) is None:
-        args.config = str(REAL_MODEL_RECIPE if getattr(args, "base_model", None) else RECIPE)
+        args.config = str(REAL_MODEL_SYNTH_RECIPE if getattr(args, "base_model", None) else SYNTH_RECIPE)
     return config_from_args(args, {"state_dir": "state_dir", "epochs": "train.epochs"})
 
 

@@ -22,10 +22,8 @@ from benchmarks.ablation import (
     run_config,
     summarize,
 )
-from crlft.config import Mode, load_config
+from crlft.config import SYNTH_RECIPE, Mode, load_config
 from crlft.synth import write_suite
-
-RECIPE = Path(__file__).resolve().parents[1] / "crlft" / "recipes" / "tiny_synth.yaml"
 
 
 def result(variant: str, seed: int, expert: float, suboptimal: float, silhouette: float | None = 0.1) -> RunResult:
@@ -40,7 +38,7 @@ def test_variants_sharing_a_template_and_classes_share_their_data() -> None:
 
 
 def test_data_is_built_with_the_rewards_of_its_template_and_the_variants_class_filter() -> None:
-    cfg = load_config(RECIPE)
+    cfg = load_config(SYNTH_RECIPE)
     assert data_config(VARIANTS_BY_NAME["conditioned"], cfg).train.mode is Mode.crlft
     assert data_config(VARIANTS_BY_NAME["weighted"], cfg).train.mode is Mode.sft
     assert data_config(VARIANTS_BY_NAME["expert_only"], cfg).data.only_classes == ["GPT4"]
@@ -49,7 +47,7 @@ def test_data_is_built_with_the_rewards_of_its_template_and_the_variants_class_f
 
 
 def test_every_variant_trains_exactly_the_same_number_of_steps(tmp_path: Path) -> None:
-    cfg = load_config(RECIPE)
+    cfg = load_config(SYNTH_RECIPE)
     small_data = run_config(VARIANTS_BY_NAME["expert_only"], cfg, seed=1, steps=100, steps_per_epoch=7, out=tmp_path)
     large_data = run_config(VARIANTS_BY_NAME["crlft"], cfg, seed=1, steps=100, steps_per_epoch=70, out=tmp_path)
     assert small_data.train.max_steps == large_data.train.max_steps == 100
@@ -103,7 +101,7 @@ def test_crlft_under_the_expert_condition_beats_sft_and_its_own_suboptimal_condi
     from benchmarks.ablation import run_ablation
 
     suite = write_suite(tmp_path / "suite", seed=0)["train"].parent
-    cfg = load_config(RECIPE, {"state_dir": str(tmp_path / "state")})
+    cfg = load_config(SYNTH_RECIPE, {"state_dir": str(tmp_path / "state")})
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # The recipe's budget (half of it is not enough, see the benchmark's docstring); both runs side by side.
     ablation = run_ablation(cfg, tmp_path / "out", seeds=[0], variants=["crlft", "sft"], suite_dir=suite,
