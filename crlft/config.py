@@ -150,15 +150,28 @@ class ServeConfig(_Strict):
     model_name: str | None = Field(None, description="name served at /v1/models (default: the model's own)")
     api_keys: list[str] = Field(default_factory=list, description="accepted API keys (empty: no auth)")
     max_new_tokens: int = Field(256, description="default answer length limit")
+    engine: Literal["auto", "vllm", "transformers"] = Field(
+        "auto", description="what generates: vllm (vLLM's engine; `pip install 'crlft[vllm]'`), transformers "
+        "(crlft's continuous batching over Hugging Face forward passes), auto: vllm where installed"
+    )
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="serving number type: auto is bf16 on GPUs, fp32 on CPUs"
+    )
+    vllm_kv_cache_gib: float = Field(
+        1.0, gt=0, description="vLLM on CPU: memory for the KV cache per replica (GiB); on GPUs vLLM uses what is free"
+    )
     min_replicas: int = Field(1, description="autoscaling lower bound")
     max_replicas: int = Field(2, description="autoscaling upper bound")
     target_ongoing_requests: float = Field(4.0, description="autoscaling target per replica")
     upscale_delay_s: float = Field(5.0, description="autoscaling delay before adding replicas")
     downscale_delay_s: float = Field(30.0, description="autoscaling delay before removing replicas")
+    autoscaling_window_s: float = Field(
+        30.0, gt=0, description="autoscaling averages the requests per replica over this window"
+    )
     cpus_per_replica: float = Field(0.5, description="CPUs per replica")
     gpus_per_replica: float = Field(0.0, description="GPUs per replica (clusters)")
     max_ongoing_requests: int = Field(32, description="requests a replica takes at once")
-    max_queued_requests: int = Field(64, description="queued requests before 503 + Retry-After")
+    max_queued_requests: int = Field(64, description="requests a replica holds waiting; beyond: 429 + Retry-After")
     max_batch_size: int = Field(16, description="sequences generated together")
     batch_wait_timeout_s: float = Field(0.02, description="wait for more requests before a batch starts")
     access_log: bool = Field(True, description="log every request (the demo recipe turns it off to stay readable)")

@@ -101,7 +101,7 @@ def _demo(cfg: Config, args: argparse.Namespace, base: str | None, started: floa
     from crlft.registry import champion_uri
     from crlft.synth import is_correct, load_eval_suite
     from jobs.pipeline import run_pipeline
-    from services.chat import deploy, shutdown
+    from services.local import deploy, shutdown
 
     name = "demo" if base is None else f"demo-{Path(base).name}"
     result = run_pipeline(cfg, base_model=base, name=name, force=args.force)

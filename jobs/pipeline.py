@@ -237,7 +237,7 @@ class _Stages:
 
     def deploy(self) -> None:
         from crlft.registry import champion_uri
-        from services.chat import deploy
+        from services.local import deploy
 
         target = champion_uri(self.cfg) if self.result.champion else str(self.result.model_dir)
         self.result.url = deploy(target, self.cfg)

@@ -34,19 +34,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from services.chat import (
-        api_keys_from_env,
-        deploy,
-        resolve_model_uri,
-        shutdown,
-        wait_for_interrupt,
-    )
+    from services.chat import api_keys_from_env
+    from services.engine import choose_engine
+    from services.local import deploy, shutdown, wait_for_interrupt
+    from services.models import resolve_model_uri
 
     cfg = config_from_args(args, {"host": "serve.host", "port": "serve.port", "model_name": "serve.model_name"})
     model = args.model or champion_uri(cfg)
     keys = [*args.api_keys, *api_keys_from_env()]
     resolve_model_uri(model, cfg, args.mlflow_uri)  # a wrong --model fails now, not after Ray has started
-    print(f"starting Ray Serve for {model} ...", file=sys.stderr, flush=True)
+    engine = choose_engine(cfg.serve.engine)
+    print(f"starting Ray Serve for {model} ({engine} engine) ...", file=sys.stderr, flush=True)
     started_ray, _ = start_ray(cfg, args.address)
     try:
         url = deploy(model, cfg, api_keys=keys, watch_s=args.watch_s, tracking_uri=args.mlflow_uri)

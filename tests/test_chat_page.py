@@ -73,7 +73,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     import ray
     from ray import serve
 
-    from services.chat import chat_application, public_url, shutdown, wait_until_ready
+    from services.chat import chat_application
+    from services.local import public_url, shutdown, wait_until_ready
 
     root = tmp_path_factory.mktemp("chat-page")
     model, tokenizer = load_model_and_tokenizer(str(init_model(root / "base", seed=0)))

