@@ -1,8 +1,8 @@
 """Evaluation of an exported model, without Ray: what shows that C-RLFT worked (the paper's evidence, section 5).
 
 - Verifiable suites (prompt + expected answer, e.g. the synthetic eval.jsonl): greedy, batched generation under each
-  condition, exact-match accuracy (`crlft.synth.score`), and the condition swap: the same prompts under every
-  condition, side by side.
+  condition by a serving engine (a `Decoder`), exact-match accuracy (`crlft.synth.score`), and the condition swap:
+  the same prompts under every condition, side by side.
 - Representation: mean-pooled last hidden states of held-out expert and sub-optimal conversations, their silhouette
   score, and a 2-D projection (UMAP, as in the paper, when installed; PCA otherwise) saved as PNG.
 - Open-ended benchmarks: MT-bench (two turns) and Vicuna-bench answers, graded 1-10 by a judge behind any
@@ -16,18 +16,20 @@ import re
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from crlft.config import suboptimal_of
 from crlft.conversation import ClassRules, Conversation, Message, iter_file
 from crlft.errors import CrlftError
 from crlft.export import ExportedModel, ModelMeta
+from crlft.generate import BatchGenerator, GenerationRequest, SamplingParams
 from crlft.synth import EvalItem, score
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -54,8 +56,20 @@ def select_conditions(meta: ModelMeta, requested: Sequence[str] | None) -> list[
 # Generation
 
 
+Decoder = Callable[[Sequence[list[int]], int], list[str]]
+"""Greedy answers of token-id prompts (that fit the context with `max_new_tokens` more): (prompts, max_new_tokens) ->
+each answer cut at the first stop token, decoded and stripped. Evaluation decodes with the engine `crlft serve`
+serves with (`batch_decoder` here, vLLM in services/vllm_decoder.py): the accuracy that gates promotion is what users
+get."""
+
+
 def _context_limit(exported: ExportedModel) -> int | None:
-    return getattr(exported.model.config, "max_position_embeddings", None)
+    """The longest sequence, counted as the serving engines count it (services.engine.context_length): the model's
+    position table, unless the tokenizer says less."""
+    positions = getattr(exported.model.config, "max_position_embeddings", None)
+    if positions is None:
+        return None
+    return int(min(positions, getattr(exported.tokenizer, "model_max_length", positions)))
 
 
 def _fit(ids: list[int], keep: int, bos: list[int]) -> list[int]:
@@ -65,42 +79,46 @@ def _fit(ids: list[int], keep: int, bos: list[int]) -> list[int]:
     return bos + ids[len(ids) - (keep - len(bos)):]
 
 
-@torch.no_grad()
-def generate(exported: ExportedModel, prompts: Sequence[list[int]], max_new_tokens: int = 16,
-             batch_size: int = 16) -> list[str]:
-    """Greedy continuations of token-id prompts, batched (left-padded; prompts sorted by length to waste little
-    padding), each cut at the end-of-turn token and stripped."""
-    model, tokenizer = exported.model, exported.tokenizer
-    model.eval()
-    stop_ids = [exported.template_tokenizer.eot_id]
-    if tokenizer.eos_token_id is not None:
-        stop_ids.append(tokenizer.eos_token_id)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[-1]
+def stop_ids(exported: ExportedModel) -> list[int]:
+    """The tokens the serving engines stop on (services.engine.stop_token_ids): the end-of-turn token and the end of
+    sequence the model's generation config names."""
+    eos = exported.model.generation_config.eos_token_id
+    return sorted({exported.template_tokenizer.eot_id, *([eos] if isinstance(eos, int) else eos or [])})
+
+
+def answer_text(tokenizer: PreTrainedTokenizerBase, token_ids: Sequence[int], stops: Collection[int]) -> str:
+    """The tokens before the first stop token as text, stripped; decoded as the endpoint's `StopText` decodes (no
+    special tokens, no clean-up of spaces), so every decoder's answers read the same."""
+    cut = next((k for k, token in enumerate(token_ids) if token in stops), len(token_ids))
+    return tokenizer.decode(list(token_ids[:cut]), skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
+
+
+def batch_decoder(exported: ExportedModel, batch_size: int = 16) -> Decoder:
+    """crlft's continuous-batching engine, as the `transformers` serving engine runs it (the same stop tokens and
+    context), greedy, `batch_size` sequences at a time: the model's own device and number type."""
+    stops = stop_ids(exported)
+    engine = BatchGenerator(exported.model, exported.tokenizer, stops, max_batch_size=batch_size,
+                            context_len=_context_limit(exported))  # fmt: skip
+
+    def decode(prompts: Sequence[list[int]], max_new_tokens: int) -> list[str]:
+        params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
+        completions = engine.generate([GenerationRequest(prompt, params) for prompt in prompts])
+        return [answer_text(exported.tokenizer, c.token_ids, stops) for c in completions]
+
+    return decode
+
+
+def generate(exported: ExportedModel, prompts: Sequence[list[int]], max_new_tokens: int = 16, batch_size: int = 16,
+             decoder: Decoder | None = None) -> list[str]:
+    """Greedy answers of token-id prompts by `decoder` (default: `batch_decoder` with `batch_size`), each cut at the
+    first stop token and stripped. A prompt too long for the context loses its oldest tokens, and answers get at most
+    half the context."""
     limit = _context_limit(exported)
+    fitted = [list(p) for p in prompts]
     if limit is not None:
         max_new_tokens = max(1, min(max_new_tokens, limit // 2))
-        prompts = [_fit(list(p), limit - max_new_tokens, exported.template_tokenizer.bos_ids) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    answers: list[str] = [""] * len(prompts)
-    device = next(model.parameters()).device
-    for start in range(0, len(order), batch_size):
-        batch = [prompts[i] for i in order[start:start + batch_size]]
-        width = max(len(p) for p in batch)
-        input_ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in batch], device=device)
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            eos_token_id=stop_ids,
-            pad_token_id=pad_id,
-        )
-        for row, i in zip(output[:, width:].tolist(), order[start:start + batch_size], strict=True):
-            cut = next((k for k, token in enumerate(row) if token in stop_ids), len(row))
-            answers[i] = tokenizer.decode(row[:cut], skip_special_tokens=True).strip()
-    return answers
+        fitted = [_fit(p, limit - max_new_tokens, exported.template_tokenizer.bos_ids) for p in fitted]
+    return (decoder or batch_decoder(exported, batch_size))(fitted, max_new_tokens)
 
 
 def chat_prompt(exported: ExportedModel, messages: Sequence[Message], condition: str, system: str = "") -> list[int]:
@@ -129,8 +147,9 @@ class SuiteEvaluation:
 
 
 def evaluate_suite(exported: ExportedModel, items: Sequence[EvalItem], conditions: Sequence[str] | None = None,
-                   batch_size: int = 16, max_new_tokens: int = 16) -> SuiteEvaluation:
-    """Answer every item under every condition (greedy) and score exact match per condition."""
+                   batch_size: int = 16, max_new_tokens: int = 16, decoder: Decoder | None = None) -> SuiteEvaluation:
+    """Answer every item under every condition (greedy, by `decoder`: see `generate`) and score exact match per
+    condition."""
     meta = exported.meta
     selected = select_conditions(meta, conditions)
     with_condition = meta.template.with_condition
@@ -139,7 +158,7 @@ def evaluate_suite(exported: ExportedModel, items: Sequence[EvalItem], condition
     for condition in selected:
         if with_condition or shared is None:
             prompts = [chat_prompt(exported, [Message("user", item.prompt)], condition) for item in items]
-            predictions = generate(exported, prompts, max_new_tokens, batch_size)
+            predictions = generate(exported, prompts, max_new_tokens, batch_size, decoder)
             shared = predictions
         else:
             predictions = shared
@@ -413,8 +432,9 @@ def load_bench(bench: str, data_dir: str | Path, limit: int | None = None) -> li
 
 def generate_bench_answers(exported: ExportedModel, questions: Sequence[BenchQuestion], model_id: str,
                            condition: str | None = None, max_new_tokens: int = 256,
-                           batch_size: int = 8) -> list[BenchAnswer]:
-    """Answer every question turn by turn (turn k sees the model's own earlier answers), batched per turn."""
+                           batch_size: int = 8, decoder: Decoder | None = None) -> list[BenchAnswer]:
+    """Answer every question turn by turn (turn k sees the model's own earlier answers), batched per turn, by
+    `decoder` (see `generate`)."""
     condition = condition or exported.meta.inference_condition
     answers: list[list[str]] = [[] for _ in questions]
     for turn in range(max((len(q.turns) for q in questions), default=0)):
@@ -426,7 +446,7 @@ def generate_bench_answers(exported: ExportedModel, questions: Sequence[BenchQue
                 history += [Message("user", questions[i].turns[k]), Message("assistant", answers[i][k] or " ")]
             history.append(Message("user", questions[i].turns[turn]))
             prompts.append(chat_prompt(exported, history, condition))
-        for i, text in zip(active, generate(exported, prompts, max_new_tokens, batch_size), strict=True):
+        for i, text in zip(active, generate(exported, prompts, max_new_tokens, batch_size, decoder), strict=True):
             answers[i].append(text)
     return [BenchAnswer(q.question_id, model_id, tuple(a), condition) for q, a in zip(questions, answers, strict=True)]
 

@@ -3,10 +3,15 @@
     crlft eval --model DIR|models:/NAME@ALIAS|models:/NAME/VERSION --suite eval.jsonl [--condition C ...]
                [--heldout heldout.jsonl] [--bench mt_bench --bench vicuna [--judge-url URL --judge-model M]]
                [--register-as NAME | --log-to-version NAME/VERSION] [--mlflow-uri URI]
+               [--engine auto|vllm|transformers] [--batch-size N]
+
+Suite and benchmark answers are decoded by the engine `crlft serve` would serve with here (serve.engine, auto: vLLM
+where installed, else crlft's own; serve.precision; this machine's GPU if it has one), so the accuracy that gates
+promotion is what users get.
 
 Everything that can be wrong with the input (suite lines, held-out lines, the model URI, the tracking server, the
-benchmark files) is checked before the model runs, and MLflow is written only once every figure is measured: a bad
-input is one line and exit 2 with nothing half-written in the registry.
+benchmark files, the engine) is checked before the model runs, and MLflow is written only once every figure is
+measured: a bad input is one line and exit 2 with nothing half-written in the registry.
 """
 
 from __future__ import annotations
@@ -17,16 +22,21 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
 from crlft.config import Config
 from crlft.errors import CrlftError
 from crlft.registry import MODELS_SCHEME, TAG, ModelRef
 from crlft.tracking import set_offline_defaults
+
+if TYPE_CHECKING:  # torch and transformers come with these: imported where the model runs, not for --help
+    from crlft.evaluate import Decoder
+    from crlft.export import ExportedModel
+    from services.engine import EngineSettings
 
 JUDGE_KEY_VARIABLES = ("CRLFT_JUDGE_API_KEY", "OPENAI_API_KEY")
 RESULT_FILES = {"metrics.json", "condition_swap.jsonl", "condition_swap.txt", "embeddings.png", "representation.json"}
@@ -59,14 +69,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow (only print and write files)")
     parser.add_argument("--mlflow-uri", metavar="URI", help="MLflow tracking URI (default: config, env, local SQLite)")
     parser.add_argument("--out", metavar="DIR", help="where to write the results (default: <state_dir>/eval/...)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--engine", choices=["auto", "vllm", "transformers"],
+                        help="what decodes suite and benchmark answers, as `crlft serve` would (default: serve.engine; "
+                        "auto: vLLM where installed, else crlft's own engine)")  # fmt: skip
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences decoded together")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="answer length on verifiable suites")
     parser.add_argument("--bench-max-new-tokens", type=int, default=256, help="answer length on benchmarks")
     add_config_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
+    cfg = config_from_args(args, {"engine": "serve.engine"})
     report = evaluate_model(
         args.model, args.suite, cfg,
         conditions=args.condition, heldout=args.heldout, max_per_class=args.max_per_class,
@@ -101,6 +114,7 @@ class _Plan:
     tracking_uri: str | None  # None: MLflow not used
     log: bool  # write the results to MLflow (an evaluation run, and the version's tags when there is one)
     out_dir: Path
+    engine: EngineSettings  # what decodes the answers
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -123,7 +137,7 @@ def _load_suite(path: str | Path) -> list[Any]:
 def _plan(model: str | Path, suite: str | Path | None, cfg: Config, *, heldout: str | Path | None,
           bench: Sequence[str], bench_dir: str | Path | None, judge_url: str | None, judge_model: str | None,
           register_as: str | None, log_to_version: str | None, log_mlflow: bool,
-          tracking_uri: str | None, out_dir: str | Path | None) -> _Plan:
+          tracking_uri: str | None, out_dir: str | Path | None, batch_size: int) -> _Plan:
     from crlft import evaluate as ev
     from crlft.registry import client_for, get_version, parse_model_uri, suite_id, trained_version
 
@@ -139,6 +153,7 @@ def _plan(model: str | Path, suite: str | Path | None, cfg: Config, *, heldout: 
         raise CrlftError("a judge needs both --judge-url and --judge-model")
     if judge_url and not bench:
         raise CrlftError("--judge-url grades benchmark answers: add --bench mt_bench and/or --bench vicuna")
+    engine = _engine_settings(cfg, batch_size)  # vLLM asked for but missing fails here, before anything runs
     suite_items = _load_suite(suite) if suite is not None else None
     if heldout is not None and not Path(heldout).is_file():
         raise CrlftError(f"held-out file {heldout} does not exist (write one with `crlft synth`)")
@@ -172,7 +187,24 @@ def _plan(model: str | Path, suite: str | Path | None, cfg: Config, *, heldout: 
     _check_out_dir(out)
     return _Plan(model, label, suite_items, Path(suite) if suite else None,
                  suite_id(suite) if suite else None, Path(heldout) if heldout else None, benches,
-                 found_bench_dir, judge, judge_model, target, register_as, uri, log, out)  # fmt: skip
+                 found_bench_dir, judge, judge_model, target, register_as, uri, log, out, engine)  # fmt: skip
+
+
+def _engine_settings(cfg: Config, batch_size: int) -> EngineSettings:
+    """What `crlft serve` would generate with on this machine (services.engine.EngineSettings): serve.engine (auto:
+    vLLM where installed) in serve.precision, on the GPU if there is one; `batch_size` sequences at a time."""
+    import dataclasses
+
+    import torch
+
+    from services.engine import EngineSettings
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return dataclasses.replace(EngineSettings.for_replica(cfg, device), max_batch_size=batch_size)
+
+
+def _dtype_name(engine: EngineSettings) -> str:
+    return str(engine.dtype).removeprefix("torch.")
 
 
 def _is_result_file(name: str) -> bool:
@@ -220,18 +252,18 @@ def evaluate_model(
 
     Returns {"metrics": every figure, "recorded": {suite: figures recorded on the version}, "suite": suite id,
     "model_dir", "out_dir", "plot" (PNG path or None), "run_id" (MLflow evaluation run or None),
-    "model_version": {"name", "version"} or None, "table": the condition swap table, "text": the printed report}.
+    "model_version": {"name", "version"} or None, "table": the condition swap table, "engine": what decoded the
+    answers ("vllm" or "transformers"), "text": the printed report}.
     """
     from crlft import evaluate as ev
-    from crlft.export import load_exported
     from crlft.registry import resolve_model
 
     set_offline_defaults()
     plan = _plan(model, suite, cfg, heldout=heldout, bench=bench, bench_dir=bench_dir, judge_url=judge_url,
                  judge_model=judge_model, register_as=register_as, log_to_version=log_to_version,
-                 log_mlflow=log_mlflow, tracking_uri=tracking_uri, out_dir=out_dir)  # fmt: skip
+                 log_mlflow=log_mlflow, tracking_uri=tracking_uri, out_dir=out_dir, batch_size=batch_size)  # fmt: skip
     model_dir = resolve_model(plan.model, cfg, tracking_uri=plan.tracking_uri)
-    exported = load_exported(model_dir)
+    exported = _load_model(model_dir, plan.engine)
     selected = ev.select_conditions(exported.meta, conditions)
     heldout_conversations = ev.load_heldout(plan.heldout_file, exported.meta) if plan.heldout_file else None
     final_out = plan.out_dir
@@ -239,9 +271,10 @@ def evaluate_model(
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     try:
-        measured = _measure(exported, plan, selected, heldout_conversations, scratch, max_per_class=max_per_class,
-                            bench_limit=bench_limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                            bench_max_new_tokens=bench_max_new_tokens)  # fmt: skip
+        with _decoder(model_dir, plan) as decoder:
+            measured = _measure(exported, plan, selected, heldout_conversations, scratch, max_per_class=max_per_class,
+                                bench_limit=bench_limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                bench_max_new_tokens=bench_max_new_tokens, decoder=decoder)  # fmt: skip
         (scratch / "metrics.json").write_text(json.dumps(measured["metrics"], indent=2, sort_keys=True))
         if final_out.exists():
             shutil.rmtree(final_out)
@@ -252,7 +285,7 @@ def evaluate_model(
     report: dict[str, Any] = {
         "metrics": measured["metrics"], "recorded": measured["recorded"], "suite": plan.suite,
         "model_dir": str(model_dir), "out_dir": str(final_out), "plot": str(plot) if plot else None,
-        "run_id": None, "model_version": None, "table": measured["table"],
+        "run_id": None, "model_version": None, "table": measured["table"], "engine": plan.engine.kind,
     }  # fmt: skip
     if plan.log:
         report.update(_log_to_mlflow(plan, cfg, model_dir, final_out, measured))
@@ -260,9 +293,38 @@ def evaluate_model(
     return report
 
 
+def _load_model(model_dir: Path, engine: EngineSettings) -> ExportedModel:
+    """The model as the transformers engine serves it (number type, device) when that engine decodes. Under vLLM it
+    stays as saved, on the CPU: there it only renders prompts and embeds held-out conversations, and vLLM holds the
+    GPU (it sizes its cache from the memory it finds free)."""
+    from crlft.export import load_exported
+
+    if engine.kind != "transformers":
+        return load_exported(model_dir)
+    exported = load_exported(model_dir, dtype=engine.dtype)
+    exported.model.to(engine.device)
+    return exported
+
+
+@contextlib.contextmanager
+def _decoder(model_dir: Path, plan: _Plan) -> Iterator[Decoder | None]:
+    """The decoder of suite and benchmark answers: vLLM, started once for every answer and stopped at the end; None
+    for crlft's engine, crlft.evaluate's default (no engine to start)."""
+    if plan.engine.kind != "vllm" or (plan.suite_items is None and not plan.benches):
+        yield None
+        return
+    from services.vllm_decoder import VllmDecoder
+
+    decoder = VllmDecoder(model_dir, plan.engine)
+    try:
+        yield decoder
+    finally:
+        decoder.close()
+
+
 def _measure(exported: Any, plan: _Plan, conditions: list[str], heldout_conversations: list[Any] | None,
              out: Path, *, max_per_class: int, bench_limit: int | None, batch_size: int, max_new_tokens: int,
-             bench_max_new_tokens: int) -> dict[str, Any]:
+             bench_max_new_tokens: int, decoder: Decoder | None) -> dict[str, Any]:
     """Run every requested evaluation, write its files into `out`; the figures, grouped by what they were measured
     on (the groups are recorded on the model version), and the report lines."""
     from crlft import evaluate as ev
@@ -272,6 +334,10 @@ def _measure(exported: Any, plan: _Plan, conditions: list[str], heldout_conversa
     recorded: dict[str, dict[str, float]] = {}  # suite -> figures for the version's tags (no per-task detail)
     lines: list[str] = []
     table = ""
+    if plan.suite_items is not None or plan.benches:
+        engine = plan.engine
+        lines.append(f"answers decoded by {engine.kind} ({_dtype_name(engine)} on {engine.device}), as `crlft serve` "
+                     "would serve them")  # fmt: skip
     if plan.heldout_file and heldout_conversations is not None:
         result = ev.representation_check(exported, heldout_conversations, out / "embeddings.png", max_per_class,
                                          batch_size)  # fmt: skip
@@ -286,7 +352,7 @@ def _measure(exported: Any, plan: _Plan, conditions: list[str], heldout_conversa
     for bench in plan.benches:
         questions = ev.load_bench(bench, plan.bench_dir or ".", limit=bench_limit)
         answers = ev.generate_bench_answers(exported, questions, plan.label, max_new_tokens=bench_max_new_tokens,
-                                            batch_size=max(1, batch_size // 2))  # fmt: skip
+                                            batch_size=max(1, batch_size // 2), decoder=decoder)  # fmt: skip
         _write_jsonl(out / f"{bench}_answers.jsonl", [a.to_json() for a in answers])
         if plan.judge is None:
             lines.append(f"{bench}: {len(answers)} answers saved to {bench}_answers.jsonl (no judge given)")
@@ -301,7 +367,7 @@ def _measure(exported: Any, plan: _Plan, conditions: list[str], heldout_conversa
         shown = ", ".join(f"{k} {v:.2f}" for k, v in figures.items())
         lines.append(f"{bench}: {len(answers)} questions judged by {plan.judge_model}: {shown}")
     if plan.suite_items is not None and plan.suite is not None:
-        evaluation = ev.evaluate_suite(exported, plan.suite_items, conditions, batch_size, max_new_tokens)
+        evaluation = ev.evaluate_suite(exported, plan.suite_items, conditions, batch_size, max_new_tokens, decoder)
         suite_figures = ev.suite_metrics(evaluation)
         metrics.update(suite_figures)
         # Recorded last: the version's "latest suite" (what promotion compares on) is the verifiable suite.
@@ -341,7 +407,8 @@ def _log_to_mlflow(plan: _Plan, cfg: Config, model_dir: Path, out: Path, measure
     try:
         now = int(time.time() * 1000)
         params = {"model": plan.model, "suite_file": str(plan.suite_file or ""),
-                  "heldout": str(plan.heldout_file or ""), "benches": ",".join(plan.benches)}  # fmt: skip
+                  "heldout": str(plan.heldout_file or ""), "benches": ",".join(plan.benches),
+                  "eval_engine": plan.engine.kind, "eval_dtype": _dtype_name(plan.engine)}  # fmt: skip
         client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in sorted(measured["metrics"].items())],
                          params=[Param(k, v) for k, v in params.items()])  # fmt: skip
         client.log_artifacts(run_id, str(out), "evaluation")
