@@ -1,53 +1,83 @@
-"""Serving load benchmark: the Ray Serve endpoint under concurrent streamed requests, against sequential generation.
+"""Serving load benchmark: this endpoint on each engine against the servers a user could pick instead.
 
-    python benchmarks/serve_load.py [--model DIR] [--concurrency 1 8 32] [--rounds 3] [--max-tokens 64]
+    python -m benchmarks.serve_load [--model tiny|smollm2|DIR] [--precision fp32|bf16] [--concurrency 32]
+                                    [--rounds 3] [--max-tokens 32]
 
-Loopback only, bounded: at concurrency C, C clients each send `--requests-per-worker` streamed chat completions
-back to back (at least 16 requests per level). Reported per level: requests/s, output tokens/s (exact, from each
-answer's usage), p50/p99 latency and time to first token, and error counts by kind. The baseline is the same kind of
-request generated one after another in one process (a Ray worker, with the replica's CPUs, threads and priority) on
-the same model, both with transformers' `generate` and with the crlft engine alone; the throughput ratio is taken
-against the faster of the two. Baseline and levels are measured in rounds (medians reported), since on a shared
-machine the load from other work drifts. Target: >= 4x the sequential output tokens/s at concurrency 32 (median of
-the rounds), with zero 5xx. Exit status 1 when it is missed.
+In one run, on the same exported folder and the same prompts, four OpenAI-compatible servers on loopback:
+- `crlft-vllm`: this endpoint (Ray Serve, services/chat.py) with serve.engine=vllm;
+- `crlft-transformers`: this endpoint with the transformers engine (crlft.generate);
+- `vllm`: standalone vLLM (`python -m vllm.entrypoints.openai.api_server`), the peer for the vLLM engine;
+- `transformers-serve`: `transformers serve --continuous-batching`, the peer for the transformers engine.
+
+Each round measures every server in turn (the order rotates between rounds, since on a shared machine the load of
+other work drifts): C streamed greedy requests at a time, `--requests` in all. Reported per server (medians of the
+rounds): output tokens/s (from each answer's usage where the server reports it, else the answer re-tokenized),
+p50/p99 latency and time to first token, errors by kind. Ratios: crlft-vllm against standalone vLLM (goal >= 0.9x)
+and against transformers serve (goal >= 1.2x). Before the load, every server answers the same prompts greedily and
+non-streamed: the share of answers equal to crlft's transformers engine in float32 (run in this process) is the
+agreement column (float32 servers should agree; bf16 shows what the number type changes).
+
+Servers get the same CPUs and priority: each endpoint replica 2 CPUs (torch threads 2), vLLM its own default thread
+binding, transformers serve torch's default threads; the peers run at the niceness Ray gives its workers. Exit
+status 1 when a goal is missed or any request got a 5xx.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
-import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-import torch
 
 from crlft.config import Config, load_config
-from crlft.conversation import Message
-from crlft.export import ExportedModel, ModelMeta, load_exported, save_exported
-from crlft.generate import BatchGenerator, GenerationRequest, SamplingParams
+from crlft.export import ModelMeta, save_exported
+from crlft.template import Template
+from jobs.session import free_port
 
-APP = "serve-load"
-TARGET_RATIO = 4.0
-TARGET_CONCURRENCY = 32
 TOPICS = ["the moon", "a binary search", "prime numbers", "a good breakfast", "the river", "Python lists",
           "learning to cook", "the weather", "photosynthesis", "a healthy habit", "three apples", "the red box"]
+GOAL_VS_VLLM = 0.9
+GOAL_VS_TRANSFORMERS_SERVE = 1.2
+SERVED = "bench"
 
 
 def prompts(n: int) -> list[str]:
     return [f"Tell me about {TOPICS[i % len(TOPICS)]}, part {i // len(TOPICS) + 1}." for i in range(n)]
 
 
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+@dataclass
+class Server:
+    name: str
+    url: str  # base URL; clients use URL + /v1
+    model: str  # what requests put in `model`
+
+
 @dataclass
 class LevelResult:
+    server: str
     concurrency: int
     requests: int
     ok: int
@@ -60,10 +90,6 @@ class LevelResult:
     errors: dict[str, int] = field(default_factory=dict)
 
     @property
-    def requests_per_s(self) -> float:
-        return self.ok / self.wall_s
-
-    @property
     def tokens_per_s(self) -> float:
         return self.output_tokens / self.wall_s
 
@@ -72,82 +98,32 @@ class LevelResult:
         return sum(n for kind, n in self.errors.items() if kind.startswith("5"))
 
 
-@dataclass
-class Baseline:
-    name: str
-    requests: int
-    wall_s: float
-    output_tokens: int
-
-    @property
-    def requests_per_s(self) -> float:
-        return self.requests / self.wall_s
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.output_tokens / self.wall_s
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
-
-
 # ---------------------------------------------------------------------------------------------------------------------
-# Baselines: one request after another, in this process
+# Load
 
 
-def baseline_hf_generate(exported: ExportedModel, texts: list[str], max_tokens: int) -> Baseline:
-    model = exported.model.eval()
-    stops = [exported.template_tokenizer.eot_id, *_eos_ids(exported)]
-    tokens = 0
-    started = time.perf_counter()
-    with torch.inference_mode():
-        for text in texts:
-            ids = torch.tensor([exported.template_tokenizer.tokenize_prompt([Message("user", text)])])
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
-                                 eos_token_id=stops, pad_token_id=exported.tokenizer.pad_token_id)
-            tokens += out.shape[1] - ids.shape[1]
-    return Baseline("sequential transformers generate", len(texts), time.perf_counter() - started, tokens)
+class TokenCounter:
+    """Completion tokens of an answer: the server's usage when it reports it, else the text re-tokenized."""
+
+    def __init__(self, model_dir: Path) -> None:
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+
+    def __call__(self, usage: dict[str, Any] | None, text: str) -> int:
+        if usage and usage.get("completion_tokens") is not None:
+            return int(usage["completion_tokens"])
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def baseline_engine(exported: ExportedModel, texts: list[str], max_tokens: int) -> Baseline:
-    stops = [exported.template_tokenizer.eot_id, *_eos_ids(exported)]
-    engine = BatchGenerator(exported.model, exported.tokenizer, stops)
-    tokens = 0
-    started = time.perf_counter()
-    for text in texts:
-        prompt = exported.template_tokenizer.tokenize_prompt([Message("user", text)])
-        [done] = engine.generate([GenerationRequest(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0))])
-        tokens += done.completion_tokens
-    return Baseline("sequential crlft engine (batch of 1)", len(texts), time.perf_counter() - started, tokens)
-
-
-def sequential_baselines(model_dir: str, texts: list[str], max_tokens: int, threads: int) -> list[Baseline]:
-    torch.set_num_threads(threads)
-    exported = load_exported(model_dir)
-    baseline_engine(exported, texts[:2], max_tokens)  # warm-up
-    return [baseline_hf_generate(exported, texts, max_tokens), baseline_engine(exported, texts, max_tokens)]
-
-
-def _eos_ids(exported: ExportedModel) -> list[int]:
-    eos = exported.model.generation_config.eos_token_id
-    return [eos] if isinstance(eos, int) else list(eos or [])
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Load against the endpoint
-
-
-async def one_request(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> tuple[str, float, float, int]:
+async def one_request(client: httpx.AsyncClient, server: Server, body: dict[str, Any],
+                      count: TokenCounter) -> tuple[str, float, float, int]:
     """(outcome, latency, time to first token, completion tokens); outcome is "ok", an HTTP status or an exception."""
     started = time.perf_counter()
     first = float("nan")
-    tokens = 0
+    text, usage = "", None
     try:
-        async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
+        async with client.stream("POST", server.url + "/v1/chat/completions", json=body) as response:
             if response.status_code != 200:
                 await response.aread()
                 return str(response.status_code), time.perf_counter() - started, first, 0
@@ -157,32 +133,39 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict[str, Any])
                 event = json.loads(line[6:])
                 if "error" in event:
                     return "500-in-stream", time.perf_counter() - started, first, 0
-                if event.get("usage"):
-                    tokens = event["usage"]["completion_tokens"]
+                usage = event.get("usage") or usage
                 for choice in event.get("choices", []):
-                    if choice["delta"].get("content") and first != first:  # NaN: not seen yet
-                        first = time.perf_counter() - started
+                    piece = (choice.get("delta") or {}).get("content")
+                    if piece:
+                        text += piece
+                        if first != first:  # NaN: not seen yet
+                            first = time.perf_counter() - started
     except httpx.HTTPError as exc:
         return type(exc).__name__, time.perf_counter() - started, first, 0
-    return "ok", time.perf_counter() - started, first, tokens
+    return "ok", time.perf_counter() - started, first, count(usage, text)
 
 
-async def load_level(url: str, model: str, concurrency: int, per_worker: int, max_tokens: int) -> LevelResult:
-    total = max(16, concurrency * per_worker)
-    bodies = [{"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
-               "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
-              for text in prompts(total)]
+def request_body(server: Server, text: str, max_tokens: int, stream: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": server.model, "messages": [{"role": "user", "content": text}],
+                            "max_tokens": max_tokens, "temperature": 0.0, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+async def load_level(server: Server, concurrency: int, total: int, max_tokens: int,
+                     count: TokenCounter) -> LevelResult:
     queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    for body in bodies:
-        queue.put_nowait(body)
+    for text in prompts(total):
+        queue.put_nowait(request_body(server, text, max_tokens, stream=True))
     outcomes: list[tuple[str, float, float, int]] = []
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
 
     async def worker(client: httpx.AsyncClient) -> None:
         while not queue.empty():
-            outcomes.append(await one_request(client, url, queue.get_nowait()))
+            outcomes.append(await one_request(client, server, queue.get_nowait(), count))
 
-    async with httpx.AsyncClient(timeout=httpx.Timeout(300.0), limits=limits) as client:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
         started = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         wall = time.perf_counter() - started
@@ -193,152 +176,241 @@ async def load_level(url: str, model: str, concurrency: int, per_worker: int, ma
             errors[outcome] = errors.get(outcome, 0) + 1
     latencies = [o[1] for o in ok]
     ttfts = [o[2] for o in ok if o[2] == o[2]]
-    return LevelResult(concurrency, len(outcomes), len(ok), wall, sum(o[3] for o in ok),
+    return LevelResult(server.name, concurrency, len(outcomes), len(ok), wall, sum(o[3] for o in ok),
                        percentile(latencies, 0.5), percentile(latencies, 0.99),
                        percentile(ttfts, 0.5), percentile(ttfts, 0.99), errors)
 
 
-async def warm_up(url: str, model: str, max_tokens: int) -> None:
-    async with httpx.AsyncClient(timeout=120) as client:
-        for _ in range(3):
-            await one_request(client, url, {"model": model, "messages": [{"role": "user", "content": "warm up"}],
-                                            "max_tokens": max_tokens, "stream": True})
+def greedy_answers(server: Server, texts: list[str], max_tokens: int) -> list[str]:
+    with httpx.Client(timeout=600) as client:
+        answers = []
+        for text in texts:
+            response = client.post(server.url + "/v1/chat/completions",
+                                   json=request_body(server, text, max_tokens, stream=False))
+            response.raise_for_status()
+            answers.append(response.json()["choices"][0]["message"]["content"] or "")
+        return answers
+
+
+def reference_answers(model_dir: Path, texts: list[str], max_tokens: int) -> list[str]:
+    """crlft's transformers engine in float32, in this process: what every server's greedy answers are compared with."""
+    from crlft.conversation import Message
+    from crlft.export import load_exported
+    from crlft.generate import BatchGenerator, GenerationRequest, SamplingParams
+    from services.engine import stop_token_ids
+
+    exported = load_exported(model_dir)
+    stops = stop_token_ids(exported.template_tokenizer, exported.model.generation_config.eos_token_id)
+    engine = BatchGenerator(exported.model, exported.tokenizer, stops)
+    requests = [GenerationRequest(exported.template_tokenizer.tokenize_prompt([Message("user", text)]),
+                                  SamplingParams(max_tokens, 0.0)) for text in texts]
+    return [done.text for done in engine.generate(requests)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Servers
 
 
-def build_tiny(out: Path) -> Path:
-    from crlft.model import init_model, load_model_and_tokenizer
+def build_model(which: str, out: Path) -> Path:
+    """An exported folder: `tiny` (built here, untrained), `smollm2` (SmolLM2-135M-Instruct with crlft's template, not
+    fine-tuned), or an exported folder as it is."""
+    from crlft.model import import_model, init_model, load_model_and_tokenizer
 
-    base = init_model(out / "base")
+    if which not in ("tiny", "smollm2"):
+        return Path(which)
+    cfg = Config()
+    if which == "tiny":
+        base = init_model(out / "base")
+    else:
+        base = import_model("smollm2", out / "base", Template.from_config(cfg).chat_template(),
+                            cfg.template.end_of_turn)
     model, tokenizer = load_model_and_tokenizer(str(base))
-    return save_exported(model, tokenizer, out / "exported", ModelMeta.from_config(Config()))
+    return save_exported(model, tokenizer, out / "exported", ModelMeta.from_config(cfg))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def wait_http(url: str, process: subprocess.Popen[bytes] | None = None, timeout_s: float = 600.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server for {url} exited with status {process.returncode}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        time.sleep(1)
+    raise RuntimeError(f"{url} was not up after {timeout_s:.0f} s")
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
+def ray_worker_niceness() -> int:
+    import ray
+
+    return int(ray.get(ray.remote(num_cpus=0)(lambda: os.getpriority(os.PRIO_PROCESS, 0)).remote()))
 
 
-@dataclass
-class Round:
-    baselines: list[Baseline]
-    levels: list[LevelResult]
+@contextlib.contextmanager
+def subprocess_server(name: str, command: list[str], health: str, port: int, model: str,
+                      env: dict[str, str] | None = None) -> Iterator[Server]:
+    """A peer server in its own process, at the priority Ray gives its workers (the endpoint's replicas, and vLLM's
+    engine under them, run reniced: on a shared machine a peer at normal priority would win CPU from them)."""
+    log = open(Path(tempfile.gettempdir()) / f"serve-load-{name}.log", "wb")  # noqa: SIM115 (closed below)
+    niceness = ray_worker_niceness() - os.getpriority(os.PRIO_PROCESS, 0)
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                               preexec_fn=lambda: os.nice(niceness))
+    try:
+        wait_http(f"http://127.0.0.1:{port}{health}", process)
+        yield Server(name, f"http://127.0.0.1:{port}", model)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
 
-    @property
-    def best_baseline(self) -> float:
-        return max(b.tokens_per_s for b in self.baselines)
 
-    def ratio(self, level: LevelResult) -> float:
-        return level.tokens_per_s / self.best_baseline
+def vllm_server(model_dir: Path, precision: str, kv_cache_gib: int) -> contextlib.AbstractContextManager[Server]:
+    port = free_port()
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+               "--served-model-name", SERVED, "--dtype", "bfloat16" if precision == "bf16" else "float32",
+               "--port", str(port), "--host", "127.0.0.1", "--enforce-eager", "--max-num-seqs", "32"]
+    return subprocess_server("vllm", command, "/health", port, SERVED,
+                             env={"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)})
 
 
-def report(rounds: list[Round], args: argparse.Namespace) -> str:
-    """Medians over rounds; each round's ratio is against the faster baseline measured in that same round."""
+def transformers_server(model_dir: Path, precision: str) -> contextlib.AbstractContextManager[Server]:
+    port = free_port()
+    command = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(model_dir), "--continuous-batching",
+               "--device", "cpu", "--dtype", "bfloat16" if precision == "bf16" else "float32",
+               "--host", "127.0.0.1", "--port", str(port),
+               # Its KV cache, in blocks of 32 tokens: 8192 tokens, room for every stream (unbounded, it takes most of
+               # the machine's memory on CPU and is killed).
+               "--cb-block-size", "32", "--cb-num-blocks", "256"]
+    return subprocess_server("transformers-serve", command, "/health", port, str(model_dir))
+
+
+def crlft_servers(model_dir: Path, precision: str, state: Path, kv_cache_gib: int) -> list[Server]:
+    """Both engines as two apps of one Serve instance (call `services.local.shutdown` afterwards)."""
+    from services.local import deploy
+
+    servers = []
+    port = free_port()
+    for engine in ("vllm", "transformers"):
+        cfg = load_config(None, {
+            "state_dir": str(state), "serve.port": port, "serve.engine": engine, "serve.precision": precision,
+            "serve.cpus_per_replica": 2, "serve.min_replicas": 1, "serve.max_replicas": 1,
+            "serve.max_batch_size": 32, "serve.max_ongoing_requests": 64, "serve.max_queued_requests": 64,
+            "serve.vllm_kv_cache_gib": kv_cache_gib, "serve.model_name": SERVED, "serve.access_log": False,
+        })
+        url = deploy(str(model_dir), cfg, name=f"bench-{engine}", route_prefix=f"/{engine}", timeout_s=900)
+        servers.append(Server(f"crlft-{engine}", url, SERVED))
+    return servers
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def report(levels: list[LevelResult], agreement: dict[str, float], args: argparse.Namespace) -> tuple[str, dict]:
+    names = list(dict.fromkeys(level.server for level in levels))
+    by_name = {name: [x for x in levels if x.server == name] for name in names}
+    tps = {name: median([x.tokens_per_s for x in runs]) for name, runs in by_name.items()}
     lines = [
-        f"model: {args.model_desc}; max_tokens {args.max_tokens}, greedy, streamed; torch threads {args.threads} "
-        f"(baseline and replica alike); replica: {args.cpus} CPU, max_batch_size {args.max_batch_size}; "
-        f"{len(rounds)} rounds, medians shown; load average {args.load[0]:.1f} at the start, {args.load[1]:.1f} at "
-        f"the end on {os.cpu_count()} cores",
+        f"model: {args.model_desc}; {args.precision}; {args.concurrency} concurrent streams, {args.requests} greedy "
+        f"requests of up to {args.max_tokens} tokens per round; {args.rounds} rounds (order rotated), medians; load "
+        f"average {args.load[0]:.1f} at the start, {args.load[1]:.1f} at the end on {os.cpu_count()} cores",
         "",
-        "| run | requests | req/s | output tok/s | ratio vs sequential | p50 latency s | p99 latency s "
-        "| p50 TTFT s | p99 TTFT s | errors (all rounds) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| server | output tok/s (rounds) | p50 latency s | p99 latency s | p50 TTFT s | p99 TTFT s "
+        "| greedy answers = crlft engine fp32 | errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
-    for i, name in enumerate(b.name for b in rounds[0].baselines):
-        runs = [r.baselines[i] for r in rounds]
-        ratio = median([b.tokens_per_s / r.best_baseline for b, r in zip(runs, rounds, strict=True)])
-        lines.append(f"| {name} | {runs[0].requests} | {median([b.requests_per_s for b in runs]):.2f} | "
-                     f"{median([b.tokens_per_s for b in runs]):.1f} | {ratio:.2f}x | | | | | |")
-    for i, concurrency in enumerate(r.concurrency for r in rounds[0].levels):
-        runs = [r.levels[i] for r in rounds]
+    for name, runs in by_name.items():
         errors: dict[str, int] = {}
         for run in runs:
             for kind, n in run.errors.items():
                 errors[kind] = errors.get(kind, 0) + n
-        shown = ", ".join(f"{k}: {v}" for k, v in sorted(errors.items())) or "0"
-        ratios = [r.ratio(run) for r, run in zip(rounds, runs, strict=True)]
         lines.append(
-            f"| Serve, concurrency {concurrency} | {runs[0].requests} | {median([r.requests_per_s for r in runs]):.2f} "
-            f"| {median([r.tokens_per_s for r in runs]):.1f} | {median(ratios):.2f}x "
-            f"({', '.join(f'{x:.1f}' for x in ratios)}) | {median([r.latency_p50_s for r in runs]):.3f} "
-            f"| {median([r.latency_p99_s for r in runs]):.3f} | {median([r.ttft_p50_s for r in runs]):.3f} "
-            f"| {median([r.ttft_p99_s for r in runs]):.3f} | {shown} |")
-    return "\n".join(lines)
+            f"| {name} | {tps[name]:.1f} ({', '.join(f'{x.tokens_per_s:.0f}' for x in runs)}) "
+            f"| {median([x.latency_p50_s for x in runs]):.3f} | {median([x.latency_p99_s for x in runs]):.3f} "
+            f"| {median([x.ttft_p50_s for x in runs]):.3f} | {median([x.ttft_p99_s for x in runs]):.3f} "
+            f"| {agreement.get(name, float('nan')):.0%} | {', '.join(f'{k}: {v}' for k, v in errors.items()) or 0} |")
+    ratios = {
+        "crlft-vllm / vllm": _round_ratio(by_name, "crlft-vllm", "vllm"),
+        "crlft-vllm / transformers-serve": _round_ratio(by_name, "crlft-vllm", "transformers-serve"),
+        "crlft-transformers / transformers-serve": _round_ratio(by_name, "crlft-transformers", "transformers-serve"),
+    }
+    lines += ["", "| ratio (output tok/s, same round) | median | rounds |", "| --- | ---: | --- |"]
+    for label, values in ratios.items():
+        lines.append(f"| {label} | {median(values):.2f}x | {', '.join(f'{v:.2f}' for v in values)} |")
+    return "\n".join(lines), ratios
+
+
+def _round_ratio(by_name: dict[str, list[LevelResult]], top: str, bottom: str) -> list[float]:
+    if top not in by_name or bottom not in by_name:
+        return []
+    return [a.tokens_per_s / b.tokens_per_s for a, b in zip(by_name[top], by_name[bottom], strict=True)]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="exported model folder (default: a freshly built tiny model)")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--requests-per-worker", type=int, default=4)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--baseline-requests", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=3, help="baseline + every level, this many times (medians)")
-    parser.add_argument("--cpus", type=float, default=1.0, help="CPUs of the one replica (torch threads = whole CPUs)")
-    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--model", default="tiny", help="tiny (built here), smollm2, or an exported model folder")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=64, help="requests per server per round")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--agreement-prompts", type=int, default=12, help="greedy answers compared per server")
+    parser.add_argument("--kv-cache-gib", type=int, default=2, help="vLLM on CPU: KV cache per server")
+    parser.add_argument("--servers", nargs="+", default=["crlft-vllm", "crlft-transformers", "vllm",
+                                                         "transformers-serve"])
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args(argv)
 
     import ray
 
-    from services.chat import deploy, shutdown
+    from services.local import shutdown
 
-    args.threads = max(1, int(args.cpus))
-    rounds: list[Round] = []
-    with tempfile.TemporaryDirectory(prefix="serve-load-") as scratch:
-        model_dir = Path(args.model) if args.model else build_tiny(Path(scratch))
-        args.model_desc = args.model or "tiny Llama (4 layers, hidden 128), untrained"
-        load_start = os.getloadavg()[0]
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-        # The baseline runs in a Ray worker too: same process priority (Ray renices its workers), CPUs and threads
-        # as the replica, so that the ratio measures batching, not scheduling.
-        run_baselines = ray.remote(num_cpus=args.cpus)(sequential_baselines)
-        cfg = load_config(None, {
-            "state_dir": str(Path(scratch) / "state"),
-            "serve.port": free_port(),
-            "serve.cpus_per_replica": args.cpus,
-            "serve.min_replicas": 1,
-            "serve.max_replicas": 1,
-            "serve.max_batch_size": args.max_batch_size,
-            "serve.max_ongoing_requests": max(64, 2 * max(args.concurrency)),
-            "serve.max_queued_requests": 256,
-            "serve.model_name": "bench",
-        })
-        try:
-            url = deploy(str(model_dir), cfg, name=APP)
-            asyncio.run(warm_up(url, "bench", args.max_tokens))
-            # Rounds of (baseline, every level): on a shared machine the load of other work drifts, so each level
-            # is compared with a baseline measured minutes, not a quarter of an hour, away.
-            for _ in range(args.rounds):
-                baselines = ray.get(run_baselines.remote(str(model_dir), prompts(args.baseline_requests),
-                                                         args.max_tokens, args.threads))
-                levels = [asyncio.run(load_level(url, "bench", c, args.requests_per_worker, args.max_tokens))
-                          for c in args.concurrency]
-                rounds.append(Round(baselines, levels))
-        finally:
-            shutdown()
-    args.load = (load_start, os.getloadavg()[0])
-    print(report(rounds, args))
+    with tempfile.TemporaryDirectory(prefix="serve-load-") as scratch, contextlib.ExitStack() as stack:
+        model_dir = build_model(args.model, Path(scratch))
+        args.model_desc = {"tiny": "tiny Llama (4 layers, hidden 128), untrained",
+                           "smollm2": "SmolLM2-135M-Instruct, crlft template, not fine-tuned"}.get(args.model,
+                                                                                                 args.model)
+        args.load = [os.getloadavg()[0]]
+        count = TokenCounter(model_dir)
+        servers = []
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+        stack.callback(shutdown)
+        servers += [s for s in crlft_servers(model_dir, args.precision, Path(scratch) / "state", args.kv_cache_gib)
+                    if s.name in args.servers]
+        if "vllm" in args.servers:
+            servers.append(stack.enter_context(vllm_server(model_dir, args.precision, args.kv_cache_gib)))
+        if "transformers-serve" in args.servers:
+            servers.append(stack.enter_context(transformers_server(model_dir, args.precision)))
+        texts = prompts(args.agreement_prompts)
+        reference = reference_answers(model_dir, texts, args.max_tokens)
+        answers = {s.name: greedy_answers(s, texts, args.max_tokens) for s in servers}
+        agreement = {name: sum(a == b for a, b in zip(ans, reference, strict=True)) / len(texts)
+                     for name, ans in answers.items()}
+        levels: list[LevelResult] = []
+        for r in range(args.rounds):
+            for server in servers[r % len(servers):] + servers[: r % len(servers)]:
+                asyncio.run(load_level(server, 4, 8, args.max_tokens, count))  # warm up
+                levels.append(asyncio.run(load_level(server, args.concurrency, args.requests, args.max_tokens,
+                                                     count)))
+                print(f"round {r + 1} {server.name}: {levels[-1].tokens_per_s:.1f} tok/s", file=sys.stderr)
+        args.load.append(os.getloadavg()[0])
+    table, ratios = report(levels, agreement, args)
+    print(table)
     if args.json:
-        Path(args.json).write_text(json.dumps([{
-            "baselines": [asdict(b) | {"tokens_per_s": b.tokens_per_s} for b in r.baselines],
-            "levels": [asdict(x) | {"tokens_per_s": x.tokens_per_s, "requests_per_s": x.requests_per_s,
-                                    "ratio": r.ratio(x)} for x in r.levels],
-        } for r in rounds], indent=2))
-    at_target = [r.ratio(x) for r in rounds for x in r.levels if x.concurrency == TARGET_CONCURRENCY]
-    server_errors = sum(x.server_errors for r in rounds for x in r.levels)
-    if (at_target and median(at_target) < TARGET_RATIO) or server_errors:
-        print(f"\nMISSED: target >= {TARGET_RATIO}x sequential at concurrency {TARGET_CONCURRENCY} (median over "
-              f"rounds), zero 5xx", file=sys.stderr)
-        return 1
-    return 0
+        Path(args.json).write_text(json.dumps({"levels": [asdict(x) | {"tokens_per_s": x.tokens_per_s}
+                                                          for x in levels],
+                                               "answers": answers, "ratios": ratios}, indent=2))
+    missed = (median(ratios["crlft-vllm / vllm"] or [0]) < GOAL_VS_VLLM
+              or median(ratios["crlft-vllm / transformers-serve"] or [0]) < GOAL_VS_TRANSFORMERS_SERVE
+              or any(x.server_errors for x in levels))
+    if missed:
+        print(f"\nMISSED: goals are crlft-vllm >= {GOAL_VS_VLLM}x standalone vLLM and >= "
+              f"{GOAL_VS_TRANSFORMERS_SERVE}x transformers serve, zero 5xx", file=sys.stderr)
+    return int(missed)
 
 
 if __name__ == "__main__":

@@ -149,7 +149,7 @@ class _Row:
     budget: int  # tokens it may still sample (max_tokens, bounded by the context)
     generator: torch.Generator | None
     text: StopText
-    position: int  # position id of the pending token
+    position: int  # position id of the pending token (one past the last token the model has seen)
     pending: int = -1  # sampled, not yet fed to the model
     token_ids: list[int] = field(default_factory=list)
 
@@ -291,7 +291,8 @@ class BatchGenerator:
             else:
                 generator.manual_seed(params.seed)
         budget = min(params.max_tokens, self.context_len - len(request.prompt_ids))
-        return _Row(request, budget, generator, StopText(self.tokenizer, params.stop), len(request.prompt_ids))
+        # The last prompt token's position: sampling the first token (`_advance`) moves it on to len(prompt).
+        return _Row(request, budget, generator, StopText(self.tokenizer, params.stop), len(request.prompt_ids) - 1)
 
     @torch.inference_mode()
     def _prefill(self, requests: list[GenerationRequest]) -> None:

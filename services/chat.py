@@ -62,7 +62,9 @@ ENV_API_KEYS = "CRLFT_API_KEYS"  # comma-separated; the way to give keys to a Se
 RETRY_AFTER_S = 1
 PROBE_HEADROOM = 8  # requests Serve lets through beyond the chat admission limit: probes and /v1/models
 BURST_FACTOR = 4  # Serve's router queue holds this many replicas' worth of requests while it assigns them
-STREAM_INTERVAL_S = 0.05  # streamed text is sent in pieces at most this often (the first piece at once)
+STREAM_INTERVAL_S = 0.05  # streamed text is sent in pieces at most this often (the first piece at once) ...
+STREAMS_PER_INTERVAL = 8  # ... while a replica holds up to this many requests; beyond, the interval grows with them
+MAX_STREAM_INTERVAL_S = 0.25
 GRACEFUL_SHUTDOWN_S = 120.0  # a replica being replaced finishes its requests for up to this long
 BUILD_ARGS = ("model", "config", "overrides", "model_name", "api_keys", "watch_s", "tracking_uri")
 
@@ -126,6 +128,12 @@ async def _count(request: Request, call_next: Any) -> Response:
 def admitted_per_replica(s: ServeConfig) -> int:
     """Chat requests a replica holds at once: generating or waiting for the engine."""
     return s.max_ongoing_requests + s.max_queued_requests
+
+
+def stream_interval(requests_held: int) -> float:
+    """How often a stream writes: every piece is a message through Serve's proxy, which under load costs more than
+    generating the tokens in it, so the more requests share the replica the longer the pieces."""
+    return min(MAX_STREAM_INTERVAL_S, STREAM_INTERVAL_S * max(1.0, requests_held / STREAMS_PER_INTERVAL))
 
 
 def _replica_device() -> str:
@@ -352,9 +360,7 @@ class ChatServer:
             for i in range(generation.choices):
                 yield protocol.chunk(cid, created, name, fingerprint,
                                      [protocol.delta_choice(i, {"role": "assistant", "content": ""})])
-            # One write per batch of events, at most every STREAM_INTERVAL_S: under load, a message per token
-            # through the proxy costs more than generating the token.
-            async for batch in generation.event_batches(STREAM_INTERVAL_S):
+            async for batch in generation.event_batches(stream_interval(self._admitted)):
                 events: list[str] = []
                 for index, item in batch:
                     if isinstance(item, str):

@@ -129,7 +129,7 @@ class EngineSettings:
     @classmethod
     def for_replica(cls, cfg: Config, device: str) -> EngineSettings:
         s = cfg.serve
-        return cls(choose_engine(s.engine), device, serving_dtype(s.precision, device), s.max_batch_size,
+        return cls(choose_engine(s.engine, device), device, serving_dtype(s.precision, device), s.max_batch_size,
                    s.batch_wait_timeout_s, s.vllm_kv_cache_gib)
 
 
@@ -137,15 +137,14 @@ def vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def choose_engine(requested: str) -> EngineKind:
-    """`auto` is vLLM where it is installed (measured faster here and on GPUs: benchmarks/RESULTS.md), else the
-    transformers engine; asking for vLLM where it is missing is an error that says how to install it."""
-    if requested == "transformers":
-        return "transformers"
-    if vllm_installed():
-        return "vllm"
-    if requested == "vllm":
+def choose_engine(requested: str, device: str) -> EngineKind:
+    """`auto` is vLLM on GPUs where it is installed, and crlft's engine on CPUs: there vLLM's CPU build measured no
+    faster behind this endpoint (SmolLM2-135M 1.09x, the tiny model 0.82x: benchmarks/RESULTS.md) and starts
+    slower. Asking for vLLM where it is missing is an error that says how to install it."""
+    if requested == "vllm" and not vllm_installed():
         raise CrlftError(f"serve.engine=vllm, but vLLM is not installed: {VLLM_INSTALL_HINT}")
+    if requested == "vllm" or (requested == "auto" and device.startswith("cuda") and vllm_installed()):
+        return "vllm"
     return "transformers"
 
 

@@ -19,6 +19,7 @@ from crlft.generate import Completion, SamplingParams
 
 MAX_CHOICES = 8
 MAX_STOP_STRINGS = 4
+MAX_SEED = 2**63 - 1 - MAX_CHOICES
 SYSTEM_ROLES = ("system", "developer")  # "developer" is OpenAI's newer name for the system message
 
 
@@ -70,7 +71,7 @@ class ChatCompletionRequest(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=MAX_CHOICES)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)  # choice i samples with seed + i: a 64-bit generator seed
     stop: str | list[str] | None = None
     condition: str | None = None  # crlft: the class written into the prompt (default: the inference condition)
 

@@ -22,7 +22,7 @@ from crlft.export import read_meta
 from crlft.model import load_tokenizer
 from crlft.template import TemplateTokenizer
 from services.engine import EngineSettings, context_length, stop_token_ids
-from services.vllm_engine import GIB, _eos_token_ids
+from services.vllm_engine import engine_arguments, eos_token_ids
 
 
 class VllmDecoder:
@@ -33,19 +33,9 @@ class VllmDecoder:
 
         meta = read_meta(path)
         self.tokenizer = load_tokenizer(str(path), meta.template.end_of_turn)
-        self.stop_ids = stop_token_ids(TemplateTokenizer(meta.template, self.tokenizer), _eos_token_ids(path))
+        self.stop_ids = stop_token_ids(TemplateTokenizer(meta.template, self.tokenizer), eos_token_ids(path))
         self.context_len = context_length(AutoConfig.from_pretrained(path), self.tokenizer)
-        on_cpu = settings.device == "cpu"
-        self._llm: Any = LLM(
-            model=str(path),
-            skip_tokenizer_init=True,  # prompts come as ids, answers go out as ids
-            dtype=str(settings.dtype).removeprefix("torch."),
-            max_model_len=self.context_len,
-            max_num_seqs=settings.max_batch_size,
-            kv_cache_memory_bytes=int(settings.kv_cache_gib * GIB) if on_cpu else None,
-            enforce_eager=on_cpu,  # torch.compile on CPU costs minutes at start for little at these sizes
-            seed=0,
-        )
+        self._llm: Any = LLM(**engine_arguments(path, settings, self.context_len))
 
     def __call__(self, prompts: Sequence[list[int]], max_new_tokens: int) -> list[str]:
         from vllm import SamplingParams

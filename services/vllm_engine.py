@@ -21,6 +21,7 @@ import logging
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from transformers import AutoConfig, GenerationConfig
 
@@ -34,12 +35,27 @@ logger = logging.getLogger("ray.serve")
 GIB = 2**30
 
 
-def _eos_token_ids(path: Path) -> int | list[int] | None:
+def eos_token_ids(path: Path) -> int | list[int] | None:
     """What the model's generation config ends a sequence on (transformers reads the same file)."""
     try:
         return GenerationConfig.from_pretrained(path).eos_token_id
     except OSError:  # no generation_config.json: the end-of-turn token alone
         return None
+
+
+def engine_arguments(path: Path, settings: EngineSettings, context_len: int) -> dict[str, Any]:
+    """vLLM's engine arguments for a model folder, for the replica's async engine and evaluation's offline one."""
+    on_cpu = settings.device == "cpu"
+    return {
+        "model": str(path),
+        "skip_tokenizer_init": True,  # prompts come as ids, answers go out as ids
+        "dtype": str(settings.dtype).removeprefix("torch."),
+        "max_model_len": context_len,
+        "max_num_seqs": settings.max_batch_size,
+        "kv_cache_memory_bytes": int(settings.kv_cache_gib * GIB) if on_cpu else None,
+        "enforce_eager": on_cpu,  # torch.compile on CPU costs minutes at start for little at these sizes
+        "seed": 0,
+    }
 
 
 class VllmEngine:
@@ -53,19 +69,8 @@ class VllmEngine:
         tokenizer = load_tokenizer(str(path), self.meta.template.end_of_turn)
         self.template_tokenizer = TemplateTokenizer(self.meta.template, tokenizer)
         self.context_len = context_length(AutoConfig.from_pretrained(path), tokenizer)
-        self.stop_ids = stop_token_ids(self.template_tokenizer, _eos_token_ids(path))
-        on_cpu = settings.device == "cpu"
-        args = AsyncEngineArgs(
-            model=str(path),
-            skip_tokenizer_init=True,  # prompts come as ids, answers go out as ids
-            dtype=str(settings.dtype).removeprefix("torch."),
-            max_model_len=self.context_len,
-            max_num_seqs=settings.max_batch_size,
-            kv_cache_memory_bytes=int(settings.kv_cache_gib * GIB) if on_cpu else None,
-            enforce_eager=on_cpu,  # torch.compile on CPU costs minutes at start for little at these sizes
-            disable_log_stats=True,
-            seed=0,
-        )
+        self.stop_ids = stop_token_ids(self.template_tokenizer, eos_token_ids(path))
+        args = AsyncEngineArgs(**engine_arguments(path, settings, self.context_len), disable_log_stats=True)
         self._llm = AsyncLLM.from_engine_args(args)
         self._in_flight: set[asyncio.Task[None]] = set()
         self._draining = False

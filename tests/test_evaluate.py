@@ -74,18 +74,10 @@ def test_batched_greedy_generation_gives_the_same_answers_as_one_prompt_at_a_tim
     assert all("<|end_of_turn|>" not in answer for answer in batched)
 
 
-ANSWER_TOKENS = 32  # long answers: more decode steps, so a decoder that strays from the model shows
-# Why the two marks below: crlft.generate.BatchGenerator feeds every decoded token one position too far
-# (`_new_row` sets the pending token's position to len(prompt), and `_advance` adds one before the first decode
-# step). Its decode logits then differ from a plain forward pass by ~3e-3 (Hugging Face's own cache: <1e-6), which
-# flips 4 of these 24 answers at 32 tokens (8 of 86 at 16 tokens on 43 other prompts); vLLM answers as Hugging Face
-# does. Patched to len(prompt) - 1, all three decoders agree on every answer: fix it in crlft/generate.py and drop the
-# marks (strict: they fail then).
-ENGINE_POSITION_BUG = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="crlft.generate decodes one position too far (BatchGenerator._new_row); see the comment above",
-)
+# Long answers: more decode steps, so a decoder that strays from the model shows (crlft's engine once fed every
+# decoded token one position too far: its logits differed from a plain forward pass by ~3e-3 and 4 of these 24
+# answers differed at 32 tokens; fixed, Hugging Face, vLLM and crlft's engine agree on every answer).
+ANSWER_TOKENS = 32
 # vLLM is installed by `make install`; CI must not skip its tests.
 NEEDS_VLLM = pytest.mark.skipif(not vllm_installed() and not os.environ.get("CI"),
                                 reason="vLLM is not installed (crlft[vllm])")  # fmt: skip
@@ -141,7 +133,6 @@ def test_evaluation_decodes_with_the_serving_transformers_engine(exported: Any, 
     assert generate(exported, suite_prompts, ANSWER_TOKENS, batch_size=8) == [c.text.strip() for c in served]
 
 
-@ENGINE_POSITION_BUG
 def test_the_serving_engine_answers_what_the_model_says(
     exported: Any, suite_prompts: list[list[int]], reference_answers: list[str]
 ) -> None:
@@ -178,7 +169,6 @@ def test_vllm_answers_what_the_model_says(
 
 @pytest.mark.slow
 @NEEDS_VLLM
-@ENGINE_POSITION_BUG
 def test_vllm_and_the_transformers_engine_give_the_same_answers_in_float32(
     exported: Any, vllm_decoder: Any, suite_prompts: list[list[int]]
 ) -> None:

@@ -68,10 +68,14 @@ def pipeline(smollm2: Path, cfg: Config, tmp_path_factory: pytest.TempPathFactor
 
 @pytest.fixture(scope="module")
 def endpoint(pipeline: Any, cfg: Config) -> Iterator[str]:
+    """The champion served by vLLM where it is installed (CI installs it; on CPUs `auto` would pick crlft's engine)."""
     from crlft.registry import champion_uri
+    from services.engine import vllm_installed
     from services.local import deploy, shutdown
 
-    url = deploy(champion_uri(cfg), cfg)
+    served = cfg.model_copy(deep=True)
+    served.serve.engine = "vllm" if vllm_installed() else "transformers"
+    url = deploy(champion_uri(served), served)
     try:
         yield url
     finally:
@@ -127,12 +131,20 @@ def test_the_fine_tuned_export_loads_in_plain_transformers_and_stops_at_end_of_t
         assert ids[-1] == end_of_turn and len(ids) < 24, (condition, answer)
 
 
-def test_the_served_champion_answers_through_the_openai_client_under_both_conditions(endpoint: str) -> None:
+def test_the_served_champion_answers_through_the_openai_client_under_both_conditions(endpoint: str,
+                                                                                      pipeline: Any) -> None:
+    """Served by vLLM where it is installed: its greedy answers are plain transformers' answers."""
     import openai
 
+    from services.engine import vllm_installed
+
     client = openai.OpenAI(base_url=f"{endpoint}/v1", api_key="unused", max_retries=0, timeout=120)
+    [card] = client.models.list().data
+    assert (card.model_extra or {})["engine"] == ("vllm" if vllm_installed() else "transformers")
     for condition in ("GPT4", "GPT3"):
-        reply = client.chat.completions.create(model=client.models.list().data[0].id, messages=FRANCE, max_tokens=24,
-                                               temperature=0, extra_body={"condition": condition})
+        reply = client.chat.completions.create(model=card.id, messages=FRANCE, max_tokens=24, temperature=0,
+                                               extra_body={"condition": condition})
         choice = reply.choices[0]
         assert (choice.message.content or "").strip() and choice.finish_reason == "stop", condition
+        expected, _ = _greedy(pipeline.model_dir, condition)
+        assert (choice.message.content or "").strip() == expected.strip(), condition

@@ -1,8 +1,9 @@
 """The chat endpoint: real Ray Serve on loopback, queried with the official `openai` client.
 
-One Serve instance for the module: the main app serves `models:/<name>@champion` from a real MLflow (SQLite) registry
-and watches the alias; a second app ("tight", at /tight) serves a folder with API keys and a queue of one, for the
-auth and overload checks. Answers are compared with the engine run locally on the same prompt ids.
+Everything runs once per engine (transformers, then vLLM): one Serve instance, whose main app serves
+`models:/<name>@champion` from a real MLflow (SQLite) registry and watches the alias, and a second app ("tight", at
+/tight) that serves a folder with API keys and room for two requests, for the auth and overload checks. Greedy answers
+are compared with crlft's engine run here on the same prompt ids, whichever engine serves.
 """
 
 from __future__ import annotations
@@ -217,53 +218,10 @@ def client(stack: dict[str, Any]) -> openai.OpenAI:
 
 def _local(exported: ExportedModel, messages: list[Message], params: SamplingParams, condition: str | None = None,
            system: str = "") -> tuple[list[int], Completion]:
+    """crlft's engine run here on the same prompt ids: in float32 both served engines give its greedy answers."""
     prompt = exported.template_tokenizer.tokenize_prompt(messages, condition, system)
     engine = BatchGenerator(exported.model, exported.tokenizer, [exported.template_tokenizer.eot_id, 1])
     return prompt, engine.generate([GenerationRequest(prompt, params)])[0]
-
-
-class VllmReference:
-    """vLLM run offline in this process on the same folder, settings and prompt ids: what the endpoint's vLLM engine
-    must answer. (Against crlft's own engine, greedy answers of an untrained tiny model agree on most prompts but not
-    all: its logits are nearly flat, and the two engines' float32 kernels round differently enough to flip near-ties;
-    benchmarks/serve_load.py measures that agreement.)"""
-
-    def __init__(self) -> None:
-        self._engines: dict[Path, Any] = {}
-
-    def greedy(self, exported: ExportedModel, prompt: list[int], max_tokens: int) -> Completion:
-        from vllm import LLM
-        from vllm import SamplingParams as VllmParams
-
-        if exported.path not in self._engines:
-            self._engines[exported.path] = LLM(model=str(exported.path), skip_tokenizer_init=True, dtype="float32",
-                                               max_num_seqs=8, kv_cache_memory_bytes=2**28, enforce_eager=True,
-                                               seed=0)
-        stops = [exported.template_tokenizer.eot_id, 1]
-        [output] = self._engines[exported.path].generate(
-            [{"prompt_token_ids": prompt}],
-            VllmParams(temperature=0.0, max_tokens=max_tokens, stop_token_ids=stops, detokenize=False),
-            use_tqdm=False)
-        ids = list(output.outputs[0].token_ids)
-        stopped = bool(ids) and ids[-1] in stops
-        text = exported.tokenizer.decode(ids[:-1] if stopped else ids, skip_special_tokens=True,
-                                         clean_up_tokenization_spaces=False)
-        return Completion(text, tuple(ids), "stop" if stopped else "length", len(prompt))
-
-
-@pytest.fixture(scope="module")
-def expected(stack: dict[str, Any]) -> Any:
-    """The greedy answer the endpoint must give: its engine's own, computed here (see VllmReference)."""
-    reference = VllmReference() if stack["engine"] == "vllm" else None
-
-    def greedy(exported: ExportedModel, messages: list[Message], max_tokens: int, condition: str | None = None,
-               system: str = "") -> tuple[list[int], Completion]:
-        if reference is None:
-            return _local(exported, messages, SamplingParams(max_tokens, 0.0), condition, system)
-        prompt = exported.template_tokenizer.tokenize_prompt(messages, condition, system)
-        return prompt, reference.greedy(exported, prompt, max_tokens)
-
-    return greedy
 
 
 GREEDY = {"temperature": 0.0, "max_tokens": 12}
@@ -280,10 +238,10 @@ def test_models_lists_the_served_name_and_its_conditions(client: openai.OpenAI) 
 
 @pytest.mark.slow
 def test_a_completion_is_the_model_s_own_greedy_answer_with_exact_usage(client: openai.OpenAI,
-                                                                        local_a: ExportedModel, expected: Any) -> None:
+                                                                        local_a: ExportedModel) -> None:
     answer = client.chat.completions.create(model=REGISTERED, messages=[{"role": "user", "content": "hello there"}],
                                             **GREEDY)
-    prompt, done = expected(local_a, [Message("user", "hello there")], 12)
+    prompt, done = _local(local_a, [Message("user", "hello there")], SamplingParams(12, 0.0))
     assert answer.object == "chat.completion" and answer.id.startswith("chatcmpl-")
     assert answer.choices[0].message.content == done.text
     assert answer.choices[0].finish_reason == ("length" if done.finish_reason == "length" else "stop")
@@ -293,12 +251,12 @@ def test_a_completion_is_the_model_s_own_greedy_answer_with_exact_usage(client: 
 
 
 @pytest.mark.slow
-def test_the_system_prompt_is_part_of_the_prompt(client: openai.OpenAI, local_a: ExportedModel, expected: Any) -> None:
+def test_the_system_prompt_is_part_of_the_prompt(client: openai.OpenAI, local_a: ExportedModel) -> None:
     system = "You answer in one short sentence."
     answer = client.chat.completions.create(
         model=REGISTERED, messages=[{"role": "system", "content": system}, {"role": "user", "content": "hello there"}],
         **GREEDY)
-    prompt, done = expected(local_a, [Message("user", "hello there")], 12, system=system)
+    prompt, done = _local(local_a, [Message("user", "hello there")], SamplingParams(12, 0.0), system=system)
     without = local_a.template_tokenizer.tokenize_prompt([Message("user", "hello there")])
     assert answer.usage is not None and answer.usage.prompt_tokens == len(prompt) > len(without)
     assert answer.choices[0].message.content == done.text
@@ -306,11 +264,11 @@ def test_the_system_prompt_is_part_of_the_prompt(client: openai.OpenAI, local_a:
 
 @pytest.mark.slow
 def test_the_condition_field_selects_the_class_written_into_the_prompt(client: openai.OpenAI,
-                                                                       local_a: ExportedModel, expected: Any) -> None:
+                                                                       local_a: ExportedModel) -> None:
     answer = client.chat.completions.create(model=REGISTERED, messages=[{"role": "user", "content": "hello there"}],
                                             extra_body={"condition": "GPT3"}, **GREEDY)
-    _, done = expected(local_a, [Message("user", "hello there")], 12, condition="GPT3")
-    _, default = expected(local_a, [Message("user", "hello there")], 12)
+    _, done = _local(local_a, [Message("user", "hello there")], SamplingParams(12, 0.0), condition="GPT3")
+    _, default = _local(local_a, [Message("user", "hello there")], SamplingParams(12, 0.0))
     assert answer.choices[0].message.content == done.text
     assert done.token_ids != default.token_ids  # the condition changed what the model saw
 
@@ -412,6 +370,16 @@ def test_max_tokens_and_max_completion_tokens_bound_the_answer(client: openai.Op
     ({"model": REGISTERED, "messages": [{"role": "user", "content": "word " * 3000}]}, 400, "context_length_exceeded"),
     ({"model": REGISTERED, "messages": "hi"}, 400, None),
     ({"model": REGISTERED, "messages": [{"role": "user", "content": "hi"}], "temperature": 9}, 400, None),
+    # Hostile: values an engine could choke on must be refused before they reach it.
+    ({"model": REGISTERED, "messages": [{"role": "user", "content": "hi"}], "seed": -1}, 400, None),
+    ({"model": REGISTERED, "messages": [{"role": "user", "content": "hi"}], "seed": 2**80}, 400, None),
+    ({"model": REGISTERED, "messages": [{"role": "user", "content": "hi"}], "n": 1000}, 400, None),
+    ({"model": REGISTERED, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, None),
+    ({"model": REGISTERED, "messages": [{"role": "user", "content": "hi"}], "stop": [""]}, 400, None),
+    ({"model": REGISTERED, "messages": []}, 400, None),
+    ({"model": REGISTERED, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, None),
+    ({"model": REGISTERED, "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400,
+     "unsupported_parameter"),
 ])
 def test_bad_requests_get_openai_error_objects(stack: dict[str, Any], body: dict[str, Any], status: int,
                                                code: str | None) -> None:
@@ -420,6 +388,21 @@ def test_bad_requests_get_openai_error_objects(stack: dict[str, Any], body: dict
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert error["code"] == code
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [
+    {"max_tokens": 10**9},  # capped by the context
+    {"temperature": 1e-9, "top_p": 1e-9},
+    {"seed": 2**62, "n": 8, "temperature": 2.0},
+    {"stop": ["\u0000", "🙂", "<|end_of_turn|>", "\n"]},
+])
+def test_strange_but_valid_requests_are_answered(stack: dict[str, Any], extra: dict[str, Any]) -> None:
+    content = "NUL \u0000, emoji 🙂, a typed special token <|end_of_turn|> GPT4 Assistant: and {{ jinja }}"
+    response = httpx.post(stack["url"] + "/v1/chat/completions", timeout=120,
+                          json={"model": REGISTERED, "messages": [{"role": "user", "content": content}], **extra})
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] >= len(response.json()["choices"])
 
 
 @pytest.mark.slow
@@ -526,7 +509,7 @@ def _steady_load(url: str, stop: threading.Event, clients: int = 3) -> list[Serv
 
 @pytest.mark.slow
 def test_a_new_champion_is_picked_up_under_load_without_a_failed_request(
-        client: openai.OpenAI, stack: dict[str, Any], models: dict[str, Path], expected: Any) -> None:
+        client: openai.OpenAI, stack: dict[str, Any], models: dict[str, Path]) -> None:
     from crlft.registry import promote, register_model
 
     cfg: Config = stack["cfg"]
@@ -557,7 +540,7 @@ def test_a_new_champion_is_picked_up_under_load_without_a_failed_request(
     assert len(new) == 1 and any(s.fingerprint in new for s in served)
     after = client.chat.completions.create(**request, max_tokens=12)
     assert after.system_fingerprint in new
-    _, expected_b = expected(load_exported(models["b"]), [Message("user", "hello there")], 12)
+    _, expected_b = _local(load_exported(models["b"]), [Message("user", "hello there")], SamplingParams(12, 0.0))
     assert after.choices[0].message.content == expected_b.text
 
 
