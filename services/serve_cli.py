@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mlflow-uri", help="MLflow tracking URI for models:/ (default: registry.tracking_uri, "
                         "$MLFLOW_TRACKING_URI, the local SQLite store)")
     parser.add_argument("--address", help="Ray cluster to deploy on (default: $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--engine", choices=["auto", "vllm", "transformers"],
+                        help="what generates (default serve.engine, auto: vLLM on GPUs where installed, else crlft's "
+                        "own engine, which measured as fast on CPUs and starts in seconds)")
     add_config_arguments(parser)
 
 
@@ -39,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     from services.local import deploy, shutdown, wait_for_interrupt
     from services.models import resolve_model_uri
 
-    cfg = config_from_args(args, {"host": "serve.host", "port": "serve.port", "model_name": "serve.model_name"})
+    cfg = config_from_args(args, {"host": "serve.host", "port": "serve.port", "model_name": "serve.model_name",
+                                  "engine": "serve.engine"})
     model = args.model or champion_uri(cfg)
     keys = [*args.api_keys, *api_keys_from_env()]
     resolve_model_uri(model, cfg, args.mlflow_uri)  # a wrong --model fails now, not after Ray has started
