@@ -196,8 +196,7 @@ def reference_answers(model_dir: Path, texts: list[str], max_tokens: int) -> lis
     """crlft's transformers engine in float32, in this process: what every server's greedy answers are compared with."""
     from crlft.conversation import Message
     from crlft.export import load_exported
-    from crlft.generate import BatchGenerator, GenerationRequest, SamplingParams
-    from services.engine import stop_token_ids
+    from crlft.generate import BatchGenerator, GenerationRequest, SamplingParams, stop_token_ids
 
     exported = load_exported(model_dir)
     stops = stop_token_ids(exported.template_tokenizer, exported.model.generation_config.eos_token_id)

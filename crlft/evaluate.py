@@ -29,7 +29,7 @@ from crlft.config import suboptimal_of
 from crlft.conversation import ClassRules, Conversation, Message, iter_file
 from crlft.errors import CrlftError
 from crlft.export import ExportedModel, ModelMeta
-from crlft.generate import BatchGenerator, GenerationRequest, SamplingParams
+from crlft.generate import BatchGenerator, GenerationRequest, SamplingParams, context_length, stop_token_ids
 from crlft.synth import EvalItem, score
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -64,12 +64,11 @@ get."""
 
 
 def _context_limit(exported: ExportedModel) -> int | None:
-    """The longest sequence, counted as the serving engines count it (services.engine.context_length): the model's
-    position table, unless the tokenizer says less."""
-    positions = getattr(exported.model.config, "max_position_embeddings", None)
-    if positions is None:
+    """The longest sequence, counted as the serving engines count it (`context_length`); None for a model without a
+    position table."""
+    if getattr(exported.model.config, "max_position_embeddings", None) is None:
         return None
-    return int(min(positions, getattr(exported.tokenizer, "model_max_length", positions)))
+    return context_length(exported.model.config, exported.tokenizer)
 
 
 def _fit(ids: list[int], keep: int, bos: list[int]) -> list[int]:
@@ -80,10 +79,8 @@ def _fit(ids: list[int], keep: int, bos: list[int]) -> list[int]:
 
 
 def stop_ids(exported: ExportedModel) -> list[int]:
-    """The tokens the serving engines stop on (services.engine.stop_token_ids): the end-of-turn token and the end of
-    sequence the model's generation config names."""
-    eos = exported.model.generation_config.eos_token_id
-    return sorted({exported.template_tokenizer.eot_id, *([eos] if isinstance(eos, int) else eos or [])})
+    """The tokens the serving engines stop on (`stop_token_ids`), for an exported model."""
+    return stop_token_ids(exported.template_tokenizer, exported.model.generation_config.eos_token_id)
 
 
 def answer_text(tokenizer: PreTrainedTokenizerBase, token_ids: Sequence[int], stops: Collection[int]) -> str:

@@ -19,11 +19,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
+
+if TYPE_CHECKING:
+    from crlft.template import TemplateTokenizer
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
@@ -152,6 +155,17 @@ class _Row:
     position: int  # position id of the pending token (one past the last token the model has seen)
     pending: int = -1  # sampled, not yet fed to the model
     token_ids: list[int] = field(default_factory=list)
+
+
+def context_length(model_config: object, tokenizer: object) -> int:
+    """The longest sequence the model takes: its position table, unless the tokenizer says less."""
+    return int(min(getattr(model_config, "max_position_embeddings", 2048),
+                   getattr(tokenizer, "model_max_length", 10**9)))
+
+
+def stop_token_ids(template_tokenizer: TemplateTokenizer, eos: int | list[int] | None) -> list[int]:
+    """What generation stops on: the end-of-turn token and the model's own end-of-sequence token(s)."""
+    return sorted({template_tokenizer.eot_id, *([eos] if isinstance(eos, int) else eos or [])})
 
 
 def sample_next(logits: torch.Tensor, temperatures: Sequence[float], top_ps: Sequence[float],

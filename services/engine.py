@@ -31,7 +31,15 @@ import torch
 from crlft.config import Config
 from crlft.errors import CrlftError
 from crlft.export import ModelMeta, load_exported
-from crlft.generate import BatchGenerator, Completion, EngineLoop, GenerationRequest, SamplingParams
+from crlft.generate import (
+    BatchGenerator,
+    Completion,
+    EngineLoop,
+    GenerationRequest,
+    SamplingParams,
+    context_length,
+    stop_token_ids,
+)
 from crlft.template import TemplateTokenizer
 
 EngineKind = Literal["transformers", "vllm"]
@@ -161,17 +169,6 @@ def open_engine(path: Path, settings: EngineSettings) -> Engine:
 
         return VllmEngine(path, settings)
     return TransformersEngine(path, settings)
-
-
-def context_length(model_config: object, tokenizer: object) -> int:
-    """The longest sequence the model takes: its position table, unless the tokenizer says less."""
-    return int(min(getattr(model_config, "max_position_embeddings", 2048),
-                   getattr(tokenizer, "model_max_length", 10**9)))
-
-
-def stop_token_ids(template_tokenizer: TemplateTokenizer, eos: int | list[int] | None) -> list[int]:
-    """The end-of-turn token and the model's own end-of-sequence token(s)."""
-    return sorted({template_tokenizer.eot_id, *([eos] if isinstance(eos, int) else eos or [])})
 
 
 class TransformersEngine:

@@ -19,9 +19,10 @@ from transformers import AutoConfig
 
 from crlft.evaluate import answer_text
 from crlft.export import read_meta
+from crlft.generate import context_length, stop_token_ids
 from crlft.model import load_tokenizer
 from crlft.template import TemplateTokenizer
-from services.engine import EngineSettings, context_length, stop_token_ids
+from services.engine import EngineSettings
 from services.vllm_engine import engine_arguments, eos_token_ids
 
 

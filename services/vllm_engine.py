@@ -26,10 +26,10 @@ from typing import Any
 from transformers import AutoConfig, GenerationConfig
 
 from crlft.export import read_meta
-from crlft.generate import Completion, SamplingParams, StopText
+from crlft.generate import Completion, SamplingParams, StopText, context_length, stop_token_ids
 from crlft.model import load_tokenizer
 from crlft.template import TemplateTokenizer
-from services.engine import EngineKind, EngineSettings, Generation, context_length, stop_token_ids
+from services.engine import EngineKind, EngineSettings, Generation
 
 logger = logging.getLogger("ray.serve")
 GIB = 2**30

@@ -121,8 +121,7 @@ def test_evaluation_decodes_with_the_serving_transformers_engine(exported: Any, 
     """The default decoder is the engine `crlft serve` runs with serve.engine=transformers: built as
     services.engine.TransformersEngine builds it, the same answers, as the endpoint's text."""
     from crlft.evaluate import generate, stop_ids
-    from crlft.generate import BatchGenerator, GenerationRequest, SamplingParams
-    from services.engine import context_length, stop_token_ids
+    from crlft.generate import BatchGenerator, GenerationRequest, SamplingParams, context_length, stop_token_ids
 
     stops = stop_token_ids(exported.template_tokenizer, exported.model.generation_config.eos_token_id)
     assert stop_ids(exported) == stops
