@@ -487,7 +487,7 @@ def _steady_load(url: str, stop: threading.Event, clients: int = 3) -> list[Serv
     served: list[Served] = []
 
     async def client_loop(c: httpx.AsyncClient) -> None:
-        body = {"model": REGISTERED, "messages": [{"role": "user", "content": "keep talking"}], "max_tokens": 64,
+        body = {"model": REGISTERED, "messages": [{"role": "user", "content": "keep talking"}], "max_tokens": 400,
                 "stream": True}
         while not stop.is_set():
             started = time.monotonic()
