@@ -66,6 +66,12 @@ STREAM_INTERVAL_S = 0.05  # streamed text is sent in pieces at most this often (
 STREAMS_PER_INTERVAL = 8  # ... while a replica holds up to this many requests; beyond, the interval grows with them
 MAX_STREAM_INTERVAL_S = 0.25
 GRACEFUL_SHUTDOWN_S = 120.0  # a replica being replaced finishes its requests for up to this long
+REPLICA_ENV = {
+    # The replica's event loop runs this code too (Serve's default is a second loop on its own thread): a streamed
+    # piece then crosses no thread on its way out (the handlers never block the loop: models load and engines stop
+    # on worker threads).
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+}
 BUILD_ARGS = ("model", "config", "overrides", "model_name", "api_keys", "watch_s", "tracking_uri")
 
 
@@ -356,12 +362,13 @@ class ChatServer:
         fingerprint = model.fingerprint
         done: list[Completion] = []
         first_text = True
+        # Every message is a hop through Serve's proxy: the role chunks go with the first pieces, the last pieces
+        # with the usage and [DONE].
+        events = [protocol.chunk(cid, created, name, fingerprint,
+                                 [protocol.delta_choice(i, {"role": "assistant", "content": ""})])
+                  for i in range(generation.choices)]
         try:
-            for i in range(generation.choices):
-                yield protocol.chunk(cid, created, name, fingerprint,
-                                     [protocol.delta_choice(i, {"role": "assistant", "content": ""})])
             async for batch in generation.event_batches(stream_interval(self._admitted)):
-                events: list[str] = []
                 for index, item in batch:
                     if isinstance(item, str):
                         if first_text:
@@ -377,11 +384,13 @@ class ChatServer:
                         done.append(item)
                         events.append(protocol.chunk(cid, created, name, fingerprint,
                                                      [protocol.delta_choice(index, {}, protocol.finish_reason(item))]))
-                yield "".join(events)
+                if len(done) < generation.choices:
+                    yield "".join(events)
+                    events = []
             if include_usage:
-                usage = protocol.usage(generation.prompt_tokens, done)
-                yield protocol.chunk(cid, created, name, fingerprint, [], usage)
-            yield protocol.sse("[DONE]")
+                events.append(protocol.chunk(cid, created, name, fingerprint, [],
+                                             protocol.usage(generation.prompt_tokens, done)))
+            yield "".join(events) + protocol.sse("[DONE]")
             self._record(generation, done, started, stream=True)
         finally:
             generation.cancel()
@@ -417,7 +426,7 @@ def chat_application(model: str, cfg: Config, *, api_keys: Sequence[str] = (), m
         api_keys=keys,
         tracking_uri=tracking_uri or cfg.registry.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
     )
-    env = {key: os.environ.get(key, value) for key, value in OFFLINE_ENV.items()}
+    env = {key: os.environ.get(key, value) for key, value in (OFFLINE_ENV | REPLICA_ENV).items()}
     deployment = ChatServer.options(
         ray_actor_options={"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica,
                            "runtime_env": {"env_vars": env}},

@@ -51,7 +51,9 @@ class Generation:
     """The choices of one chat request as an async stream of events, fed from any thread.
 
     A producer wakes the event loop only when no wake-up is pending: one wake-up per batch of tokens, not one per
-    token (the transformers engine posts from its own thread, vLLM's from the event loop)."""
+    token (the transformers engine posts from its own thread, vLLM's from the event loop). A choice's end also
+    wakes a reader that is waiting out its interval: a finished answer goes out at once, since its client sends its
+    next request only then."""
 
     def __init__(self, choices: int, prompt_tokens: int) -> None:
         self.choices = choices
@@ -59,28 +61,34 @@ class Generation:
         self.cancel: Callable[[], None] = lambda: None  # the engine sets it: stops the choices still generating
         self._events: deque[Event] = deque()
         self._ready = asyncio.Event()
+        self._ended = asyncio.Event()  # a choice ended: the interval is not waited out
         self._wake_pending = False
         self._loop = asyncio.get_running_loop()
 
     def post(self, index: int, item: str | Completion) -> None:
         self._events.append((index, item))
-        if not self._wake_pending:
-            self._wake_pending = True
-            with contextlib.suppress(RuntimeError):  # the event loop is gone: nobody is listening any more
+        with contextlib.suppress(RuntimeError):  # the event loop is gone: nobody is listening any more
+            if isinstance(item, Completion):
+                self._loop.call_soon_threadsafe(self._ended.set)
+            if not self._wake_pending:
+                self._wake_pending = True
                 self._loop.call_soon_threadsafe(self._ready.set)
 
     async def event_batches(self, interval_s: float = 0.0) -> AsyncIterator[list[Event]]:
         """Everything that has arrived, in order, as one list, at most once per `interval_s` after the first (which
-        goes at once: time to first token). Consecutive pieces of text of the same choice are joined."""
+        goes at once: time to first token) and the last (a choice's end goes at once). Consecutive pieces of text of the
+        same choice are joined."""
         pending = self.choices
         last: float | None = None
         while pending:
             await self._ready.wait()
             if last is not None and (wait := last + interval_s - time.monotonic()) > 0:
-                await asyncio.sleep(wait)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._ended.wait(), wait)
             last = time.monotonic()
             # Clear before draining: an event appended from here on schedules a new wake-up.
             self._ready.clear()
+            self._ended.clear()
             self._wake_pending = False
             joined: list[Event] = []
             while self._events:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,6 +59,18 @@ def engine_arguments(path: Path, settings: EngineSettings, context_len: int) -> 
     }
 
 
+def use_replica_cpus() -> None:
+    """vLLM on CPU pins its model threads to the node's first cores, every engine on the node to the same ones,
+    whatever CPUs Ray gave each replica. Unpinned instead, with one thread fewer than the replica's CPUs (Ray puts
+    them in OMP_NUM_THREADS): the one left is the replica's own, as vLLM's pinning leaves one core to its frontend.
+    The engine core inherits this process's environment; a user's own VLLM_CPU_OMP_THREADS_BIND is kept."""
+    if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return
+    cpus = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+    os.environ["OMP_NUM_THREADS"] = str(max(1, cpus - 1))
+
+
 class VllmEngine:
     kind: EngineKind = "vllm"
 
@@ -70,6 +83,8 @@ class VllmEngine:
         self.template_tokenizer = TemplateTokenizer(self.meta.template, tokenizer)
         self.context_len = context_length(AutoConfig.from_pretrained(path), tokenizer)
         self.stop_ids = stop_token_ids(self.template_tokenizer, eos_token_ids(path))
+        if settings.device == "cpu":
+            use_replica_cpus()
         args = AsyncEngineArgs(**engine_arguments(path, settings, self.context_len), disable_log_stats=True)
         self._llm = AsyncLLM.from_engine_args(args)
         self._in_flight: set[asyncio.Task[None]] = set()

@@ -98,6 +98,39 @@ def test_usage_counts_the_prompt_once_and_every_sampled_token_of_every_choice() 
     assert protocol.usage(10, done) == {"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14}
 
 
+def test_a_stream_joins_the_pieces_of_an_interval_but_sends_a_choice_s_end_at_once() -> None:
+    from services.engine import Generation
+
+    async def run() -> list[tuple[float, list[Any]]]:
+        generation = Generation(1, 3)
+        loop = asyncio.get_running_loop()
+        for delay, item in ((0.0, "a"), (0.05, "b"), (0.1, "c"), (0.15, Completion("abc", (1, 2, 3), "stop", 3))):
+            loop.call_later(delay, generation.post, 0, item)
+        started = time.monotonic()
+        return [(time.monotonic() - started, batch) async for batch in generation.event_batches(interval_s=5.0)]
+
+    (first_at, first), (end_at, rest) = asyncio.run(asyncio.wait_for(run(), timeout=10))
+    assert first == [(0, "a")] and first_at < 1.0  # the first piece goes at once (time to first token)
+    assert rest[0] == (0, "bc") and isinstance(rest[1][1], Completion)  # the pieces in between are joined
+    assert end_at < 1.0  # and the end does not wait out the 5 s interval
+
+
+def test_vllm_on_cpu_runs_unpinned_on_the_replica_s_cpus_less_one_unless_the_user_pinned_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pytest.importorskip("vllm", reason="vLLM comes with the vllm extra: make install")
+    from services.vllm_engine import use_replica_cpus
+
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")  # what Ray sets for a replica with 4 CPUs
+    use_replica_cpus()
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "nobind" and os.environ["OMP_NUM_THREADS"] == "3"
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    use_replica_cpus()
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0-1" and os.environ["OMP_NUM_THREADS"] == "2"
+
+
 def test_api_keys_are_compared_against_every_key() -> None:
     from services.chat import key_matches
 
