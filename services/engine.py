@@ -155,7 +155,7 @@ def vllm_installed() -> bool:
 
 def choose_engine(requested: str, device: str) -> EngineKind:
     """`auto` is vLLM on GPUs where it is installed, and crlft's engine on CPUs: there vLLM's CPU build measured no
-    faster behind this endpoint (SmolLM2-135M 1.09x, the tiny model 0.82x: benchmarks/RESULTS.md) and starts
+    faster behind this endpoint in float32 (SmolLM2-135M 1.01x, the tiny model 0.97x: benchmarks/RESULTS.md) and starts
     slower. Asking for vLLM where it is missing is an error that says how to install it."""
     if requested == "vllm" and not vllm_installed():
         raise CrlftError(f"serve.engine=vllm, but vLLM is not installed: {VLLM_INSTALL_HINT}")
