@@ -507,7 +507,9 @@ def promotion_lock(client: MlflowClient, name: str, timeout_s: float = LOCK_TIME
             )
             break
         except MlflowException as exc:
-            if _error_code(exc) != "RESOURCE_ALREADY_EXISTS":
+            # MLflow's SQL store answers a clash on the name by reading the existing model, which is "not found"
+            # when its holder released it in between: contention too, try again.
+            if _error_code(exc) not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                 raise _mlflow_error(exc, f"take the promotion lock of {name}") from None
         _break_if_stale(client, lock_name)
         if time.monotonic() > deadline:
