@@ -198,12 +198,12 @@ def greedy_answers(server: Server, texts: list[str], max_tokens: int) -> list[st
 def reference_answers(model_dir: Path, texts: list[str], max_tokens: int) -> list[str]:
     """crlft's transformers engine in float32, in this process: what every server's greedy answers are compared with."""
     from crlft.conversation import Message
+    from crlft.evaluate import stop_ids
     from crlft.export import load_exported
-    from crlft.generate import BatchGenerator, GenerationRequest, SamplingParams, stop_token_ids
+    from crlft.generate import BatchGenerator, GenerationRequest, SamplingParams
 
     exported = load_exported(model_dir)
-    stops = stop_token_ids(exported.template_tokenizer, exported.model.generation_config.eos_token_id)
-    engine = BatchGenerator(exported.model, exported.tokenizer, stops)
+    engine = BatchGenerator(exported.model, exported.tokenizer, stop_ids(exported))
     requests = [GenerationRequest(exported.template_tokenizer.tokenize_prompt([Message("user", text)]),
                                   SamplingParams(max_tokens, 0.0)) for text in texts]
     return [done.text for done in engine.generate(requests)]
