@@ -3,12 +3,12 @@
     python -m benchmarks.serve_load [--model tiny|smollm2|DIR] [--precision fp32|bf16] [--concurrency 32]
                                     [--rounds 3] [--max-tokens 32]
 
-In one run, on the same exported folder and the same prompts, four OpenAI-compatible servers on loopback:
-- `crlft-vllm`: this endpoint (Ray Serve, services/chat.py) with serve.engine=vllm;
+In one run, on the same exported folder and the same prompts, five OpenAI-compatible servers on loopback:
+- `crlft-vllm`: this endpoint (Ray Serve, services/chat.py) with serve.engine=vllm, behind the ingress `crlft serve`
+  puts in front (serve.ingress=haproxy: Ray Serve's HAProxy ingress);
 - `crlft-transformers`: this endpoint with the transformers engine (crlft.generate);
-- `crlft-vllm-direct`: the same vLLM app, reached at its replica's own HTTP port (Ray Serve's direct ingress,
-  `RAY_SERVE_ENABLE_DIRECT_INGRESS=1`, set for the benchmark's Ray) instead of through Serve's Python proxy: what the
-  proxy hop costs;
+- `crlft-vllm-serve-proxy`: the same vLLM app through Serve's Python proxy instead (serve.ingress=serve-proxy; in
+  HAProxy mode Serve keeps it running as HAProxy's fallback, on a port of its own): what the ingress changes;
 - `vllm`: standalone vLLM (`python -m vllm.entrypoints.openai.api_server`), the peer for the vLLM engine;
 - `transformers-serve`: `transformers serve --continuous-batching`, the peer for the transformers engine.
 
@@ -47,7 +47,7 @@ import httpx
 from crlft.config import Config, load_config
 from crlft.export import ModelMeta, save_exported
 from crlft.template import Template
-from jobs.session import free_port
+from jobs.session import environment, free_port, haproxy_env
 
 TOPICS = ["the moon", "a binary search", "prime numbers", "a good breakfast", "the river", "Python lists",
           "learning to cook", "the weather", "photosynthesis", "a healthy habit", "three apples", "the red box"]
@@ -289,30 +289,10 @@ def transformers_server(model_dir: Path, precision: str) -> contextlib.AbstractC
     return subprocess_server("transformers-serve", command, "/health", port, str(model_dir))
 
 
-DIRECT_PORTS = 16  # the direct-ingress port range the benchmark's Ray gives replicas
-
-
-def enable_direct_ingress() -> int:
-    """Before Ray starts: every Serve ingress replica also listens on its own port from a free range (Serve's proxy
-    still serves too). Returns the range's first port."""
-    first = free_port()
-    while first + DIRECT_PORTS > 65535:
-        first = free_port()
-    os.environ.update({"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
-                       "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(first),
-                       "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(first + DIRECT_PORTS - 1)})
-    return first
-
-
-def direct_server(through_proxy: Server, first_port: int) -> Server:
-    """The replica port that answers the app's route (each app's replica has its own port)."""
-    prefix = httpx.URL(through_proxy.url).path
-    for port in range(first_port, first_port + DIRECT_PORTS):
-        url = f"http://127.0.0.1:{port}{prefix}"
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url + "/v1/models", timeout=5).status_code == 200:
-                return Server(through_proxy.name + "-direct", url, through_proxy.model)
-    raise RuntimeError(f"no direct-ingress port in {first_port}..{first_port + DIRECT_PORTS - 1} serves {prefix}")
+def through_serve_proxy(server: Server, fallback_port: int) -> Server:
+    """The same app through Serve's Python proxy, which HAProxy mode keeps as its fallback on `fallback_port`."""
+    url = httpx.URL(server.url)
+    return Server(server.name + "-serve-proxy", str(url.copy_with(port=fallback_port)), server.model)
 
 
 def crlft_servers(model_dir: Path, precision: str, state: Path, kv_cache_gib: int) -> list[Server]:
@@ -362,9 +342,8 @@ def report(levels: list[LevelResult], agreement: dict[str, float], args: argpars
             f"| {agreement.get(name, float('nan')):.0%} | {', '.join(f'{k}: {v}' for k, v in errors.items()) or 0} |")
     ratios = {
         "crlft-vllm / vllm": _round_ratio(by_name, "crlft-vllm", "vllm"),
-        "crlft-vllm-direct / vllm": _round_ratio(by_name, "crlft-vllm-direct", "vllm"),
-        "crlft-vllm-direct / transformers-serve": _round_ratio(by_name, "crlft-vllm-direct", "transformers-serve"),
         "crlft-vllm / transformers-serve": _round_ratio(by_name, "crlft-vllm", "transformers-serve"),
+        "crlft-vllm / crlft-vllm-serve-proxy": _round_ratio(by_name, "crlft-vllm", "crlft-vllm-serve-proxy"),
         "crlft-transformers / transformers-serve": _round_ratio(by_name, "crlft-transformers", "transformers-serve"),
     }
     lines += ["", "| ratio (output tok/s, same round) | median | rounds |", "| --- | ---: | --- |"]
@@ -390,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--agreement-prompts", type=int, default=12, help="greedy answers compared per server")
     parser.add_argument("--kv-cache-gib", type=int, default=2, help="vLLM on CPU: KV cache per server")
-    parser.add_argument("--servers", nargs="+", default=["crlft-vllm", "crlft-vllm-direct", "crlft-transformers",
+    parser.add_argument("--servers", nargs="+", default=["crlft-vllm", "crlft-vllm-serve-proxy", "crlft-transformers",
                                                          "vllm", "transformers-serve"])
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args(argv)
@@ -407,11 +386,13 @@ def main(argv: list[str] | None = None) -> int:
         args.load = [os.getloadavg()[0]]
         count = TokenCounter(model_dir)
         servers = []
-        first_direct_port = enable_direct_ingress()
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+        ingress = haproxy_env()
+        with environment(ingress):
+            ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
         stack.callback(shutdown)
         crlft = crlft_servers(model_dir, args.precision, Path(scratch) / "state", args.kv_cache_gib)
-        crlft += [direct_server(s, first_direct_port) for s in crlft if s.name == "crlft-vllm"]
+        crlft += [through_serve_proxy(s, int(ingress["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"]))
+                  for s in crlft if s.name == "crlft-vllm"]
         servers += [s for s in crlft if s.name in args.servers]
         if "vllm" in args.servers:
             servers.append(stack.enter_context(vllm_server(model_dir, args.precision, args.kv_cache_gib)))

@@ -161,6 +161,12 @@ class ServeConfig(_Strict):
     vllm_kv_cache_gib: float = Field(
         1.0, gt=0, description="vLLM on CPU: memory for the KV cache per replica (GiB); on GPUs vLLM uses what is free"
     )
+    ingress: Literal["haproxy", "serve-proxy"] = Field(
+        "haproxy", description="what takes HTTP in front of the replicas in a Ray that crlft starts: haproxy (Ray "
+        "Serve's HAProxy ingress, in C, straight to the replicas' own ports; 1.7x the tokens/s of Serve's proxy at 32 "
+        "streams, benchmarks/RESULTS.md) or serve-proxy (Serve's Python proxy). A running cluster keeps its own: "
+        "RAY_SERVE_ENABLE_HA_PROXY=1 on its nodes (k8s/, cluster/cluster.yaml)"
+    )
     min_replicas: int = Field(1, description="autoscaling lower bound")
     max_replicas: int = Field(2, description="autoscaling upper bound")
     target_ongoing_requests: float = Field(4.0, description="autoscaling target per replica")

@@ -83,6 +83,7 @@ def test_cluster_launcher_config_is_valid_for_ray_up_and_keeps_token_auth_on():
     assert config["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
     starts = [c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"] if "ray start" in c]
     assert len(starts) == 2 and all("RAY_AUTH_MODE=token" in command for command in starts)
+    assert all("RAY_SERVE_ENABLE_HA_PROXY=1" in command for command in starts)  # the endpoint's ingress, every node
     assert "--dashboard-host=127.0.0.1" in config["head_start_ray_commands"][-1]
 
 

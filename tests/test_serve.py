@@ -9,6 +9,7 @@ are compared with crlft's engine run here on the same prompt ids, whichever engi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -32,7 +33,7 @@ from crlft.errors import CrlftError
 from crlft.export import ExportedModel, ModelMeta, load_exported, save_exported
 from crlft.generate import BatchGenerator, Completion, GenerationRequest, SamplingParams
 from crlft.model import init_model, load_model_and_tokenizer
-from jobs.session import free_port
+from jobs.session import environment, free_port, haproxy_env
 from services import protocol
 from services.protocol import ApiError
 
@@ -227,7 +228,8 @@ def stack(request: pytest.FixtureRequest, models: dict[str, Path],
     promote(REGISTERED, version, force=True, cfg=cfg)
     tight = load_config(None, {**overrides, "serve.max_ongoing_requests": 1, "serve.max_queued_requests": 1,
                                "serve.model_name": "tight-model"})
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    with environment(haproxy_env()):  # the ingress `crlft serve` puts in front
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         # Both apps start together (`deploy`, one app at a time, is what the CLI test runs).
         serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
@@ -580,6 +582,19 @@ def test_a_new_champion_is_picked_up_under_load_without_a_failed_request(
     assert after.choices[0].message.content == expected_b.text
 
 
+def _haproxy_configs_binding(port: int) -> list[str]:
+    """The config files of running HAProxy processes whose frontend binds `port`."""
+    configs = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            command = cmdline.read_text().split("\0")
+            if Path(command[0]).name == "haproxy" and "-f" in command:
+                config = Path(command[command.index("-f") + 1])
+                if f"bind 127.0.0.1:{port}\n" in config.read_text():
+                    configs.append(str(config))
+    return configs
+
+
 @pytest.mark.slow
 def test_crlft_serve_prints_the_url_when_ready_and_stops_cleanly_on_ctrl_c(models: dict[str, Path],
                                                                            tmp_path: Path) -> None:
@@ -599,8 +614,10 @@ def test_crlft_serve_prints_the_url_when_ready_and_stops_cleanly_on_ctrl_c(model
         response = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer secret-key"},
                              timeout=30)
         assert response.json()["data"][0]["id"] == "exported"
+        assert _haproxy_configs_binding(port), "HAProxy is not the ingress on the served port"
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=90) == 0
+        assert not _haproxy_configs_binding(port), "HAProxy outlived the session"
     finally:
         watchdog.cancel()
         if process.poll() is None:
