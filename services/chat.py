@@ -137,8 +137,9 @@ def admitted_per_replica(s: ServeConfig) -> int:
 
 
 def stream_interval(requests_held: int) -> float:
-    """How often a stream writes: every piece is a message through Serve's proxy, which under load costs more than
-    generating the tokens in it, so the more requests share the replica the longer the pieces."""
+    """How often a stream writes: every piece is a message through the ingress, which under load costs more than
+    generating the tokens in it (through Serve's Python proxy most), so the more requests share the replica the longer
+    the pieces."""
     return min(MAX_STREAM_INTERVAL_S, STREAM_INTERVAL_S * max(1.0, requests_held / STREAMS_PER_INTERVAL))
 
 
@@ -362,7 +363,7 @@ class ChatServer:
         fingerprint = model.fingerprint
         done: list[Completion] = []
         first_text = True
-        # Every message is a hop through Serve's proxy: the role chunks go with the first pieces, the last pieces
+        # Every message is a hop through the ingress: the role chunks go with the first pieces, the last pieces
         # with the usage and [DONE].
         events = [protocol.chunk(cid, created, name, fingerprint,
                                  [protocol.delta_choice(i, {"role": "assistant", "content": ""})])

@@ -71,7 +71,7 @@ def deploy(model: str, cfg: Config | None = None, blocking: bool = False, *, api
 
 
 def _http_address(cfg: Config) -> tuple[str, int]:
-    """Where Serve's proxy really listens: an already running Serve keeps its own HTTP options."""
+    """Where Serve's HTTP ingress really listens: an already running Serve keeps its own HTTP options."""
     try:
         from ray.serve.context import _get_global_client
 
