@@ -20,8 +20,10 @@ and against transformers serve (goal >= 1.2x). Before the load, every server ans
 non-streamed: the share of answers equal to crlft's transformers engine in float32 (run in this process) is the
 agreement column (float32 servers should agree; bf16 shows what the number type changes).
 
-Servers get the same CPUs and priority: each endpoint replica 2 CPUs (torch threads 2), vLLM its own default thread
-binding, transformers serve torch's default threads; the peers run at the niceness Ray gives its workers. Exit
+Servers get the same CPUs and priority: each endpoint replica 2 CPUs (torch threads 2), standalone vLLM as many model
+threads as the endpoint gives its vLLM engine (`services.vllm_engine.engine_threads`: both cores for a real model in
+float32, else one, as vLLM's own default), pinned by vLLM; transformers serve torch's default threads; the peers run at
+the niceness Ray gives its workers. Exit
 status 1 when a goal is missed or any request got a 5xx.
 """
 
@@ -47,13 +49,14 @@ import httpx
 from crlft.config import Config, load_config
 from crlft.export import ModelMeta, save_exported
 from crlft.template import Template
-from jobs.session import environment, free_port, haproxy_env
+from jobs.session import environment, free_port, ingress_env
 
 TOPICS = ["the moon", "a binary search", "prime numbers", "a good breakfast", "the river", "Python lists",
           "learning to cook", "the weather", "photosynthesis", "a healthy habit", "three apples", "the red box"]
 GOAL_VS_VLLM = 0.9
 GOAL_VS_TRANSFORMERS_SERVE = 1.2
 SERVED = "bench"
+REPLICA_CPUS = 2
 
 
 def prompts(n: int) -> list[str]:
@@ -198,12 +201,11 @@ def greedy_answers(server: Server, texts: list[str], max_tokens: int) -> list[st
 def reference_answers(model_dir: Path, texts: list[str], max_tokens: int) -> list[str]:
     """crlft's transformers engine in float32, in this process: what every server's greedy answers are compared with."""
     from crlft.conversation import Message
-    from crlft.evaluate import stop_ids
     from crlft.export import load_exported
     from crlft.generate import BatchGenerator, GenerationRequest, SamplingParams
 
     exported = load_exported(model_dir)
-    engine = BatchGenerator(exported.model, exported.tokenizer, stop_ids(exported))
+    engine = BatchGenerator(exported.model, exported.tokenizer, exported.stop_ids)
     requests = [GenerationRequest(exported.template_tokenizer.tokenize_prompt([Message("user", text)]),
                                   SamplingParams(max_tokens, 0.0)) for text in texts]
     return [done.text for done in engine.generate(requests)]
@@ -270,12 +272,19 @@ def subprocess_server(name: str, command: list[str], health: str, port: int, mod
 
 
 def vllm_server(model_dir: Path, precision: str, kv_cache_gib: int) -> contextlib.AbstractContextManager[Server]:
+    from crlft.model import parameter_count
+    from services.engine import serving_dtype
+    from services.vllm_engine import engine_threads
+
+    threads = engine_threads(REPLICA_CPUS, parameter_count(str(model_dir)), serving_dtype(precision, "cpu"))
+    # vLLM's default pins one thread and leaves a core to its frontend: the same as the endpoint's engine or told so.
+    binding = {} if threads == REPLICA_CPUS - 1 else {"VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}"}
     port = free_port()
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
                "--served-model-name", SERVED, "--dtype", "bfloat16" if precision == "bf16" else "float32",
                "--port", str(port), "--host", "127.0.0.1", "--enforce-eager", "--max-num-seqs", "32"]
     return subprocess_server("vllm", command, "/health", port, SERVED,
-                             env={"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)})
+                             env={"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), **binding})
 
 
 def transformers_server(model_dir: Path, precision: str) -> contextlib.AbstractContextManager[Server]:
@@ -304,7 +313,7 @@ def crlft_servers(model_dir: Path, precision: str, state: Path, kv_cache_gib: in
     for engine in ("vllm", "transformers"):
         cfg = load_config(None, {
             "state_dir": str(state), "serve.port": port, "serve.engine": engine, "serve.precision": precision,
-            "serve.cpus_per_replica": 2, "serve.min_replicas": 1, "serve.max_replicas": 1,
+            "serve.cpus_per_replica": REPLICA_CPUS, "serve.min_replicas": 1, "serve.max_replicas": 1,
             "serve.max_batch_size": 32, "serve.max_ongoing_requests": 64, "serve.max_queued_requests": 64,
             "serve.vllm_kv_cache_gib": kv_cache_gib, "serve.model_name": SERVED, "serve.access_log": False,
         })
@@ -386,8 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         args.load = [os.getloadavg()[0]]
         count = TokenCounter(model_dir)
         servers = []
-        ingress = haproxy_env()
-        with environment(ingress):
+        with environment(ingress_env(Config())) as ingress:  # HAProxy, as `crlft serve` starts it
             ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
         stack.callback(shutdown)
         crlft = crlft_servers(model_dir, args.precision, Path(scratch) / "state", args.kv_cache_gib)

@@ -29,7 +29,7 @@ from crlft.config import suboptimal_of
 from crlft.conversation import ClassRules, Conversation, Message, iter_file
 from crlft.errors import CrlftError
 from crlft.export import ExportedModel, ModelMeta
-from crlft.generate import BatchGenerator, GenerationRequest, SamplingParams, context_length, stop_token_ids
+from crlft.generate import BatchGenerator, GenerationRequest, SamplingParams, context_length
 from crlft.synth import EvalItem, score
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -78,11 +78,6 @@ def _fit(ids: list[int], keep: int, bos: list[int]) -> list[int]:
     return bos + ids[len(ids) - (keep - len(bos)):]
 
 
-def stop_ids(exported: ExportedModel) -> list[int]:
-    """The tokens the serving engines stop on (`stop_token_ids`), for an exported model."""
-    return stop_token_ids(exported.template_tokenizer, exported.model.generation_config.eos_token_id)
-
-
 def answer_text(tokenizer: PreTrainedTokenizerBase, token_ids: Sequence[int], stops: Collection[int]) -> str:
     """The tokens before the first stop token as text, stripped; decoded as the endpoint's `StopText` decodes (no
     special tokens, no clean-up of spaces), so every decoder's answers read the same."""
@@ -93,7 +88,7 @@ def answer_text(tokenizer: PreTrainedTokenizerBase, token_ids: Sequence[int], st
 def batch_decoder(exported: ExportedModel, batch_size: int = 16) -> Decoder:
     """crlft's continuous-batching engine, as the `transformers` serving engine runs it (the same stop tokens and
     context), greedy, `batch_size` sequences at a time: the model's own device and number type."""
-    stops = stop_ids(exported)
+    stops = exported.stop_ids
     engine = BatchGenerator(exported.model, exported.tokenizer, stops, max_batch_size=batch_size,
                             context_len=_context_limit(exported))  # fmt: skip
 

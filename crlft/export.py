@@ -94,6 +94,13 @@ class ExportedModel:
     template_tokenizer: TemplateTokenizer
     path: Path
 
+    @property
+    def stop_ids(self) -> list[int]:
+        """The tokens every decoder stops on: the end of turn and the model's own end of sequence."""
+        from crlft.generate import stop_token_ids
+
+        return stop_token_ids(self.template_tokenizer, self.model.generation_config.eos_token_id)
+
 
 def load_exported(model_dir: str | Path, **load_kwargs: Any) -> ExportedModel:
     from crlft.model import load_model_and_tokenizer

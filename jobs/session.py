@@ -31,23 +31,25 @@ def local_cpus(cfg: Config) -> int:
     return max(os.cpu_count() or 1, needed) + LOCAL_SPARE_CPUS
 
 
-def haproxy_env() -> dict[str, str]:
-    """The environment a local Ray needs at start for Serve's HAProxy ingress. HAProxy's own pages and Serve's fallback
-    proxy get free ports, not Ray's fixed ones, so that local sessions can run side by side; a replica leaving holds
-    on 3 s, not 30, for HAProxy on the same machine to let go of it."""
+def ingress_env(cfg: Config) -> dict[str, str]:
+    """The environment a local Ray needs at start for `serve.ingress`. For HAProxy: HAProxy's own pages and Serve's
+    fallback proxy get free ports, not Ray's fixed ones, so that local sessions can run side by side; a replica leaving
+    holds on 3 s, not 30, for HAProxy on the same machine to let go of it. Serve's proxy needs nothing."""
+    if cfg.serve.ingress != "haproxy":
+        return {}
     return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3",
             "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
             "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
 
 
 @contextlib.contextmanager
-def environment(extra: Mapping[str, str]) -> Iterator[None]:
+def environment(extra: Mapping[str, str]) -> Iterator[dict[str, str]]:
     """`extra` in os.environ for the block (a variable already set keeps its value), as it was after: Ray's processes,
-    started in the block, inherit it; this process's later children do not."""
+    started in the block, inherit it; this process's later children do not. Yields the values in effect."""
     added = {name: value for name, value in extra.items() if name not in os.environ}
     os.environ.update(added)
     try:
-        yield
+        yield {name: os.environ[name] for name in extra}
     finally:
         for name in added:
             os.environ.pop(name, None)
@@ -67,7 +69,7 @@ def start_ray(cfg: Config | None = None, address: str | None = None) -> tuple[bo
         return True, None
     cfg = cfg or Config()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, loopback-only session; clusters keep their auth
-    with environment(haproxy_env() if cfg.serve.ingress == "haproxy" else {}):
+    with environment(ingress_env(cfg)):
         context = ray.init(num_cpus=local_cpus(cfg), include_dashboard=True, dashboard_host="127.0.0.1",
                            dashboard_port=free_port(), logging_level=logging.WARNING)  # fmt: skip
     return True, f"http://{context.dashboard_url}" if context.dashboard_url else None

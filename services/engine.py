@@ -38,7 +38,6 @@ from crlft.generate import (
     GenerationRequest,
     SamplingParams,
     context_length,
-    stop_token_ids,
 )
 from crlft.template import TemplateTokenizer
 
@@ -154,9 +153,10 @@ def vllm_installed() -> bool:
 
 
 def choose_engine(requested: str, device: str) -> EngineKind:
-    """`auto` is vLLM on GPUs where it is installed, and crlft's engine on CPUs: there vLLM's CPU build measured no
-    faster behind this endpoint in float32 (SmolLM2-135M 1.01x, the tiny model 0.97x: benchmarks/RESULTS.md) and starts
-    slower. Asking for vLLM where it is missing is an error that says how to install it."""
+    """`auto` is vLLM on GPUs where it is installed, and crlft's engine on CPUs: there vLLM's CPU build measured at most
+    a little faster behind this endpoint in float32 (SmolLM2-135M 1.11x and 1.02x, the tiny model 0.95x and 0.96x:
+    benchmarks/RESULTS.md) and starts slower. Asking for vLLM where it is missing is an error that says how to
+    install it."""
     if requested == "vllm" and not vllm_installed():
         raise CrlftError(f"serve.engine=vllm, but vLLM is not installed: {VLLM_INSTALL_HINT}")
     if requested == "vllm" or (requested == "auto" and device.startswith("cuda") and vllm_installed()):
@@ -190,8 +190,7 @@ class TransformersEngine:
         self.meta = exported.meta
         self.template_tokenizer = exported.template_tokenizer
         self.context_len = context_length(model.config, exported.tokenizer)
-        stops = stop_token_ids(exported.template_tokenizer, model.generation_config.eos_token_id)
-        engine = BatchGenerator(model, exported.tokenizer, stops, max_batch_size=settings.max_batch_size,
+        engine = BatchGenerator(model, exported.tokenizer, exported.stop_ids, max_batch_size=settings.max_batch_size,
                                 context_len=self.context_len)
         self.loop = EngineLoop(engine, batch_wait_s=settings.batch_wait_s)
 

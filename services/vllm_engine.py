@@ -24,11 +24,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import AutoConfig, GenerationConfig
 
 from crlft.export import read_meta
 from crlft.generate import Completion, SamplingParams, StopText, context_length, stop_token_ids
-from crlft.model import load_tokenizer
+from crlft.model import load_tokenizer, parameter_count
 from crlft.template import TemplateTokenizer
 from services.engine import EngineKind, EngineSettings, Generation
 
@@ -59,16 +60,32 @@ def engine_arguments(path: Path, settings: EngineSettings, context_len: int) -> 
     }
 
 
-def use_replica_cpus() -> None:
+# A float32 model this large waits on its forward passes, not on the replica's Python: its engine gets every CPU of the
+# replica. Measured on 2 CPUs (benchmarks/RESULTS.md): SmolLM2-135M in float32 1.2x the tokens/s of one thread; the
+# tiny 1M model 0.66x, and SmolLM2 in bf16 (AMX matrix units: forward passes 2-3x cheaper) 0.83x in one run, since
+# there the second thread took the core the replica's frontend needed. The cut lies between 1M and 135M, where a
+# token's float32 forward pass (about 0.05 ms per million parameters here) outweighs the frontend's share (about
+# 0.5 ms).
+FORWARD_BOUND_PARAMETERS = 30_000_000
+
+
+def engine_threads(cpus: int, parameters: int, dtype: torch.dtype) -> int:
+    """vLLM's model threads on `cpus` CPUs: all of them for a model whose forward passes dominate, else one left to
+    the frontend (as vLLM's own pinning leaves one core)."""
+    forward_bound = dtype == torch.float32 and parameters >= FORWARD_BOUND_PARAMETERS
+    return cpus if forward_bound else max(1, cpus - 1)
+
+
+def use_replica_cpus(parameters: int, dtype: torch.dtype) -> None:
     """vLLM on CPU pins its model threads to the node's first cores, every engine on the node to the same ones,
-    whatever CPUs Ray gave each replica. Unpinned instead, with one thread fewer than the replica's CPUs (Ray puts
-    them in OMP_NUM_THREADS): the one left is the replica's own, as vLLM's pinning leaves one core to its frontend.
-    The engine core inherits this process's environment; a user's own VLLM_CPU_OMP_THREADS_BIND is kept."""
+    whatever CPUs Ray gave each replica. Unpinned instead, `engine_threads` of the replica's CPUs (Ray puts them in
+    OMP_NUM_THREADS). The engine core inherits this process's environment; a user's own VLLM_CPU_OMP_THREADS_BIND is
+    kept."""
     if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
         return
     cpus = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
-    os.environ["OMP_NUM_THREADS"] = str(max(1, cpus - 1))
+    os.environ["OMP_NUM_THREADS"] = str(engine_threads(cpus, parameters, dtype))
 
 
 class VllmEngine:
@@ -84,7 +101,7 @@ class VllmEngine:
         self.context_len = context_length(AutoConfig.from_pretrained(path), tokenizer)
         self.stop_ids = stop_token_ids(self.template_tokenizer, eos_token_ids(path))
         if settings.device == "cpu":
-            use_replica_cpus()
+            use_replica_cpus(parameter_count(str(path)), settings.dtype)
         args = AsyncEngineArgs(**engine_arguments(path, settings, self.context_len), disable_log_stats=True)
         self._llm = AsyncLLM.from_engine_args(args)
         self._in_flight: set[asyncio.Task[None]] = set()

