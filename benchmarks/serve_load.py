@@ -13,7 +13,8 @@ In one run, on the same exported folder and the same prompts, five OpenAI-compat
 - `transformers-serve`: `transformers serve --continuous-batching`, the peer for the transformers engine.
 
 Each round measures every server in turn (the order rotates between rounds, since on a shared machine the load of
-other work drifts): C streamed greedy requests at a time, `--requests` in all. Reported per server (medians of the
+other work drifts): C streamed greedy requests at a time, `--requests` in all, after each server has once served C
+requests at that load (first touches are not steady state). Reported per server (medians of the
 rounds): output tokens/s (from each answer's usage where the server reports it, else the answer re-tokenized),
 p50/p99 latency and time to first token, errors by kind. Ratios: crlft-vllm against standalone vLLM (goal >= 0.9x)
 and against transformers serve (goal >= 1.2x). Before the load, every server answers the same prompts greedily and
@@ -22,9 +23,8 @@ agreement column (float32 servers should agree; bf16 shows what the number type 
 
 Servers get the same CPUs and priority: each endpoint replica 2 CPUs (torch threads 2), standalone vLLM as many model
 threads as the endpoint gives its vLLM engine (`services.vllm_engine.engine_threads`: both cores for a real model in
-float32, else one, as vLLM's own default), pinned by vLLM; transformers serve torch's default threads; the peers run at
-the niceness Ray gives its workers. Exit
-status 1 when a goal is missed or any request got a 5xx.
+float32, else one, as vLLM's own default), pinned by vLLM; transformers serve torch's default threads; the peers run
+at the niceness Ray gives its workers. Exit status 1 when a goal is missed or any request got a 5xx.
 """
 
 from __future__ import annotations
@@ -411,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
         answers = {s.name: greedy_answers(s, texts, args.max_tokens) for s in servers}
         agreement = {name: sum(a == b for a, b in zip(ans, reference, strict=True)) / len(texts)
                      for name, ans in answers.items()}
+        for server in servers:  # first touch at the measured load: kernels for its batch shapes, the cache's pages
+            asyncio.run(load_level(server, args.concurrency, args.concurrency, args.max_tokens, count))
         levels: list[LevelResult] = []
         for r in range(args.rounds):
             for server in servers[r % len(servers):] + servers[: r % len(servers)]:

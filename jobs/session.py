@@ -43,16 +43,20 @@ def ingress_env(cfg: Config) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def environment(extra: Mapping[str, str]) -> Iterator[dict[str, str]]:
-    """`extra` in os.environ for the block (a variable already set keeps its value), as it was after: Ray's processes,
-    started in the block, inherit it; this process's later children do not. Yields the values in effect."""
-    added = {name: value for name, value in extra.items() if name not in os.environ}
-    os.environ.update(added)
+def environment(extra: Mapping[str, str], override: bool = False) -> Iterator[dict[str, str]]:
+    """`extra` in os.environ for the block (a variable already set keeps its value unless `override`), as it was
+    after: processes started in the block (Ray's, vLLM's) inherit it; this process's later children do not. Yields
+    the values in effect."""
+    before = {name: os.environ.get(name) for name in extra}
+    os.environ.update({name: value for name, value in extra.items() if override or before[name] is None})
     try:
         yield {name: os.environ[name] for name in extra}
     finally:
-        for name in added:
-            os.environ.pop(name, None)
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def start_ray(cfg: Config | None = None, address: str | None = None) -> tuple[bool, str | None]:

@@ -47,7 +47,7 @@ from crlft.registry import champion_uri
 from crlft.tracking import OFFLINE_ENV, set_offline_defaults
 from services import protocol
 from services.engine import EngineSettings, Generation
-from services.metrics import metrics
+from services.metrics import RequestCounter, metrics
 from services.models import LoadedModel, default_watch_s, load_model, model_revision, resolve_model_uri, served_name
 from services.page import add_chat_page
 from services.protocol import ApiError
@@ -124,11 +124,7 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error.body(), status_code=500)
 
 
-@fastapi_app.middleware("http")
-async def _count(request: Request, call_next: Any) -> Response:
-    response = await call_next(request)
-    metrics().requests.labels(metrics().route(request.url.path), str(response.status_code)).inc()
-    return response
+fastapi_app.add_middleware(RequestCounter)
 
 
 def admitted_per_replica(s: ServeConfig) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 ROUTES = ("/v1/chat/completions", "/v1/models", "/healthz", "/readyz", "/metrics")
 BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -41,3 +42,33 @@ def metrics() -> Metrics:
     if _metrics is None:
         _metrics = Metrics()
     return _metrics
+
+
+class RequestCounter:
+    """ASGI middleware counting every HTTP answer by route and status code, when its headers go out (an exception
+    before them counts as the 500 it becomes). Plain ASGI: Starlette's `@app.middleware("http")` would carry each
+    streamed piece through an extra task and memory stream."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = metrics().route(scope["path"])
+        started = False
+
+        async def send_counted(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                metrics().requests.labels(route, str(message["status"])).inc()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        except Exception:
+            if not started:
+                metrics().requests.labels(route, "500").inc()
+            raise

@@ -23,7 +23,7 @@ from crlft.generate import context_length, stop_token_ids
 from crlft.model import load_tokenizer
 from crlft.template import TemplateTokenizer
 from services.engine import EngineSettings
-from services.vllm_engine import engine_arguments, eos_token_ids
+from services.vllm_engine import cpu_threads, engine_arguments, eos_token_ids
 
 
 class VllmDecoder:
@@ -36,7 +36,8 @@ class VllmDecoder:
         self.tokenizer = load_tokenizer(str(path), meta.template.end_of_turn)
         self.stop_ids = stop_token_ids(TemplateTokenizer(meta.template, self.tokenizer), eos_token_ids(path))
         self.context_len = context_length(AutoConfig.from_pretrained(path), self.tokenizer)
-        self._llm: Any = LLM(**engine_arguments(path, settings, self.context_len))
+        with cpu_threads(path, settings):
+            self._llm: Any = LLM(**engine_arguments(path, settings, self.context_len))
 
     def __call__(self, prompts: Sequence[list[int]], max_new_tokens: int) -> list[str]:
         from vllm import SamplingParams

@@ -20,7 +20,7 @@ import contextlib
 import logging
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from crlft.export import read_meta
 from crlft.generate import Completion, SamplingParams, StopText, context_length, stop_token_ids
 from crlft.model import load_tokenizer, parameter_count
 from crlft.template import TemplateTokenizer
+from jobs.session import environment
 from services.engine import EngineKind, EngineSettings, Generation
 
 logger = logging.getLogger("ray.serve")
@@ -76,16 +77,25 @@ def engine_threads(cpus: int, parameters: int, dtype: torch.dtype) -> int:
     return cpus if forward_bound else max(1, cpus - 1)
 
 
-def use_replica_cpus(parameters: int, dtype: torch.dtype) -> None:
-    """vLLM on CPU pins its model threads to the node's first cores, every engine on the node to the same ones,
-    whatever CPUs Ray gave each replica. Unpinned instead, `engine_threads` of the replica's CPUs (Ray puts them in
-    OMP_NUM_THREADS). The engine core inherits this process's environment; a user's own VLLM_CPU_OMP_THREADS_BIND is
-    kept."""
-    if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+@contextlib.contextmanager
+def cpu_threads(path: Path, settings: EngineSettings) -> Iterator[None]:
+    """While vLLM starts its engine processes on the CPU (they inherit this environment). vLLM on CPU pins its model
+    threads to the node's first cores, every engine on the node to the same ones, whatever CPUs Ray gave each replica.
+    Unpinned instead, `engine_threads` of this process's CPUs (Ray puts a replica's in OMP_NUM_THREADS). A user's own
+    VLLM_CPU_OMP_THREADS_BIND is kept; the environment is as before afterwards."""
+    if settings.device != "cpu" or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        yield
         return
+    from vllm.utils.torch_utils import OMP_NUM_THREADS_SET_BY_VLLM
+
     cpus = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
-    os.environ["OMP_NUM_THREADS"] = str(engine_threads(cpus, parameters, dtype))
+    threads = engine_threads(cpus, parameter_count(str(path)), settings.dtype)
+    # Marked as vLLM's own choice (as when vLLM pins), OMP_NUM_THREADS sizes only the model's threads and the engine
+    # core, which only schedules, drops to one: left at the count, it took 9-18% of a core under load on 2 CPUs
+    # (SmolLM2 float32; standalone vLLM's 4-5%), from the cores the model's threads run on; marked, 6-7%.
+    started = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(threads), OMP_NUM_THREADS_SET_BY_VLLM: "1"}
+    with environment(started, override=True):
+        yield
 
 
 class VllmEngine:
@@ -100,10 +110,9 @@ class VllmEngine:
         self.template_tokenizer = TemplateTokenizer(self.meta.template, tokenizer)
         self.context_len = context_length(AutoConfig.from_pretrained(path), tokenizer)
         self.stop_ids = stop_token_ids(self.template_tokenizer, eos_token_ids(path))
-        if settings.device == "cpu":
-            use_replica_cpus(parameter_count(str(path)), settings.dtype)
         args = AsyncEngineArgs(**engine_arguments(path, settings, self.context_len), disable_log_stats=True)
-        self._llm = AsyncLLM.from_engine_args(args)
+        with cpu_threads(path, settings):
+            self._llm = AsyncLLM.from_engine_args(args)
         self._in_flight: set[asyncio.Task[None]] = set()
         self._draining = False
         self._closed = False

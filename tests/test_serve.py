@@ -116,28 +116,43 @@ def test_a_stream_joins_the_pieces_of_an_interval_but_sends_a_choice_s_end_at_on
     assert end_at < 1.0  # and the end does not wait out the 5 s interval
 
 
-def test_vllm_on_cpu_runs_unpinned_on_the_replica_s_cpus_all_of_them_for_a_real_float32_model_unless_pinned(
-    monkeypatch: pytest.MonkeyPatch,
+def test_vllm_on_cpu_starts_unpinned_on_the_replica_s_cpus_all_of_them_for_a_real_float32_model_unless_pinned(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
 ) -> None:
     pytest.importorskip("vllm", reason="vLLM comes with the vllm extra: make install")
     import torch
+    from transformers import LlamaConfig
+    from vllm.utils.torch_utils import OMP_NUM_THREADS_SET_BY_VLLM
 
-    from services.vllm_engine import use_replica_cpus
+    from services.engine import EngineSettings
+    from services.vllm_engine import cpu_threads
 
-    def threads(parameters: int, dtype: torch.dtype) -> str:
-        monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    shapes = {"smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                              num_key_value_heads=3, vocab_size=49152),  # 135M parameters
+              "toy": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          vocab_size=1000)}  # fmt: skip
+    for name, shape in shapes.items():
+        LlamaConfig(**shape).save_pretrained(tmp_path / name)
+
+    def threads(model: str, dtype: torch.dtype) -> str:
         monkeypatch.setenv("OMP_NUM_THREADS", "4")  # what Ray sets for a replica with 4 CPUs
-        use_replica_cpus(parameters, dtype)
-        assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
-        return os.environ["OMP_NUM_THREADS"]
+        with cpu_threads(tmp_path / model, EngineSettings("vllm", "cpu", dtype, 8, 0.0, 1.0)):
+            assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+            assert os.environ[OMP_NUM_THREADS_SET_BY_VLLM] == "1"  # the engine core, which only schedules: 1 thread
+            started_with = os.environ["OMP_NUM_THREADS"]
+        assert os.environ["OMP_NUM_THREADS"] == "4"
+        assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ and OMP_NUM_THREADS_SET_BY_VLLM not in os.environ
+        return started_with
 
-    assert threads(135_000_000, torch.float32) == "4"  # SmolLM2-135M: its forward passes are the work
-    assert threads(1_000_000, torch.float32) == "3"  # a toy model: one CPU left to the replica's frontend
-    assert threads(135_000_000, torch.bfloat16) == "3"  # bf16 forward passes are cheap enough for the frontend to count
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.delenv(OMP_NUM_THREADS_SET_BY_VLLM, raising=False)
+    assert threads("smollm2", torch.float32) == "4"  # its forward passes are the work
+    assert threads("toy", torch.float32) == "3"  # one CPU left to the replica's frontend
+    assert threads("smollm2", torch.bfloat16) == "3"  # bf16 forward passes are cheap enough for the frontend to count
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    use_replica_cpus(135_000_000, torch.float32)
-    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0-1" and os.environ["OMP_NUM_THREADS"] == "2"
+    with cpu_threads(tmp_path / "smollm2", EngineSettings("vllm", "cpu", torch.float32, 8, 0.0, 1.0)):
+        assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0-1" and os.environ["OMP_NUM_THREADS"] == "2"
 
 
 def test_api_keys_are_compared_against_every_key() -> None:
@@ -145,6 +160,39 @@ def test_api_keys_are_compared_against_every_key() -> None:
 
     keys = [k.encode() for k in TIGHT_KEYS]
     assert key_matches("key-two", keys) and not key_matches("key-three", keys) and not key_matches("", keys)
+
+
+def test_every_answer_is_counted_once_by_route_and_status_streamed_refused_or_failed() -> None:
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse, StreamingResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from services.metrics import RequestCounter, metrics
+
+    async def pieces() -> Any:
+        for piece in ("a", "b", "c"):
+            yield piece
+
+    def fails(_: Any) -> None:
+        raise RuntimeError("boom")
+
+    app = Starlette(routes=[Route("/v1/models", lambda _: StreamingResponse(pieces())),
+                            Route("/readyz", lambda _: PlainTextResponse("loading", status_code=503)),
+                            Route("/healthz", fails)])
+    app.add_middleware(RequestCounter)
+
+    def count(route: str, status: str) -> float:
+        return metrics().registry.get_sample_value("crlft_requests_total", {"route": route, "status": status}) or 0
+
+    before = [count("/v1/models", "200"), count("/readyz", "503"), count("/healthz", "500"), count("other", "404")]
+    with TestClient(app, raise_server_exceptions=False) as http:
+        assert http.get("/v1/models").text == "abc"
+        assert http.get("/readyz").status_code == 503
+        assert http.get("/healthz").status_code == 500
+        assert http.get("/nowhere").status_code == 404
+    after = [count("/v1/models", "200"), count("/readyz", "503"), count("/healthz", "500"), count("other", "404")]
+    assert [b - a for a, b in zip(before, after, strict=True)] == [1, 1, 1, 1]
 
 
 def test_the_example_serve_config_is_valid_and_builds_the_app(tmp_path: Path) -> None:
