@@ -15,15 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoConfig
-
 from crlft.evaluate import answer_text
-from crlft.export import read_meta
-from crlft.generate import context_length, stop_token_ids
-from crlft.model import load_tokenizer
-from crlft.template import TemplateTokenizer
 from services.engine import EngineSettings
-from services.vllm_engine import cpu_threads, engine_arguments, eos_token_ids
+from services.vllm_engine import ModelFolder, cpu_threads, engine_arguments
 
 
 class VllmDecoder:
@@ -32,21 +26,20 @@ class VllmDecoder:
     def __init__(self, path: Path, settings: EngineSettings) -> None:
         from vllm import LLM
 
-        meta = read_meta(path)
-        self.tokenizer = load_tokenizer(str(path), meta.template.end_of_turn)
-        self.stop_ids = stop_token_ids(TemplateTokenizer(meta.template, self.tokenizer), eos_token_ids(path))
-        self.context_len = context_length(AutoConfig.from_pretrained(path), self.tokenizer)
+        self.folder = ModelFolder.read(path)
         with cpu_threads(path, settings):
-            self._llm: Any = LLM(**engine_arguments(path, settings, self.context_len))
+            self._llm: Any = LLM(**engine_arguments(path, settings, self.folder.context_len))
 
     def __call__(self, prompts: Sequence[list[int]], max_new_tokens: int) -> list[str]:
         from vllm import SamplingParams
 
+        folder = self.folder
         # As the replica does: an answer never runs past the context (vLLM would refuse the request).
-        params = [SamplingParams(temperature=0.0, max_tokens=max(1, min(max_new_tokens, self.context_len - len(p))),
-                                 stop_token_ids=self.stop_ids, detokenize=False) for p in prompts]  # fmt: skip
+        params = [SamplingParams(temperature=0.0, max_tokens=max(1, min(max_new_tokens, folder.context_len - len(p))),
+                                 stop_token_ids=folder.stop_ids, detokenize=False) for p in prompts]  # fmt: skip
         outputs = self._llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
-        return [answer_text(self.tokenizer, output.outputs[0].token_ids, self.stop_ids) for output in outputs]
+        tokenizer = folder.template_tokenizer.tokenizer
+        return [answer_text(tokenizer, output.outputs[0].token_ids, folder.stop_ids) for output in outputs]
 
     def close(self) -> None:
         """Stop vLLM's engine process now (the offline `LLM` has no close of its own; it would wait for collection)."""

@@ -21,13 +21,14 @@ import logging
 import os
 import uuid
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoConfig, GenerationConfig
 
-from crlft.export import read_meta
+from crlft.export import ModelMeta, read_meta
 from crlft.generate import Completion, SamplingParams, StopText, context_length, stop_token_ids
 from crlft.model import load_tokenizer, parameter_count
 from crlft.template import TemplateTokenizer
@@ -44,6 +45,24 @@ def eos_token_ids(path: Path) -> int | list[int] | None:
         return GenerationConfig.from_pretrained(path).eos_token_id
     except OSError:  # no generation_config.json: the end-of-turn token alone
         return None
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """What crlft reads itself from a folder vLLM serves with its tokenizer skipped: the template, the tokens that end
+    an answer, the context length. The replica and evaluation's decoder read them alike."""
+
+    meta: ModelMeta
+    template_tokenizer: TemplateTokenizer
+    stop_ids: list[int]
+    context_len: int
+
+    @classmethod
+    def read(cls, path: Path) -> ModelFolder:
+        meta = read_meta(path)
+        template_tokenizer = TemplateTokenizer(meta.template, load_tokenizer(str(path), meta.template.end_of_turn))
+        context_len = context_length(AutoConfig.from_pretrained(path), template_tokenizer.tokenizer)
+        return cls(meta, template_tokenizer, stop_token_ids(template_tokenizer, eos_token_ids(path)), context_len)
 
 
 def engine_arguments(path: Path, settings: EngineSettings, context_len: int) -> dict[str, Any]:
@@ -105,11 +124,9 @@ class VllmEngine:
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        self.meta = read_meta(path)
-        tokenizer = load_tokenizer(str(path), self.meta.template.end_of_turn)
-        self.template_tokenizer = TemplateTokenizer(self.meta.template, tokenizer)
-        self.context_len = context_length(AutoConfig.from_pretrained(path), tokenizer)
-        self.stop_ids = stop_token_ids(self.template_tokenizer, eos_token_ids(path))
+        folder = ModelFolder.read(path)
+        self.meta, self.template_tokenizer = folder.meta, folder.template_tokenizer
+        self.context_len, self.stop_ids = folder.context_len, folder.stop_ids
         args = AsyncEngineArgs(**engine_arguments(path, settings, self.context_len), disable_log_stats=True)
         with cpu_threads(path, settings):
             self._llm = AsyncLLM.from_engine_args(args)
