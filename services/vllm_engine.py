@@ -97,24 +97,24 @@ def engine_threads(cpus: int, parameters: int, dtype: torch.dtype) -> int:
 
 
 @contextlib.contextmanager
-def cpu_threads(path: Path, settings: EngineSettings) -> Iterator[None]:
-    """While vLLM starts its engine processes on the CPU (they inherit this environment). vLLM on CPU pins its model
-    threads to the node's first cores, every engine on the node to the same ones, whatever CPUs Ray gave each replica.
-    Unpinned instead, `engine_threads` of this process's CPUs (Ray puts a replica's in OMP_NUM_THREADS). A user's own
-    VLLM_CPU_OMP_THREADS_BIND is kept; the environment is as before afterwards."""
+def cpu_threads(path: Path, settings: EngineSettings) -> Iterator[bool]:
+    """While vLLM starts its engine processes on the CPU (they inherit this environment); yields whether they run
+    unpinned. vLLM on CPU pins its model threads to the node's first cores, every engine on the node to the same ones,
+    whatever CPUs Ray gave each replica. Unpinned instead, `engine_threads` of this process's CPUs (Ray puts a
+    replica's in OMP_NUM_THREADS). A user's own VLLM_CPU_OMP_THREADS_BIND is kept; the environment is as before
+    afterwards."""
     if settings.device != "cpu" or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
-        yield
+        yield False
         return
     from vllm.utils.torch_utils import OMP_NUM_THREADS_SET_BY_VLLM
 
     cpus = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
     threads = engine_threads(cpus, parameter_count(str(path)), settings.dtype)
-    # Marked as vLLM's own choice (as when vLLM pins), OMP_NUM_THREADS sizes only the model's threads and the engine
-    # core, which only schedules, drops to one: left at the count, it took 9-18% of a core under load on 2 CPUs
-    # (SmolLM2 float32; standalone vLLM's 4-5%), from the cores the model's threads run on; marked, 6-7%.
+    # Marked as vLLM's own choice (as when vLLM pins), OMP_NUM_THREADS sizes only the model's threads; an engine core
+    # that only schedules (the model in a worker process of its own) drops to one thread.
     started = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(threads), OMP_NUM_THREADS_SET_BY_VLLM: "1"}
     with environment(started, override=True):
-        yield
+        yield True
 
 
 class VllmEngine:
@@ -127,9 +127,16 @@ class VllmEngine:
         folder = ModelFolder.read(path)
         self.meta, self.template_tokenizer = folder.meta, folder.template_tokenizer
         self.context_len, self.stop_ids = folder.context_len, folder.stop_ids
-        args = AsyncEngineArgs(**engine_arguments(path, settings, self.context_len), disable_log_stats=True)
-        with cpu_threads(path, settings):
-            self._llm = AsyncLLM.from_engine_args(args)
+        args = AsyncEngineArgs(**engine_arguments(path, settings, self.context_len))
+        with cpu_threads(path, settings) as unpinned:
+            config = args.create_engine_config()
+            if unpinned:
+                # The model in the engine core's process, as vLLM runs one GPU ("uni"). vLLM on CPU puts it in a worker
+                # process, which its pinning needs, and the engine core waits on that worker by spinning: 9-11% of a
+                # core under load here, taken from the model's threads. Measured on 2 CPUs (benchmarks/RESULTS.md):
+                # SmolLM2-135M in float32, 1.23x the tokens/s.
+                config.parallel_config.distributed_executor_backend = "uni"
+            self._llm = AsyncLLM.from_vllm_config(config, disable_log_stats=True)
         self._in_flight: set[asyncio.Task[None]] = set()
         self._draining = False
         self._closed = False

@@ -565,6 +565,28 @@ def test_health_readiness_and_metrics(stack: dict[str, Any]) -> None:
     assert "crlft_time_to_first_token_seconds_bucket" in text and "crlft_request_latency_seconds_bucket" in text
 
 
+def test_vllm_on_cpu_runs_the_model_in_its_engine_core_with_no_worker_process_to_wait_on(
+    stack: dict[str, Any],
+) -> None:
+    """vLLM on CPU would put the model in a worker process and have its engine core spin while it waits on it."""
+    if stack["engine"] != "vllm":
+        pytest.skip("the vLLM engine's processes")
+    import psutil
+
+    def named(name: str) -> list[psutil.Process]:
+        found = []
+        for process in psutil.process_iter(["cmdline"]):
+            if (process.info["cmdline"] or [""])[0].startswith(name):
+                found.append(process)
+        return found
+
+    replicas = named("ray::ServeReplica:")
+    engine_cores = [p for p in named("VLLM::EngineCore") if p.parent() in replicas]
+    assert len(engine_cores) == 2  # the main app's and the tight one's
+    workers = named("VLLM::Worker")
+    assert not [w for w in workers if w.parent() in engine_cores]
+
+
 @dataclass
 class Served:
     started: float
