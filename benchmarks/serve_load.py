@@ -354,10 +354,12 @@ def report(levels: list[LevelResult], agreement: dict[str, float], args: argpars
         "crlft-vllm / transformers-serve": _round_ratio(by_name, "crlft-vllm", "transformers-serve"),
         "crlft-vllm / crlft-vllm-serve-proxy": _round_ratio(by_name, "crlft-vllm", "crlft-vllm-serve-proxy"),
         "crlft-transformers / transformers-serve": _round_ratio(by_name, "crlft-transformers", "transformers-serve"),
+        "crlft-vllm / crlft-transformers": _round_ratio(by_name, "crlft-vllm", "crlft-transformers"),  # serve.engine
     }
     lines += ["", "| ratio (output tok/s, same round) | median | rounds |", "| --- | ---: | --- |"]
     for label, values in ratios.items():
-        lines.append(f"| {label} | {median(values):.2f}x | {', '.join(f'{v:.2f}' for v in values)} |")
+        if values:  # both servers ran (--servers)
+            lines.append(f"| {label} | {median(values):.2f}x | {', '.join(f'{v:.2f}' for v in values)} |")
     return "\n".join(lines), ratios
 
 

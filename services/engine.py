@@ -153,10 +153,10 @@ def vllm_installed() -> bool:
 
 
 def choose_engine(requested: str, device: str) -> EngineKind:
-    """`auto` is vLLM on GPUs where it is installed, and crlft's engine on CPUs: there vLLM's CPU build measured at most
-    a little faster behind this endpoint in float32 (SmolLM2-135M 1.11x and 1.02x, the tiny model 0.95x and 0.96x:
-    benchmarks/RESULTS.md) and starts slower. Asking for vLLM where it is missing is an error that says how to
-    install it."""
+    """`auto` is vLLM on GPUs where it is installed, and crlft's engine on CPUs, where it starts in seconds against
+    vLLM's 40 s (vLLM's CPU build now generates faster behind this endpoint, SmolLM2-135M 2.02x in float32:
+    benchmarks/RESULTS.md; the demo and the tests, which start many engines, still take crlft's). Asking for vLLM where
+    it is missing is an error that says how to install it."""
     if requested == "vllm" and not vllm_installed():
         raise CrlftError(f"serve.engine=vllm, but vLLM is not installed: {VLLM_INSTALL_HINT}")
     if requested == "vllm" or (requested == "auto" and device.startswith("cuda") and vllm_installed()):
