@@ -16,10 +16,11 @@ Each round measures every server in turn (the order rotates between rounds, sinc
 other work drifts): C streamed greedy requests at a time, `--requests` in all, after each server has once served C
 requests at that load (first touches are not steady state). Reported per server (medians of the rounds): output
 tokens/s (from each answer's usage where the server reports it, else the answer re-tokenized), p50/p99 latency and
-time to first token, errors by kind. Ratios: crlft-vllm against standalone vLLM (goal >= 0.9x)
-and against transformers serve (goal >= 1.2x). Before the load, every server answers the same prompts greedily and
-non-streamed: the share of answers equal to crlft's transformers engine in float32 (run in this process) is the
-agreement column (float32 servers should agree; bf16 shows what the number type changes).
+time to first token, errors by kind. Ratios, for the servers that ran: crlft-vllm against standalone vLLM (goal >=
+0.9x) and against transformers serve (goal >= 1.2x), and the endpoint's two engines against each other. Before the
+load, every server answers the same prompts greedily and non-streamed: the share of answers equal to crlft's
+transformers engine in float32 (run in this process) is the agreement column (float32 servers should agree; bf16
+shows what the number type changes).
 
 Servers get the same CPUs and priority: each endpoint replica 2 CPUs (torch threads 2), standalone vLLM as many model
 threads as the endpoint gives its vLLM engine (`services.vllm_engine.engine_threads`: both cores for a real model in
