@@ -152,8 +152,8 @@ class ServeConfig(_Strict):
     max_new_tokens: int = Field(256, description="default answer length limit")
     engine: Literal["auto", "vllm", "transformers"] = Field(
         "auto", description="what generates: vllm (vLLM's engine; `pip install 'crlft[vllm]'`), transformers "
-        "(crlft's continuous batching over Hugging Face forward passes), auto: vllm on GPUs where installed, "
-        "transformers on CPUs (measured as fast there, quicker to start)"
+        "(crlft's continuous batching over Hugging Face forward passes; starts in seconds), auto: vllm where "
+        "installed (measured faster on CPUs too), else transformers"
     )
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="serving number type: auto is bf16 on GPUs, fp32 on CPUs"

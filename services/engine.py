@@ -144,7 +144,7 @@ class EngineSettings:
     @classmethod
     def for_replica(cls, cfg: Config, device: str) -> EngineSettings:
         s = cfg.serve
-        return cls(choose_engine(s.engine, device), device, serving_dtype(s.precision, device), s.max_batch_size,
+        return cls(choose_engine(s.engine), device, serving_dtype(s.precision, device), s.max_batch_size,
                    s.batch_wait_timeout_s, s.vllm_kv_cache_gib)
 
 
@@ -152,16 +152,14 @@ def vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def choose_engine(requested: str, device: str) -> EngineKind:
-    """`auto` is vLLM on GPUs where it is installed, and crlft's engine on CPUs, where it starts in seconds against
-    vLLM's 40 s (vLLM's CPU build now generates faster behind this endpoint, SmolLM2-135M 2.02x in float32:
-    benchmarks/RESULTS.md; the demo and the tests, which start many engines, still take crlft's). Asking for vLLM where
-    it is missing is an error that says how to install it."""
+def choose_engine(requested: str) -> EngineKind:
+    """`auto` is vLLM wherever it is installed (`crlft[vllm]`: the CUDA build on GPUs, the CPU build on CPUs), else
+    crlft's engine. On CPUs too vLLM generates faster behind this endpoint, SmolLM2-135M in float32 2.02x crlft's
+    engine (benchmarks/RESULTS.md), for a slower start (about 40 s here against seconds). Asking for vLLM where it is
+    missing is an error that says how to install it."""
     if requested == "vllm" and not vllm_installed():
         raise CrlftError(f"serve.engine=vllm, but vLLM is not installed: {VLLM_INSTALL_HINT}")
-    if requested == "vllm" or (requested == "auto" and device.startswith("cuda") and vllm_installed()):
-        return "vllm"
-    return "transformers"
+    return "vllm" if requested == "vllm" or (requested == "auto" and vllm_installed()) else "transformers"
 
 
 def serving_dtype(precision: str, device: str) -> torch.dtype:

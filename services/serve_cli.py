@@ -31,8 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "$MLFLOW_TRACKING_URI, the local SQLite store)")
     parser.add_argument("--address", help="Ray cluster to deploy on (default: $RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--engine", choices=["auto", "vllm", "transformers"],
-                        help="what generates (default serve.engine, auto: vLLM on GPUs where installed, else crlft's "
-                        "own engine, which measured as fast on CPUs and starts in seconds)")
+                        help="what generates (default serve.engine, auto: vLLM where installed, else crlft's own "
+                        "engine, which starts in seconds where vLLM takes about 40 s on a CPU)")
     add_config_arguments(parser)
 
 
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     model = args.model or champion_uri(cfg)
     keys = [*args.api_keys, *api_keys_from_env()]
     resolve_model_uri(model, cfg, args.mlflow_uri)  # a wrong --model fails now, not after Ray has started
-    choose_engine(cfg.serve.engine, "cpu")  # vLLM asked for and missing: one line now, not after Ray has started
+    choose_engine(cfg.serve.engine)  # vLLM asked for and missing: one line now, not after Ray has started
     print(f"starting Ray Serve for {model} (serve.engine={cfg.serve.engine}) ...", file=sys.stderr, flush=True)
     started_ray, _ = start_ray(cfg, args.address)
     try:

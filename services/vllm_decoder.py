@@ -11,23 +11,32 @@ one needs an `if __name__ == "__main__":` guard.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from crlft.evaluate import answer_text
+from jobs.session import environment
 from services.engine import EngineSettings
-from services.vllm_engine import ModelFolder, cpu_threads, engine_arguments
+from services.vllm_engine import VLLM_LOG_ENV, ModelFolder, cpu_threads, engine_arguments
+
+
+def not_the_template_warmup(record: logging.LogRecord) -> bool:
+    """vLLM's offline `LLM` warms up a chat template with the tokenizer it was told to skip (prompts come as ids) and
+    logs the failure with a traceback at WARNING: nothing is missing, the lines would only alarm."""
+    return record.getMessage() != "Chat template warmup failed"
 
 
 class VllmDecoder:
     """A `crlft.evaluate.Decoder` backed by one offline vLLM engine for a model folder; `close` ends the engine."""
 
     def __init__(self, path: Path, settings: EngineSettings) -> None:
-        from vllm import LLM
-
         self.folder = ModelFolder.read(path)
-        with cpu_threads(path, settings):
+        with environment(VLLM_LOG_ENV), cpu_threads(path, settings):
+            from vllm import LLM
+
+            logging.getLogger("vllm.renderers.base").addFilter(not_the_template_warmup)  # vLLM resets levels only
             self._llm: Any = LLM(**engine_arguments(path, settings, self.folder.context_len))
 
     def __call__(self, prompts: Sequence[list[int]], max_new_tokens: int) -> list[str]:

@@ -37,6 +37,10 @@ from services.engine import EngineKind, EngineSettings, Generation
 
 logger = logging.getLogger("ray.serve")
 GIB = 2**30
+# vLLM logs its whole configuration, the weight loading and the KV cache at INFO on every engine start (some 40 lines
+# in the demo's output per engine); its warnings stay. A user's own VLLM_LOGGING_LEVEL wins. Set while vLLM is
+# imported and while it starts its engine process, which reads it.
+VLLM_LOG_ENV = {"VLLM_LOGGING_LEVEL": "WARNING"}
 
 
 def eos_token_ids(path: Path) -> int | list[int] | None:
@@ -121,12 +125,19 @@ class VllmEngine:
     kind: EngineKind = "vllm"
 
     def __init__(self, path: Path, settings: EngineSettings) -> None:
-        from vllm import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
         folder = ModelFolder.read(path)
         self.meta, self.template_tokenizer = folder.meta, folder.template_tokenizer
         self.context_len, self.stop_ids = folder.context_len, folder.stop_ids
+        with environment(VLLM_LOG_ENV):
+            self._llm = self._start(path, settings)
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._draining = False
+        self._closed = False
+
+    def _start(self, path: Path, settings: EngineSettings) -> Any:
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
         args = AsyncEngineArgs(**engine_arguments(path, settings, self.context_len))
         with cpu_threads(path, settings) as unpinned:
             config = args.create_engine_config()
@@ -136,10 +147,7 @@ class VllmEngine:
                 # core under load here, taken from the model's threads. Measured on 2 CPUs (benchmarks/RESULTS.md):
                 # SmolLM2-135M in float32, 1.23x the tokens/s.
                 config.parallel_config.distributed_executor_backend = "uni"
-            self._llm = AsyncLLM.from_vllm_config(config, disable_log_stats=True)
-        self._in_flight: set[asyncio.Task[None]] = set()
-        self._draining = False
-        self._closed = False
+            return AsyncLLM.from_vllm_config(config, disable_log_stats=True)
 
     def submit(self, prompt: Sequence[int], params: Sequence[SamplingParams], stream: bool) -> Generation:
         if self._draining:

@@ -212,6 +212,19 @@ def test_the_example_serve_config_is_valid_and_builds_the_app(tmp_path: Path) ->
         build_app({"modle": "x"})
 
 
+def test_auto_serves_with_vllm_wherever_it_is_installed_and_with_crlfts_engine_where_it_is_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from services import engine
+
+    monkeypatch.setattr(engine, "vllm_installed", lambda: True)  # as after `make install`, on a CPU or a GPU
+    assert [engine.choose_engine(r) for r in ("auto", "vllm", "transformers")] == ["vllm", "vllm", "transformers"]
+    monkeypatch.setattr(engine, "vllm_installed", lambda: False)
+    assert [engine.choose_engine(r) for r in ("auto", "transformers")] == ["transformers", "transformers"]
+    with pytest.raises(CrlftError, match=r"serve.engine=vllm, but vLLM is not installed: .*crlft\[vllm\]"):
+        engine.choose_engine("vllm")
+
+
 def test_the_deployment_takes_scaling_capacity_and_backpressure_from_the_serve_config(tmp_path: Path) -> None:
     from services.chat import BURST_FACTOR, PROBE_HEADROOM, chat_application
 
