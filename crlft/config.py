@@ -153,7 +153,7 @@ class ServeConfig(_Strict):
     engine: Literal["auto", "vllm", "transformers"] = Field(
         "auto", description="what generates: vllm (vLLM's engine; `pip install 'crlft[vllm]'`), transformers "
         "(crlft's continuous batching over Hugging Face forward passes; starts in seconds), auto: vllm where "
-        "installed (measured faster on CPUs too), else transformers"
+        "installed for the device (its CPU build on CPUs, where it measured faster too), else transformers"
     )
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="serving number type: auto is bf16 on GPUs, fp32 on CPUs"

