@@ -6,8 +6,8 @@
                [--engine auto|vllm|transformers] [--batch-size N]
 
 Suite and benchmark answers are decoded by the engine `crlft serve` would serve with here (serve.engine, auto: vLLM
-where installed, else crlft's own; serve.precision; this machine's GPU if it has one), so the accuracy that gates
-promotion is what users get.
+where installed for the device, else crlft's own; serve.precision; this machine's GPU if it has one), so the accuracy
+that gates promotion is what users get.
 
 Everything that can be wrong with the input (suite lines, held-out lines, the model URI, the tracking server, the
 benchmark files, the engine) is checked before the model runs, and MLflow is written only once every figure is
@@ -71,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR", help="where to write the results (default: <state_dir>/eval/...)")
     parser.add_argument("--engine", choices=["auto", "vllm", "transformers"],
                         help="what decodes suite and benchmark answers, as `crlft serve` would (default: serve.engine; "
-                        "auto: vLLM where installed, else crlft's own engine)")  # fmt: skip
+                        "auto: vLLM where installed for the device, else crlft's own engine)")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=16, help="sequences decoded together")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="answer length on verifiable suites")
     parser.add_argument("--bench-max-new-tokens", type=int, default=256, help="answer length on benchmarks")
@@ -192,7 +192,8 @@ def _plan(model: str | Path, suite: str | Path | None, cfg: Config, *, heldout: 
 
 def _engine_settings(cfg: Config, batch_size: int) -> EngineSettings:
     """What `crlft serve` would generate with on this machine (services.engine.EngineSettings): serve.engine (auto:
-    vLLM where installed) in serve.precision, on the GPU if there is one; `batch_size` sequences at a time."""
+    vLLM where installed for the device) in serve.precision, on the GPU if there is one; `batch_size` sequences at a
+    time."""
     import dataclasses
 
     import torch

@@ -1,9 +1,9 @@
 """The OpenAI-compatible chat endpoint on Ray Serve: `services.chat:app`, `services.chat:build_app`.
 
 One deployment (`ChatServer`, a FastAPI ingress) per application. Each replica loads the model once into an engine
-(services/engine.py: vLLM where installed, else crlft's transformers engine); requests that arrive together are
-generated together, streamed or not. Prompts are built by the model's own TemplateTokenizer (the one template), and
-the `condition` field chooses the class written into them.
+(services/engine.py: vLLM where installed for the device, else crlft's transformers engine); requests that arrive
+together are generated together, streamed or not. Prompts are built by the model's own TemplateTokenizer (the one
+template), and the `condition` field chooses the class written into them.
 
 Routes: POST /v1/chat/completions, GET /v1/models, GET /v1/models/{id}, GET /healthz (alive), GET /readyz (model
 loaded, engine running), GET /metrics (Prometheus text, this replica's counters). `/` is the chat page.

@@ -31,8 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "$MLFLOW_TRACKING_URI, the local SQLite store)")
     parser.add_argument("--address", help="Ray cluster to deploy on (default: $RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--engine", choices=["auto", "vllm", "transformers"],
-                        help="what generates (default serve.engine, auto: vLLM where installed, else crlft's own "
-                        "engine, which starts in seconds where vLLM takes about 40 s on a CPU)")
+                        help="what generates (default serve.engine, auto: vLLM where installed for the device, its CPU "
+                        "build on CPUs, else crlft's own engine, which starts in seconds where vLLM takes about 40 s "
+                        "on a CPU)")
     add_config_arguments(parser)
 
 

@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from crlft.evaluate import answer_text
-from jobs.session import environment
 from services.engine import EngineSettings
-from services.vllm_engine import VLLM_LOG_ENV, ModelFolder, cpu_threads, engine_arguments
+from services.vllm_engine import ModelFolder, engine_arguments, starting_vllm
 
 
 def not_the_template_warmup(record: logging.LogRecord) -> bool:
@@ -33,11 +32,11 @@ class VllmDecoder:
 
     def __init__(self, path: Path, settings: EngineSettings) -> None:
         self.folder = ModelFolder.read(path)
-        with environment(VLLM_LOG_ENV), cpu_threads(path, settings):
+        with starting_vllm(path, settings) as unpinned:
             from vllm import LLM
 
             logging.getLogger("vllm.renderers.base").addFilter(not_the_template_warmup)  # vLLM resets levels only
-            self._llm: Any = LLM(**engine_arguments(path, settings, self.folder.context_len))
+            self._llm: Any = LLM(**engine_arguments(path, settings, self.folder.context_len, unpinned))
 
     def __call__(self, prompts: Sequence[list[int]], max_new_tokens: int) -> list[str]:
         from vllm import SamplingParams

@@ -38,9 +38,13 @@ from services.engine import EngineKind, EngineSettings, Generation
 logger = logging.getLogger("ray.serve")
 GIB = 2**30
 # vLLM logs its whole configuration, the weight loading and the KV cache at INFO on every engine start (some 40 lines
-# in the demo's output per engine); its warnings stay. A user's own VLLM_LOGGING_LEVEL wins. Set while vLLM is
-# imported and while it starts its engine process, which reads it.
+# in the demo's output per engine); its warnings stay. A user's own VLLM_LOGGING_LEVEL wins.
 VLLM_LOG_ENV = {"VLLM_LOGGING_LEVEL": "WARNING"}
+# The model in the engine core's process, as vLLM runs one GPU. vLLM on CPU puts it in a worker process, which its
+# thread pinning needs, and the engine core waits on that worker by spinning: 9-11% of a core under load here, taken
+# from the model's threads. Measured on 2 CPUs (benchmarks/RESULTS.md): SmolLM2-135M in float32, 1.23x the tokens/s.
+# Named by its class: vLLM's CPU platform turns the name "uni" into its worker process ("mp").
+IN_ENGINE_CORE = {"distributed_executor_backend": "vllm.v1.executor.uniproc_executor.UniProcExecutor"}
 
 
 def eos_token_ids(path: Path) -> int | list[int] | None:
@@ -69,10 +73,11 @@ class ModelFolder:
         return cls(meta, template_tokenizer, stop_token_ids(template_tokenizer, eos_token_ids(path)), context_len)
 
 
-def engine_arguments(path: Path, settings: EngineSettings, context_len: int) -> dict[str, Any]:
-    """vLLM's engine arguments for a model folder, for the replica's async engine and evaluation's offline one."""
+def engine_arguments(path: Path, settings: EngineSettings, context_len: int, unpinned: bool) -> dict[str, Any]:
+    """vLLM's engine arguments for a model folder, for the replica's async engine and evaluation's offline one;
+    `unpinned` as `starting_vllm` yields it."""
     on_cpu = settings.device == "cpu"
-    return {
+    return (IN_ENGINE_CORE if unpinned else {}) | {
         "model": str(path),
         "skip_tokenizer_init": True,  # prompts come as ids, answers go out as ids
         "dtype": str(settings.dtype).removeprefix("torch."),
@@ -101,24 +106,26 @@ def engine_threads(cpus: int, parameters: int, dtype: torch.dtype) -> int:
 
 
 @contextlib.contextmanager
-def cpu_threads(path: Path, settings: EngineSettings) -> Iterator[bool]:
-    """While vLLM starts its engine processes on the CPU (they inherit this environment); yields whether they run
-    unpinned. vLLM on CPU pins its model threads to the node's first cores, every engine on the node to the same ones,
-    whatever CPUs Ray gave each replica. Unpinned instead, `engine_threads` of this process's CPUs (Ray puts a
-    replica's in OMP_NUM_THREADS). A user's own VLLM_CPU_OMP_THREADS_BIND is kept; the environment is as before
-    afterwards."""
-    if settings.device != "cpu" or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
-        yield False
-        return
-    from vllm.utils.torch_utils import OMP_NUM_THREADS_SET_BY_VLLM
+def starting_vllm(path: Path, settings: EngineSettings) -> Iterator[bool]:
+    """The environment while vLLM is imported and starts its engine process, which inherits it: its log level, and on
+    the CPU its threads. Yields whether they run unpinned (then the model runs in the engine core: `IN_ENGINE_CORE`).
 
-    cpus = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
-    threads = engine_threads(cpus, parameter_count(str(path)), settings.dtype)
-    # Marked as vLLM's own choice (as when vLLM pins), OMP_NUM_THREADS sizes only the model's threads; an engine core
-    # that only schedules (the model in a worker process of its own) drops to one thread.
-    started = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(threads), OMP_NUM_THREADS_SET_BY_VLLM: "1"}
-    with environment(started, override=True):
-        yield True
+    vLLM on CPU pins its model threads to the node's first cores, every engine on the node to the same ones, whatever
+    CPUs Ray gave each replica. Unpinned instead, `engine_threads` of this process's CPUs (Ray puts a replica's in
+    OMP_NUM_THREADS). A user's own VLLM_CPU_OMP_THREADS_BIND is kept. The environment is as before afterwards."""
+    with environment(VLLM_LOG_ENV):
+        if settings.device != "cpu" or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+            yield False
+            return
+        from vllm.utils.torch_utils import OMP_NUM_THREADS_SET_BY_VLLM
+
+        cpus = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+        threads = engine_threads(cpus, parameter_count(str(path)), settings.dtype)
+        # Marked as vLLM's own choice (as when vLLM pins), OMP_NUM_THREADS sizes only the model's threads.
+        started = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(threads),
+                   OMP_NUM_THREADS_SET_BY_VLLM: "1"}
+        with environment(started, override=True):
+            yield True
 
 
 class VllmEngine:
@@ -128,26 +135,15 @@ class VllmEngine:
         folder = ModelFolder.read(path)
         self.meta, self.template_tokenizer = folder.meta, folder.template_tokenizer
         self.context_len, self.stop_ids = folder.context_len, folder.stop_ids
-        with environment(VLLM_LOG_ENV):
-            self._llm = self._start(path, settings)
+        with starting_vllm(path, settings) as unpinned:
+            from vllm import AsyncEngineArgs
+            from vllm.v1.engine.async_llm import AsyncLLM
+
+            args = AsyncEngineArgs(**engine_arguments(path, settings, self.context_len, unpinned))
+            self._llm = AsyncLLM.from_vllm_config(args.create_engine_config(), disable_log_stats=True)
         self._in_flight: set[asyncio.Task[None]] = set()
         self._draining = False
         self._closed = False
-
-    def _start(self, path: Path, settings: EngineSettings) -> Any:
-        from vllm import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
-        args = AsyncEngineArgs(**engine_arguments(path, settings, self.context_len))
-        with cpu_threads(path, settings) as unpinned:
-            config = args.create_engine_config()
-            if unpinned:
-                # The model in the engine core's process, as vLLM runs one GPU ("uni"). vLLM on CPU puts it in a worker
-                # process, which its pinning needs, and the engine core waits on that worker by spinning: 9-11% of a
-                # core under load here, taken from the model's threads. Measured on 2 CPUs (benchmarks/RESULTS.md):
-                # SmolLM2-135M in float32, 1.23x the tokens/s.
-                config.parallel_config.distributed_executor_backend = "uni"
-            return AsyncLLM.from_vllm_config(config, disable_log_stats=True)
 
     def submit(self, prompt: Sequence[int], params: Sequence[SamplingParams], stream: bool) -> Generation:
         if self._draining:

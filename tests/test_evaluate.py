@@ -161,9 +161,14 @@ def vllm_decoder(models: dict[str, Path]) -> Iterator[Any]:
 def test_vllm_answers_what_the_model_says(
     exported: Any, vllm_decoder: Any, suite_prompts: list[list[int]], reference_answers: list[str]
 ) -> None:
+    import psutil
+
     from crlft.evaluate import generate
 
     assert generate(exported, suite_prompts, ANSWER_TOKENS, decoder=vllm_decoder) == reference_answers
+    # As in the replica, the model runs in vLLM's engine core: no worker process for the engine core to spin on.
+    started = [" ".join(p.cmdline()[:1]) for p in psutil.Process().children(recursive=True)]
+    assert "VLLM::EngineCore" in started and "VLLM::Worker" not in started, started
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,7 +126,7 @@ def test_vllm_on_cpu_starts_unpinned_on_the_replica_s_cpus_all_of_them_for_a_rea
     from vllm.utils.torch_utils import OMP_NUM_THREADS_SET_BY_VLLM
 
     from services.engine import EngineSettings
-    from services.vllm_engine import cpu_threads
+    from services.vllm_engine import starting_vllm
 
     shapes = {"smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                               num_key_value_heads=3, vocab_size=49152),  # 135M parameters
@@ -136,9 +137,10 @@ def test_vllm_on_cpu_starts_unpinned_on_the_replica_s_cpus_all_of_them_for_a_rea
 
     def threads(model: str, dtype: torch.dtype) -> str:
         monkeypatch.setenv("OMP_NUM_THREADS", "4")  # what Ray sets for a replica with 4 CPUs
-        with cpu_threads(tmp_path / model, EngineSettings("vllm", "cpu", dtype, 8, 0.0, 1.0)):
+        with starting_vllm(tmp_path / model, EngineSettings("vllm", "cpu", dtype, 8, 0.0, 1.0)) as unpinned:
+            assert unpinned
             assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
-            assert os.environ[OMP_NUM_THREADS_SET_BY_VLLM] == "1"  # the engine core, which only schedules: 1 thread
+            assert os.environ[OMP_NUM_THREADS_SET_BY_VLLM] == "1"  # as vLLM marks its own choice
             started_with = os.environ["OMP_NUM_THREADS"]
         assert os.environ["OMP_NUM_THREADS"] == "4"
         assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ and OMP_NUM_THREADS_SET_BY_VLLM not in os.environ
@@ -151,7 +153,8 @@ def test_vllm_on_cpu_starts_unpinned_on_the_replica_s_cpus_all_of_them_for_a_rea
     assert threads("smollm2", torch.bfloat16) == "3"  # bf16 forward passes are cheap enough for the frontend to count
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    with cpu_threads(tmp_path / "smollm2", EngineSettings("vllm", "cpu", torch.float32, 8, 0.0, 1.0)):
+    with starting_vllm(tmp_path / "smollm2", EngineSettings("vllm", "cpu", torch.float32, 8, 0.0, 1.0)) as unpinned:
+        assert not unpinned
         assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0-1" and os.environ["OMP_NUM_THREADS"] == "2"
 
 
@@ -302,7 +305,11 @@ def stack(request: pytest.FixtureRequest, models: dict[str, Path],
     promote(REGISTERED, version, force=True, cfg=cfg)
     tight = load_config(None, {**overrides, "serve.max_ongoing_requests": 1, "serve.max_queued_requests": 1,
                                "serve.model_name": "tight-model"})
-    with environment(ingress_env(cfg)):  # the ingress `crlft serve` puts in front
+    with environment(ingress_env(cfg)), pytest.MonkeyPatch.context() as env:  # the ingress `crlft serve` puts in front
+        if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:  # a pinning of the user's own is kept: the replicas get crlft's
+            warnings.warn(f"VLLM_CPU_OMP_THREADS_BIND={os.environ['VLLM_CPU_OMP_THREADS_BIND']} in the tests' "
+                          "environment: unset for the served engines", stacklevel=1)
+            env.delenv("VLLM_CPU_OMP_THREADS_BIND")
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         # Both apps start together (`deploy`, one app at a time, is what the CLI test runs).
@@ -601,8 +608,10 @@ def test_vllm_on_cpu_runs_the_model_in_its_engine_core_with_no_worker_process_to
     replicas = named("ray::ServeReplica:")
     engine_cores = [p for p in named("VLLM::EngineCore") if p.parent() in replicas]
     assert len(engine_cores) == 2  # the main app's and the tight one's
-    workers = named("VLLM::Worker")
-    assert not [w for w in workers if w.parent() in engine_cores]
+    workers = [w for w in named("VLLM::Worker") if w.parent() in engine_cores]
+    started = {p.pid: {k: p.environ().get(k) for k in ("VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS")}
+               for p in engine_cores}
+    assert not workers, f"the engine cores' environments: {started}"
 
 
 @dataclass
