@@ -117,13 +117,9 @@ def starting_vllm(path: Path, settings: EngineSettings) -> Iterator[bool]:
         if settings.device != "cpu" or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
             yield False
             return
-        from vllm.utils.torch_utils import OMP_NUM_THREADS_SET_BY_VLLM
-
         cpus = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
         threads = engine_threads(cpus, parameter_count(str(path)), settings.dtype)
-        # Marked as vLLM's own choice (as when vLLM pins), OMP_NUM_THREADS sizes only the model's threads.
-        started = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(threads),
-                   OMP_NUM_THREADS_SET_BY_VLLM: "1"}
+        started = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(threads)}
         with environment(started, override=True):
             yield True
 
