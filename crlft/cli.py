@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -56,9 +57,9 @@ def run_guarded(run: Callable[[argparse.Namespace], int], args: argparse.Namespa
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or a stop signal turned into one (jobs.session.Stopped)
+        print("interrupted" if type(exc) is KeyboardInterrupt else f"stopped ({exc})", file=sys.stderr)
+        return 128 + int(getattr(exc, "signum", signal.SIGINT))
 
 
 def stage_entrypoint(module_name: str, argv: Sequence[str] | None = None) -> int:

@@ -1,6 +1,12 @@
 """The one way every stage gets Ray: the session already running in this process, the cluster in $RAY_ADDRESS, or a
 local throwaway one for the duration. A caller that runs several stages (the pipeline, the demo, the ablation) opens
-one session around all of them, so Ray starts once."""
+one session around all of them, so Ray starts once.
+
+Stopping: SIGTERM and SIGINT, to the pid or to its whole process group, leave a command like Ctrl-C does (`Stopped`),
+through the blocks that stop what it started. A local session marks every process it starts (Ray's own, Serve's
+actors, HAProxy, vLLM's engine cores) with `SESSION_MARK` in their environment, which their children inherit: stopping
+it ends whichever of them outlived Ray's shutdown, whatever parent or process group they have by then (a group signal
+kills Ray's head processes before Serve can stop its HAProxy and replicas)."""
 
 from __future__ import annotations
 
@@ -8,22 +14,61 @@ import contextlib
 import logging
 import math
 import os
+import random
+import signal
 import socket
+import uuid
 from collections.abc import Iterator, Mapping
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
 
 from crlft.config import Config
+
+if TYPE_CHECKING:
+    import psutil
 
 # Logical CPUs a local session gets beyond the machine's. Ray Data's read tasks need one while the training workers
 # hold theirs (or the run waits forever: Ray Train + Ray Data on 2 CPUs deadlock silently when the workers take every
 # CPU), and the tokenizer actor pool is sized to the cluster's CPUs: on 2 CPUs it once took both while a task it
 # waited for needed one (a silent hang).
 LOCAL_SPARE_CPUS = 2
+SESSION_MARK = "CRLFT_LOCAL_RAY"
+STOP_GRACE_S = 5.0  # a marked process left after Ray's shutdown gets this long after SIGTERM, then SIGKILL
+_local_mark: str | None = None  # this process's local session, while it runs
+PORT_BAND = range(20000, 30000)
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGINT received: the command unwinds as on Ctrl-C, and exits with 128 + the signal's number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 def free_port() -> int:
-    with socket.socket() as probe:
+    """A port free now, for a listener another process starts later (Ray's dashboard, HAProxy's pages, Serve's
+    fallback proxy): drawn from `PORT_BAND` less the kernel's ephemeral range, ports no process binds by chance (Ray's
+    processes bind port 0 and connect from the ephemeral range, its workers bind 10002-19999, Serve's replicas 30000
+    and up), so that it is still free when that process binds it."""
+    ephemeral = ephemeral_ports()
+    candidates = [port for port in PORT_BAND if port not in ephemeral]
+    for port in random.sample(candidates, min(len(candidates), 100)):
+        with socket.socket() as probe, contextlib.suppress(OSError):
+            probe.bind(("127.0.0.1", port))
+            return port
+    with socket.socket() as probe:  # the band is full or inside the ephemeral range: any port
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def ephemeral_ports() -> range:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):  # not Linux: the IANA range
+        low, high = 49152, 65535
+    return range(low, high + 1)
 
 
 def local_cpus(cfg: Config) -> int:
@@ -33,13 +78,19 @@ def local_cpus(cfg: Config) -> int:
 
 def ingress_env(cfg: Config) -> dict[str, str]:
     """The environment a local Ray needs at start for `serve.ingress`. For HAProxy: HAProxy's own pages and Serve's
-    fallback proxy get free ports, not Ray's fixed ones, so that local sessions can run side by side; a replica leaving
-    holds on 3 s, not 30, for HAProxy on the same machine to let go of it. Serve's proxy needs nothing."""
+    fallback proxy get free ports, not Ray's fixed ones, so that local sessions can run side by side, and the pages
+    listen on the endpoint's host only (jobs/haproxy_pages.py); a replica leaving holds on 3 s, not 30, for HAProxy on
+    the same machine to let go of it. Serve's proxy needs nothing."""
     if cfg.serve.ingress != "haproxy":
         return {}
+    from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
+
     return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3",
             "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
-            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+            # What ray.init(runtime_env={"worker_process_setup_hook": ...}) sets, here inherited by every worker of
+            # the session, the Serve actors that start HAProxy included.
+            WORKER_PROCESS_SETUP_HOOK_ENV_VAR: "jobs.haproxy_pages.install"}
 
 
 @contextlib.contextmanager
@@ -73,21 +124,101 @@ def start_ray(cfg: Config | None = None, address: str | None = None) -> tuple[bo
         return True, None
     cfg = cfg or Config()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, loopback-only session; clusters keep their auth
-    with environment(ingress_env(cfg)):
-        context = ray.init(num_cpus=local_cpus(cfg), include_dashboard=True, dashboard_host="127.0.0.1",
-                           dashboard_port=free_port(), logging_level=logging.WARNING)  # fmt: skip
+    global _local_mark
+    _local_mark = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    try:
+        with environment(ingress_env(cfg) | {SESSION_MARK: _local_mark}):
+            context = ray.init(num_cpus=local_cpus(cfg), include_dashboard=True, dashboard_host="127.0.0.1",
+                               dashboard_port=free_port(), logging_level=logging.WARNING)  # fmt: skip
+    except BaseException:
+        stop_ray()
+        raise
+    stop_on_signals()  # after ray.init, which sets a SIGTERM handler of its own that skips the finally blocks
     return True, f"http://{context.dashboard_url}" if context.dashboard_url else None
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGINT raise `Stopped` in the main thread, once: the blocks that stop what the command started then
+    run undisturbed by the same signal sent again (a process group's every member gets it, a user presses Ctrl-C
+    twice)."""
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        for name in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(name, signal.SIG_IGN)
+        raise Stopped(signum)
+
+    with contextlib.suppress(ValueError):  # not the main thread: its owner handles signals
+        for name in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(name, stop)
+
+
+def ray_alive() -> bool:
+    """Whether every process of the local session is still running (False once a signal to the process group reached
+    them, and then nothing can be asked of Serve's controller); always True for a cluster this process connected to."""
+    from ray._private import worker
+
+    node = worker._global_node
+    return node is None or node.remaining_processes_alive()
+
+
+def stop_ray() -> None:
+    """Shut down Ray, then end what a local session started that outlived it."""
+    import ray
+
+    global _local_mark
+    ray.shutdown()
+    if _local_mark is not None:
+        end_marked_processes(_local_mark)
+        _local_mark = None
+
+
+def marked_processes(mark: str) -> list[psutil.Process]:
+    """The running processes, this one aside, whose environment carries the local session's `mark`."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if process.pid != os.getpid() and process.status() != psutil.STATUS_ZOMBIE \
+                    and process.environ().get(SESSION_MARK) == mark:
+                found.append(process)
+    return found
+
+
+def session_mark_of(pid: int) -> str | None:
+    """The mark of the local session process `pid` runs (read from its children: the opener's own environment lacks
+    it), or None."""
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process(pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if mark := child.environ().get(SESSION_MARK):
+                    return mark
+    return None
+
+
+def end_marked_processes(mark: str, grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM every process of the session `mark`, SIGKILL those still running after `grace_s`."""
+    import psutil
+
+    marked = marked_processes(mark)
+    for process in marked:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(marked, timeout=grace_s)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
 
 
 @contextlib.contextmanager
 def ray_session(cfg: Config | None = None) -> Iterator[str | None]:
     """Ray for the duration of the block (`start_ray`); yields the dashboard's URL when this call started a local
     session. Only a session opened here is closed here."""
-    import ray
-
     opened, dashboard = start_ray(cfg)
     try:
         yield dashboard
     finally:
         if opened:
-            ray.shutdown()
+            stop_ray()

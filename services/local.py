@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import contextlib
-import signal
+import errno
+import os
+import socket
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 
+import ray
 from ray import serve
 
 from crlft.config import Config
 from crlft.errors import CrlftError
 from crlft.tracking import set_offline_defaults
-from jobs.session import start_ray
+from jobs.session import ray_alive, start_ray, stop_on_signals, stop_ray
 from services.chat import APP_NAME, chat_application
 from services.engine import choose_engine
 from services.models import resolve_model_uri
+
+SIGNAL_SPREAD_S = 0.3
 
 
 def public_url(host: str, port: int) -> str:
@@ -51,6 +56,8 @@ def deploy(model: str, cfg: Config | None = None, blocking: bool = False, *, api
     # Fail here, with a clear message, not in a replica's retry loop.
     resolve_model_uri(model, cfg, tracking_uri)
     choose_engine(cfg.serve.engine, "cpu")  # vLLM asked for and missing
+    if not ray.is_initialized() and not (address or os.environ.get("RAY_ADDRESS")):
+        check_port_free(cfg.serve.host, cfg.serve.port)  # a local Serve's ingress will bind it
     started_ray, _ = start_ray(cfg, address)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     host, port = _http_address(cfg)
@@ -81,27 +88,47 @@ def _http_address(cfg: Config) -> tuple[str, int]:
         return cfg.serve.host, cfg.serve.port
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Fail in one line, before anything starts, when `host:port` cannot be listened on: naming the process that holds
+    it where this user may see it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is no obstacle
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise CrlftError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+            holder = port_holder(port)
+            raise CrlftError(f"port {port} is in use{holder}; stop it or serve on another port (--port)") from None
+
+
+def port_holder(port: int) -> str:
+    """' by PID N (name)' for the process listening on `port`, or '' when it cannot be seen."""
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+                return f" by PID {conn.pid} ({psutil.Process(conn.pid).name()})"
+    return ""
+
+
 def wait_for_interrupt() -> None:
-    """Block until Ctrl-C or SIGTERM."""
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
+    """Block until Ctrl-C, SIGINT or SIGTERM."""
+    stop_on_signals()
+    with contextlib.suppress(KeyboardInterrupt):
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _raise_interrupt(_signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def shutdown(shutdown_ray: bool = True) -> None:
-    """Stop Serve (and Ray, when this process started it)."""
-    import ray
-
-    with contextlib.suppress(Exception):
-        serve.shutdown()
+    """Stop Serve (and Ray, when this process started it). Serve's controller stops the replicas and HAProxy in order
+    while the session's processes all run; after a signal to the whole process group they are dying, and the
+    session's stop ends what is left (jobs.session.stop_ray)."""
+    time.sleep(SIGNAL_SPREAD_S)  # a signal to the group reaches Ray's processes at once; let it show
+    if ray_alive():
+        with contextlib.suppress(Exception):
+            serve.shutdown()
     if shutdown_ray:
-        ray.shutdown()
+        stop_ray()
