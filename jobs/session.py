@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from crlft.config import Config
 
@@ -36,6 +36,8 @@ LOCAL_SPARE_CPUS = 2
 SESSION_MARK = "CRLFT_LOCAL_RAY"
 STOP_GRACE_S = 5.0  # a marked process left after Ray's shutdown gets this long after SIGTERM, then SIGKILL
 _local_mark: str | None = None  # this process's local session, while it runs
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_handlers_before: dict[int, Any] = {}  # while stop_on_signals' handler is installed: what it replaced
 PORT_BAND = range(20000, 30000)
 
 
@@ -138,18 +140,27 @@ def start_ray(cfg: Config | None = None, address: str | None = None) -> tuple[bo
 
 
 def stop_on_signals() -> None:
-    """SIGTERM and SIGINT raise `Stopped` in the main thread, once: the blocks that stop what the command started then
-    run undisturbed by the same signal sent again (a process group's every member gets it, a user presses Ctrl-C
-    twice)."""
-
-    def stop(signum: int, _frame: FrameType | None) -> None:
-        for name in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(name, signal.SIG_IGN)
-        raise Stopped(signum)
-
+    """Until `restore_signals`, SIGTERM and SIGINT raise `Stopped` in the main thread, once: the blocks that stop what
+    the command started then run undisturbed by the same signal sent again (a process group's every member gets it, a
+    user presses Ctrl-C twice)."""
+    if _handlers_before:
+        return
     with contextlib.suppress(ValueError):  # not the main thread: its owner handles signals
-        for name in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(name, stop)
+        for name in STOP_SIGNALS:
+            _handlers_before[name] = signal.signal(name, _stop)
+
+
+def _stop(signum: int, _frame: FrameType | None) -> None:
+    for name in STOP_SIGNALS:
+        signal.signal(name, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
+def restore_signals() -> None:
+    with contextlib.suppress(ValueError):
+        for name, handler in _handlers_before.items():
+            signal.signal(name, handler)
+    _handlers_before.clear()
 
 
 def ray_alive() -> bool:
@@ -170,6 +181,7 @@ def stop_ray() -> None:
     if _local_mark is not None:
         end_marked_processes(_local_mark)
         _local_mark = None
+    restore_signals()
 
 
 def marked_processes(mark: str) -> list[psutil.Process]:
