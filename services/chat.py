@@ -6,7 +6,8 @@ together are generated together, streamed or not. Prompts are built by the model
 template), and the `condition` field chooses the class written into them.
 
 Routes: POST /v1/chat/completions, GET /v1/models, GET /v1/models/{id}, GET /healthz (alive), GET /readyz (model
-loaded, engine running), GET /metrics (Prometheus text, this replica's counters). `/` is the chat page.
+loaded, engine running or restarting), GET /metrics (Prometheus text, this replica's counters). `/` is the chat page.
+Every answer names the replica that gave it in the `X-Crlft-Replica` header (Serve's replica id).
 
 Overload: a replica admits at most `serve.max_ongoing_requests + serve.max_queued_requests` chat requests (being
 generated or waiting for the engine); beyond that it answers at once with an OpenAI-shaped 429 and `Retry-After`,
@@ -18,10 +19,19 @@ Following the registry: the model is the deployment's `user_config` {"model": UR
 one, sends new requests to it and lets the old engine finish what it holds (nothing in flight is dropped). Changing
 `user_config` (a Serve config update, KubeRay serveConfigV2) swaps the same way without restarting replicas;
 deploying again is a rolling redeploy (new replicas start before old ones drain).
+
+Faults: when a replica's engine dies (vLLM's engine core killed, out of memory, a kernel fault), the replica starts
+the same model again in place. Requests of which nothing was sent yet (plain ones, streams before their first piece)
+run again on the new engine, once; the requests that reach the replica meanwhile wait for it. Streams already under
+way end with an OpenAI-shaped error event and `[DONE]` (a plain request that fails again: an OpenAI-shaped 503 with
+Retry-After). An engine that cannot be started again, or dies again soon after its restart, makes the replica report
+itself unhealthy, so that Serve replaces it. A replica whose process dies is replaced by Serve; its requests end with
+the closed connection.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures (e.g. `request: Request`) at runtime.
 import asyncio
+import contextlib
 import hmac
 import logging
 import os
@@ -39,14 +49,15 @@ from ray.serve import Application
 from ray.serve.config import BackpressureConfig
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from crlft.config import Config, ServeConfig, load_config
 from crlft.errors import CrlftError
-from crlft.generate import Completion
+from crlft.generate import Completion, SamplingParams
 from crlft.registry import champion_uri
 from crlft.tracking import OFFLINE_ENV, set_offline_defaults
 from services import protocol
-from services.engine import EngineSettings, Generation
+from services.engine import EngineSettings, Event, Generation
 from services.metrics import RequestCounter, metrics
 from services.models import LoadedModel, default_watch_s, load_model, model_revision, resolve_model_uri, served_name
 from services.page import add_chat_page
@@ -66,6 +77,12 @@ STREAM_INTERVAL_S = 0.05  # streamed text is sent in pieces at most this often (
 STREAMS_PER_INTERVAL = 8  # ... while a replica holds up to this many requests; beyond, the interval grows with them
 MAX_STREAM_INTERVAL_S = 0.25
 GRACEFUL_SHUTDOWN_S = 120.0  # a replica being replaced finishes its requests for up to this long
+# A restarted engine that dies again within this long is a fault of the replica (its process, node or memory), not a
+# one-off: no second restart in place, Serve replaces the replica.
+MIN_ENGINE_LIFETIME_S = 60.0
+# A request waits this long at most for an engine being restarted (a vLLM start), then gets a 503 with Retry-After.
+RESTART_WAIT_S = 120.0
+REPLICA_HEADER = "x-crlft-replica"
 REPLICA_ENV = {
     # The replica's event loop runs this code too (Serve's default is a second loop on its own thread): a streamed
     # piece then crosses no thread on its way out (the handlers never block the loop: models load and engines stop
@@ -127,6 +144,32 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
 fastapi_app.add_middleware(RequestCounter)
 
 
+class ReplicaHeader:
+    """ASGI middleware naming this replica (Serve's replica id) in every answer's headers: which replica gave an
+    answer, for operators and for the fault tests."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.header: tuple[bytes, bytes] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.header is None:
+            self.header = (REPLICA_HEADER.encode(), serve.get_replica_context().replica_id.unique_id.encode())
+
+        async def send_named(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), self.header]
+            await send(message)
+
+        await self.app(scope, receive, send_named)
+
+
+fastapi_app.add_middleware(ReplicaHeader)
+
+
 def admitted_per_replica(s: ServeConfig) -> int:
     """Chat requests a replica holds at once: generating or waiting for the engine."""
     return s.max_ongoing_requests + s.max_queued_requests
@@ -137,6 +180,35 @@ def stream_interval(requests_held: int) -> float:
     generating the tokens in it (through Serve's Python proxy most), so the more requests share the replica the longer
     the pieces."""
     return min(MAX_STREAM_INTERVAL_S, STREAM_INTERVAL_S * max(1.0, requests_held / STREAMS_PER_INTERVAL))
+
+
+# Module-level helpers the replica class calls are defined before it: Serve pickles the class by value when it is
+# decorated, with the module globals its methods use that exist at that moment.
+def _unavailable(message: str, code: str) -> ApiError:
+    return ApiError(503, message, type="server_error", code=code, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+async def _begin(model: LoadedModel, prompt: list[int], params: list[SamplingParams], stream: bool,
+                 interval_s: float) -> tuple[Generation, list[Event], AsyncIterator[list[Event]]]:
+    """Submit a request to the model's engine: its generation, the first batch of events, and the batches to come."""
+    generation = model.engine.submit(prompt, params, stream)
+    batches = generation.event_batches(interval_s)
+    try:
+        first = await anext(batches)
+    except BaseException:  # the client went away
+        generation.cancel()
+        raise
+    return generation, first, batches
+
+
+def _failed(batch: list[Event]) -> bool:
+    return any(isinstance(item, Completion) and item.finish_reason == "error" for _, item in batch)
+
+
+async def _chained(first: list[Event], rest: AsyncIterator[list[Event]]) -> AsyncIterator[list[Event]]:
+    yield first
+    async for batch in rest:
+        yield batch
 
 
 def _replica_device() -> str:
@@ -174,6 +246,8 @@ class ChatServer:
         self._watch_s = 0.0
         self._watch_task: asyncio.Task[None] | None = None
         self._swap_lock = asyncio.Lock()
+        self._restart: asyncio.Task[None] | None = None  # a dead engine being started again (failed: kept, unhealthy)
+        self._restarted_at: float | None = None
 
     # -- model lifecycle ------------------------------------------------------------------------------------------
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -191,17 +265,20 @@ class ChatServer:
             current = self._model
             if current is not None and current.source == source and current.revision == model_revision(path):
                 return False
-            new = await asyncio.to_thread(load_model, source, path, self.engine_settings)
-            self._model = new
-            m = metrics()
-            if current is not None:
-                current.engine.drain()  # finishes its requests in flight, then frees the model
-                self._retired.append(current)
-                m.model.remove(self.settings.model_name, current.revision, current.engine.kind)
-            m.model.labels(self.settings.model_name, new.revision, new.engine.kind).set(1)
-            logger.info("serving %s from %s (revision %s, %s engine)", self.settings.model_name, new.path,
-                        new.revision, new.engine.kind)
+            self._install(await asyncio.to_thread(load_model, source, path, self.engine_settings))
             return True
+
+    def _install(self, new: LoadedModel) -> None:
+        """Send new requests to `new`; the model it replaces finishes its requests in flight, then frees its engine."""
+        current, self._model = self._model, new
+        m = metrics()
+        if current is not None:
+            current.engine.drain()
+            self._retired.append(current)
+            m.model.remove(self.settings.model_name, current.revision, current.engine.kind)
+        m.model.labels(self.settings.model_name, new.revision, new.engine.kind).set(1)
+        logger.info("serving %s from %s (revision %s, %s engine)", self.settings.model_name, new.path, new.revision,
+                    new.engine.kind)
 
     async def _watch(self) -> None:
         while self._watch_s > 0:
@@ -214,17 +291,63 @@ class ChatServer:
             except Exception as exc:  # the registry may be briefly unreachable: keep serving what is loaded
                 logger.warning("could not check %s for a new version: %s", model.source, exc)
 
-    def check_health(self) -> None:
-        """Serve restarts a replica whose engine is gone."""
-        if self._model is not None and not self._model.engine.alive():
-            raise RuntimeError("the generation engine stopped")
+    def _restarting(self) -> asyncio.Task[None] | None:
+        """Where the engine has died: its restart in place, begun by whichever caller finds it dead first (a request,
+        a probe, Serve's health check). None while the engine is alive."""
+        model = self._model
+        if model is None or model.engine.alive():
+            return None
+        if self._restart is None:
+            self._restart = asyncio.get_running_loop().create_task(self._restart_engine(model))
+        return self._restart
+
+    async def _restart_engine(self, dead: LoadedModel) -> None:
+        if self._restarted_at is not None and time.monotonic() - self._restarted_at < MIN_ENGINE_LIFETIME_S:
+            raise RuntimeError(f"the {dead.engine.kind} engine died again within {MIN_ENGINE_LIFETIME_S:.0f} s of its "
+                               "restart")
+        logger.error("the %s engine stopped: starting %s again", dead.engine.kind, dead.path)
+        async with self._swap_lock:
+            if self._model is dead:  # else a new model was swapped in meanwhile
+                self._install(await asyncio.to_thread(load_model, dead.source, dead.path, self.engine_settings))
+        self._restarted_at = time.monotonic()
+        self._restart = None
+
+    async def check_health(self) -> None:
+        """Serve replaces a replica whose engine died and could not be started again (a dead engine is restarted in
+        place first: faster than a new replica, and no request fails meanwhile)."""
+        restart = self._restarting()
+        if restart is not None and restart.done():
+            raise RuntimeError(f"the generation engine stopped and could not be restarted: {restart.exception()}")
 
     def _ready_model(self) -> LoadedModel:
+        """The model, unless this replica cannot answer: still loading, or its engine could not be restarted. A dead
+        engine being restarted counts as ready: requests wait for it (`_serving_model`)."""
+        restart = self._restarting()
         model = self._model
-        if model is None or not model.engine.alive():
-            raise ApiError(503, "the model is loading; retry shortly", type="server_error", code="model_loading",
-                           headers={"Retry-After": str(RETRY_AFTER_S)})
+        if model is None:
+            raise _unavailable("the model is loading; retry shortly", "model_loading")
+        if restart is not None and restart.done():
+            raise _unavailable("the model's engine stopped and could not be restarted; retry shortly",
+                               "engine_unavailable")
         return model
+
+    async def _serving_model(self) -> LoadedModel:
+        """The model to generate with: where its engine died, after its restart (at most RESTART_WAIT_S)."""
+        restart = self._restarting()
+        if restart is not None:
+            with contextlib.suppress(Exception):  # too slow or failed: answered below
+                await asyncio.wait_for(asyncio.shield(restart), RESTART_WAIT_S)
+        model = self._ready_model()
+        if not model.engine.alive():
+            raise _unavailable("the model's engine is being restarted; retry shortly", "engine_unavailable")
+        return model
+
+    def _generation_failed(self, model: LoadedModel, failed: Completion) -> ApiError:
+        """A generation's error: a 503 to retry when its engine died under it (it is being restarted), else a 500."""
+        if not model.engine.alive():
+            return _unavailable(f"the model's engine stopped while generating ({failed.error}); retry shortly",
+                                "engine_unavailable")
+        return ApiError(500, failed.error or "generation failed", type="server_error")
 
     def _authorize(self, request: Request) -> None:
         if not self._keys:
@@ -274,7 +397,7 @@ class ChatServer:
         self._retired = [m for m in self._retired if m.engine.alive()]
         running, waiting = model.engine.counts()
         return JSONResponse({
-            "status": "ready",
+            "status": "ready" if model.engine.alive() else "restarting",  # requests wait for a restarting engine
             "model": self.settings.model_name,
             "revision": model.revision,
             "engine": model.engine.kind,
@@ -317,8 +440,8 @@ class ChatServer:
         started = time.perf_counter()
         self._authorize(request)
         body = protocol.parse_request(await request.body())
-        # From here to the submission there is no await: the model chosen is the model used.
-        model = self._ready_model()
+        # From the model's choice to the submission there is no await: the model chosen is the model used.
+        model = await self._serving_model()
         self._check_model_name(body.model)
         meta = model.engine.meta
         condition = body.condition or meta.inference_condition
@@ -332,29 +455,43 @@ class ChatServer:
                            f"{model.engine.context_len}", param="messages", code="context_length_exceeded")
         release = self._admit()
         try:
-            generation = model.engine.submit(prompt, body.sampling(self.cfg.serve.max_new_tokens), body.stream)
+            model, generation, batches = await self._generate(model, prompt,
+                                                              body.sampling(self.cfg.serve.max_new_tokens), body.stream)
         except BaseException:
             release()
             raise
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._stream(model, generation, include_usage, started, release),
+            return StreamingResponse(self._stream(model, generation, batches, include_usage, started, release),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
                                      background=BackgroundTask(release))  # also when the stream never started
         try:
-            completions = await generation.completions()
+            completions = await generation.completions(batches)
         finally:
             generation.cancel()  # the client went away (this task was cancelled)
             release()
         failed = [c for c in completions if c.finish_reason == "error"]
         if failed:
-            raise ApiError(500, failed[0].error or "generation failed", type="server_error")
+            raise self._generation_failed(model, failed[0])
         self._record(generation, completions, started, stream=False)
         return JSONResponse(protocol.chat_completion(protocol.completion_id(), self.settings.model_name,
                                                      model.fingerprint, generation.prompt_tokens, completions))
 
-    async def _stream(self, model: LoadedModel, generation: Generation, include_usage: bool, started: float,
-                      release: Callable[[], None]) -> AsyncIterator[str]:
+    async def _generate(self, model: LoadedModel, prompt: list[int], params: list[SamplingParams], stream: bool
+                        ) -> tuple[LoadedModel, Generation, AsyncIterator[list[Event]]]:
+        """Submit, and wait for the first events. Where they say that the engine died, nothing of the answer has
+        reached the client yet: the request runs again, once, on the restarted engine (waiting for it as a new request
+        does). An engine's death then fails only the answers that were partly sent."""
+        interval = stream_interval(self._admitted) if stream else 0.0
+        generation, first, batches = await _begin(model, prompt, params, stream, interval)
+        if _failed(first) and not model.engine.alive():
+            generation.cancel()  # its other choices, if any
+            model = await self._serving_model()
+            generation, first, batches = await _begin(model, prompt, params, stream, interval)
+        return model, generation, _chained(first, batches)
+
+    async def _stream(self, model: LoadedModel, generation: Generation, batches: AsyncIterator[list[Event]],
+                      include_usage: bool, started: float, release: Callable[[], None]) -> AsyncIterator[str]:
         cid, created, name = protocol.completion_id(), int(time.time()), self.settings.model_name
         fingerprint = model.fingerprint
         done: list[Completion] = []
@@ -365,7 +502,7 @@ class ChatServer:
                                  [protocol.delta_choice(i, {"role": "assistant", "content": ""})])
                   for i in range(generation.choices)]
         try:
-            async for batch in generation.event_batches(stream_interval(self._admitted)):
+            async for batch in batches:
                 for index, item in batch:
                     if isinstance(item, str):
                         if first_text:
@@ -373,9 +510,9 @@ class ChatServer:
                             first_text = False
                         events.append(protocol.chunk(cid, created, name, fingerprint,
                                                      [protocol.delta_choice(index, {"content": item})]))
-                    elif item.finish_reason == "error":
-                        error = ApiError(500, item.error or "generation failed", type="server_error")
-                        yield "".join(events) + protocol.sse(error.body())
+                    elif item.finish_reason == "error":  # the stream ends as OpenAI's do: the error, then [DONE]
+                        error = self._generation_failed(model, item)
+                        yield "".join(events) + protocol.sse(error.body()) + protocol.sse("[DONE]")
                         return
                     else:
                         done.append(item)

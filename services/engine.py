@@ -102,9 +102,10 @@ class Generation:
             if joined:
                 yield joined
 
-    async def completions(self) -> list[Completion]:
+    async def completions(self, batches: AsyncIterator[list[Event]] | None = None) -> list[Completion]:
+        """Every choice's end, from `batches` (the rest of this generation's `event_batches`; default all of them)."""
         done: dict[int, Completion] = {}
-        async for batch in self.event_batches():
+        async for batch in batches or self.event_batches():
             done.update((index, item) for index, item in batch if isinstance(item, Completion))
         return [done[i] for i in range(self.choices)]
 
