@@ -6,9 +6,11 @@ answered and the stops that left nothing behind.
     python -m benchmarks.serve_restarts --runs 4 --signal SIGINT --model DIR
 
 A stop is clean when the command exits with 0 or 128 + the signal's number within --stop-timeout seconds, printed no
-abort trace ("*** SIGTERM received", a Python traceback), and afterwards no process of its session is running
-(every process `crlft serve` starts carries jobs.session.SESSION_MARK in its environment: Ray's, HAProxy, vLLM's engine
-cores) and nothing listens on the port. Prints one line per run and the totals; exits non-zero if any run failed.
+abort trace ("*** SIGTERM received", a Python traceback), and afterwards no process of its session is running (each
+run starts `crlft serve` in a session of its own, which every process it starts stays in, whatever parent or process
+group it ends up with: Ray's, HAProxy, vLLM's engine cores) and nothing listens on the port. Prints one line per run
+and the totals; exits non-zero if any run failed. `--repo` runs another checkout's `crlft serve` (an older commit,
+to compare).
 """
 
 from __future__ import annotations
@@ -27,8 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-
-from jobs.session import marked_processes, session_mark_of
 
 REPO = Path(__file__).resolve().parents[1]
 ABORT_TRACE = re.compile(r"\*\*\* \w+ received|Traceback \(most recent call last\)|core dumped")
@@ -62,6 +62,17 @@ def tiny_model(root: Path) -> Path:
     return save_exported(model, tokenizer, root / "model", ModelMeta.from_config(Config(), seed=0))
 
 
+def in_session(sid: int) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if os.getsid(process.pid) == sid and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process)
+        except (OSError, psutil.Error):
+            continue
+    return found
+
+
 def listening(port: int) -> bool:
     return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
                for c in psutil.net_connections(kind="tcp"))
@@ -82,7 +93,7 @@ def one_run(number: int, target: str, signum: int, args: argparse.Namespace, mod
     log = state / f"run{number}.stderr"
     started = time.monotonic()
     with log.open("w") as stderr:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=REPO,
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=args.repo,
                                    start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     watchdog = threading.Timer(args.start_timeout, process.kill)
     watchdog.start()
@@ -91,7 +102,6 @@ def one_run(number: int, target: str, signum: int, args: argparse.Namespace, mod
     watchdog.cancel()
     start_s = time.monotonic() - started
     ok = bool(ready) and answered(args.port)
-    mark = session_mark_of(process.pid)
     stopped = time.monotonic()
     if process.poll() is None:
         os.killpg(process.pid, signum) if target == "group" else process.send_signal(signum)
@@ -103,10 +113,10 @@ def one_run(number: int, target: str, signum: int, args: argparse.Namespace, mod
         process.wait()
     stop_s = time.monotonic() - stopped
     time.sleep(1.0)  # what a stop leaves behind is what is still there a moment later
-    left = [f"{p.pid} {p.name()}" for p in marked_processes(mark)] if mark else ["(no process of the session found)"]
+    left = [f"{p.pid} {p.name()}" for p in in_session(process.pid)]
     trace = next((m.group(0) for m in ABORT_TRACE.finditer(log.read_text(errors="replace"))), "")
     run = Run(number, target, ok, start_s, stop_s, exit_code, trace, left, listening(args.port), signum)
-    for process_left in marked_processes(mark) if mark else []:  # the next run starts on a clean machine either way
+    for process_left in in_session(process.pid):  # the next run starts on a clean machine either way
         process_left.kill()
     return run
 
@@ -123,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpus-per-replica", type=float, default=0.25)
     parser.add_argument("--start-timeout", type=float, default=300.0)
     parser.add_argument("--stop-timeout", type=float, default=60.0)
+    parser.add_argument("--repo", type=Path, default=REPO, help="the checkout whose `crlft serve` runs (default: this)")
     args = parser.parse_args(argv)
     signum = int(signal.Signals[args.signal])
     with tempfile.TemporaryDirectory(prefix="serve-restarts-") as tmp:
