@@ -7,6 +7,7 @@ import os
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from crlft.config import Config
 from crlft.errors import CrlftError
@@ -67,3 +68,16 @@ def setup_mlflow(cfg: Config, override: str | None = None) -> str:
             mlflow.create_experiment(cfg.registry.experiment, artifact_location=location)
     mlflow.set_experiment(cfg.registry.experiment)
     return uri
+
+
+def mark_failed(client: Any, uri: str, run_id: str) -> bool:
+    """End the MLflow run FAILED when the store answers (a server is asked quickly first, not through MLflow's
+    minutes of retries); False when it does not, which leaves the run as it was."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        check_reachable(uri)
+        client.set_terminated(run_id, status="FAILED")
+    except (CrlftError, MlflowException):
+        return False
+    return True

@@ -595,19 +595,24 @@ def save_training_state(
     extra: Mapping[str, Any] | None = None,
 ) -> None:
     """Write what resuming needs into `directory`. Every rank must call it (state dicts are gathered collectively);
-    only rank 0 writes. Frozen parameters (the base model under LoRA) are not saved: they are the base model's."""
+    only rank 0 writes. Frozen parameters (the base model under LoRA) are not saved: they are the base model's.
+    A failed write is a CrlftError naming the folder and the cause."""
     model_state = get_model_state_dict(model, options=_SAVE_OPTIONS)
     optimizer_state = get_optimizer_state_dict(model, optimizer, options=_SAVE_OPTIONS)
     rng_states = gather_rng_states()
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(model_state, out / MODEL_FILE)
-    torch.save(optimizer_state, out / OPTIMIZER_FILE)
-    torch.save(rng_states, out / RNG_FILE)
     state = {"position": asdict(position), "scheduler": scheduler.state_dict(), "extra": dict(extra or {})}
-    (out / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save(model_state, out / MODEL_FILE)
+        torch.save(optimizer_state, out / OPTIMIZER_FILE)
+        torch.save(rng_states, out / RNG_FILE)
+        (out / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
+    except (OSError, RuntimeError) as error:  # torch's writer reports a failed write (a full disk) as RuntimeError
+        cause = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+        raise CrlftError(f"cannot write the training state to {out}: {cause}") from error
 
 
 def load_model_weights(directory: str | Path, model: nn.Module) -> None:

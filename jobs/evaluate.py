@@ -386,48 +386,81 @@ def _write_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:
 
 
 def _log_to_mlflow(plan: _Plan, cfg: Config, model_dir: Path, out: Path, measured: dict[str, Any]) -> dict[str, Any]:
-    """One evaluation run with every figure and file; the summary figures as tags of the model version."""
-    from mlflow.entities import Metric, Param
+    """One evaluation run with every figure and file; the summary figures as tags of the model version. MLflow
+    retries each request with backoff; when the store still fails, one error says what was not recorded and how to
+    record it (the results are in `out` either way), and the evaluation run does not end FINISHED."""
     from mlflow.exceptions import MlflowException
 
-    from crlft.registry import client_for, record_evaluation, register_model
+    from crlft.registry import client_for
+    from crlft.tracking import mark_failed
 
-    client, _ = client_for(cfg, plan.tracking_uri)
+    done: dict[str, Any] = {}  # what is recorded so far: "target" (after --register-as), "run_id", "recorded"
+    try:
+        client, _ = client_for(cfg, plan.tracking_uri)
+        return _record(client, plan, cfg, model_dir, out, measured, done)
+    except (MlflowException, OSError, CrlftError) as exc:
+        run_status = ""
+        if "run_id" in done:
+            failed = mark_failed(client, str(plan.tracking_uri), done["run_id"])
+            run_status = f" (evaluation run {done['run_id']} left {'FAILED' if failed else 'unfinished'})"
+        raise CrlftError(_not_recorded(plan, out, done, exc) + run_status) from None
+
+
+def _record(client: Any, plan: _Plan, cfg: Config, model_dir: Path, out: Path, measured: dict[str, Any],
+            done: dict[str, Any]) -> dict[str, Any]:
+    from mlflow.entities import Metric, Param
+
+    from crlft.registry import record_evaluation, register_model
+
     target = plan.target
     if plan.register_as:
         version = register_model(model_dir, cfg, name=plan.register_as, tracking_uri=plan.tracking_uri)
-        target = ModelRef(plan.register_as, version=version)
+        target = done["target"] = ModelRef(plan.register_as, version=version)
     tags = {TAG + "kind": "evaluation", TAG + "model": plan.model}
     if target is not None:
         tags |= {TAG + "model_name": target.name, TAG + "model_version": str(target.version)}
     if plan.suite:
         tags[TAG + "suite"] = plan.suite
     experiment_id = client.get_experiment_by_name(cfg.registry.experiment).experiment_id
-    run = client.create_run(experiment_id, run_name=f"eval {plan.label}", tags=tags)
-    run_id = run.info.run_id
-    try:
-        now = int(time.time() * 1000)
-        params = {"model": plan.model, "suite_file": str(plan.suite_file or ""),
-                  "heldout": str(plan.heldout_file or ""), "benches": ",".join(plan.benches),
-                  "eval_engine": plan.engine.kind, "eval_dtype": _dtype_name(plan.engine)}  # fmt: skip
-        client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in sorted(measured["metrics"].items())],
-                         params=[Param(k, v) for k, v in params.items()])  # fmt: skip
-        client.log_artifacts(run_id, str(out), "evaluation")
-        if measured["table"]:
-            rows = [json.loads(line) for line in (out / "condition_swap.jsonl").read_text().splitlines()]
-            client.log_table(run_id, {k: [r[k] for r in rows] for k in rows[0]}, "condition_swap_table.json")
-        if target is not None:
-            for suite, figures in measured["recorded"].items():
-                suite_file = plan.suite_file.name if suite == plan.suite and plan.suite_file else None
-                record_evaluation(target.name, str(target.version), figures, suite, run_id=run_id,
-                                  suite_file=suite_file, cfg=cfg, tracking_uri=plan.tracking_uri)  # fmt: skip
-    except (MlflowException, OSError, CrlftError) as exc:
-        with contextlib.suppress(MlflowException):
-            client.set_terminated(run_id, status="FAILED")
-        raise CrlftError(f"logging the evaluation to MLflow failed: {str(exc).splitlines()[0]}") from None
+    run_id = done["run_id"] = client.create_run(experiment_id, run_name=f"eval {plan.label}", tags=tags).info.run_id
+    now = int(time.time() * 1000)
+    params = {"model": plan.model, "suite_file": str(plan.suite_file or ""), "heldout": str(plan.heldout_file or ""),
+              "benches": ",".join(plan.benches), "eval_engine": plan.engine.kind,
+              "eval_dtype": _dtype_name(plan.engine)}  # fmt: skip
+    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in sorted(measured["metrics"].items())],
+                     params=[Param(k, v) for k, v in params.items()])  # fmt: skip
+    client.log_artifacts(run_id, str(out), "evaluation")
+    if measured["table"]:
+        rows = [json.loads(line) for line in (out / "condition_swap.jsonl").read_text().splitlines()]
+        client.log_table(run_id, {k: [r[k] for r in rows] for k in rows[0]}, "condition_swap_table.json")
+    if target is not None:
+        for suite, figures in measured["recorded"].items():
+            suite_file = plan.suite_file.name if suite == plan.suite and plan.suite_file else None
+            record_evaluation(target.name, str(target.version), figures, suite, run_id=run_id,
+                              suite_file=suite_file, cfg=cfg, tracking_uri=plan.tracking_uri)  # fmt: skip
+    done["recorded"] = True
     client.set_terminated(run_id)
     version = {"name": target.name, "version": str(target.version)} if target is not None else None
     return {"run_id": run_id, "model_version": version}
+
+
+def _not_recorded(plan: _Plan, out: Path, done: dict[str, Any], exc: BaseException) -> str:
+    """What a failed write to MLflow left out, and the command that records it once the store answers."""
+    target = done.get("target") or plan.target
+    missing = []
+    if plan.register_as and "target" not in done:
+        missing.append(f"the registration of {plan.model} as {plan.register_as}")
+    if not done.get("recorded"):
+        missing.append("the evaluation run with its figures and files")
+        if target is not None and target.version:
+            missing.append(f"the figures on {target.name} v{target.version}")
+    again = "run this `crlft eval` again"
+    if "target" in done:  # registered already: record on that version instead of registering another
+        again += f" with --log-to-version {target.name}/{target.version} in place of --register-as"
+    cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return (f"MLflow at {plan.tracking_uri} did not record the evaluation: {cause}. Not recorded: "
+            f"{'; '.join(missing) or 'the end of the evaluation run'}. The results are in {out}; once the store "
+            f"answers, {again}")
 
 
 def _report_text(report: dict[str, Any], lines: list[str]) -> str:

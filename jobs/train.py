@@ -2,9 +2,12 @@
 
     DATA/train/*.parquet (packed bins, jobs.build_dataset) --Ray Data, split per worker--> TorchTrainer workers
       each step: grad_accum bins per worker, loss over the global weight sum (crlft.train_loop.train_step)
-      rank 0: per-step metrics to MLflow; every checkpoint_every steps and at the end: ray.train.report(checkpoint)
-    driver: final checkpoint -> exported model in --out (crlft.export) -> logged to the MLflow run as artifacts
-            -> registered as a new version of registry.model_name (lineage tags; `crlft eval` records onto it)
+      rank 0: per-step metrics to MLflow from a background thread (held while the server is away, and carried in
+              every checkpoint until sent); every checkpoint_every steps and at the end: ray.train.report(checkpoint)
+    driver: final checkpoint -> exported model in --out (crlft.export) -> held metrics and the export logged to the
+            MLflow run -> registered as a new version of registry.model_name (lineage tags; `crlft eval` records
+            onto it). A server that stays away past MLflow's retries: the export stays in --out and the error says
+            to register it with --resume once the server answers.
 
 This file is the command and the driver; the pieces are in jobs/training/: `data` (stats.json checked against the
 config and the tokenizer), `runs` (run folders, resume), `tracking` (the MLflow run, the metrics logger), `worker`
@@ -31,12 +34,12 @@ from crlft.config import Config, Mode
 from crlft.errors import CrlftError
 from crlft.export import export_checkpoint
 from crlft.registry import MODEL_ARTIFACT_PATH, ModelRef, register_model
-from crlft.tracking import set_offline_defaults
+from crlft.tracking import mark_failed, set_offline_defaults
 from crlft.train_loop import LrChoice, StepPlan, choose_lr, plan_steps, supervised_tokens_per_step
 from jobs.session import ray_session
 from jobs.training.data import DataDescription, check_tokenizer, describe_data
 from jobs.training.runs import RunRecord, check_same_plan, find_run_to_resume, run_name, storage_root, write_run_record
-from jobs.training.tracking import data_params, flatten, start_run
+from jobs.training.tracking import data_params, flatten, read_unsent, send_metrics, start_run
 from jobs.training.worker import train_loop_per_worker
 
 SHUFFLE_BUFFER_TOKENS = 2**22  # bins held per worker for the per-epoch shuffle: ~4M tokens, ~128 MB
@@ -145,6 +148,7 @@ def train(
             "lr_reason": lr.reason,
             "tracking_uri": tracking_uri,
             "run_id": run.run_id,
+            "run_dir": f"{run.root}/{run.name}",
             "has_val": data.has_val,
             "shuffle_buffer": max(1, SHUFFLE_BUFFER_TOKENS // data.pack_len),
         }
@@ -160,6 +164,7 @@ class _Run:
     name: str
     run_id: str
     tracking_uri: str
+    artifact_uri: str  # the MLflow run's, known from the start: exporting needs no server
 
 
 def _open_run(client: Any, cfg: Config, data: DataDescription, base_model: str, out: Path, plan: StepPlan,
@@ -170,13 +175,14 @@ def _open_run(client: Any, cfg: Config, data: DataDescription, base_model: str, 
         name, record = to_resume
         check_same_plan(record, plan, lr, name)
         client.update_run(record.mlflow_run_id, status="RUNNING")
-        return _Run(root, name, record.mlflow_run_id, tracking_uri)
+        artifact_uri = client.get_run(record.mlflow_run_id).info.artifact_uri
+        return _Run(root, name, record.mlflow_run_id, tracking_uri, artifact_uri)
     name = run_name(out)
     params = {**flatten(cfg.dump()), **data_params(data), "train.lr_resolved": f"{lr:.6g}",
               "train.total_steps": str(plan.total_steps), "base_model": base_model}
     run_id = start_run(client, cfg.registry.experiment, name, params, data)
     write_run_record(root, name, RunRecord(str(out), data.root, base_model, run_id, asdict(plan), lr))
-    return _Run(root, name, run_id, tracking_uri)
+    return _Run(root, name, run_id, tracking_uri, client.get_run(run_id).info.artifact_uri)
 
 
 def _datasets(data: DataDescription, cfg: Config) -> tuple[dict[str, Any], StepPlan]:
@@ -236,7 +242,7 @@ def _fit(trainer: Any, client: Any, run: _Run, max_failures: int) -> Any:
     try:
         result = trainer.fit()
     except Exception as error:
-        client.set_terminated(run.run_id, "FAILED")
+        mark_failed(client, run.tracking_uri, run.run_id)
         if isinstance(error, TrainingFailedError):
             raise CrlftError(
                 f"training failed after {max_failures} retries: {failure_summary(error)}; fix the "
@@ -244,29 +250,24 @@ def _fit(trainer: Any, client: Any, run: _Run, max_failures: int) -> Any:
             ) from error
         raise
     if result.checkpoint is None:
-        client.set_terminated(run.run_id, "FAILED")
+        mark_failed(client, run.tracking_uri, run.run_id)
         raise CrlftError(f"run {run.name} ended without a checkpoint; see the Ray Train logs in {run.root}/{run.name}")
     return result
 
 
 def _export(result: Any, client: Any, run: _Run, data: DataDescription, base_model: str, out: Path, cfg: Config,
             plan: StepPlan) -> TrainResult:
-    """The final checkpoint exported into `out`, logged into the MLflow run (which ends FINISHED) and registered."""
+    """The final checkpoint exported into `out`, then recorded in MLflow (`_record`)."""
     metrics, run_id = dict(result.metrics or {}), run.run_id
-    artifact_uri = f"{client.get_run(run_id).info.artifact_uri}/{MODEL_ARTIFACT_PATH}"
+    artifact_uri = f"{run.artifact_uri}/{MODEL_ARTIFACT_PATH}"
     steps = int(metrics.get("step", plan.total_steps))
     with result.checkpoint.as_directory() as directory:
         export_checkpoint(directory, base_model, out, cfg, {
             "base_model": base_model, "data_fingerprint": data.fingerprint, "steps": steps,
             "mlflow_run_id": run_id, "mlflow_artifact_uri": artifact_uri,
         })
-    client.log_artifacts(run_id, str(out), MODEL_ARTIFACT_PATH)
-    try:
-        version = register_model(out, cfg, run_id, tracking_uri=run.tracking_uri)
-    except CrlftError:
-        client.set_terminated(run_id, "FAILED")
-        raise
-    client.set_terminated(run_id, "FINISHED")
+        held = read_unsent(directory)
+    version = _record(client, run, out, held, cfg, data)
     return TrainResult(
         out_dir=out,
         mlflow_run_id=run_id,
@@ -281,6 +282,32 @@ def _export(result: Any, client: Any, run: _Run, data: DataDescription, base_mod
         checkpoint_path=result.checkpoint.path,
         restored_from_step=int(metrics["start_step"]) if metrics.get("start_step") else None,
     )
+
+
+def _record(client: Any, run: _Run, out: Path, held: list[Any], cfg: Config, data: DataDescription) -> str:
+    """The metrics the workers could not send, the exported model logged into the run and registered, the run
+    FINISHED; returns the version. MLflow retries each request with backoff (MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+    MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR), which rides out a short outage of the server. When it does not answer in
+    that time, the run does not end FINISHED, and the error says how to register the model once it is back."""
+    from mlflow.exceptions import MlflowException
+
+    unlogged = f", and the {len(held)} metrics the workers held are not logged" if held else ""
+    try:
+        send_metrics(client, run.run_id, held)
+        unlogged = ""
+        client.log_artifacts(run.run_id, str(out), MODEL_ARTIFACT_PATH)
+        version = register_model(out, cfg, run.run_id, tracking_uri=run.tracking_uri)
+        client.set_terminated(run.run_id, "FINISHED")
+    except (MlflowException, OSError, CrlftError) as error:
+        cause = str(error).splitlines()[0] if str(error) else type(error).__name__
+        failed = mark_failed(client, run.tracking_uri, run.run_id)
+        raise CrlftError(
+            f"the model is exported to {out} but not registered{unlogged}: MLflow at {run.tracking_uri} failed: "
+            f"{cause}. The MLflow run {run.run_id} is left {'FAILED' if failed else 'RUNNING, not FINISHED'}. Once "
+            f"the server answers, `crlft train --data {data.root} --out {out} --resume` (same configuration) "
+            f"continues run {run.name} from its final checkpoint, logs the metrics and registers the model"
+        ) from None
+    return version
 
 
 def _by_class(metrics: dict[str, Any], prefix: str) -> dict[str, float]:

@@ -1,17 +1,23 @@
 """MLflow for a training run: the driver opens the run with every parameter and the data description; rank 0 sends
-its per-step metrics in batches; the driver logs the exported model into the run."""
+its per-step metrics in batches, in the background, holding them while the server is away; the driver sends what was
+still held at the end and logs the exported model into the run."""
 
 from __future__ import annotations
 
 import json
 import math
+import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from jobs.training.data import DataDescription
 
 METRICS_FLUSH_S = 5.0
+RETRY_MAX_DELAY_S = 30.0  # the longest wait between two tries of a server that does not answer
+UNSENT_FILE = "unsent_metrics.json"  # in a checkpoint: rank 0's metrics that MLflow had not taken yet
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -53,34 +59,82 @@ def start_run(client: Any, experiment: str, run_name: str, params: Mapping[str, 
     return run_id
 
 
-class MetricsLogger:
-    """Rank 0's metrics, sent to MLflow in batches (a write per step would slow small steps down)."""
+def send_metrics(client: Any, run_id: str, metrics: Sequence[Any]) -> None:
+    """Log `metrics` into the run, in batches of MLflow's limit."""
+    for start in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=list(metrics[start : start + 1000]))
 
-    def __init__(self, tracking_uri: str | None, run_id: str | None, flush_every_s: float = METRICS_FLUSH_S) -> None:
-        self._client = None
-        if tracking_uri and run_id:
+
+def read_unsent(directory: str | Path) -> list[Any]:
+    """The metrics a checkpoint holds because MLflow had not taken them when it was written."""
+    from mlflow.entities import Metric
+
+    path = Path(directory) / UNSENT_FILE
+    return [Metric(**fields) for fields in json.loads(path.read_text())] if path.is_file() else []
+
+
+class MetricsLogger:
+    """Rank 0's metrics, sent to MLflow in batches by a background thread, so that the training loop never waits on
+    the tracking server. While the server does not answer (MLflow retries each request with backoff first), the
+    metrics are held and sent again until it does; every checkpoint carries those still held (`save_unsent`), and the
+    worker restored from it or the driver after the last step sends them. Sending one twice is harmless: MLflow
+    stores a metric resent with the same key, step, timestamp and value once."""
+
+    def __init__(self, tracking_uri: str | None, run_id: str | None, held: Sequence[Any] = (),
+                 flush_every_s: float = METRICS_FLUSH_S) -> None:
+        self._pending: list[Any] = list(held)
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._flush_every_s = flush_every_s
+        self._enabled = bool(tracking_uri and run_id)
+        if self._enabled:
             from mlflow.tracking import MlflowClient
 
-            self._client = MlflowClient(tracking_uri)
-        self._run_id = run_id
-        self._pending: list[Any] = []
-        self._flush_every_s = flush_every_s
-        self._last_flush = time.monotonic()
+            sender = threading.Thread(target=self._send_loop, args=(MlflowClient(tracking_uri), run_id),
+                                      name="crlft-metrics", daemon=True)
+            sender.start()
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
-        if self._client is None:
+        if not self._enabled:
             return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self._pending += [Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(v)]
-        if time.monotonic() - self._last_flush >= self._flush_every_s:
-            self.flush()
+        with self._lock:
+            self._pending += [Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(v)]
 
-    def flush(self) -> None:
-        if self._client is None or not self._pending:
-            return
-        for start in range(0, len(self._pending), 1000):
-            self._client.log_batch(self._run_id, metrics=self._pending[start : start + 1000])
-        self._pending = []
-        self._last_flush = time.monotonic()
+    def save_unsent(self, directory: str | Path) -> None:
+        """Write the metrics not yet sent into the checkpoint folder `directory`."""
+        with self._lock:
+            unsent = [{"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}
+                      for m in self._pending]
+        if unsent:
+            (Path(directory) / UNSENT_FILE).write_text(json.dumps(unsent))
+
+    def close(self) -> None:
+        """Stop the sender without waiting for it: what it has not sent is in the last checkpoint."""
+        self._closed.set()
+
+    def _send_loop(self, client: Any, run_id: str) -> None:
+        delay, failing_since = self._flush_every_s, None
+        while not self._closed.wait(delay):
+            with self._lock:
+                batch = list(self._pending)
+            if not batch:
+                continue
+            try:
+                send_metrics(client, run_id, batch)
+            except Exception as error:  # whatever went wrong, the metrics stay held and are sent again later
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                    cause = str(error).splitlines()[0] if str(error) else type(error).__name__
+                    print(f"warning: MLflow did not take the training metrics ({cause}); training goes on, the "
+                          "metrics are held and sent when the server answers", file=sys.stderr, flush=True)
+                delay = min(delay * 2, RETRY_MAX_DELAY_S)
+                continue
+            with self._lock:
+                del self._pending[: len(batch)]  # only this thread removes, from the front: these are the sent ones
+            if failing_since is not None:
+                print(f"MLflow answers again after {time.monotonic() - failing_since:.0f} s: sent the "
+                      f"{len(batch)} held metrics", file=sys.stderr, flush=True)
+            delay, failing_since = self._flush_every_s, None

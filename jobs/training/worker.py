@@ -16,9 +16,10 @@ import torch
 from crlft import train_loop as tl
 from crlft.config import Config
 from crlft.dataset import chunked
+from crlft.errors import CrlftError
 from crlft.tracking import set_offline_defaults
 from crlft.train_loop import StepPlan, StepStats, TrainingPosition
-from jobs.training.tracking import MetricsLogger
+from jobs.training.tracking import MetricsLogger, read_unsent
 
 
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
@@ -56,7 +57,8 @@ class Worker:
         self.optimizer = tl.build_optimizer(self.model, cfg.train, loop["lr"])
         self.scheduler = tl.build_scheduler(self.optimizer, self.plan.total_steps, cfg.train)
         self._restore()
-        self.metrics = MetricsLogger(loop["tracking_uri"], loop["run_id"]) if rank == 0 else MetricsLogger(None, None)
+        self.metrics = (MetricsLogger(loop["tracking_uri"], loop["run_id"], held=self.held_metrics) if rank == 0
+                        else MetricsLogger(None, None))
         self.stopwatch = tl.Stopwatch()
 
     def _build_model(self) -> None:
@@ -89,12 +91,14 @@ class Worker:
 
         self.position = TrainingPosition()
         self.summary: dict[str, float] = {"step": 0.0, "epoch": 0.0}  # the latest step's metrics, in every checkpoint
+        self.held_metrics: list[Any] = []  # metrics MLflow had not taken when the checkpoint was written
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             tl.seed_everything(self.cfg.train.seed + self.rank)
             return
         with checkpoint.as_directory() as directory:
             loaded = tl.load_training_state(directory, self.model, self.optimizer, self.scheduler)
+            self.held_metrics = read_unsent(directory)
         self.position = loaded.position
         self.summary = loaded.extra.get("summary") or {"step": float(self.position.global_step),
                                                        "epoch": float(self.position.epoch)}
@@ -119,6 +123,7 @@ class Worker:
             if epoch_done:
                 self.position = TrainingPosition(self.position.global_step, epoch + 1, 0)
         self.report({**self.summary, "start_step": start_step, "final": 1.0})
+        self.metrics.close()
 
     def _train_epoch(self, epoch: int, shard: Any) -> None:
         """Steps of `epoch` until it ends, the plan ends or (resumed mid-epoch) the rest of it is done."""
@@ -191,12 +196,21 @@ class Worker:
             yield tl.collate_micro_batch(row, self.tokenizer.pad_token_id, self.conditions, self.attn, self.device)
 
     def report(self, summary: dict[str, float]) -> None:
-        """Checkpoint with `summary` as the metrics (every rank calls it: the state dicts are gathered)."""
+        """Checkpoint with `summary` as the metrics and the metrics MLflow has not taken yet (every rank calls it: the
+        state dicts are gathered). A checkpoint that cannot be stored fails the run with the place and the cause; Ray
+        Train writes each checkpoint into a new folder and records it only once it is complete, so the previous one
+        stays intact and the run resumes from it."""
         import ray.train
 
-        self.metrics.flush()
         with tempfile.TemporaryDirectory() as directory:
             tl.save_training_state(directory, self.model, self.optimizer, self.scheduler, self.position,
                                    {"summary": summary})
+            self.metrics.save_unsent(directory)
             saved = ray.train.Checkpoint.from_directory(directory) if self.rank == 0 else None
-            ray.train.report(summary, checkpoint=saved)
+            try:
+                ray.train.report(summary, checkpoint=saved)
+            except OSError as error:
+                raise CrlftError(
+                    f"cannot store the checkpoint of step {self.position.global_step} in {self.loop['run_dir']}: "
+                    f"{error}; the previous checkpoint is intact: fix the storage and continue with --resume"
+                ) from error
