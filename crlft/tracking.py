@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -50,6 +51,31 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
             "--port 5000`), fix --mlflow-uri / MLFLOW_TRACKING_URI, or unset them to use the local SQLite store"
         ) from None
     raise CrlftError(f"MLflow tracking server {uri} did not answer /health with 200")
+
+
+def mlflow_patience_s() -> float:
+    """How long MLflow's client retries one request before it gives up (MLFLOW_HTTP_REQUEST_MAX_RETRIES retries,
+    MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR * 2**i seconds apart, as urllib3 spaces them): the tracker outage a stage
+    rides out."""
+    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR, MLFLOW_HTTP_REQUEST_MAX_RETRIES
+
+    factor = MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get()
+    return float(sum(factor * 2**retry for retry in range(MLFLOW_HTTP_REQUEST_MAX_RETRIES.get())))
+
+
+def wait_reachable(uri: str, patience_s: float) -> None:
+    """`check_reachable`, asked again at growing intervals for up to `patience_s` (a server being restarted); the
+    last error when it never answers."""
+    deadline, delay = time.monotonic() + patience_s, 1.0
+    while True:
+        try:
+            check_reachable(uri)
+            return
+        except CrlftError:
+            if time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(2 * delay, 30.0)
 
 
 def setup_mlflow(cfg: Config, override: str | None = None) -> str:

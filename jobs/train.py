@@ -34,7 +34,7 @@ from crlft.config import Config, Mode
 from crlft.errors import CrlftError
 from crlft.export import export_checkpoint
 from crlft.registry import MODEL_ARTIFACT_PATH, ModelRef, register_model
-from crlft.tracking import mark_failed, set_offline_defaults
+from crlft.tracking import mark_failed, mlflow_patience_s, set_offline_defaults, wait_reachable
 from crlft.train_loop import LrChoice, StepPlan, choose_lr, plan_steps, supervised_tokens_per_step
 from jobs.session import ray_session
 from jobs.training.data import DataDescription, check_tokenizer, describe_data
@@ -286,20 +286,26 @@ def _export(result: Any, client: Any, run: _Run, data: DataDescription, base_mod
 
 def _record(client: Any, run: _Run, out: Path, held: list[Any], cfg: Config, data: DataDescription) -> str:
     """The metrics the workers could not send, the exported model logged into the run and registered, the run
-    FINISHED; returns the version. MLflow retries each request with backoff (MLFLOW_HTTP_REQUEST_MAX_RETRIES,
-    MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR), which rides out a short outage of the server. When it does not answer in
-    that time, the run does not end FINISHED, and the error says how to register the model once it is back."""
+    FINISHED; returns the version. Each step rides out an outage of the tracking server for as long as MLflow's client
+    retries a request (`mlflow_patience_s`). When it does not answer in that time, the model is not registered, the run
+    does not end FINISHED, and the error says how to register the model once the server is back."""
     from mlflow.exceptions import MlflowException
 
     unlogged = f", and the {len(held)} metrics the workers held are not logged" if held else ""
+    version = None
     try:
         send_metrics(client, run.run_id, held)
         unlogged = ""
         client.log_artifacts(run.run_id, str(out), MODEL_ARTIFACT_PATH)
+        wait_reachable(run.tracking_uri, mlflow_patience_s())  # registering asks the server once, without retries
         version = register_model(out, cfg, run.run_id, tracking_uri=run.tracking_uri)
         client.set_terminated(run.run_id, "FINISHED")
     except (MlflowException, OSError, CrlftError) as error:
         cause = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if version is not None:  # registered: only the run's status is missing
+            print(f"[train] registered as version {version}, but the MLflow run {run.run_id} could not be marked "
+                  f"FINISHED: {cause}", file=sys.stderr, flush=True)
+            return version
         failed = mark_failed(client, run.tracking_uri, run.run_id)
         raise CrlftError(
             f"the model is exported to {out} but not registered{unlogged}: MLflow at {run.tracking_uri} failed: "
