@@ -470,10 +470,8 @@ def test_two_ddp_workers_follow_the_loss_trajectory_of_one_worker_on_the_same_gl
             _loss_history(cfg, one_worker.mlflow_run_id, key), rel=1e-4)
 
 
-def _run_and_kill_a_worker(run: Any, storage: Path, timeout_s: float = 240) -> tuple[Any, BaseException | None]:
-    """Start `run` in a thread; once its first checkpoint is registered, SIGKILL one Ray Train worker by pid."""
-    from ray.util.state import list_actors
-
+def in_thread(run: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    """`run()` on a daemon thread; the dict gets its "result" or the "error" it raised."""
     outcome: dict[str, Any] = {}
 
     def target() -> None:
@@ -482,8 +480,16 @@ def _run_and_kill_a_worker(run: Any, storage: Path, timeout_s: float = 240) -> t
         except BaseException as error:  # noqa: BLE001 - handed back to the test
             outcome["error"] = error
 
-    thread = threading.Thread(target=target)
+    thread = threading.Thread(target=target, daemon=True)
     thread.start()
+    return thread, outcome
+
+
+def _run_and_kill_a_worker(run: Any, storage: Path, timeout_s: float = 240) -> tuple[Any, BaseException | None]:
+    """Start `run` in a thread; once its first checkpoint is registered, SIGKILL one Ray Train worker by pid."""
+    from ray.util.state import list_actors
+
+    thread, outcome = in_thread(run)
     deadline = time.monotonic() + timeout_s
     killed = False
     while not killed and thread.is_alive() and time.monotonic() < deadline:
