@@ -46,6 +46,7 @@ class Run:
     left_running: list[str]
     listening: bool
     signum: int
+    stderr_tail: list[str]
 
     @property
     def clean(self) -> bool:
@@ -114,8 +115,10 @@ def one_run(number: int, target: str, signum: int, args: argparse.Namespace, mod
     stop_s = time.monotonic() - stopped
     time.sleep(1.0)  # what a stop leaves behind is what is still there a moment later
     left = [f"{p.pid} {p.name()}" for p in in_session(process.pid)]
-    trace = next((m.group(0) for m in ABORT_TRACE.finditer(log.read_text(errors="replace"))), "")
-    run = Run(number, target, ok, start_s, stop_s, exit_code, trace, left, listening(args.port), signum)
+    stderr = log.read_text(errors="replace")
+    trace = next((m.group(0) for m in ABORT_TRACE.finditer(stderr)), "")
+    run = Run(number, target, ok, start_s, stop_s, exit_code, trace, left, listening(args.port), signum,
+              stderr.splitlines()[-25:])
     for process_left in in_session(process.pid):  # the next run starts on a clean machine either way
         process_left.kill()
     return run
@@ -151,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                   + (f"  trace={run.trace!r}" if run.trace else "")
                   + (f"  left={run.left_running}" if run.left_running else "")
                   + ("  port still listening" if run.listening else ""), flush=True)
+            if not run.clean or not run.answered:  # what the command said, to tell why
+                print("    " + "\n    ".join(run.stderr_tail), flush=True)
     answered_count = sum(r.answered for r in runs)
     clean = sum(r.clean for r in runs)
     stops = sorted(r.stop_s for r in runs)

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 # waited for needed one (a silent hang).
 LOCAL_SPARE_CPUS = 2
 SESSION_MARK = "CRLFT_LOCAL_RAY"
-STOP_GRACE_S = 5.0  # a marked process left after Ray's shutdown gets this long after SIGTERM, then SIGKILL
+STOP_GRACE_S = 3.0  # a marked process left after Ray's shutdown gets this long after SIGTERM, then SIGKILL
 _local_mark: str | None = None  # this process's local session, while it runs
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _handlers_before: dict[int, Any] = {}  # while stop_on_signals' handler is installed: what it replaced
@@ -88,6 +88,9 @@ def ingress_env(cfg: Config) -> dict[str, str]:
     from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
 
     return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3",
+            # A replica whose connection is refused is marked down at once (Serve's default waits for 3 errors): with
+            # leastconn a dead replica, holding no connections, is otherwise every retry's pick until then.
+            "RAY_SERVE_HAPROXY_OBSERVE_ERROR_LIMIT": "1",
             "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
             "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
             # What ray.init(runtime_env={"worker_process_setup_hook": ...}) sets, here inherited by every worker of
@@ -177,6 +180,8 @@ def stop_ray() -> None:
     import ray
 
     global _local_mark
+    if _local_mark is not None and not ray_alive():  # a signal to the group: Ray's head processes are going already,
+        end_marked_processes(_local_mark, grace_s=0.0)  # and would take seconds over it
     ray.shutdown()
     if _local_mark is not None:
         end_marked_processes(_local_mark)

@@ -23,6 +23,7 @@ from services.engine import choose_engine
 from services.models import resolve_model_uri
 
 SIGNAL_SPREAD_S = 0.3
+SERVE_STOP_S = 10.0
 
 
 def public_url(host: str, port: int) -> str:
@@ -129,6 +130,22 @@ def shutdown(shutdown_ray: bool = True) -> None:
     time.sleep(SIGNAL_SPREAD_S)  # a signal to the group reaches Ray's processes at once; let it show
     if ray_alive():
         with contextlib.suppress(Exception):
-            serve.shutdown()
+            _stop_serve(SERVE_STOP_S)
     if shutdown_ray:
         stop_ray()
+
+
+def _stop_serve(timeout_s: float) -> None:
+    """serve.shutdown, waiting `timeout_s` at most for the controller (Serve's own wait is 30 s: a session whose head
+    processes die under it, as on a loaded machine after a group signal, would spend them all)."""
+    try:
+        from ray.serve.context import _check_cached_client_alive, _disconnect
+    except ImportError:  # private API moved: Serve's own wait
+        serve.shutdown()
+        return
+    client, had_client = _check_cached_client_alive()  # at most 5 s
+    if client is not None:
+        client.shutdown(timeout_s=timeout_s)
+        _disconnect()
+    elif not had_client:  # none cached in this process: Serve finds a running one itself
+        serve.shutdown()
