@@ -88,9 +88,11 @@ def ingress_env(cfg: Config) -> dict[str, str]:
     from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
 
     return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3",
-            # A replica whose connection is refused is marked down at once (Serve's default waits for 3 errors): with
-            # leastconn a dead replica, holding no connections, is otherwise every retry's pick until then.
-            "RAY_SERVE_HAPROXY_OBSERVE_ERROR_LIMIT": "1",
+            # A replica whose connection fails is marked down at once (Serve's default waits for 3 errors): with
+            # leastconn a dead replica, holding no connections, is otherwise every retry's pick until then. A request
+            # that reached a replica as it died, and got nothing back, is sent to another (Serve retries only refused
+            # connections): a chat completion has no side effect to repeat.
+            "RAY_SERVE_HAPROXY_OBSERVE_ERROR_LIMIT": "1", "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
             "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
             "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
             # What ray.init(runtime_env={"worker_process_setup_hook": ...}) sets, here inherited by every worker of
