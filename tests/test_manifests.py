@@ -179,6 +179,19 @@ def test_every_secret_key_and_volume_claim_a_pod_needs_is_defined(rendered, over
                         assert ref["key"] in secrets[ref["name"]], (obj["kind"], env["name"])
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_node_of_the_endpoint_runs_the_haproxy_ingress_as_crlft_serve_does(rendered, overlay):
+    from crlft.config import Config
+    from jobs.session import ingress_env
+
+    names = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_HAPROXY_OBSERVE_ERROR_LIMIT", "RAY_SERVE_HAPROXY_RETRY_ON")
+    wanted = {name: ingress_env(Config())[name] for name in names}
+    for _, spec in pod_specs(one(rendered[overlay], "RayService")):
+        for container in spec["containers"]:
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            assert {k: env.get(k) for k in wanted} == wanted, container["name"]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Planted mistakes: each check must catch its kind of error
 
