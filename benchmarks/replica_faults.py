@@ -44,9 +44,9 @@ from jobs.session import environment, free_port, ingress_env
 APP = "faults"
 SERVED = "faults-model"
 CASES = ("replica", "engine")
-# A request that reaches a killed replica while the kernel tears its process down (its listening socket still takes
-# connections) loses its connection after it was sent: no ingress retries that safely. The first /readyz, sent at the
-# kill, can meet it; from then on /readyz must say yes (the other replica serves).
+# The first second after a replica's kill: a request sent then can still reach the dying replica (the kernel tears
+# its process down, HAProxy marks it down at its first failed connection and retries elsewhere) and fail with
+# HAProxy's error page; from then on nothing but the victim's own requests may fail, and /readyz must say yes.
 TEARDOWN_S = 1.0
 
 
@@ -154,6 +154,11 @@ class FaultResult:
     def failed_beyond_victim(self) -> list[Outcome]:
         victims = {id(o) for o in self.on_victim}
         return [o for o in self.failed if id(o) not in victims]
+
+    @property
+    def failed_after_teardown(self) -> list[Outcome]:
+        """Failed beyond the victim's, begun once its teardown was over: the ingress sent them to a dead replica."""
+        return [o for o in self.failed_beyond_victim if o.started - self.killed_at >= TEARDOWN_S]
 
 
 def replica_pids() -> dict[str, int]:
@@ -270,7 +275,8 @@ def report(results: list[FaultResult], args: argparse.Namespace) -> str:
         f"streamed), up to {args.max_tokens} tokens; the kill after {args.warmup_s:.0f} s of load; load average "
         f"{args.load[0]:.1f} at the start, {args.load[1]:.1f} at the end on {os.cpu_count()} cores",
         "",
-        "| killed | requests | in flight at the kill (on the victim) | failed | failed beyond the victim's | hung "
+        "| killed | requests | in flight at the kill (on the victim) | failed | failed beyond the victim's (after "
+        f"{TEARDOWN_S:.0f} s) | hung "
         "| s until 2 replicas serve | engine cores at the end | failures | /readyz after the kill |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
     ]
@@ -278,7 +284,8 @@ def report(results: list[FaultResult], args: argparse.Namespace) -> str:
         kinds = Counter(o.result + (" + [DONE]" if o.done else "") for o in r.failed)
         recovered = f"{r.recovered_s:.1f}" if r.recovered_s is not None else "never"
         lines.append(f"| {r.case} | {len(r.outcomes)} | {r.in_flight} ({len(r.on_victim)}) | {len(r.failed)} "
-                     f"| {len(r.failed_beyond_victim)} | {len(r.hung)} | {recovered} | {r.engine_cores} "
+                     f"| {len(r.failed_beyond_victim)} ({len(r.failed_after_teardown)}) | {len(r.hung)} | {recovered} "
+                     f"| {r.engine_cores} "
                      f"| {', '.join(f'{k}: {n}' for k, n in kinds.items()) or 0} "
                      f"| {', '.join(f'{k}: {n}' for k, n in r.readiness.items())}"
                      + (f" (not 200: sent {r.readiness_failed_at} s after the kill)" if r.readiness_failed_at else "")
@@ -308,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{case}: done", file=sys.stderr)
         args.load.append(os.getloadavg()[0])
     print(report(results, args))
-    bad = any(r.hung or r.failed_beyond_victim or r.recovered_s is None
+    bad = any(r.hung or r.failed_after_teardown or r.recovered_s is None
               or any(sent >= TEARDOWN_S for sent in r.readiness_failed_at) for r in results)
     return int(bad)
 
