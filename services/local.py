@@ -17,7 +17,7 @@ from ray import serve
 from crlft.config import Config
 from crlft.errors import CrlftError
 from crlft.tracking import set_offline_defaults
-from jobs.session import ray_alive, start_ray, stop_on_signals, stop_ray
+from jobs.session import ray_alive, restore_signals, start_ray, stop_on_signals, stop_ray
 from services.chat import APP_NAME, chat_application
 from services.engine import choose_engine
 from services.models import resolve_model_uri
@@ -133,6 +133,8 @@ def shutdown(shutdown_ray: bool = True) -> None:
             _stop_serve(SERVE_STOP_S)
     if shutdown_ray:
         stop_ray()
+    else:
+        restore_signals()  # what wait_for_interrupt installed
 
 
 def _stop_serve(timeout_s: float) -> None:
