@@ -139,7 +139,7 @@ def _checkpointed_step(storage: Path) -> int:
     return max(steps)
 
 
-def _trainin_thread(data: Path, model: Path, out: Path, cfg: Config, resume: bool = False) -> Any:
+def _train_in_thread(data: Path, model: Path, out: Path, cfg: Config, resume: bool = False) -> Any:
     from jobs.train import train
 
     return in_thread(lambda: train(data, str(model), out, cfg, resume=resume))
@@ -164,7 +164,7 @@ def test_training_goes_on_through_a_tracker_outage_and_every_step_is_logged_and_
     for key, value in PATIENT_RETRIES.items():  # the driver's; the workers keep MLflow's defaults
         monkeypatch.setenv(key, value)
     cfg = _config(tmp_path, server_up.uri)
-    thread, outcome = _trainin_thread(data, tiny_model, tmp_path / "out", cfg)
+    thread, outcome = _train_in_thread(data, tiny_model, tmp_path / "out", cfg)
     _wait_for(lambda: _checkpointed_step(tmp_path / "ray_results") > 0, RUN_TIMEOUT_S, "first checkpoint",
               thread)
     server_up.stop()
@@ -203,7 +203,7 @@ def test_a_tracker_that_never_returns_fails_the_run_naming_the_exported_model_an
         monkeypatch.setenv(key, value)
     cfg = _config(tmp_path, server_up.uri, **{"train.epochs": 1})
     out = tmp_path / "out"
-    thread, outcome = _trainin_thread(data, tiny_model, out, cfg)
+    thread, outcome = _train_in_thread(data, tiny_model, out, cfg)
     _wait_for(lambda: _checkpointed_step(tmp_path / "ray_results") > 0, RUN_TIMEOUT_S, "first checkpoint",
               thread)
     server_up.stop()
@@ -222,7 +222,7 @@ def test_a_tracker_that_never_returns_fails_the_run_naming_the_exported_model_an
     assert run.info.status == "RUNNING"
     assert not client.search_model_versions(f"run_id = '{run.info.run_id}'")
     # The command the message gives registers it, with every step's metrics.
-    thread, outcome = _trainin_thread(data, tiny_model, out, cfg, resume=True)
+    thread, outcome = _train_in_thread(data, tiny_model, out, cfg, resume=True)
     thread.join(RUN_TIMEOUT_S)
     assert "result" in outcome, outcome.get("error")
     result = outcome["result"]
@@ -299,7 +299,7 @@ def test_a_checkpoint_that_cannot_be_stored_fails_naming_the_place_and_cause_and
 ) -> None:
     cfg = _config(tmp_path, **{"train.epochs": 1})
     storage, out = tmp_path / "ray_results", tmp_path / "out"
-    thread, outcome = _trainin_thread(data, tiny_model, out, cfg)
+    thread, outcome = _train_in_thread(data, tiny_model, out, cfg)
     _wait_for(lambda: _checkpointed_step(storage) > 0, RUN_TIMEOUT_S, "first checkpoint", thread)
     run_dir = next(storage.glob("crlft-*"))
     if not _immutable(run_dir, True):
@@ -315,7 +315,7 @@ def test_a_checkpoint_that_cannot_be_stored_fails_naming_the_place_and_cause_and
     assert "cannot store the checkpoint of step" in str(error) and f"in {run_dir}" in str(error)
     assert "Operation not permitted" in str(error) and "--resume" in str(error)
 
-    resumed = _trainin_thread(data, tiny_model, out, cfg, resume=True)
+    resumed = _train_in_thread(data, tiny_model, out, cfg, resume=True)
     resumed[0].join(RUN_TIMEOUT_S)
     result = resumed[1].get("result")
     assert result is not None, resumed[1].get("error")
