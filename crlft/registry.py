@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from crlft.config import Config
-from crlft.errors import CrlftError
+from crlft.errors import CrlftError, first_line
 from crlft.tracking import setup_mlflow
 
 if TYPE_CHECKING:
@@ -136,8 +136,7 @@ def _error_code(exc: BaseException) -> str:
 
 
 def _mlflow_error(exc: Exception, doing: str) -> CrlftError:
-    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return CrlftError(f"MLflow refused to {doing}: {message}")
+    return CrlftError(f"MLflow refused to {doing}: {first_line(exc)}")
 
 
 def tag_key_part(text: str) -> str:

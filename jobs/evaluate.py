@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
 from crlft.config import Config
-from crlft.errors import CrlftError
+from crlft.errors import CrlftError, first_line
 from crlft.registry import MODELS_SCHEME, TAG, ModelRef
 from crlft.tracking import set_offline_defaults
 
@@ -457,8 +457,7 @@ def _not_recorded(plan: _Plan, out: Path, done: dict[str, Any], exc: BaseExcepti
     again = "run this `crlft eval` again"
     if "target" in done:  # registered already: record on that version instead of registering another
         again += f" with --log-to-version {target.name}/{target.version} in place of --register-as"
-    cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return (f"MLflow at {plan.tracking_uri} did not record the evaluation: {cause}. Not recorded: "
+    return (f"MLflow at {plan.tracking_uri} did not record the evaluation: {first_line(exc)}. Not recorded: "
             f"{'; '.join(missing) or 'the end of the evaluation run'}. The results are in {out}; once the store "
             f"answers, {again}")
 

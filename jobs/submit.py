@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import yaml
 
 from crlft.cli import stage_entrypoint
-from crlft.errors import CrlftError
+from crlft.errors import CrlftError, first_line
 from jobs.cli import COMMANDS
 
 if TYPE_CHECKING:
@@ -126,11 +126,6 @@ AUTH_HINT = (
 )
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def connect(address: str | None) -> JobSubmissionClient:
     """A Jobs API client for the cluster, or a CrlftError that says how to reach one."""
     from ray.exceptions import AuthenticationError
@@ -142,10 +137,10 @@ def connect(address: str | None) -> JobSubmissionClient:
     try:
         return JobSubmissionClient(url)
     except AuthenticationError as exc:
-        raise CrlftError(f"Ray Jobs API at {url}: {_first_line(exc)}; {AUTH_HINT}") from None
+        raise CrlftError(f"Ray Jobs API at {url}: {first_line(exc)}; {AUTH_HINT}") from None
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise CrlftError(
-            f"no Ray Jobs API at {url} ({_first_line(exc)}): start a cluster (cluster/start-local.sh) or pass the "
+            f"no Ray Jobs API at {url} ({first_line(exc)}): start a cluster (cluster/start-local.sh) or pass the "
             "dashboard address of one with --address http://HOST:8265"
         ) from None
 
@@ -157,7 +152,7 @@ def client_call(what: str, call: Any, *args: Any, **kwargs: Any) -> Any:
     try:
         return call(*args, **kwargs)
     except AuthenticationError as exc:
-        raise CrlftError(f"{what}: {_first_line(exc)}; {AUTH_HINT}") from None
+        raise CrlftError(f"{what}: {first_line(exc)}; {AUTH_HINT}") from None
     except (RuntimeError, ValueError, TypeError) as exc:
         raise CrlftError(f"{what}: {str(exc).strip()}") from None
 

@@ -31,7 +31,7 @@ from typing import Any
 
 from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
 from crlft.config import Config, Mode
-from crlft.errors import CrlftError
+from crlft.errors import CrlftError, first_line
 from crlft.export import export_checkpoint
 from crlft.registry import MODEL_ARTIFACT_PATH, ModelRef, register_model
 from crlft.tracking import mark_failed, mlflow_patience_s, set_offline_defaults, wait_reachable
@@ -301,7 +301,7 @@ def _record(client: Any, run: _Run, out: Path, held: list[Any], cfg: Config, dat
         version = register_model(out, cfg, run.run_id, tracking_uri=run.tracking_uri)
         client.set_terminated(run.run_id, "FINISHED")
     except (MlflowException, OSError, CrlftError) as error:
-        cause = str(error).splitlines()[0] if str(error) else type(error).__name__
+        cause = first_line(error)
         if version is not None:  # registered: only the run's status is missing
             print(f"[train] registered as version {version}, but the MLflow run {run.run_id} could not be marked "
                   f"FINISHED: {cause}", file=sys.stderr, flush=True)

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from crlft.errors import first_line
 from jobs.training.data import DataDescription
 
 METRICS_FLUSH_S = 5.0
@@ -127,9 +128,8 @@ class MetricsLogger:
             except Exception as error:  # whatever went wrong, the metrics stay held and are sent again later
                 if failing_since is None:
                     failing_since = time.monotonic()
-                    cause = str(error).splitlines()[0] if str(error) else type(error).__name__
-                    print(f"warning: MLflow did not take the training metrics ({cause}); training goes on, the "
-                          "metrics are held and sent when the server answers", file=sys.stderr, flush=True)
+                    print(f"warning: MLflow did not take the training metrics ({first_line(error)}); training goes "
+                          "on, the metrics are held and sent when the server answers", file=sys.stderr, flush=True)
                 delay = min(delay * 2, RETRY_MAX_DELAY_S)
                 continue
             with self._lock:
