@@ -204,19 +204,6 @@ def marked_processes(mark: str) -> list[psutil.Process]:
     return found
 
 
-def session_mark_of(pid: int) -> str | None:
-    """The mark of the local session process `pid` runs (read from its children: the opener's own environment lacks
-    it), or None."""
-    import psutil
-
-    with contextlib.suppress(psutil.Error):
-        for child in psutil.Process(pid).children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                if mark := child.environ().get(SESSION_MARK):
-                    return mark
-    return None
-
-
 def end_marked_processes(mark: str, grace_s: float = STOP_GRACE_S) -> None:
     """SIGTERM every process of the session `mark`, SIGKILL those still running after `grace_s`."""
     import psutil

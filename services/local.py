@@ -57,8 +57,7 @@ def deploy(model: str, cfg: Config | None = None, blocking: bool = False, *, api
     # Fail here, with a clear message, not in a replica's retry loop.
     resolve_model_uri(model, cfg, tracking_uri)
     choose_engine(cfg.serve.engine, "cpu")  # vLLM asked for and missing
-    if not ray.is_initialized() and not (address or os.environ.get("RAY_ADDRESS")):
-        check_port_free(cfg.serve.host, cfg.serve.port)  # a local Serve's ingress will bind it
+    check_port_free_for_local_ray(cfg, address)
     started_ray, _ = start_ray(cfg, address)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     host, port = _http_address(cfg)
@@ -87,6 +86,13 @@ def _http_address(cfg: Config) -> tuple[str, int]:
         return str(options.host), int(options.port)
     except Exception:  # private API: fall back to what was asked for
         return cfg.serve.host, cfg.serve.port
+
+
+def check_port_free_for_local_ray(cfg: Config, address: str | None) -> None:
+    """`check_port_free` for the endpoint's port where Serve's ingress will be a local Ray's that start_ray is about to
+    start (a cluster's nodes bind their own ports)."""
+    if not ray.is_initialized() and not (address or os.environ.get("RAY_ADDRESS")):
+        check_port_free(cfg.serve.host, cfg.serve.port)
 
 
 def check_port_free(host: str, port: int) -> None:

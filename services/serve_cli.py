@@ -8,7 +8,6 @@ API keys may also come from $CRLFT_API_KEYS (comma-separated), which keeps them 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
@@ -41,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from services.chat import api_keys_from_env
     from services.engine import choose_engine
-    from services.local import check_port_free, deploy, shutdown, wait_for_interrupt
+    from services.local import check_port_free_for_local_ray, deploy, shutdown, wait_for_interrupt
     from services.models import resolve_model_uri
 
     cfg = config_from_args(args, {"host": "serve.host", "port": "serve.port", "model_name": "serve.model_name",
@@ -50,8 +49,7 @@ def run(args: argparse.Namespace) -> int:
     keys = [*args.api_keys, *api_keys_from_env()]
     resolve_model_uri(model, cfg, args.mlflow_uri)  # a wrong --model fails now, not after Ray has started
     choose_engine(cfg.serve.engine, "cpu")  # vLLM asked for and missing: one line now, not after Ray has started
-    if not (args.address or os.environ.get("RAY_ADDRESS")):
-        check_port_free(cfg.serve.host, cfg.serve.port)  # taken: one line now, not HAProxy's after Ray has started
+    check_port_free_for_local_ray(cfg, args.address)  # taken: one line now, not HAProxy's after Ray has started
     print(f"starting Ray Serve for {model} (serve.engine={cfg.serve.engine}) ...", file=sys.stderr, flush=True)
     started_ray, _ = start_ray(cfg, args.address)
     try:

@@ -26,7 +26,7 @@ from crlft.config import Config
 from crlft.export import ModelMeta, save_exported
 from crlft.model import init_model, load_model_and_tokenizer
 from jobs.haproxy_pages import ON_ENDPOINT_HOST, on_endpoint_host
-from jobs.session import Stopped, free_port, marked_processes, session_mark_of
+from jobs.session import SESSION_MARK, Stopped, free_port, marked_processes
 
 REPO = Path(__file__).resolve().parents[1]
 ABORT_TRACE = re.compile(r"\*\*\* \w+ received|Traceback \(most recent call last\)|core dumped")
@@ -44,6 +44,17 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def port() -> int:
     """The one port every start in this module serves on: a stop that leaves it taken fails the next start."""
     return free_port()
+
+
+def _session_mark_of(pid: int) -> str | None:
+    """The mark of the local session process `pid` runs (read from its children: the opener's own environment lacks
+    it), or None."""
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process(pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if mark := child.environ().get(SESSION_MARK):
+                    return mark
+    return None
 
 
 def _listeners(pid: int) -> list[tuple[str, int]]:
@@ -84,7 +95,7 @@ def test_sigterm_to_the_process_group_or_the_pid_stops_crlft_serve_in_seconds_le
         line = next((line for line in process.stdout if line.startswith("serving ")), "")
         assert f"http://127.0.0.1:{port}/v1" in line, f"not served; exit status {process.poll()}, stderr:\n" + \
             (tmp_path / "stderr.log").read_text()[-3000:]
-        mark = session_mark_of(process.pid)
+        mark = _session_mark_of(process.pid)
         assert mark, "the session's processes carry no mark"
         haproxy = [p for p in marked_processes(mark) if p.name() == "haproxy"]
         assert haproxy, "HAProxy is not the ingress"
@@ -131,7 +142,7 @@ def test_any_command_s_local_session_stopped_through_its_process_group_ends_ever
                                text=True, cwd=REPO, start_new_session=True)
     try:
         assert process.stdout is not None and process.stdout.readline().strip() == "up"
-        mark = session_mark_of(process.pid)
+        mark = _session_mark_of(process.pid)
         assert mark and marked_processes(mark)
         os.killpg(process.pid, signal.SIGTERM)
         assert process.wait(timeout=STOP_LIMIT_S) == 128 + signal.SIGTERM
