@@ -32,10 +32,10 @@ from crlft.config import Config
 from crlft.errors import CrlftError, first_line
 from crlft.registry import MODELS_SCHEME, TAG, ModelRef
 from crlft.tracking import set_offline_defaults
+from jobs.decoding import dtype_name, engine_settings, load_model, open_decoder
 
 if TYPE_CHECKING:  # torch and transformers come with these: imported where the model runs, not for --help
     from crlft.evaluate import Decoder
-    from crlft.export import ExportedModel
     from services.engine import EngineSettings
 
 JUDGE_KEY_VARIABLES = ("CRLFT_JUDGE_API_KEY", "OPENAI_API_KEY")
@@ -153,7 +153,7 @@ def _plan(model: str | Path, suite: str | Path | None, cfg: Config, *, heldout: 
         raise CrlftError("a judge needs both --judge-url and --judge-model")
     if judge_url and not bench:
         raise CrlftError("--judge-url grades benchmark answers: add --bench mt_bench and/or --bench vicuna")
-    engine = _engine_settings(cfg, batch_size)  # vLLM asked for but missing fails here, before anything runs
+    engine = engine_settings(cfg, batch_size)  # vLLM asked for but missing fails here, before anything runs
     suite_items = _load_suite(suite) if suite is not None else None
     if heldout is not None and not Path(heldout).is_file():
         raise CrlftError(f"held-out file {heldout} does not exist (write one with `crlft synth`)")
@@ -188,24 +188,6 @@ def _plan(model: str | Path, suite: str | Path | None, cfg: Config, *, heldout: 
     return _Plan(model, label, suite_items, Path(suite) if suite else None,
                  suite_id(suite) if suite else None, Path(heldout) if heldout else None, benches,
                  found_bench_dir, judge, judge_model, target, register_as, uri, log, out, engine)  # fmt: skip
-
-
-def _engine_settings(cfg: Config, batch_size: int) -> EngineSettings:
-    """What `crlft serve` would generate with on this machine (services.engine.EngineSettings): serve.engine (auto:
-    vLLM where installed for the device) in serve.precision, on the GPU if there is one; `batch_size` sequences at a
-    time."""
-    import dataclasses
-
-    import torch
-
-    from services.engine import EngineSettings
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return dataclasses.replace(EngineSettings.for_replica(cfg, device), max_batch_size=batch_size)
-
-
-def _dtype_name(engine: EngineSettings) -> str:
-    return str(engine.dtype).removeprefix("torch.")
 
 
 def _is_result_file(name: str) -> bool:
@@ -264,7 +246,7 @@ def evaluate_model(
                  judge_model=judge_model, register_as=register_as, log_to_version=log_to_version,
                  log_mlflow=log_mlflow, tracking_uri=tracking_uri, out_dir=out_dir, batch_size=batch_size)  # fmt: skip
     model_dir = resolve_model(plan.model, cfg, tracking_uri=plan.tracking_uri)
-    exported = _load_model(model_dir, plan.engine)
+    exported = load_model(model_dir, plan.engine)
     selected = ev.select_conditions(exported.meta, conditions)
     heldout_conversations = ev.load_heldout(plan.heldout_file, exported.meta) if plan.heldout_file else None
     final_out = plan.out_dir
@@ -294,33 +276,14 @@ def evaluate_model(
     return report
 
 
-def _load_model(model_dir: Path, engine: EngineSettings) -> ExportedModel:
-    """The model as the transformers engine serves it (number type, device) when that engine decodes. Under vLLM it
-    stays as saved, on the CPU: there it only renders prompts and embeds held-out conversations, and vLLM holds the
-    GPU (it sizes its cache from the memory it finds free)."""
-    from crlft.export import load_exported
-
-    if engine.kind != "transformers":
-        return load_exported(model_dir)
-    exported = load_exported(model_dir, dtype=engine.dtype)
-    exported.model.to(engine.device)
-    return exported
-
-
 @contextlib.contextmanager
 def _decoder(model_dir: Path, plan: _Plan) -> Iterator[Decoder | None]:
-    """The decoder of suite and benchmark answers: vLLM, started once for every answer and stopped at the end; None
-    for crlft's engine, crlft.evaluate's default (no engine to start)."""
-    if plan.engine.kind != "vllm" or (plan.suite_items is None and not plan.benches):
+    """The decoder of suite and benchmark answers (none needed for the representation check alone)."""
+    if plan.suite_items is None and not plan.benches:
         yield None
         return
-    from services.vllm_decoder import VllmDecoder
-
-    decoder = VllmDecoder(model_dir, plan.engine)
-    try:
+    with open_decoder(model_dir, plan.engine) as decoder:
         yield decoder
-    finally:
-        decoder.close()
 
 
 def _measure(exported: Any, plan: _Plan, conditions: list[str], heldout_conversations: list[Any] | None,
@@ -337,7 +300,7 @@ def _measure(exported: Any, plan: _Plan, conditions: list[str], heldout_conversa
     table = ""
     if plan.suite_items is not None or plan.benches:
         engine = plan.engine
-        lines.append(f"answers decoded by {engine.kind} ({_dtype_name(engine)} on {engine.device}), as `crlft serve` "
+        lines.append(f"answers decoded by {engine.kind} ({dtype_name(engine)} on {engine.device}), as `crlft serve` "
                      "would serve them")  # fmt: skip
     if plan.heldout_file and heldout_conversations is not None:
         result = ev.representation_check(exported, heldout_conversations, out / "embeddings.png", max_per_class,
@@ -426,7 +389,7 @@ def _record(client: Any, plan: _Plan, cfg: Config, model_dir: Path, out: Path, m
     now = int(time.time() * 1000)
     params = {"model": plan.model, "suite_file": str(plan.suite_file or ""), "heldout": str(plan.heldout_file or ""),
               "benches": ",".join(plan.benches), "eval_engine": plan.engine.kind,
-              "eval_dtype": _dtype_name(plan.engine)}  # fmt: skip
+              "eval_dtype": dtype_name(plan.engine)}  # fmt: skip
     client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in sorted(measured["metrics"].items())],
                      params=[Param(k, v) for k, v in params.items()])  # fmt: skip
     client.log_artifacts(run_id, str(out), "evaluation")
