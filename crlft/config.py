@@ -68,6 +68,26 @@ class TemplateConfig(_Strict):
     assistant_role: str = Field("Assistant", description="`{role}` of assistant turns")
 
 
+class ReplayConfig(_Strict):
+    """Replay (self-distillation): the base model's own greedy answers to general prompts, mixed into the training data
+    so that a fine-tune on narrow data keeps what the model knew (jobs/replay.py)."""
+
+    enabled: bool | None = Field(
+        None, description="mix in replay conversations; None: on for a pretrained base model, off for the embedded "
+        "tiny one (it knows nothing to keep)"
+    )
+    prompts: str | None = Field(
+        None, description="general prompts: JSONL (`{\"prompt\": ...}` a line) or TXT (one a line); None: the "
+        "shipped set (crlft.general.REPLAY_PROMPTS_FILE)"
+    )
+    ratio: float = Field(
+        0.25, ge=0.0, description="replay conversations per accepted conversation of the inputs, capped at the number "
+        "of prompts"
+    )
+    condition: str | None = Field(None, description="class of the replay conversations; None: inference_condition")
+    max_new_tokens: int = Field(192, ge=1, description="longest replay answer in tokens")
+
+
 class DataConfig(_Strict):
     max_len: int = Field(2048, ge=16, description="longest conversation in tokens; longer ones follow `overflow`")
     pack_len: int = Field(2048, ge=16, description="token budget of one packed bin (>= max_len)")
@@ -81,6 +101,7 @@ class DataConfig(_Strict):
     only_classes: list[str] | None = Field(None, description="keep only these classes (e.g. expert-only ablation)")
     seed: int = Field(0, description="seed of the validation split and the packing order")
     num_blocks: int = Field(8, ge=1, description="Ray Data read parallelism for small inputs")
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
 
 
 class ModelConfig(_Strict):
@@ -209,6 +230,9 @@ class Config(_Strict):
             )
         if self.default_class is not None and self.default_class not in names:
             raise ValueError(f"default_class {self.default_class!r} is not a class; classes: {sorted(names)}")
+        replay_condition = self.data.replay.condition
+        if replay_condition is not None and replay_condition not in names:
+            raise ValueError(f"data.replay.condition {replay_condition!r} is not a class; classes: {sorted(names)}")
         if self.data.pack_len < self.data.max_len:
             raise ValueError(f"data.pack_len ({self.data.pack_len}) must be >= data.max_len ({self.data.max_len})")
         for name in names:
