@@ -63,12 +63,12 @@ serves with (`batch_decoder` here, vLLM in services/vllm_decoder.py): the accura
 get."""
 
 
-def _context_limit(exported: ExportedModel) -> int | None:
+def context_limit(model_config: object, tokenizer: PreTrainedTokenizerBase) -> int | None:
     """The longest sequence, counted as the serving engines count it (`context_length`); None for a model without a
     position table."""
-    if getattr(exported.model.config, "max_position_embeddings", None) is None:
+    if getattr(model_config, "max_position_embeddings", None) is None:
         return None
-    return context_length(exported.model.config, exported.tokenizer)
+    return context_length(model_config, tokenizer)
 
 
 def _fit(ids: list[int], keep: int, bos: list[int]) -> list[int]:
@@ -90,7 +90,7 @@ def batch_decoder(exported: ExportedModel, batch_size: int = 16) -> Decoder:
     context), greedy, `batch_size` sequences at a time: the model's own device and number type."""
     stops = exported.stop_ids
     engine = BatchGenerator(exported.model, exported.tokenizer, stops, max_batch_size=batch_size,
-                            context_len=_context_limit(exported))  # fmt: skip
+                            context_len=context_limit(exported.model.config, exported.tokenizer))  # fmt: skip
 
     def decode(prompts: Sequence[list[int]], max_new_tokens: int) -> list[str]:
         params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
@@ -105,12 +105,20 @@ def generate(exported: ExportedModel, prompts: Sequence[list[int]], max_new_toke
     """Greedy answers of token-id prompts by `decoder` (default: `batch_decoder` with `batch_size`), each cut at the
     first stop token and stripped. A prompt too long for the context loses its oldest tokens, and answers get at most
     half the context."""
-    limit = _context_limit(exported)
-    fitted = [list(p) for p in prompts]
-    if limit is not None:
-        max_new_tokens = max(1, min(max_new_tokens, limit // 2))
-        fitted = [_fit(p, limit - max_new_tokens, exported.template_tokenizer.bos_ids) for p in fitted]
+    limit = context_limit(exported.model.config, exported.tokenizer)
+    fitted, max_new_tokens = fit_prompts(prompts, max_new_tokens, limit, exported.template_tokenizer.bos_ids)
     return (decoder or batch_decoder(exported, batch_size))(fitted, max_new_tokens)
+
+
+def fit_prompts(prompts: Sequence[list[int]], max_new_tokens: int, limit: int | None,
+                bos: list[int]) -> tuple[list[list[int]], int]:
+    """The prompts and answer length decoders get (`generate`; jobs/replay.py for vLLM under Ray Data): answers get at
+    most half the context `limit`, and a prompt too long for the rest loses its oldest tokens (keeping BOS)."""
+    fitted = [list(p) for p in prompts]
+    if limit is None:
+        return fitted, max_new_tokens
+    max_new_tokens = max(1, min(max_new_tokens, limit // 2))
+    return [_fit(p, limit - max_new_tokens, bos) for p in fitted], max_new_tokens
 
 
 def chat_prompt(exported: ExportedModel, messages: Sequence[Message], condition: str, system: str = "") -> list[int]:
@@ -251,7 +259,7 @@ def embed_conversations(exported: ExportedModel, conversations: Sequence[Convers
     condition in the prompt, where the template has one): shape (n, hidden)."""
     model = exported.model
     model.eval()
-    limit = _context_limit(exported)
+    limit = context_limit(exported.model.config, exported.tokenizer)
     ids = [exported.template_tokenizer.tokenize_conversation(c, {}, max_len=limit).input_ids for c in conversations]
     pad_id = exported.tokenizer.pad_token_id or 0
     device = next(model.parameters()).device
