@@ -114,14 +114,22 @@ def starting_vllm(path: Path, settings: EngineSettings) -> Iterator[bool]:
     CPUs Ray gave each replica. Unpinned instead, `engine_threads` of this process's CPUs (Ray puts a replica's in
     OMP_NUM_THREADS). A user's own VLLM_CPU_OMP_THREADS_BIND is kept. The environment is as before afterwards."""
     with environment(VLLM_LOG_ENV):
-        if settings.device != "cpu" or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        started = unpinned_threads(path, settings, int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
+        if started is None:
             yield False
             return
-        cpus = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
-        threads = engine_threads(cpus, parameter_count(str(path)), settings.dtype)
-        started = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(threads)}
         with environment(started, override=True):
             yield True
+
+
+def unpinned_threads(path: Path, settings: EngineSettings, cpus: int) -> dict[str, str] | None:
+    """The environment that runs vLLM's model threads unpinned, `engine_threads` of `cpus` (`starting_vllm`; replay's
+    Ray Data stage puts it in its actor's); None where vLLM places them: on GPUs, or pinned by the user's own
+    VLLM_CPU_OMP_THREADS_BIND."""
+    if settings.device != "cpu" or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return None
+    threads = engine_threads(cpus, parameter_count(str(path)), settings.dtype)
+    return {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(threads)}
 
 
 class VllmEngine:
