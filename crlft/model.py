@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import itertools
+import json
 import re
 import tempfile
 from collections.abc import Iterable
@@ -190,6 +191,22 @@ def init_model(
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def is_pretrained(name_or_path: str) -> bool:
+    """Whether a model knows something of its own: a model folder not of a preset's shape, a GGUF file or a hub id.
+    False for the embedded default (`init_model`'s, which knows only what crlft trains into it) and for a folder that
+    holds a tokenizer alone."""
+    path = Path(name_or_path).expanduser()
+    if _is_gguf(name_or_path):
+        return True
+    if not path.exists():
+        return bool(_HUB_ID.match(name_or_path))
+    config = path / "config.json"
+    if not config.is_file():
+        return False
+    shape = json.loads(config.read_text())
+    return not any(all(shape.get(key) == value for key, value in preset.items()) for preset in PRESETS.values())
 
 
 def load_tokenizer(
