@@ -6,11 +6,18 @@ Ray Data end to end, nothing collected on the driver:
       -> validate, assign class, tokenize (actor pool: the tokenizer is loaded once per actor)
       -> materialize in the object store (it feeds three consumers; spills to disk when larger than memory)
       -> small per-block tallies -> stats.json
+      -> replay (data.replay, jobs/replay.py): the base model answers ratio x accepted general prompts -> replay.jsonl,
+         whose conversations go through the same tokenizing actor and join the records from here on
       -> rejects, sorted by (source, line) and streamed -> rejects.jsonl
       -> per split: group by a seeded hash of the text -> first-fit-decreasing per group -> one Parquet shard each
 
 The output depends only on the inputs, the config and the seed, byte for byte: a record's split and packing group
-come from its text, each group is packed in (source, line) order into the shard named after the group.
+come from its text, each group is packed in (source, line) order into the shard named after the group. Replay answers
+are the base model's, cached under their fingerprint: a rebuild reuses them.
+
+Replay joins after the tally because its size depends on the number of accepted conversations; the replay records are
+then validated, tokenized, counted, split and packed exactly as the user's (one union, one packing), so the only
+difference a replay conversation has is its source, `<out>/replay.jsonl`, and its line there.
 """
 
 from __future__ import annotations
@@ -53,8 +60,10 @@ from crlft.dataset import (
     shard_table,
 )
 from crlft.errors import CrlftError
+from crlft.replay import ReplayPlan, plan_replay
 from crlft.storage import filesystem_and_path, is_uri, location
 from crlft.tracking import set_offline_defaults
+from jobs.replay import REPLAY_FILE, Replay, make_replay
 from jobs.session import ray_session
 
 if TYPE_CHECKING:  # transformers: seconds to import in every Ray worker that only reads, counts or packs
@@ -74,6 +83,8 @@ _FLAGS = {
     "val_fraction": "data.val_fraction",
     "seed": "data.seed",
     "mode": "train.mode",
+    "replay": "data.replay.enabled",
+    "replay_ratio": "data.replay.ratio",
 }
 
 
@@ -92,6 +103,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="seed of the split and packing groups (data.seed)")
     parser.add_argument("--mode", choices=[m.value for m in Mode],
                         help="training mode: decides conditions in the prompt and rewards in the weights")
+    parser.add_argument("--replay", action=argparse.BooleanOptionalAction,
+                        help="mix in the base model's own answers to general prompts, so a fine-tune keeps what it "
+                        "knew (data.replay.enabled; default: on for a pretrained base model). Costs one generation "
+                        "pass of the base model over ratio x accepted prompts (about a minute for 50 prompts of "
+                        "SmolLM2-135M on 2 CPU cores), cached for later builds")
+    parser.add_argument("--replay-ratio", type=float, help="replay conversations per accepted conversation "
+                        "(data.replay.ratio), capped at the number of prompts")
     add_config_arguments(parser)
 
 
@@ -101,6 +119,9 @@ def run(args: argparse.Namespace) -> int:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"only_classes": [cfg.inference_condition]})})
     stats = build_dataset(args.inputs, args.tokenizer or cfg.model.base_model, args.out, cfg)
     per_class = ", ".join(f"{name} {c['records']}" for name, c in stats["per_class"].items())
+    replay = stats["replay"]
+    if replay["conversations"]:
+        per_class += f"; {replay['conversations']} replay in {replay['condition']}"
     print(
         f"{stats['records_in']} records: {stats['accepted']} accepted ({per_class}), {stats['rejected']} rejected, "
         f"{stats['filtered']} filtered; {stats['bins']} bins of {stats['pack_len']} tokens, "
@@ -119,13 +140,14 @@ def build_dataset(inputs: list[str], tokenizer: str, out: str | Path, cfg: Confi
     paths = resolve_inputs(inputs)
     template = Template.from_config(cfg)
     template_tokenizer = _load_template_tokenizer(tokenizer, template, cfg)  # fails here, once, not in every actor
+    replay = plan_replay(cfg, tokenizer)  # the base model's tokenizer is the base model's folder
     out_str = str(out)
     with ray_session(cfg), _data_context():
-        return _build(paths, tokenizer, out_str, cfg, template, template_tokenizer.fingerprint())
+        return _build(paths, tokenizer, out_str, cfg, template_tokenizer, replay)
 
 
-def _build(paths: list[str], tokenizer: str, out: str, cfg: Config, template: Template,
-           tokenizer_fingerprint: str) -> dict[str, Any]:
+def _build(paths: list[str], tokenizer: str, out: str, cfg: Config, template_tokenizer: TemplateTokenizer,
+           replay_plan: ReplayPlan | None) -> dict[str, Any]:
     import ray.data
     from ray.data.expressions import col
 
@@ -139,7 +161,8 @@ def _build(paths: list[str], tokenizer: str, out: str, cfg: Config, template: Te
     records = ray.data.read_datasource(source, num_cpus=READ_CPUS)
     tokenized = records.map_batches(
         TokenizeRecords,
-        fn_constructor_args=(tokenizer, cfg.template.end_of_turn, cfg.model.trust_remote_code, template, settings),
+        fn_constructor_args=(tokenizer, cfg.template.end_of_turn, cfg.model.trust_remote_code,
+                             template_tokenizer.template, settings),
         batch_size=TOKENIZE_BATCH_ROWS,
         batch_format="pyarrow",
         compute=_tokenizer_pool(source.estimate_inmemory_data_size()),
@@ -151,6 +174,10 @@ def _build(paths: list[str], tokenizer: str, out: str, cfg: Config, template: Te
         started,
     )
     output = _Output(out)
+    replay = make_replay(cfg, replay_plan, template_tokenizer, tally.accepted)
+    output.remove(REPLAY_FILE)  # a replay file of an earlier run must not pass for this one's
+    if replay.lines:
+        tokenized, tally = _add_replay(replay, tokenized, tally, output, template_tokenizer, settings, started)
     rejects = tokenized.filter(expr=col("status") == "rejected").select_columns(["source", "line", "reason", "raw"])
     output.write_lines("rejects.jsonl", _sorted_reject_lines(rejects, tally.rejected))
     _log(f"{tally.rejected} rejects -> rejects.jsonl", started)
@@ -163,12 +190,34 @@ def _build(paths: list[str], tokenizer: str, out: str, cfg: Config, template: Te
             accepted = tokenized.filter(expr=(col("status") == "accepted") & (col("split") == split))
             bins[split] = _write_packed(accepted, count, cfg.data.pack_len, output.make_folder(split))
             _log(f"{split}: {count} conversations in {bins[split]} bins", started)
-    stats = make_stats(tally, bins, cfg, template, tokenizer, tokenizer_fingerprint, paths)
+    stats = make_stats(tally, bins, cfg, template_tokenizer.template, tokenizer, template_tokenizer.fingerprint(),
+                       paths, replay.stats)  # fmt: skip
     output.write_lines("stats.json", [json.dumps(stats, indent=2)])
     if not usable:
         raise CrlftError(_nothing_usable(tally, out))
     _log(f"wrote {out}", started)
     return stats
+
+
+def _add_replay(replay: Replay, tokenized: Any, tally: Tally, output: _Output, template_tokenizer: TemplateTokenizer,
+                settings: RecordSettings, started: float) -> tuple[Any, Tally]:
+    """The records and tally with the replay conversations added, validated, tokenized and placed by what the
+    tokenizing actors run (`process_record`, the same tokenizer), here on the driver: they are a few thousand at most,
+    and an actor takes seconds to start. Their source is REPLAY_FILE as named in the output folder (beside
+    rejects.jsonl), not its full path: the shards do not depend on where they are written."""
+    import ray.data
+
+    output.write_lines(REPLAY_FILE, replay.lines)
+    results = [process_record(settings, template_tokenizer, REPLAY_FILE, RawRecord(line=line, text=text, error=""))
+               for line, text in enumerate(replay.lines, start=1)]  # fmt: skip
+    added = Tally()
+    for result in results:
+        added.add(result)
+    replay.stats.update(accepted=added.accepted, rejected=added.rejected, filtered=added.filtered)
+    _log(f"replay: {added.accepted} accepted, {added.rejected} rejected (reasons in rejects.jsonl: an answer too "
+         f"long for data.max_len is one), {added.filtered} filtered", started)
+    replayed = ray.data.from_arrow(pa.Table.from_pylist(results, schema=RECORD_SCHEMA))
+    return tokenized.union(replayed), tally.merge(added)
 
 
 def _nothing_usable(tally: Tally, out: str) -> str:
@@ -341,9 +390,10 @@ def _write_packed(accepted: Any, count: int, capacity: int, folder: str) -> int:
 
 
 def make_stats(tally: Tally, bins: dict[str, int], cfg: Config, template: Template, tokenizer: str,
-               tokenizer_fingerprint: str, paths: Sequence[str]) -> dict[str, Any]:
+               tokenizer_fingerprint: str, paths: Sequence[str],
+               replay: dict[str, Any] | None = None) -> dict[str, Any]:
     """stats.json (docs/architecture.md, "Shards"): counts, per-class tokens, packing, and what the shards were built
-    from."""
+    from. The counts include the replay conversations (`replay`: jobs.replay's section, None for a build without)."""
     pack_len = cfg.data.pack_len
     splits = {
         split: {
@@ -385,10 +435,13 @@ def make_stats(tally: Tally, bins: dict[str, int], cfg: Config, template: Templa
         "template": asdict(template),
         "tokenizer": tokenizer,
         "inputs": sorted(paths),
+        "replay": replay or {"enabled": False, "conversations": 0},
         "fingerprints": {
             "inputs": tally.inputs_fingerprint(),
             "tokenizer_template": tokenizer_fingerprint,
             "config": hashlib.sha256(json.dumps(data_config, sort_keys=True).encode()).hexdigest()[:16],
+            # Only where there is replay: a build without keeps the fingerprints (and training runs) it had.
+            **({"replay": replay["fingerprint"]} if replay and replay["enabled"] else {}),
         },
     }
 
@@ -412,8 +465,11 @@ class _Output:
     def remove(self, name: str) -> None:
         from pyarrow import fs
 
-        if self._fs.get_file_info(f"{self._base}/{name}").type != fs.FileType.NotFound:
+        kind = self._fs.get_file_info(f"{self._base}/{name}").type
+        if kind == fs.FileType.Directory:
             self._fs.delete_dir(f"{self._base}/{name}")
+        elif kind != fs.FileType.NotFound:
+            self._fs.delete_file(f"{self._base}/{name}")
 
     def write_lines(self, name: str, lines: Iterator[str] | list[str]) -> None:
         with self._fs.open_output_stream(f"{self._base}/{name}") as stream:

@@ -172,12 +172,16 @@ class _Stages:
         return model_fp
 
     def data(self, inputs: list[str], model_fp: str) -> str:
+        """The training set; its fingerprint covers replay's prompts file too (data.replay's settings are in the
+        config's): a change of either rebuilds it."""
+        from crlft.replay import prompts_file, replay_model
         from jobs.build_dataset import build_dataset
 
         cfg, result = self.cfg, self.result
         data_cfg = [cfg.data.model_dump(), {k: v.model_dump() for k, v in cfg.classes.items()}, cfg.default_class,
                     cfg.inference_condition, cfg.template.model_dump(), cfg.train.mode.value]
-        stats_fp = _digest([inputs_fingerprint(inputs), model_fp, data_cfg])
+        replay = [str(prompts_file(cfg))] if replay_model(cfg, result.base_model) else []
+        stats_fp = _digest([inputs_fingerprint(inputs), model_fp, data_cfg, inputs_fingerprint(replay)])
         build = self.in_ray(lambda: build_dataset(inputs, result.base_model, result.data_dir, cfg))
         result.stats = self.log.run("data", stats_fp, (result.data_dir / "stats.json").is_file(), build, result.skipped)
         return stats_fp
