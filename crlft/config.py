@@ -163,6 +163,10 @@ class RegistryConfig(_Strict):
     model_name: str = Field("crlft-chat", description="registered model name")
     alias: str = Field("champion", description="alias of the model to serve")
     metric: str = Field("accuracy_expert", description="metric promotion compares (higher is better)")
+    min_retention: float = Field(
+        0.9, ge=0, description="promotion refuses a candidate whose retention (general accuracy / its base model's, "
+        "`crlft eval`) is below this; 0 turns the gate off; candidates without a retention figure are not gated"
+    )
 
 
 class ServeConfig(_Strict):

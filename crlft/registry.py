@@ -44,6 +44,7 @@ MODEL_ARTIFACT_PATH = "model"
 TAG = "crlft."
 EVAL_TAG = TAG + "eval."
 PROMOTION_TAG = TAG + "promotion."
+RETENTION_SUITE = "retention"  # where retention figures are recorded: crlft.eval.retention.<figure>
 LOCK_SUFFIX = ".promotion-lock"
 LOCK_TTL_S = 120.0  # a lock older than this is left over from a crashed promoter
 LOCK_TIMEOUT_S = 300.0
@@ -89,6 +90,11 @@ class ModelVersionInfo:
         suite = suite or self.latest_suite
         return self.evaluations.get(suite, {}).get(metric) if suite else None
 
+    @property
+    def retention(self) -> float | None:
+        """General accuracy against its base model's (crlft/retention.py); None when not measured."""
+        return self.evaluations.get(RETENTION_SUITE, {}).get("retention")
+
 
 @dataclass(frozen=True)
 class PromotionDecision:
@@ -102,6 +108,8 @@ class PromotionDecision:
     champion_value: float | None
     decision: str  # "promoted" | "forced" | "refused" | "unchanged" (the candidate already is the champion)
     reason: str
+    retention: float | None = None  # the candidate's, when measured
+    min_retention: float | None = None  # the gate it was held to
 
     @property
     def is_champion(self) -> bool:
@@ -466,7 +474,8 @@ def record_evaluation(
         tags[f"{EVAL_TAG}{key}.run_id"] = run_id
     if suite_file:
         tags[f"{EVAL_TAG}{key}.file"] = suite_file
-    tags[EVAL_TAG + "suite"] = key  # last: a reader that sees the suite sees its figures
+    if key != RETENTION_SUITE:  # retention is beside the suite promotion compares on, never instead of it
+        tags[EVAL_TAG + "suite"] = key  # last: a reader that sees the suite sees its figures
     try:
         for key, value in tags.items():
             client.set_model_version_tag(name, str(version), key, value)
@@ -538,14 +547,15 @@ def _break_if_stale(client: MlflowClient, lock_name: str) -> None:
 
 
 def _decide(candidate: ModelVersionInfo, champion: ModelVersionInfo | None, alias: str, metric: str,
-            suite: str | None, force: bool) -> PromotionDecision:
+            suite: str | None, force: bool, min_retention: float = 0.0) -> PromotionDecision:
     suite = suite_key(suite) if suite else candidate.latest_suite
     candidate_value = candidate.metric(metric, suite)
     champion_value = champion.metric(metric, suite) if champion else None
 
     def decision(kind: str, reason: str) -> PromotionDecision:
         return PromotionDecision(candidate.name, candidate.version, alias, metric, suite, candidate_value,
-                                 champion.version if champion else None, champion_value, kind, reason)  # fmt: skip
+                                 champion.version if champion else None, champion_value, kind, reason,
+                                 candidate.retention, min_retention)  # fmt: skip
 
     if champion is not None and champion.version == candidate.version:
         return decision("unchanged", f"already the {alias}")
@@ -558,6 +568,9 @@ def _decide(candidate: ModelVersionInfo, champion: ModelVersionInfo | None, alia
         )
     if force:
         return decision("forced", "--force: no comparison")
+    forgot = _forgot(candidate, min_retention)
+    if forgot:
+        return decision("refused", forgot)
     if champion is None:
         return decision("promoted", f"no {alias} yet; {metric}={candidate_value:.4f} on {suite}")
     if champion_value is None:
@@ -571,6 +584,20 @@ def _decide(candidate: ModelVersionInfo, champion: ModelVersionInfo | None, alia
     if candidate_value >= champion_value:
         return decision("promoted", f"{metric} {candidate_value:.4f} >= {champion_value:.4f} of v{champion.version}")
     return decision("refused", f"{metric} {candidate_value:.4f} < {champion_value:.4f} of v{champion.version}")
+
+
+def _forgot(candidate: ModelVersionInfo, min_retention: float) -> str | None:
+    """Why the candidate is refused for forgetting what its base knew; None when it kept enough or was not measured."""
+    retention = candidate.retention
+    if retention is None or retention >= min_retention:
+        return None
+    figures = candidate.evaluations.get(RETENTION_SUITE, {})
+    accuracy, base = figures.get("general_accuracy"), figures.get("base_general_accuracy")
+    detail = f" (general accuracy {accuracy:.3f} against its base model's {base:.3f})" if (
+        accuracy is not None and base is not None) else ""  # fmt: skip
+    return (f"retention {retention:.3f} < registry.min_retention {min_retention:.2f}{detail}: it forgot what its base "
+            "model knew; train with replay (data.replay), or promote anyway with --force or a lower "
+            "--set registry.min_retention=...")
 
 
 def _record_decision(client: MlflowClient, decision: PromotionDecision, experiment: str) -> None:
@@ -589,6 +616,8 @@ def _record_decision(client: MlflowClient, decision: PromotionDecision, experime
         "candidate_value": text(decision.candidate_value),
         "champion_version": text(decision.champion_version),
         "champion_value": text(decision.champion_value),
+        "retention": text(decision.retention),
+        "min_retention": text(decision.min_retention),
         "reason": decision.reason,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -621,9 +650,10 @@ def promote(
     cfg: Config | None = None,
     tracking_uri: str | None = None,
 ) -> PromotionDecision:
-    """Move `alias` (default cfg.registry.alias, "champion") to `version` when its `metric` (default
-    cfg.registry.metric) on `suite` (default: the suite it was last evaluated on) is >= the champion's on that same
-    suite, or when there is no champion; `force` moves it regardless and is recorded as forced. The decision and both
+    """Move `alias` (default cfg.registry.alias, "champion") to `version` when its retention, where measured, is at
+    least cfg.registry.min_retention and its `metric` (default cfg.registry.metric) on `suite` (default: the suite it
+    was last evaluated on) is >= the champion's on that same suite, or when there is no champion; `force` moves it
+    regardless and is recorded as forced. The decision and both
     figures are recorded whatever it is. Concurrent promotions are serialised by `promotion_lock`."""
     from mlflow.exceptions import MlflowException
 
@@ -638,7 +668,7 @@ def promote(
             champion_version = client.get_registered_model(name).aliases.get(alias)
             champion = version_info(name, str(champion_version), client=client) if champion_version else None
             candidate = version_info(name, str(version), client=client)
-            decision = _decide(candidate, champion, alias, metric, suite, force)
+            decision = _decide(candidate, champion, alias, metric, suite, force, cfg.registry.min_retention)
             _record_decision(client, decision, cfg.registry.experiment)
             if decision.decision in ("promoted", "forced"):
                 client.set_registered_model_alias(name, alias, decision.version)

@@ -415,7 +415,7 @@ def generate_suite(
     return SynthSuite(train=train, heldout=heldout, eval=eval_items)
 
 
-def _write_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> Path:
+def write_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> Path:
     with path.open("w", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -428,9 +428,9 @@ def write_suite(out_dir: str | Path, **kwargs: Any) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return {
-        "train": _write_jsonl(out / "train.jsonl", [c.to_record() for c in suite.train]),
-        "heldout": _write_jsonl(out / "heldout.jsonl", [c.to_record() for c in suite.heldout]),
-        "eval": _write_jsonl(out / "eval.jsonl", [item.to_record() for item in suite.eval]),
+        "train": write_jsonl(out / "train.jsonl", [c.to_record() for c in suite.train]),
+        "heldout": write_jsonl(out / "heldout.jsonl", [c.to_record() for c in suite.heldout]),
+        "eval": write_jsonl(out / "eval.jsonl", [item.to_record() for item in suite.eval]),
     }
 
 

@@ -23,23 +23,27 @@ import os
 import shutil
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
 from crlft.config import Config
 from crlft.errors import CrlftError, first_line
-from crlft.registry import MODELS_SCHEME, TAG, ModelRef
+from crlft.registry import MODELS_SCHEME, RETENTION_SUITE, TAG, ModelRef
 from crlft.tracking import set_offline_defaults
 from jobs.decoding import dtype_name, engine_settings, load_model, open_decoder
+from jobs.retention import RESULT_FILES as RETENTION_FILES
+from jobs.retention import RetentionPlan, base_answers, measure_retention, plan_retention
 
 if TYPE_CHECKING:  # torch and transformers come with these: imported where the model runs, not for --help
     from crlft.evaluate import Decoder
     from services.engine import EngineSettings
 
 JUDGE_KEY_VARIABLES = ("CRLFT_JUDGE_API_KEY", "OPENAI_API_KEY")
-RESULT_FILES = {"metrics.json", "condition_swap.jsonl", "condition_swap.txt", "embeddings.png", "representation.json"}
+RESULT_FILES = {"metrics.json", "condition_swap.jsonl", "condition_swap.txt", "embeddings.png", "representation.json",
+                *RETENTION_FILES}
+OPEN_LIMIT = 40  # open prompts for agreement by default: a quarter of the shipped 160, about a minute on 2 CPU cores
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,6 +76,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", choices=["auto", "vllm", "transformers"],
                         help="what decodes suite and benchmark answers, as `crlft serve` would (default: serve.engine; "
                         "auto: vLLM where installed for the device, else crlft's own engine)")  # fmt: skip
+    parser.add_argument("--retention", action=argparse.BooleanOptionalAction,
+                        help="measure retention: the general check (crlft/data/general) against the base model's "
+                        "answers (default: when the model's base is a pretrained model found here)")
+    parser.add_argument("--base-model", metavar="DIR", help="the base model retention compares with (default: the one "
+                        "the model was trained from, as its crlft.json records)")  # fmt: skip
+    parser.add_argument("--retention-limit", type=int, metavar="N",
+                        help="only N prompts of the general check, spread over its kinds (default: all 398)")
+    parser.add_argument("--open-limit", type=int, default=OPEN_LIMIT, metavar="N",
+                        help="open prompts (Vicuna and MT-bench first turns) for agreement with the base model's "
+                        "answers; 0 skips agreement")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences decoded together")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="answer length on verifiable suites")
     parser.add_argument("--bench-max-new-tokens", type=int, default=256, help="answer length on benchmarks")
@@ -88,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
         register_as=args.register_as, log_to_version=args.log_to_version, log_mlflow=not args.no_mlflow,
         tracking_uri=args.mlflow_uri, out_dir=args.out, batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, bench_max_new_tokens=args.bench_max_new_tokens,
+        retention=args.retention, base_model=args.base_model, retention_limit=args.retention_limit,
+        open_limit=args.open_limit,
     )  # fmt: skip
     print(report["text"])
     return 0
@@ -115,7 +131,7 @@ class _Plan:
     log: bool  # write the results to MLflow (an evaluation run, and the version's tags when there is one)
     out_dir: Path
     engine: EngineSettings  # what decodes the answers
-    extra: dict[str, Any] = field(default_factory=dict)
+    retention: RetentionPlan | None = None  # set once the model is found
 
 
 def _parse_version_ref(text: str) -> ModelRef:
@@ -135,15 +151,15 @@ def _load_suite(path: str | Path) -> list[Any]:
 
 
 def _plan(model: str | Path, suite: str | Path | None, cfg: Config, *, heldout: str | Path | None,
-          bench: Sequence[str], bench_dir: str | Path | None, judge_url: str | None, judge_model: str | None,
-          register_as: str | None, log_to_version: str | None, log_mlflow: bool,
+          retention: bool | None, bench: Sequence[str], bench_dir: str | Path | None, judge_url: str | None,
+          judge_model: str | None, register_as: str | None, log_to_version: str | None, log_mlflow: bool,
           tracking_uri: str | None, out_dir: str | Path | None, batch_size: int) -> _Plan:
     from crlft import evaluate as ev
     from crlft.registry import client_for, get_version, parse_model_uri, suite_id, trained_version
 
     model = str(model)
-    if suite is None and heldout is None and not bench:
-        raise CrlftError("nothing to evaluate: give --suite FILE, --heldout FILE and/or --bench NAME")
+    if suite is None and heldout is None and not bench and not retention:
+        raise CrlftError("nothing to evaluate: give --suite FILE, --heldout FILE, --bench NAME and/or --retention")
     if register_as and log_to_version:
         raise CrlftError("give either --register-as or --log-to-version, not both")
     registered = model.startswith(MODELS_SCHEME)
@@ -230,6 +246,10 @@ def evaluate_model(
     batch_size: int = 16,
     max_new_tokens: int = 16,
     bench_max_new_tokens: int = 256,
+    retention: bool | None = None,
+    base_model: str | None = None,
+    retention_limit: int | None = None,
+    open_limit: int = OPEN_LIMIT,
 ) -> dict[str, Any]:
     """Evaluate a model folder or registered version; write the results under `out_dir`; log them to MLflow.
 
@@ -242,10 +262,12 @@ def evaluate_model(
     from crlft.registry import resolve_model
 
     set_offline_defaults()
-    plan = _plan(model, suite, cfg, heldout=heldout, bench=bench, bench_dir=bench_dir, judge_url=judge_url,
-                 judge_model=judge_model, register_as=register_as, log_to_version=log_to_version,
+    plan = _plan(model, suite, cfg, heldout=heldout, retention=retention, bench=bench, bench_dir=bench_dir,
+                 judge_url=judge_url, judge_model=judge_model, register_as=register_as, log_to_version=log_to_version,
                  log_mlflow=log_mlflow, tracking_uri=tracking_uri, out_dir=out_dir, batch_size=batch_size)  # fmt: skip
     model_dir = resolve_model(plan.model, cfg, tracking_uri=plan.tracking_uri)
+    plan.retention = plan_retention(model_dir, base_model, retention, retention_limit, open_limit)
+    base = base_answers(plan.retention, cfg, plan.engine, batch_size) if plan.retention else None
     exported = load_model(model_dir, plan.engine)
     selected = ev.select_conditions(exported.meta, conditions)
     heldout_conversations = ev.load_heldout(plan.heldout_file, exported.meta) if plan.heldout_file else None
@@ -258,6 +280,11 @@ def evaluate_model(
             measured = _measure(exported, plan, selected, heldout_conversations, scratch, max_per_class=max_per_class,
                                 bench_limit=bench_limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                 bench_max_new_tokens=bench_max_new_tokens, decoder=decoder)  # fmt: skip
+            if plan.retention and base:
+                figures, lines = measure_retention(exported, plan.retention, base, decoder, scratch, batch_size)
+                measured["metrics"].update(figures)
+                measured["recorded"] = {RETENTION_SUITE: figures, **measured["recorded"]}  # the suite stays last
+                measured["lines"] += lines
         (scratch / "metrics.json").write_text(json.dumps(measured["metrics"], indent=2, sort_keys=True))
         if final_out.exists():
             shutil.rmtree(final_out)
@@ -278,8 +305,8 @@ def evaluate_model(
 
 @contextlib.contextmanager
 def _decoder(model_dir: Path, plan: _Plan) -> Iterator[Decoder | None]:
-    """The decoder of suite and benchmark answers (none needed for the representation check alone)."""
-    if plan.suite_items is None and not plan.benches:
+    """The decoder of suite, benchmark and retention answers (none needed for the representation check alone)."""
+    if plan.suite_items is None and not plan.benches and plan.retention is None:
         yield None
         return
     with open_decoder(model_dir, plan.engine) as decoder:
@@ -298,7 +325,7 @@ def _measure(exported: Any, plan: _Plan, conditions: list[str], heldout_conversa
     recorded: dict[str, dict[str, float]] = {}  # suite -> figures for the version's tags (no per-task detail)
     lines: list[str] = []
     table = ""
-    if plan.suite_items is not None or plan.benches:
+    if plan.suite_items is not None or plan.benches or plan.retention:
         engine = plan.engine
         lines.append(f"answers decoded by {engine.kind} ({dtype_name(engine)} on {engine.device}), as `crlft serve` "
                      "would serve them")  # fmt: skip

@@ -13,7 +13,7 @@ from crlft.registry import ModelVersionInfo
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", nargs="?", help="registered model name (default: registry.model_name, crlft-chat)")
     parser.add_argument("--metric", action="append",
-                        help="metric column(s) to show (default: registry.metric and condition_gap, silhouette)")
+                        help="metric column(s) to show (default: registry.metric, retention, condition_gap, silhouette)")
     parser.add_argument("--mlflow-uri", metavar="URI", help="MLflow tracking URI (default: config, env, local SQLite)")
     add_config_arguments(parser)
 
@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     name = args.name or cfg.registry.model_name
-    metrics = args.metric or [cfg.registry.metric, "condition_gap", "silhouette"]
+    metrics = args.metric or [cfg.registry.metric, "retention", "condition_gap", "silhouette"]
     print(format_versions(list_versions(name, cfg, tracking_uri=args.mlflow_uri), metrics))
     return 0
 

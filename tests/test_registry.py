@@ -226,6 +226,37 @@ def test_force_moves_the_champion_to_a_worse_version_and_is_recorded_as_forced(
     assert registry.version_info(name, bad, cfg, tracking_uri=uri).tags["crlft.promotion.forced"] == "true"
 
 
+def test_a_candidate_that_forgot_what_its_base_knew_is_refused_and_the_champion_keeps_its_alias(
+    server_store: tuple[Config, str], exported_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from crlft import registry
+    from jobs.cli import main
+
+    cfg, uri = server_store
+    name = unique_name()
+    champion, forgetful, unmeasured = (register_evaluated(exported_model, cfg, uri, name, a) for a in (0.5, 0.9, 0.6))
+    registry.promote(name, champion, cfg=cfg, tracking_uri=uri)
+    registry.record_evaluation(name, forgetful, {"retention": 0.42, "general_accuracy": 0.22,
+                                                 "base_general_accuracy": 0.52}, registry.RETENTION_SUITE, cfg=cfg,
+                               tracking_uri=uri)  # fmt: skip
+
+    common = ["--mlflow-uri", uri, "--set", f"state_dir={cfg.state_dir}"]
+    assert main(["promote", name, "--version", forgetful, *common]) == 1
+    out = capsys.readouterr().out
+    assert "retention 0.420 < registry.min_retention 0.90 (general accuracy 0.220 against its base model's 0.520)" in out
+    assert "--force" in out
+    assert champion_version(cfg, uri, name) == champion
+    info = registry.version_info(name, forgetful, cfg, tracking_uri=uri)
+    assert info.latest_suite == "suite-a"  # retention is recorded beside the suite, not instead of it
+    assert (info.tags["crlft.promotion.retention"], info.tags["crlft.promotion.min_retention"]) == ("0.42", "0.9")
+    assert main(["models", name, *common]) == 0
+    assert "retention" in (table := capsys.readouterr().out) and "0.4200" in table
+
+    assert main(["promote", name, "--version", forgetful, "--set", "registry.min_retention=0.4", *common]) == 0
+    assert registry.promote(name, unmeasured, cfg=cfg, tracking_uri=uri).decision == "refused"  # worse, not gated
+    assert registry.promote(name, unmeasured, force=True, cfg=cfg, tracking_uri=uri).decision == "forced"
+
+
 def test_versions_are_compared_only_on_the_same_suite(server_store: tuple[Config, str], exported_model: Path) -> None:
     from crlft import registry
 

@@ -1,0 +1,139 @@
+"""Retention: how much of what its base model knew a fine-tune kept.
+
+    retention = candidate's general accuracy / base model's general accuracy        (crlft/data/general/check.jsonl)
+    agreement = mean ROUGE-L F1 of the candidate's answers against the base model's  (open prompts: Vicuna, MT-bench)
+
+Rules, and why:
+- **Each model is asked as it is served.** A crlft model through its conditioned template under its inference
+  condition (what `crlft serve` does); the base model through its own chat template, as its authors ship it
+  (`crlft init-model` keeps an imported model's template as the named template `source`). Asked through crlft's
+  template a pretrained model has never seen, the base answers nothing to about a quarter of the check: a reference
+  that low would let a fine-tune "retain" more than the base knew.
+- **Retention gates, agreement informs.** The check is scored right or wrong, so the ratio means "kept this share of
+  the right answers". Greedy continuations of two different models part after their first different token, so
+  agreement is below 1 for any change of weights: it shows drift (and what replay buys), not a pass mark.
+- **ROUGE-L** (the longest common word subsequence, as F1) compares answers in order without a model: it rewards
+  the same content in the same order and ignores small rewordings; a judge model grades them when one is given.
+- **The base is measured once** per base model, check, prompts and decoder (`base_cache_key`), kept in the state
+  folder: every candidate of that base is compared with the same figures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from crlft.conversation import Message
+from crlft.errors import CrlftError
+from crlft.evaluate import BENCH_DATA, Decoder, chat_prompt, generate, load_bench
+from crlft.export import META_FILE, ExportedModel
+from crlft.general import CHECK_FILE, CheckItem, check_scores, words
+
+SOURCE_TEMPLATE = "source"  # name of an imported model's own chat template beside crlft's (crlft.model.import_model)
+CHECK_MAX_NEW_TOKENS = 48
+OPEN_MAX_NEW_TOKENS = 128
+OPEN_BENCHES = ("vicuna", "mt_bench")
+
+
+@dataclass(frozen=True)
+class GeneralAnswers:
+    """A model's answers to the general check and the open prompts, and the check's scores."""
+
+    scores: dict[str, float]  # crlft.general.check_scores
+    check_answers: list[str]
+    open_answers: list[str]
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def open_prompts(limit: int | None = None) -> list[str]:
+    """The first turns of the shipped Vicuna-bench and MT-bench questions (160), the first `limit` of them."""
+    prompts = [q.turns[0] for bench in OPEN_BENCHES for q in load_bench(bench, BENCH_DATA)]
+    return prompts[:limit] if limit else prompts
+
+
+def own_chat_template(exported: ExportedModel) -> str | None:
+    """The template a model's authors serve it with: an imported model's `source` template, else a plain model's
+    chat template; None for a crlft model (its template is crlft's)."""
+    if (exported.path / META_FILE).is_file():
+        return None
+    template = exported.tokenizer.chat_template
+    if isinstance(template, dict):
+        return template.get(SOURCE_TEMPLATE) or template.get("default")
+    return template
+
+
+def prompt_as_served(exported: ExportedModel, question: str) -> list[int]:
+    """The token ids a user's single question becomes: see the module's first rule."""
+    template = own_chat_template(exported)
+    if template is None:
+        return chat_prompt(exported, [Message("user", question)], exported.meta.inference_condition)
+    encoded = exported.tokenizer.apply_chat_template([{"role": "user", "content": question}], chat_template=template,
+                                                     add_generation_prompt=True, tokenize=True)  # fmt: skip
+    return list(encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded)
+
+
+def answer_general(exported: ExportedModel, items: Sequence[CheckItem], prompts: Sequence[str],
+                   decoder: Decoder | None = None, batch_size: int = 32) -> GeneralAnswers:
+    """Greedy answers to the check and the open prompts, each asked as the model is served."""
+    check = generate(exported, [prompt_as_served(exported, item.prompt) for item in items], CHECK_MAX_NEW_TOKENS,
+                     batch_size, decoder)  # fmt: skip
+    open_answers = generate(exported, [prompt_as_served(exported, p) for p in prompts], OPEN_MAX_NEW_TOKENS,
+                            batch_size, decoder) if prompts else []  # fmt: skip
+    return GeneralAnswers(check_scores(items, check), check, open_answers)
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 over lower-cased words: 2PR / (P + R) of the longest common subsequence; 1.0 for two empty texts."""
+    a, b = [w.lower() for w in words(candidate)], [w.lower() for w in words(reference)]
+    if not a or not b:
+        return float(a == b)
+    row = [0] * (len(b) + 1)
+    for x in a:
+        diagonal = 0
+        for j, y in enumerate(b, start=1):
+            diagonal, row[j] = row[j], diagonal + 1 if x == y else max(row[j], row[j - 1])
+    lcs = row[-1]
+    return 0.0 if lcs == 0 else 2 * lcs / (len(a) + len(b))
+
+
+def retention_metrics(candidate: GeneralAnswers, base: GeneralAnswers) -> dict[str, float]:
+    """retention, agreement, both models' general accuracy and the per-kind accuracies of the candidate."""
+    base_accuracy = base.scores["general_accuracy"]
+    if base_accuracy <= 0:
+        raise CrlftError("the base model answers none of the general check right: retention is undefined for it")
+    figures = {f"base_{k}": v for k, v in base.scores.items() if k.startswith("general_accuracy")}
+    figures |= {k: v for k, v in candidate.scores.items() if k.startswith("general_accuracy")}
+    figures["retention"] = candidate.scores["general_accuracy"] / base_accuracy
+    pairs = list(zip(candidate.open_answers, base.open_answers, strict=True))
+    if pairs:
+        figures["agreement"] = sum(rouge_l(c, b) for c, b in pairs) / len(pairs)
+    return figures
+
+
+def base_cache_key(base_revision: str, items: Sequence[CheckItem], prompts: Sequence[str], decoder: str) -> str:
+    """What the base's answers depend on: its files (`base_revision`), the check, the open prompts, the decoder."""
+    parts = [base_revision, [asdict(item) for item in items], list(prompts), decoder, CHECK_MAX_NEW_TOKENS,
+             OPEN_MAX_NEW_TOKENS, str(CHECK_FILE.name)]  # fmt: skip
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_cached(path: Path) -> GeneralAnswers | None:
+    """The base's answers saved by `write_cached`; None when there are none (or they are unreadable: measured again)."""
+    try:
+        data = json.loads(path.read_text())
+        return GeneralAnswers({k: float(v) for k, v in data["scores"].items()}, list(data["check_answers"]),
+                              list(data["open_answers"]))  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_cached(path: Path, answers: GeneralAnswers) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = path.with_suffix(".partial")
+    scratch.write_text(json.dumps(answers.to_json(), indent=1))
+    scratch.replace(path)
