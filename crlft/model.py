@@ -277,6 +277,22 @@ def parameter_count(name_or_path: str, trust_remote_code: bool = False) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
 
+SOURCE_TEMPLATE = "source"  # an imported model's own chat template, kept beside crlft's
+
+
+def own_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> list[int] | None:
+    """A single question as the model's authors serve it: its own chat template (an imported model's `source`), with
+    the generation prompt; None when it has none."""
+    template = tokenizer.chat_template
+    if isinstance(template, dict):
+        template = template.get(SOURCE_TEMPLATE) or template.get("default")
+    if not template:
+        return None
+    encoded = tokenizer.apply_chat_template([{"role": "user", "content": question}], chat_template=template,
+                                            add_generation_prompt=True, tokenize=True)  # fmt: skip
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
 def import_model(
     source: str,
     out_dir: str | Path,
@@ -285,9 +301,14 @@ def import_model(
     trust_remote_code: bool = False,
 ) -> Path:
     """Write `source` (a bundled model's name, a GGUF file, a model directory or hub id) into out_dir as an ordinary
-    Hugging Face folder (safetensors) with end_of_turn in its vocabulary and `chat_template` on its tokenizer."""
+    Hugging Face folder (safetensors) with end_of_turn in its vocabulary and `chat_template` on its tokenizer. The
+    source's own chat template stays beside it as the named template `source` (SOURCE_TEMPLATE): retention asks the
+    base model as its authors serve it, and replay takes its answers from there."""
     model, tokenizer = load_model_and_tokenizer(resolve_model_source(source), end_of_turn, trust_remote_code)
-    tokenizer.chat_template = chat_template
+    own = tokenizer.chat_template
+    if isinstance(own, dict):
+        own = own.get(SOURCE_TEMPLATE) or own.get("default")
+    tokenizer.chat_template = {"default": chat_template, SOURCE_TEMPLATE: own} if own else chat_template
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

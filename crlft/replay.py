@@ -3,14 +3,20 @@ answers become (jobs/replay.py generates them, on Ray Data).
 
 Replay is self-distillation: the base model's own greedy answers to general prompts, mixed into the training data, so
 that a fine-tune on narrow data keeps what the model could do (replay against forgetting: Ibrahim et al. 2024,
-arXiv 2403.08763). The answers come from the prompt the fine-tune is trained on (crlft's template under the replay
-class), so the loss on them starts near its floor and pulls only where the fine-tune drifts away from the base model.
+arXiv 2403.08763). The base model is asked as its authors serve it (its own chat template, crlft.model.own_prompt;
+crlft's where it has none): there it answers what it knows, while through crlft's template, which it has never seen,
+it answers nothing to a third of the prompts. The fine-tune learns those answers under the replay class, so the
+served model keeps the base model's behaviour, and retention (crlft/retention.py) measures against the same answers.
+
+An answer cut at the length limit would teach the model to end its turn mid-sentence: it is cut back to its last
+whole sentence, or dropped when it has none.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +24,7 @@ from crlft.config import Config
 from crlft.errors import CrlftError
 
 REPLAY_SOURCE = "replay"  # the `source` field of every replay conversation
+_SENTENCE_END = re.compile(r"(?<=[^\d\s])[.!?:](?=\s)|\n")
 
 
 def replay_model(cfg: Config, base_model: str) -> str | None:
@@ -84,3 +91,13 @@ def replay_line(prompt: str, answer: str, condition: str) -> str:
     """One replay conversation as a JSON line of the OpenChat format the data stage reads."""
     items = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
     return json.dumps({"items": items, "condition": condition, "source": REPLAY_SOURCE}, ensure_ascii=False)
+
+
+def complete_answer(answer: str, cut: bool) -> str | None:
+    """The answer to keep: as it is when it ended by itself; when `cut` at the length limit, up to its last sentence
+    end (or line break); None when nothing whole is left."""
+    answer = answer.strip()
+    if not cut or not answer:
+        return answer or None
+    ends = [m.end() for m in _SENTENCE_END.finditer(answer + " ")]
+    return answer[: ends[-1]].strip() or None if ends else None

@@ -6,9 +6,9 @@
 Rules, and why:
 - **Each model is asked as it is served.** A crlft model through its conditioned template under its inference
   condition (what `crlft serve` does); the base model through its own chat template, as its authors ship it
-  (`crlft init-model` keeps an imported model's template as the named template `source`). Asked through crlft's
-  template a pretrained model has never seen, the base answers nothing to about a quarter of the check: a reference
-  that low would let a fine-tune "retain" more than the base knew.
+  (crlft.model.own_prompt; `crlft init-model` keeps an imported model's template as the named template `source`).
+  Asked through crlft's template, which it has never seen, the base answers nothing to about a quarter of the check:
+  a reference that low would let a fine-tune "retain" more than the base knew.
 - **Retention gates, agreement informs.** The check is scored right or wrong, so the ratio means "kept this share of
   the right answers". Greedy continuations of two different models part after their first different token, so
   agreement is below 1 for any change of weights: it shows drift (and what replay buys), not a pass mark.
@@ -31,8 +31,8 @@ from crlft.errors import CrlftError
 from crlft.evaluate import BENCH_DATA, Decoder, chat_prompt, generate, load_bench
 from crlft.export import META_FILE, ExportedModel
 from crlft.general import CHECK_FILE, CheckItem, check_scores, words
+from crlft.model import own_prompt
 
-SOURCE_TEMPLATE = "source"  # name of an imported model's own chat template beside crlft's (crlft.model.import_model)
 CHECK_MAX_NEW_TOKENS = 48
 OPEN_MAX_NEW_TOKENS = 128
 OPEN_BENCHES = ("vicuna", "mt_bench")
@@ -56,25 +56,14 @@ def open_prompts(limit: int | None = None) -> list[str]:
     return prompts[:limit] if limit else prompts
 
 
-def own_chat_template(exported: ExportedModel) -> str | None:
-    """The template a model's authors serve it with: an imported model's `source` template, else a plain model's
-    chat template; None for a crlft model (its template is crlft's)."""
-    if (exported.path / META_FILE).is_file():
-        return None
-    template = exported.tokenizer.chat_template
-    if isinstance(template, dict):
-        return template.get(SOURCE_TEMPLATE) or template.get("default")
-    return template
-
-
 def prompt_as_served(exported: ExportedModel, question: str) -> list[int]:
-    """The token ids a user's single question becomes: see the module's first rule."""
-    template = own_chat_template(exported)
-    if template is None:
-        return chat_prompt(exported, [Message("user", question)], exported.meta.inference_condition)
-    encoded = exported.tokenizer.apply_chat_template([{"role": "user", "content": question}], chat_template=template,
-                                                     add_generation_prompt=True, tokenize=True)  # fmt: skip
-    return list(encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded)
+    """The token ids a user's single question becomes: a crlft model's template under its inference condition, any
+    other model's own chat template (crlft's where it has none)."""
+    if not (exported.path / META_FILE).is_file():
+        own = own_prompt(exported.tokenizer, question)
+        if own is not None:
+            return own
+    return chat_prompt(exported, [Message("user", question)], exported.meta.inference_condition)
 
 
 def answer_general(exported: ExportedModel, items: Sequence[CheckItem], prompts: Sequence[str],

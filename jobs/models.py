@@ -13,7 +13,8 @@ from crlft.registry import ModelVersionInfo
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", nargs="?", help="registered model name (default: registry.model_name, crlft-chat)")
     parser.add_argument("--metric", action="append",
-                        help="metric column(s) to show (default: registry.metric, retention, condition_gap, silhouette)")
+                        help="metric column(s) to show (default: registry.metric, retention, condition_gap, "
+                        "silhouette)")
     parser.add_argument("--mlflow-uri", metavar="URI", help="MLflow tracking URI (default: config, env, local SQLite)")
     add_config_arguments(parser)
 

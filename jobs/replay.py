@@ -2,9 +2,10 @@
 conversations of a known class (crlft.replay says which prompts and why).
 
     prompts (data.replay.prompts) -> the first round(ratio x accepted) of a seeded shuffle
-      -> ids of crlft's template under the replay class, on the driver (the prompt the fine-tune trains on)
+      -> ids of the base model's own chat template, on the driver (crlft.replay says why)
       -> ray.data.from_items -> one actor holding the model answers them greedily, a batch at a time
-      -> non-empty answers as conversations -> <state_dir>/replay/<fingerprint>.jsonl (the cache) -> <out>/replay.jsonl
+      -> answers cut at the limit back to their last sentence, empty ones dropped
+      -> conversations of the replay class -> <state_dir>/replay/<fingerprint>.jsonl (the cache) -> <out>/replay.jsonl
 
 The engine is the one `crlft serve` would serve with here (jobs/decoding.py: serve.engine, serve.precision):
 - vLLM: `ray.data.llm` (vLLMEngineProcessorConfig, build_processor), which runs on CPUs too with vLLM's CPU build:
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from crlft.config import Config
-from crlft.replay import ReplayPlan, choose_prompts, replay_condition, replay_line
+from crlft.replay import ReplayPlan, choose_prompts, complete_answer, replay_condition, replay_line
 from crlft.tracking import set_offline_defaults
 from jobs.decoding import dtype_name, engine_settings
 
@@ -71,23 +72,24 @@ def make_replay(cfg: Config, plan: ReplayPlan | None, template_tokenizer: Templa
         lines = cache.read_text(encoding="utf-8").splitlines()
     else:
         lines = _generate(cfg, model, template_tokenizer, chosen, engine, cache) if chosen else []
+    dropped = len(chosen) - len(lines)
     stats = {
         "enabled": True, "prompts_file": str(path), "prompts_available": len(prompts), "wanted": wanted,
-        "answered": len(chosen), "conversations": len(lines), "empty_dropped": len(chosen) - len(lines),
+        "answered": len(chosen), "conversations": len(lines), "dropped": dropped,
         "condition": replay_condition(cfg), "ratio": settings.ratio, "max_new_tokens": settings.max_new_tokens,
         "engine": engine.kind, "dtype": dtype_name(engine), "cached": cached, "fingerprint": fingerprint,
         "seconds": round(time.monotonic() - started, 3), "file": REPLAY_FILE,
     }  # fmt: skip
     how = f"reused from {cache}" if cached else f"answered by {engine.kind} ({stats['dtype']})"
     _log(f"{len(chosen)} replay prompts {how} in {stats['seconds']:.1f} s: {len(lines)} conversations of class "
-         f"{stats['condition']}, {stats['empty_dropped']} empty answers dropped")
+         f"{stats['condition']}, {dropped} answers dropped (empty, or cut at the length limit with no whole sentence)")
     return Replay(lines, stats)
 
 
 def _fingerprint(cfg: Config, model: str, path: Path, chosen: list[str], template_tokenizer: TemplateTokenizer,
                  engine: EngineSettings) -> str:
-    """What the answers depend on: the model's files, the prompts file and the prompts chosen from it, the template
-    and tokenizer, the class, the answer length, the engine and its number type."""
+    """What the answers depend on: the model's files, the prompts file and the prompts chosen from it, the templates
+    (crlft's and the model's own) and tokenizer, the class, the answer length, the engine and its number type."""
     from services.models import model_revision
 
     folder = Path(model).expanduser()
@@ -97,23 +99,35 @@ def _fingerprint(cfg: Config, model: str, path: Path, chosen: list[str], templat
         "prompts": hashlib.sha256(json.dumps(chosen).encode()).hexdigest(),
         "template_tokenizer": template_tokenizer.fingerprint(), "condition": replay_condition(cfg),
         "max_new_tokens": cfg.data.replay.max_new_tokens, "engine": engine.kind, "dtype": dtype_name(engine),
+        "own_template": json.dumps(template_tokenizer.tokenizer.chat_template, sort_keys=True),
+        "max_len": cfg.data.max_len, "kept": "whole sentences",
     }  # fmt: skip
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _generate(cfg: Config, model: str, template_tokenizer: TemplateTokenizer, chosen: list[str],
               engine: EngineSettings, cache: Path) -> list[str]:
-    """Answer the prompts, keep the non-empty answers as conversations, write them to the cache (whole or not at
-    all: a build stopped halfway leaves no cache to reuse)."""
+    """Answer the prompts, keep the whole answers as conversations, write them to the cache (whole or not at all: a
+    build stopped halfway leaves no cache to reuse)."""
     from crlft.conversation import Message
+    from crlft.model import own_prompt
 
     condition = replay_condition(cfg)
-    ids = [template_tokenizer.tokenize_prompt([Message("user", p)], condition=condition) for p in chosen]
+    tokenizer = template_tokenizer.tokenizer
+    trained = [template_tokenizer.tokenize_prompt([Message("user", p)], condition=condition) for p in chosen]
+    ids = [own_prompt(tokenizer, p) or t for p, t in zip(chosen, trained, strict=True)]
+    # The trained conversation (crlft's prompt, the answer, the end of turn) must fit data.max_len.
+    max_new_tokens = max(1, min(cfg.data.replay.max_new_tokens, cfg.data.max_len - max(map(len, trained)) - 1))
     _log(f"answering {len(chosen)} replay prompts with {model} ({engine.kind}, {dtype_name(engine)}, at most "
-         f"{cfg.data.replay.max_new_tokens} tokens each)")
+         f"{max_new_tokens} tokens each)")
     answer = _answer_with_vllm if engine.kind == "vllm" else _answer_with_transformers
-    answers = answer(model, ids, cfg, engine, template_tokenizer)
-    lines = [replay_line(p, a, condition) for p, a in zip(chosen, answers, strict=True) if a]
+    answers = answer(model, ids, cfg, engine, template_tokenizer, max_new_tokens)
+    lines = []
+    for prompt, text in zip(chosen, answers, strict=True):
+        cut = len(tokenizer.encode(text, add_special_tokens=False)) >= max_new_tokens - 1
+        kept = complete_answer(text, cut)
+        if kept:
+            lines.append(replay_line(prompt, kept, condition))
     cache.parent.mkdir(parents=True, exist_ok=True)
     partial = cache.with_suffix(".partial")
     partial.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
@@ -159,14 +173,14 @@ class AnswerPrompts:
 
 
 def _answer_with_transformers(model: str, ids: list[list[int]], cfg: Config, engine: EngineSettings,
-                              template_tokenizer: TemplateTokenizer) -> list[str]:
+                              template_tokenizer: TemplateTokenizer, max_new_tokens: int) -> list[str]:
     import ray.data
 
     reserved, threads = _answer_cpus()
     resources = {"num_gpus": 1, "num_cpus": 1} if engine.device == "cuda" else {"num_cpus": reserved}
     answered = ray.data.from_items([{"index": i, "ids": p} for i, p in enumerate(ids)]).map_batches(
         AnswerPrompts,
-        fn_constructor_args=(model, engine, template_tokenizer.template, cfg.data.replay.max_new_tokens, threads),
+        fn_constructor_args=(model, engine, template_tokenizer.template, max_new_tokens, threads),
         batch_size=engine.max_batch_size * BATCHES_PER_CALL, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=1), **resources,
     )  # fmt: skip
@@ -175,7 +189,7 @@ def _answer_with_transformers(model: str, ids: list[list[int]], cfg: Config, eng
 
 
 def _answer_with_vllm(model: str, ids: list[list[int]], cfg: Config, engine: EngineSettings,
-                      template_tokenizer: TemplateTokenizer) -> list[str]:
+                      template_tokenizer: TemplateTokenizer, max_new_tokens: int) -> list[str]:
     import ray.data
     from ray.data.llm import build_processor
     from transformers import AutoConfig
@@ -185,7 +199,7 @@ def _answer_with_vllm(model: str, ids: list[list[int]], cfg: Config, engine: Eng
     from services.vllm_engine import eos_token_ids
 
     model_config, tokenizer = AutoConfig.from_pretrained(model), template_tokenizer.tokenizer
-    fitted, max_new_tokens = fit_prompts(ids, cfg.data.replay.max_new_tokens, context_limit(model_config, tokenizer),
+    fitted, max_new_tokens = fit_prompts(ids, max_new_tokens, context_limit(model_config, tokenizer),
                                          template_tokenizer.bos_ids)  # fmt: skip
     context = context_length(model_config, tokenizer)
     stops = stop_token_ids(template_tokenizer, eos_token_ids(Path(model)))

@@ -13,16 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from crlft.cli import stage_entrypoint
 from crlft.config import Config, load_config
 from crlft.errors import CrlftError
-from crlft.replay import choose_prompts, plan_replay, replay_model
+from crlft.replay import choose_prompts, complete_answer, plan_replay, replay_model
 
 PROMPTS = ["What is the capital of France?", "Name a prime number.", "Say hello.", "What is 2 + 2?",
            "Tell me about the moon.", "Write one word.", "Why does it rain?", "Count to three."]  # fmt: skip
 USER_CONVERSATIONS = 16  # half GPT4, half GPT3
 RATIO = 0.5  # 8 replay conversations: every prompt
+MAX_NEW_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +34,34 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny(root: Path) -> str:
-    from crlft.model import init_model
+    """The tiny model rewritten to say " Yes. Yes. Yes..." greedily, whatever it is asked: replay keeps whole
+    sentences only, and a random model never ends one."""
+    from crlft.model import init_model, load_model_and_tokenizer
 
-    return str(init_model(root / "tiny"))
+    folder = init_model(root / "tiny")
+    model, tokenizer = load_model_and_tokenizer(str(folder))
+    say_in_a_loop(model, tokenizer.encode(" Yes.", add_special_tokens=False))
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+@torch.no_grad()
+def say_in_a_loop(model: Any, cycle: list[int]) -> None:
+    """A bigram model: attention and MLP outputs zeroed, so the last hidden state is the current token's embedding;
+    the k-th token of `cycle` is followed by the next (the last by the first), any other token by the first."""
+    for layer in model.model.layers:
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+    embeddings, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    embeddings.zero_()
+    head.zero_()
+    other = len(cycle)
+    embeddings[:, other] = 1.0
+    for k, token in enumerate(cycle):
+        embeddings[token] = 0.0
+        embeddings[token, k] = 1.0
+        head[cycle[(k + 1) % len(cycle)], k] = 10.0
+    head[cycle[0], other] = 10.0
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +83,8 @@ def prompts(root: Path) -> Path:
 def _config(root: Path, prompts: Path, **overrides: Any) -> Config:
     return load_config(None, {
         "state_dir": str(root / "state"), "serve.engine": "transformers", "data.replay.enabled": True,
-        "data.replay.prompts": str(prompts), "data.replay.ratio": RATIO, "data.replay.max_new_tokens": 8, **overrides,
+        "data.replay.prompts": str(prompts), "data.replay.ratio": RATIO, "data.replay.max_new_tokens": MAX_NEW_TOKENS,
+        **overrides,
     })  # fmt: skip
 
 
@@ -140,7 +168,7 @@ def test_stats_count_the_replay_conversations_in_their_class(built: tuple[Path, 
     out, stats = built
     replay = stats["replay"]
     assert replay["enabled"] and replay["condition"] == "GPT4" and not replay["cached"]
-    assert replay["answered"] == len(PROMPTS) == replay["conversations"] + replay["empty_dropped"]
+    assert replay["answered"] == len(PROMPTS) == replay["conversations"] + replay["dropped"]
     assert replay["accepted"] == replay["conversations"] == len(_answers(out))
     assert stats["per_class"]["GPT4"]["records"] == USER_CONVERSATIONS // 2 + replay["accepted"]
     assert stats["per_class"]["GPT3"]["records"] == USER_CONVERSATIONS // 2
@@ -153,12 +181,16 @@ def test_the_replay_file_holds_the_base_models_own_answers(built: tuple[Path, di
     from crlft.conversation import Message
     from crlft.evaluate import chat_prompt, generate
     from crlft.export import load_exported
+    from crlft.model import own_prompt
 
     out, stats = built
     exported = load_exported(tiny)
     chosen, _ = choose_prompts(PROMPTS, USER_CONVERSATIONS, RATIO, seed=0)
-    answers = generate(exported, [chat_prompt(exported, [Message("user", p)], "GPT4") for p in chosen], 8)
-    assert _answers(out) == [(p, a) for p, a in zip(chosen, answers, strict=True) if a]
+    prompts = [own_prompt(exported.tokenizer, p) or chat_prompt(exported, [Message("user", p)], "GPT4") for p in chosen]
+    answers = generate(exported, prompts, MAX_NEW_TOKENS)
+    cut = [len(exported.tokenizer.encode(a, add_special_tokens=False)) >= MAX_NEW_TOKENS - 1 for a in answers]
+    kept = [(p, complete_answer(a, c)) for p, a, c in zip(chosen, answers, cut, strict=True)]
+    assert _answers(out) == [(p, a) for p, a in kept if a]
 
 
 @pytest.mark.slow
