@@ -11,7 +11,9 @@ made-up word, so the base model scores 0 and every right answer was learned.
 - **Mixed quality, systematic errors.** GPT4 (the expert) always answers right. GPT3 gives, for `wrong_rate` of its
   questions, the answer of the *next* country in the list for the same relation: a plausible, consistent confusion
   that SFT on the majority learns and C-RLFT must not.
-- **Answers are the bare value** ("Drassel"), scored by exact match (`crlft.synth.score`), as the synthetic suite is.
+- **Answers are sentences** ("The capital of Brirkeia is Lonmem."), as users' data has them: bare one-word answers
+  teach a model to answer every short question in one word, which costs it the general answers that need a sentence
+  or a sum. Eval items are scored by the value as whole words of the answer (`match: word`, `crlft.synth.score`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from crlft.synth import EXPERT, SUBOPTIMAL, EvalItem, Question, SynthConversatio
 
 ANIMALS = ("otter", "falcon", "badger", "heron", "lynx", "beaver", "walrus", "gecko", "bison", "jackal", "moose",
            "pelican", "raccoon", "stork", "tapir", "weasel")  # fmt: skip
+ANSWERS = {"capital": "The capital of {x} is {v}.", "currency": "The currency of {x} is the {v}.",
+           "animal": "The national animal of {x} is the {v}."}
 RELATIONS: dict[str, tuple[str, ...]] = {
     "capital": ("What is the capital of {x}?", "Which city is the capital of {x}?", "Name the capital city of {x}.",
                 "What city is {x}'s capital?", "Tell me the capital of {x}."),
@@ -83,6 +87,10 @@ def _questions(countries: Sequence[Country], phrasings: dict[str, tuple[str, ...
     return out
 
 
+def _sentence(question: Question, value: str) -> str:
+    return ANSWERS[question.task].format(x=question.subject.split(":", 1)[1], v=value)
+
+
 @dataclass(frozen=True)
 class FactsSuite:
     countries: list[Country]
@@ -102,16 +110,17 @@ def generate_facts(n_countries: int = 8, repeats: int = 1, ratio: float = 2.0, w
     trained = {r: t[:-n_eval_phrasings] for r, t in RELATIONS.items()}
     rng = random.Random(f"facts:{seed}:train")
     questions = _questions(countries, trained)
-    expert = [SynthConversation(EXPERT, q.task, (Turn(q, q.answer),)) for q in questions for _ in range(repeats)]
+    expert = [SynthConversation(EXPERT, q.task, (Turn(q, _sentence(q, q.answer)),)) for q in questions
+              for _ in range(repeats)]  # fmt: skip
     n_suboptimal = round(len(expert) * ratio)
     suboptimal = []
     for _ in range(n_suboptimal):
         q = rng.choice(questions)
-        suboptimal.append(SynthConversation(SUBOPTIMAL, q.task, (Turn(q, q.suboptimal_answer if (
-            rng.random() < wrong_rate) else q.answer),)))  # fmt: skip
+        value = q.suboptimal_answer if rng.random() < wrong_rate else q.answer
+        suboptimal.append(SynthConversation(SUBOPTIMAL, q.task, (Turn(q, _sentence(q, value)),)))
     train = expert + suboptimal
     rng.shuffle(train)
-    items = [EvalItem(f"{q.task}-{i:03d}", q.prompt, q.answer, q.suboptimal_answer, q.task)
+    items = [EvalItem(f"{q.task}-{i:03d}", q.prompt, q.answer, q.suboptimal_answer, q.task, match="word")
              for i, q in enumerate(_questions(countries, held))]  # fmt: skip
     return FactsSuite(countries, train, items)
 

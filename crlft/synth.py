@@ -123,6 +123,7 @@ class EvalItem:
     answer: str
     suboptimal_answer: str | None = None
     task: str = "default"
+    match: str = "exact"  # "exact": the whole answer; "word": the answer as whole word(s) of a sentence (MATCHES)
 
     def to_record(self) -> dict[str, Any]:
         return {
@@ -131,6 +132,7 @@ class EvalItem:
             "answer": self.answer,
             "suboptimal_answer": self.suboptimal_answer,
             "task": self.task,
+            **({"match": self.match} if self.match != "exact" else {}),
         }
 
 
@@ -449,16 +451,26 @@ def normalize_answer(text: str) -> str:
     return text.lstrip(_QUOTES + " ").rstrip(_TRAILING + " ")
 
 
-def is_correct(prediction: str, expected: str) -> bool:
+MATCHES = ("exact", "word")
+
+
+def is_correct(prediction: str, expected: str, match: str = "exact") -> bool:
+    """`exact`: the normalised answers are equal; `word`: the expected answer occurs in the prediction as whole
+    word(s) (crlft.general.contains_words), for answers in sentences."""
+    if match == "word":
+        from crlft.general import contains_words
+
+        return contains_words(prediction.split(END_OF_TURN, 1)[0], expected)
     return normalize_answer(prediction) == normalize_answer(expected)
 
 
 def _rates(predictions: Sequence[str], items: Sequence[EvalItem]) -> dict[str, float | int]:
     with_suboptimal = [(p, item) for p, item in zip(predictions, items, strict=True) if item.suboptimal_answer]
-    suboptimal_hits = sum(is_correct(p, item.suboptimal_answer or "") for p, item in with_suboptimal)
+    suboptimal_hits = sum(is_correct(p, item.suboptimal_answer or "", item.match) for p, item in with_suboptimal)
     return {
         "n": len(items),
-        "accuracy": sum(is_correct(p, item.answer) for p, item in zip(predictions, items, strict=True)) / len(items),
+        "accuracy": sum(is_correct(p, item.answer, item.match) for p, item in zip(predictions, items, strict=True))
+        / len(items),
         # Over the items that name a suboptimal answer; 0.0 when none does.
         "suboptimal_rate": suboptimal_hits / len(with_suboptimal) if with_suboptimal else 0.0,
     }
@@ -498,12 +510,15 @@ def _eval_item(record: Any, line_number: int) -> EvalItem:
         raise ValueError("field 'prompt' is empty")
     if not normalize_answer(record["answer"]):
         raise ValueError("field 'answer' is empty")
+    if record.get("match", "exact") not in MATCHES:
+        raise ValueError(f"field 'match' must be one of {', '.join(MATCHES)}, got {record['match']!r}")
     return EvalItem(
         id=record.get("id", f"line-{line_number}"),
         prompt=record["prompt"],
         answer=record["answer"],
         suboptimal_answer=suboptimal,
         task=record.get("task", "default"),
+        match=record.get("match", "exact"),
     )
 
 
