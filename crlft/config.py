@@ -117,7 +117,10 @@ class LoraConfig(_Strict):
     r: int = Field(8, description="LoRA rank")
     alpha: int = Field(16, description="LoRA scaling numerator (scale = alpha / r)")
     dropout: float = Field(0.0, description="LoRA dropout")
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], description="modules to adapt")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="modules to adapt: names, or all-linear (every linear layer but the output head: "
+        "LoRA on the MLPs too learns more for the same forgetting, Biderman et al. 2024, arXiv 2405.09673)"
+    )
     merge: bool = Field(True, description="export the merged model (True) or keep the adapter (False)")
 
 

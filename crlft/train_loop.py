@@ -81,7 +81,8 @@ def auto_lr(supervised_tokens: float) -> float:
 # Where the reference's rule does not fit (small batches, small models, LoRA), the peak rate follows the model's size:
 # SCALE_LR at SCALE_PARAMS parameters, with the inverse square root of the size (about 1e-5 for 7B-13B models, 1e-4 at
 # 100M, 1e-3 for a few-million-parameter toy), inside [MIN_LR, MAX_LR]. LoRA adapters start at zero and take a rate
-# LORA_FACTOR times larger (1e-4 and up).
+# LORA_FACTOR times larger (1e-4 and up): the best LoRA rate is about 10x the best full fine-tuning rate (Biderman et
+# al. 2024, arXiv 2405.09673; Schulman et al. 2025, "LoRA Without Regret").
 SCALE_LR = 1e-4
 SCALE_PARAMS = 1e8
 MIN_LR, MAX_LR = 1e-5, 1e-3
@@ -470,7 +471,7 @@ def wrap_lora(model: nn.Module, lora: LoraConfig, token_ids: Sequence[int]) -> n
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
+        target_modules=lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules),
         trainable_token_indices=embedding_rows(model, token_ids) if token_ids else None,
         task_type="CAUSAL_LM",
     )

@@ -15,6 +15,9 @@ from crlft.model import init_model, load_model_and_tokenizer
 from crlft.template import END_OF_TURN
 
 LORA = load_config(None, {"train.lora.enabled": True}).train
+# The default LoRA targets (all-linear): every linear layer of a Llama but the output head.
+LINEAR_WEIGHTS = tuple(f"{m}.weight" for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                 "down_proj"))
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +62,7 @@ def test_the_merged_model_differs_from_the_base_in_the_adapted_layers_and_the_en
     assert base.keys() == merged.keys()
     changed = {name for name in base if not torch.equal(base[name], merged[name])}
     assert changed - {"model.embed_tokens.weight", "lm_head.weight"}
-    assert all(name.endswith(("q_proj.weight", "v_proj.weight", "embed_tokens.weight", "lm_head.weight"))
+    assert all(name.endswith((*LINEAR_WEIGHTS, "embed_tokens.weight", "lm_head.weight"))
                for name in changed)
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         changed_rows = (base[name] != merged[name]).any(dim=1).nonzero().flatten().tolist()

@@ -243,7 +243,8 @@ def test_a_candidate_that_forgot_what_its_base_knew_is_refused_and_the_champion_
     common = ["--mlflow-uri", uri, "--set", f"state_dir={cfg.state_dir}"]
     assert main(["promote", name, "--version", forgetful, *common]) == 1
     out = capsys.readouterr().out
-    assert "retention 0.420 < registry.min_retention 0.90 (general accuracy 0.220 against its base model's 0.520)" in out
+    assert ("retention 0.420 < registry.min_retention 0.90 (general accuracy 0.220 against its base model's 0.520)"
+            in out)
     assert "--force" in out
     assert champion_version(cfg, uri, name) == champion
     info = registry.version_info(name, forgetful, cfg, tracking_uri=uri)

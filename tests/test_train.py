@@ -33,6 +33,9 @@ from crlft.tracking import set_offline_defaults
 set_offline_defaults()
 
 CONDITIONS = ["GPT4", "GPT3"]
+# The default LoRA targets (all-linear): every linear layer of a Llama but the output head.
+LINEAR_WEIGHTS = tuple(f"{m}.weight" for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                 "down_proj"))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -452,7 +455,7 @@ def test_two_cpu_workers_train_each_ablation_mode_and_strategy(
         assert base.keys() == merged.keys()
         changed = {name for name in base if not torch.equal(base[name], merged[name])}
         assert {"model.embed_tokens.weight", "lm_head.weight"} < changed
-        assert all(name.endswith(("q_proj.weight", "v_proj.weight", "embed_tokens.weight", "lm_head.weight"))
+        assert all(name.endswith((*LINEAR_WEIGHTS, "embed_tokens.weight", "lm_head.weight"))
                    for name in changed)
 
 
