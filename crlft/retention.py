@@ -30,7 +30,7 @@ from crlft.conversation import Message
 from crlft.errors import CrlftError
 from crlft.evaluate import BENCH_DATA, Decoder, chat_prompt, generate, load_bench
 from crlft.export import META_FILE, ExportedModel
-from crlft.general import CHECK_FILE, CheckItem, check_scores, words
+from crlft.general import CheckItem, check_scores, normalize
 from crlft.model import own_prompt
 
 CHECK_MAX_NEW_TOKENS = 48
@@ -51,8 +51,8 @@ class GeneralAnswers:
 
 
 def open_prompts(limit: int | None = None) -> list[str]:
-    """The first turns of the shipped Vicuna-bench and MT-bench questions (160), the first `limit` of them."""
-    prompts = [q.turns[0] for bench in OPEN_BENCHES for q in load_bench(bench, BENCH_DATA)]
+    """The first turns of the shipped Vicuna-bench and MT-bench questions (158 different ones), the first `limit`."""
+    prompts = list(dict.fromkeys(q.turns[0] for bench in OPEN_BENCHES for q in load_bench(bench, BENCH_DATA)))
     return prompts[:limit] if limit else prompts
 
 
@@ -77,8 +77,9 @@ def answer_general(exported: ExportedModel, items: Sequence[CheckItem], prompts:
 
 
 def rouge_l(candidate: str, reference: str) -> float:
-    """ROUGE-L F1 over lower-cased words: 2PR / (P + R) of the longest common subsequence; 1.0 for two empty texts."""
-    a, b = [w.lower() for w in words(candidate)], [w.lower() for w in words(reference)]
+    """ROUGE-L F1 over normalised words (crlft.general.normalize: lower case, no punctuation): 2PR / (P + R) of the
+    longest common subsequence; 1.0 for two empty texts."""
+    a, b = normalize(candidate).split(), normalize(reference).split()
     if not a or not b:
         return float(a == b)
     row = [0] * (len(b) + 1)
@@ -106,8 +107,8 @@ def retention_metrics(candidate: GeneralAnswers, base: GeneralAnswers) -> dict[s
 
 def base_cache_key(base_revision: str, items: Sequence[CheckItem], prompts: Sequence[str], decoder: str) -> str:
     """What the base's answers depend on: its files (`base_revision`), the check, the open prompts, the decoder."""
-    parts = [base_revision, [asdict(item) for item in items], list(prompts), decoder, CHECK_MAX_NEW_TOKENS,
-             OPEN_MAX_NEW_TOKENS, str(CHECK_FILE.name)]  # fmt: skip
+    check = [[item.id, item.kind, item.prompt, list(item.accept), dict(item.check or {})] for item in items]
+    parts = [base_revision, check, list(prompts), decoder, CHECK_MAX_NEW_TOKENS, OPEN_MAX_NEW_TOKENS]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

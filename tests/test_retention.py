@@ -1,0 +1,65 @@
+"""Retention's figures and the base model's cache (crlft/retention.py), without a model: the measured path runs in
+tests/test_real_model.py on SmolLM2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from crlft.errors import CrlftError
+from crlft.general import load_check
+from crlft.retention import (
+    GeneralAnswers,
+    base_cache_key,
+    open_prompts,
+    read_cached,
+    retention_metrics,
+    rouge_l,
+    write_cached,
+)
+
+
+def answers(accuracy: float, open_answers: list[str]) -> GeneralAnswers:
+    return GeneralAnswers({"general_accuracy": accuracy, "general_accuracy/fact": accuracy, "general_n": 10.0},
+                          ["x"] * 10, open_answers)
+
+
+def test_rouge_l_is_the_f1_of_the_longest_common_word_subsequence() -> None:
+    assert rouge_l("The capital of France is Paris.", "the capital of france is paris") == 1.0
+    assert rouge_l("Paris is the capital", "The capital is Paris") == pytest.approx(2 * 2 / 8)  # "the capital"
+    assert rouge_l("", "") == 1.0 and rouge_l("Paris", "") == 0.0 and rouge_l("a b", "c d") == 0.0
+
+
+def test_retention_is_the_candidates_general_accuracy_over_the_base_models() -> None:
+    figures = retention_metrics(answers(0.45, ["a b c", "x"]), answers(0.5, ["a b c", "y"]))
+    assert figures["retention"] == pytest.approx(0.9)
+    assert figures["agreement"] == pytest.approx(0.5)
+    assert (figures["general_accuracy"], figures["base_general_accuracy"]) == (0.45, 0.5)
+    assert "general_n" not in figures and figures["base_general_accuracy/fact"] == 0.5
+
+
+def test_a_base_that_answers_nothing_right_has_no_retention() -> None:
+    with pytest.raises(CrlftError, match="retention is undefined"):
+        retention_metrics(answers(0.3, []), answers(0.0, []))
+
+
+def test_the_base_is_cached_under_what_its_answers_depend_on(tmp_path: Path) -> None:
+    items, prompts = load_check(limit=20), open_prompts(4)
+    key = base_cache_key("rev1", items, prompts, "vllm:float32")
+    assert key == base_cache_key("rev1", load_check(limit=20), open_prompts(4), "vllm:float32")
+    assert len({key, base_cache_key("rev2", items, prompts, "vllm:float32"),
+                base_cache_key("rev1", items[:10], prompts, "vllm:float32"),
+                base_cache_key("rev1", items, prompts[:2], "vllm:float32"),
+                base_cache_key("rev1", items, prompts, "transformers:float32")}) == 5  # fmt: skip
+    path = tmp_path / "retention" / f"{key}.json"
+    assert read_cached(path) is None
+    write_cached(path, answers(0.5, ["one", "two"]))
+    assert read_cached(path) == answers(0.5, ["one", "two"])
+    path.write_text("{ half written")
+    assert read_cached(path) is None  # measured again, never trusted
+
+
+def test_the_open_prompts_are_the_shipped_first_turns_of_vicuna_and_mt_bench() -> None:
+    prompts = open_prompts()
+    assert len(prompts) == len(set(prompts)) == 158 and open_prompts(40) == prompts[:40]  # 2 asked by both
