@@ -1,7 +1,8 @@
 """The OpenChat paper's ablation at laptop scale: `crlft ablation` / `python -m benchmarks.ablation`.
 
-    crlft ablation [--seeds 0 1 2] [--steps N] [--variants crlft sft ...] [--suite DIR] [--out DIR] [--mlflow-uri URI]
-                   [--base-model smollm2|DIR|FILE.gguf]
+    crlft ablation [--seeds 0 1 2] [--steps N] [--variants crlft sft ...] [--suite DIR | --facts] [--out DIR]
+                   [--mlflow-uri URI] [--base-model smollm2|DIR|FILE.gguf [--replay both|on|off]
+                   [--retention-limit N] [--open-limit N]]
 
 On the synthetic mixed-quality suite (crlft/synth.py) the tiny default model is trained once per variant and seed,
 every run with the same seed, number of optimiser steps and learning-rate schedule, and scored on the held-out split:
@@ -25,16 +26,45 @@ projection.png (the held-out embeddings of crlft beside sft, the paper's figure)
 evaluation. MLflow (experiment `crlft-ablation`): every training run and evaluation run, tagged with the ablation id,
 variant and seed, and one summary run holding the table, the figures and every figure as a metric.
 
+A real base model: does fine-tuning keep what it knew, and does replay help?
+----------------------------------------------------------------------------
 With `--base-model` the runs start from a real pretrained chat model instead (recipe lora_synth.yaml: LoRA, the LoRA
-default learning rate), every seed from the same weights (the seed draws the adapters and the data order), and two
-more figures answer the real-model questions: `general`, the share of a few general-knowledge questions
-(GENERAL_QUESTIONS) answered right under the expert condition, i.e. whether fine-tuning kept what the model knew; and
-the base model itself, before any fine-tuning, as the reference line under the table.
+default learning rate), every seed from the same weights (the seed draws the adapters and the data order), by default
+the variants crlft, conditioned and sft (REAL_MODEL_VARIANTS), and the ablation answers issue #25's question:
 
-How the work is shared: one Ray session for everything; the data is tokenized and packed once per distinct template
-and data filter (crlft and conditioned share theirs, and so do weighted and sft: the trainer rescales the weights
-baked into the data to the mode's rewards); the base model is built once per seed (the same tokenizer for all, trained
-on the suite, and the seed's initial weights), so within a seed every variant starts from the same weights.
+- **Replay** (`--replay`, default `both` for a real base model): every variant is trained without replay
+  (`data.replay.enabled: false`, row `crlft`) and with it (`true`, row `crlft+replay`: the base model's own greedy
+  answers to general prompts mixed into the training data, crlft/replay.py). `on` or `off` trains one of the two.
+  The data is built once per template and replay (4 builds for the default variants); the base model answers the
+  replay prompts once per template (the answers are cached in the state folder by fingerprint, which names the
+  template), and every run trains the same number of steps, so a replay run sees fewer synthetic conversations.
+  A name with the suffix in `--variants` (`sft+replay`) is trained as named, whatever `--replay` says.
+- **Retention** (crlft/retention.py): every run's general accuracy on the shipped general check
+  (crlft/data/general/check.jsonl: 398 prompts of facts, arithmetic, word knowledge and instructions, scored right or
+  wrong) divided by the base model's, each asked as it is served (the base through its own chat template); 1.0 means
+  the fine-tune kept every right answer. Beside it `agreement`, the ROUGE-L of the run's answers to open prompts
+  against the base's (drift; what replay should buy). The base is measured once (before the first run, cached in
+  `<state_dir>/retention/`, shared with `crlft eval`), and its general accuracy is printed under the table with its
+  accuracy on the suite before any fine-tuning.
+- The claims add, per variant trained both ways, whether replay retains more and whether it keeps the accuracy.
+- The tiny default model is not pretrained: it knows nothing to keep, so there is no replay (`--replay off`, the
+  default; on is an error) and no retention column; its table is the one in benchmarks/RESULTS.md.
+
+`--facts` trains on crlft/facts.py's mixed-quality set of invented facts (answers in sentences, scored by whole
+words; no held-out conversations, so no silhouette) instead of the synthetic suite: new knowledge that no base model
+has, the case where forgetting matters.
+
+Cost: a SmolLM2-135M run (80 LoRA steps) trains in 5-20 minutes on 2 cores, about 10 typically (4 s a step on idle
+cores, 11-15 s on busy ones: RESULTS.md); its evaluation with retention (398 check prompts, 40 open ones) is
+estimated at a few minutes more, not yet measured. The defaults (3 variants x replay on/off x 3 seeds) are 18 runs
+one at a time: about 4 hours, up to 7 on busy cores, plus the base model's answers and two replay generations once
+(10-20 minutes). `--seeds 0`, `--replay on` or `--retention-limit 100 --open-limit 0` cut it.
+
+How the work is shared: one Ray session for everything; the data is tokenized and packed once per distinct template,
+data filter and replay (crlft and conditioned share theirs, and so do weighted and sft: the trainer rescales the
+weights baked into the data to the mode's rewards); the base model is built once per seed (the same tokenizer for
+all, trained on the suite, and the seed's initial weights), so within a seed every variant starts from the same
+weights.
 
 Why the suite and the budget look the way they do
 -------------------------------------------------
@@ -65,29 +95,22 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
-from crlft.config import REAL_MODEL_SYNTH_RECIPE, SYNTH_RECIPE, Config, Mode
+from crlft.config import REAL_MODEL_SYNTH_RECIPE, SYNTH_RECIPE, Config, DataConfig, Mode
 from crlft.errors import CrlftError
+from jobs.evaluate import OPEN_LIMIT
 
 EXPERIMENT = "crlft-ablation"
 TAG = "crlft.ablation."
 DEFAULT_SEEDS = (0, 1, 2)
-
-# General-knowledge questions a pretrained chat model answers before fine-tuning: question -> words one of which the
-# answer must contain. Scored for real base models (--base-model) only: a tiny model from scratch knows none of them.
-# (SmolLM2-135M-Instruct answered all five right in a first look and 4 of 5 in the measured run, RESULTS.md; it did
-# not know whose play Romeo and Juliet is, nor the largest planet, so those are left out.)
-GENERAL_QUESTIONS: dict[str, tuple[str, ...]] = {
-    "What is the capital of France?": ("paris",),
-    "What is the capital of Italy?": ("rome",),
-    "What is the capital of Japan?": ("tokyo",),
-    "What is the capital of Germany?": ("berlin",),
-    "What colour is the sky on a clear day?": ("blue",),
-}
+REPLAY_SUFFIX = "+replay"  # a variant trained with replay: `crlft+replay`
+REPLAY_CHOICES = ("both", "on", "off")
+EVAL_BATCH_SIZE = 16  # crlft eval's: the base's retention answers are cached under the same decoder
+FACTS_MAX_NEW_TOKENS = 32  # facts are answered in sentences ("The capital of Brirkeia is Lonmem."), 16 can cut them
 
 
 @dataclass(frozen=True)
@@ -97,11 +120,21 @@ class Variant:
     data: str  # "all", "expert" or "suboptimal": which classes the training data keeps
     paper: float  # the paper's Table 2 average (AlpacaEval, MT-bench, Vicuna-bench)
     meaning: str
+    replay: bool = False  # the base model's own answers to general prompts mixed into the data (data.replay.enabled)
 
     def data_key(self) -> str:
         """Variants with the same key train on the same tokenized data (only the reward scaling differs)."""
         template = "conditioned" if self.mode.uses_condition else "plain"
-        return template if self.data == "all" else f"{template}-{self.data}"
+        key = template if self.data == "all" else f"{template}-{self.data}"
+        return f"{key}-replay" if self.replay else key
+
+    def with_replay(self) -> Variant:
+        return self if self.replay else replace(self, name=self.name + REPLAY_SUFFIX, replay=True,
+                                                meaning=self.meaning + ", with replay")  # fmt: skip
+
+    def slug(self) -> str:
+        """The name as folders and MLflow metric keys take it (no `+`)."""
+        return self.name.replace(REPLAY_SUFFIX, "_replay")
 
 
 VARIANTS: tuple[Variant, ...] = (
@@ -114,6 +147,33 @@ VARIANTS: tuple[Variant, ...] = (
 )
 VARIANTS_BY_NAME = {v.name: v for v in VARIANTS}
 MODES = tuple(v.name for v in VARIANTS if v.data == "all")  # the four ways to train on the whole mixture
+REAL_MODEL_VARIANTS = ("crlft", "conditioned", "sft")  # the default from a real base model (--base-model)
+VARIANT_CHOICES = (*VARIANTS_BY_NAME, *(name + REPLAY_SUFFIX for name in VARIANTS_BY_NAME))
+
+
+def variant_named(name: str) -> Variant:
+    """The variant a name stands for: `crlft`, or `crlft+replay` (crlft with replay)."""
+    plain = name.removesuffix(REPLAY_SUFFIX)
+    if plain not in VARIANTS_BY_NAME:
+        raise CrlftError(f"unknown variant {name}: choose from {', '.join(VARIANT_CHOICES)}")
+    variant = VARIANTS_BY_NAME[plain]
+    return variant.with_replay() if name != plain else variant
+
+
+def choose_variants(names: Sequence[str], replay: str) -> list[Variant]:
+    """The variants to train, in order: each plain name without replay (`off`), with it (`on`) or both, one after the
+    other (`both`); a name with the suffix as named."""
+    if replay not in REPLAY_CHOICES:
+        raise CrlftError(f"--replay {replay}: choose from {', '.join(REPLAY_CHOICES)}")
+    chosen: list[Variant] = []
+    for name in names:
+        variant = variant_named(name)
+        if variant.replay:
+            candidates = [variant]
+        else:
+            candidates = [variant] * (replay != "on") + [variant.with_replay()] * (replay != "off")
+        chosen += [v for v in candidates if v not in chosen]
+    return chosen
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -128,13 +188,20 @@ def kept_classes(variant: Variant, cfg: Config) -> list[str] | None:
     return None
 
 
+def variant_data(variant: Variant, cfg: Config) -> DataConfig:
+    """cfg.data for the variant: its class filter, and replay on or off as the variant says (never auto)."""
+    replay = cfg.data.replay.model_copy(update={"enabled": variant.replay})
+    return cfg.data.model_copy(update={"only_classes": kept_classes(variant, cfg), "replay": replay})
+
+
 def data_config(variant: Variant, cfg: Config) -> Config:
-    """The configuration the variant's data is built with: its template (condition or not) and its class filter.
-    Rewards baked into the data are those of crlft (conditioned template) or sft (plain); training rescales them."""
+    """The configuration the variant's data is built with: its template (condition or not), its class filter and its
+    replay. Rewards baked into the data are those of crlft (conditioned template) or sft (plain); training rescales
+    them."""
     mode = Mode.crlft if variant.mode.uses_condition else Mode.sft
     return cfg.model_copy(update={
         "train": cfg.train.model_copy(update={"mode": mode}),
-        "data": cfg.data.model_copy(update={"only_classes": kept_classes(variant, cfg)}),
+        "data": variant_data(variant, cfg),
     })  # fmt: skip
 
 
@@ -145,7 +212,7 @@ def run_config(variant: Variant, cfg: Config, seed: int, steps: int, steps_per_e
         "mode": variant.mode, "seed": seed, "max_steps": steps, "epochs": math.ceil(steps / steps_per_epoch),
         "checkpoint_every": 0, "num_to_keep": 1, "storage_path": str(out / "ray_results"),
     })  # fmt: skip
-    data = cfg.data.model_copy(update={"only_classes": kept_classes(variant, cfg)})
+    data = variant_data(variant, cfg)
     registry = cfg.registry.model_copy(update={"experiment": EXPERIMENT})
     return cfg.model_copy(update={"train": train, "data": data, "registry": registry})
 
@@ -179,7 +246,8 @@ class RunResult:
     model_dir: str
     train_run_id: str
     eval_run_id: str | None
-    general: float | None = None  # share of GENERAL_QUESTIONS answered right (real base models only)
+    retention: float | None = None  # general accuracy / the base model's (real base models only)
+    agreement: float | None = None  # ROUGE-L of the open answers against the base model's (with --open-limit > 0)
 
 
 @dataclass(frozen=True)
@@ -209,7 +277,8 @@ class Row:
     silhouette: Stat
     train_s: Stat
     paper: float
-    general: Stat
+    retention: Stat
+    agreement: Stat
 
 
 def summarize(results: Sequence[RunResult], order: Sequence[str]) -> list[Row]:
@@ -225,8 +294,9 @@ def summarize(results: Sequence[RunResult], order: Sequence[str]) -> list[Row]:
             Stat.of([r.accuracy_suboptimal for r in runs]),
             Stat.of([r.silhouette for r in runs if r.silhouette is not None]),
             Stat.of([r.train_s for r in runs]),
-            VARIANTS_BY_NAME[name].paper,
-            Stat.of([r.general for r in runs if r.general is not None]),
+            variant_named(name).paper,
+            Stat.of([r.retention for r in runs if r.retention is not None]),
+            Stat.of([r.agreement for r in runs if r.agreement is not None]),
         ))  # fmt: skip
     return rows
 
@@ -242,46 +312,71 @@ def at_least(a: Stat, b: Stat) -> bool:
 
 
 def claims(rows: Sequence[Row]) -> list[tuple[str, bool]]:
-    """The paper's claims that this table can check, each with whether it holds under the spread rule."""
+    """The paper's claims that this table can check, each with whether it holds under the spread rule: for the
+    variants without replay, again for those with it, then what replay changes for each variant trained both ways."""
     by_name = {row.variant: row for row in rows}
-    crlft = by_name.get("crlft")
+    return _method_claims(by_name, "") + _method_claims(by_name, REPLAY_SUFFIX) + _replay_claims(by_name)
+
+
+def _method_claims(by_name: dict[str, Row], suffix: str) -> list[tuple[str, bool]]:
+    crlft = by_name.get("crlft" + suffix)
     if crlft is None:
         return []
     checks: list[tuple[str, bool]] = []
-    if "sft" in by_name:
-        sft = by_name["sft"]
-        checks.append(("crlft (expert condition) beats sft", beats(crlft.accuracy_expert, sft.accuracy_expert)))
+    sft = by_name.get("sft" + suffix)
+    if sft is not None:
+        checks.append((f"{crlft.variant} (expert condition) beats {sft.variant}",
+                       beats(crlft.accuracy_expert, sft.accuracy_expert)))  # fmt: skip
     # The modes train on the same mixture; the data variants are references (expert_only shows the suite is learnable).
-    other_modes = [row for row in rows if row.variant in MODES and row.variant != "crlft"]
+    other_modes = [by_name[name + suffix] for name in MODES if name != "crlft" and name + suffix in by_name]
     if other_modes:
         worse = [row.variant for row in other_modes if not at_least(crlft.accuracy_expert, row.accuracy_expert)]
         checks.append((
-            "crlft (expert condition) is at least as accurate as every other mode on the mixture"
+            f"{crlft.variant} (expert condition) is at least as accurate as every other mode on the mixture"
             + (f" (beaten by {', '.join(worse)})" if worse else ""),
             not worse,
         ))  # fmt: skip
-    checks.append(("crlft: the expert condition beats the sub-optimal one",
+    checks.append((f"{crlft.variant}: the expert condition beats the sub-optimal one",
                    beats(crlft.accuracy_expert, crlft.accuracy_suboptimal)))  # fmt: skip
-    if "sft" in by_name and crlft.silhouette.n and by_name["sft"].silhouette.n:
-        checks.append(("crlft separates the classes more than sft (silhouette)",
-                       beats(crlft.silhouette, by_name["sft"].silhouette)))  # fmt: skip
+    if sft is not None and crlft.silhouette.n and sft.silhouette.n:
+        checks.append((f"{crlft.variant} separates the classes more than {sft.variant} (silhouette)",
+                       beats(crlft.silhouette, sft.silhouette)))  # fmt: skip
     for stronger, weaker in (("weighted", "sft"), ("conditioned", "sft"), ("expert_only", "suboptimal_only")):
-        if stronger in by_name and weaker in by_name:
-            checks.append((f"{stronger} beats {weaker}",
-                           beats(by_name[stronger].accuracy_expert, by_name[weaker].accuracy_expert)))  # fmt: skip
+        if stronger + suffix in by_name and weaker + suffix in by_name:
+            checks.append((f"{stronger + suffix} beats {weaker + suffix}",
+                           beats(by_name[stronger + suffix].accuracy_expert,
+                                 by_name[weaker + suffix].accuracy_expert)))  # fmt: skip
+    return checks
+
+
+def _replay_claims(by_name: dict[str, Row]) -> list[tuple[str, bool]]:
+    """Issue #25's question, per variant trained with and without replay: does replay keep more of what the base model
+    knew (retention, where measured), and does it cost the fine-tune its accuracy?"""
+    checks: list[tuple[str, bool]] = []
+    for name, without in by_name.items():
+        with_replay = by_name.get(name + REPLAY_SUFFIX)
+        if name.endswith(REPLAY_SUFFIX) or with_replay is None:
+            continue
+        if with_replay.retention.n and without.retention.n:
+            checks.append((f"{with_replay.variant} retains more than {name}",
+                           beats(with_replay.retention, without.retention)))  # fmt: skip
+        checks.append((f"{with_replay.variant} (expert condition) is at least as accurate as {name}",
+                       at_least(with_replay.accuracy_expert, without.accuracy_expert)))  # fmt: skip
     return checks
 
 
 def markdown_table(rows: Sequence[Row], expert: str, suboptimal: str) -> str:
-    """The table; a `general` column when the runs scored the general questions (real base models)."""
-    general = any(row.general.n for row in rows)
-    header = ["variant", f"accuracy under {expert}", f"accuracy under {suboptimal}", *(["general"] if general else []),
+    """The table; `retention` and `agreement` columns when the runs measured them (real base models)."""
+    retention = any(row.retention.n for row in rows)
+    agreement = any(row.agreement.n for row in rows)
+    header = ["variant", f"accuracy under {expert}", f"accuracy under {suboptimal}",
+              *(["retention"] if retention else []), *(["agreement"] if agreement else []),
               "silhouette", "train s", "paper"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row.variant, row.accuracy_expert.text(), row.accuracy_suboptimal.text(),
-                 *([row.general.text()] if general else []), row.silhouette.text(), row.train_s.text(0),
-                 f"{row.paper:.1f}"]  # fmt: skip
+                 *([row.retention.text()] if retention else []), *([row.agreement.text()] if agreement else []),
+                 row.silhouette.text(), row.train_s.text(0), f"{row.paper:.1f}"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -291,6 +386,10 @@ def report_text(rows: Sequence[Row], expert: str, suboptimal: str, seeds: Sequen
     lines = [markdown_table(rows, expert, suboptimal), "",
              f"mean ± standard deviation over seeds {', '.join(map(str, seeds))}; {steps} optimiser steps per run; "
              "a win needs a difference larger than the two spreads added"]  # fmt: skip
+    if any(row.retention.n for row in rows):
+        lines.append("retention: general accuracy on the general check (crlft/data/general/check.jsonl) divided by "
+                     "the base model's, each asked as it is served; agreement: ROUGE-L of the open answers against "
+                     "the base model's")  # fmt: skip
     lines += [f"- [{'x' if ok else ' '}] {text}" for text, ok in checks]
     return "\n".join(lines)
 
@@ -300,12 +399,19 @@ def report_text(rows: Sequence[Row], expert: str, suboptimal: str, seeds: Sequen
 
 
 def plot_table(rows: Sequence[Row], out_png: Path, expert: str, suboptimal: str, title: str) -> Path:
-    """Grouped bars: accuracy under each condition and the silhouette, per variant, the spread as error bars."""
+    """Grouped bars: accuracy under each condition and the silhouette, per variant, the spread as error bars; and the
+    retention (and agreement) beside them when the runs measured it (real base models)."""
     import numpy as np
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(11, 4.8))
-    accuracy_axes, silhouette_axes = figure.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
+    retention = any(row.retention.n for row in rows)
+    if retention:
+        figure = Figure(figsize=(16, 5.2))
+        accuracy_axes, silhouette_axes, retention_axes = figure.subplots(
+            1, 3, gridspec_kw={"width_ratios": [2, 1, 1.2]})  # fmt: skip
+    else:
+        figure = Figure(figsize=(11, 4.8))
+        accuracy_axes, silhouette_axes = figure.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
     x = np.arange(len(rows))
     names = [row.variant for row in rows]
     width = 0.38
@@ -326,6 +432,22 @@ def plot_table(rows: Sequence[Row], out_png: Path, expert: str, suboptimal: str,
     silhouette_axes.set_xticks(x, names, rotation=20)
     silhouette_axes.set_ylabel("silhouette, expert vs sub-optimal")
     silhouette_axes.axhline(0, color="black", linewidth=0.5)
+    if retention:
+        agreement = any(row.agreement.n for row in rows)
+        bars = [("retention", [row.retention for row in rows], "tab:purple")]
+        if agreement:
+            bars.append(("agreement (ROUGE-L)", [row.agreement for row in rows], "tab:gray"))
+        bar_width = 0.8 / len(bars)
+        for i, (label, stats, color) in enumerate(bars):
+            offset = (i - (len(bars) - 1) / 2) * bar_width
+            retention_axes.bar(x + offset, [s.mean if s.n else 0.0 for s in stats], bar_width,
+                               yerr=[s.spread if s.n else 0.0 for s in stats], capsize=3, color=color, label=label)
+        retention_axes.axhline(1, color="black", linewidth=0.5, linestyle="--")
+        retention_axes.set_ylim(0, max([1.3, *(s.mean + s.spread + 0.2 for _, stats, _ in bars for s in stats if s.n)]))
+        retention_axes.set_ylabel("against the base model (1 = kept all)")
+        retention_axes.legend(loc="upper right", ncol=2, fontsize=8)
+        for axes in (silhouette_axes, retention_axes):  # more and longer names (`conditioned+replay`) in less width
+            axes.set_xticks(x, names, rotation=35, ha="right", fontsize=8)
     figure.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out_png, dpi=110)
@@ -381,12 +503,22 @@ class Ablation:
     base: dict[str, float] | None = None  # the pretrained model before fine-tuning (--base-model)
 
 
-def suite_files(folder: Path) -> dict[str, Path]:
-    files = {name: folder / f"{name}.jsonl" for name in ("train", "heldout", "eval")}
+def suite_files(folder: Path) -> dict[str, Path | None]:
+    """train.jsonl and eval.jsonl of a suite folder, and heldout.jsonl where it has one (a facts set has none: no
+    silhouette then)."""
+    files = {name: folder / f"{name}.jsonl" for name in ("train", "eval")}
     missing = [str(path) for path in files.values() if not path.is_file()]
     if missing:
         raise CrlftError(f"--suite {folder}: missing {', '.join(missing)} (write a suite with `crlft synth --out DIR`)")
-    return files
+    heldout = folder / "heldout.jsonl"
+    return {**files, "heldout": heldout if heldout.is_file() else None}
+
+
+def write_facts_suite(folder: Path) -> dict[str, Path | None]:
+    """crlft/facts.py's set (seed 0, its defaults) written into `folder`: train.jsonl and eval.jsonl."""
+    from crlft.facts import write_facts
+
+    return {**write_facts(folder, seed=0), "heldout": None}
 
 
 def _tag_run(client: Any, run_id: str | None, tags: dict[str, str]) -> None:
@@ -395,44 +527,60 @@ def _tag_run(client: Any, run_id: str | None, tags: dict[str, str]) -> None:
             client.set_tag(run_id, key, value)
 
 
-def general_accuracy(model_dir: str | Path, condition: str) -> float:
-    """Share of GENERAL_QUESTIONS whose greedy answer under `condition` contains one of its expected words."""
-    from jobs.demo import answer_locally
+@dataclass(frozen=True)
+class Scoring:
+    """How every run (and the base model) is evaluated."""
 
-    answers = answer_locally(model_dir, list(GENERAL_QUESTIONS), condition)
-    right = [any(word in answer.lower() for word in words) for answer, words in zip(answers, GENERAL_QUESTIONS.values(),
-                                                                                    strict=True)]
-    return sum(right) / len(right)
+    retention: bool = False  # the general check against the base model (real base models)
+    retention_limit: int | None = None  # prompts of the general check (None: all)
+    open_limit: int = OPEN_LIMIT  # open prompts for agreement (0: none)
+    max_new_tokens: int = 16  # answer length on the suite (crlft eval's default)
 
 
-def base_reference(base_model: Path, suite: dict[str, Path], cfg: Config, out: Path) -> dict[str, float]:
-    """The pretrained model before any fine-tuning, scored like the runs (no MLflow run)."""
+def base_reference(base_model: Path, suite: dict[str, Path | None], cfg: Config, out: Path,
+                   scoring: Scoring) -> dict[str, float]:
+    """The pretrained model before any fine-tuning, scored on the suite like the runs (no MLflow run), and its answers
+    to the general check measured once for every run's retention (cached in <state_dir>/retention)."""
+    from jobs.decoding import engine_settings
     from jobs.evaluate import evaluate_model
+    from jobs.retention import base_answers, plan_retention
 
-    metrics = evaluate_model(base_model, suite["eval"], cfg, log_mlflow=False, out_dir=out / "eval" / "base")["metrics"]
-    return {"accuracy_expert": float(metrics["accuracy_expert"]),
-            "accuracy_suboptimal": float(metrics.get("accuracy_suboptimal", metrics["accuracy_expert"])),
-            "general": general_accuracy(base_model, cfg.inference_condition)}  # fmt: skip
+    metrics = evaluate_model(base_model, suite["eval"], cfg, log_mlflow=False, out_dir=out / "eval" / "base",
+                             retention=False, batch_size=EVAL_BATCH_SIZE,
+                             max_new_tokens=scoring.max_new_tokens)["metrics"]  # fmt: skip
+    reference = {"accuracy_expert": float(metrics["accuracy_expert"]),
+                 "accuracy_suboptimal": float(metrics.get("accuracy_suboptimal", metrics["accuracy_expert"]))}
+    if scoring.retention:
+        plan = plan_retention(None, str(base_model), True, scoring.retention_limit, scoring.open_limit)
+        assert plan is not None  # asked for: a base that is not found is an error
+        answers, _ = base_answers(plan, cfg, engine_settings(cfg, EVAL_BATCH_SIZE), EVAL_BATCH_SIZE)
+        reference["general_accuracy"] = answers.scores["general_accuracy"]
+    return reference
 
 
-def run_one(variant: Variant, seed: int, cfg: Config, data_dir: Path, base_model: Path, suite: dict[str, Path],
-            out: Path, tracking_uri: str, tags: dict[str, str], score_general: bool = False) -> RunResult:
-    """Train one variant with one seed into out/models, evaluate it on the held-out split into out/eval (and on the
-    general questions when `score_general`), tag both MLflow runs."""
+def run_one(variant: Variant, seed: int, cfg: Config, data_dir: Path, base_model: Path,
+            suite: dict[str, Path | None], out: Path, tracking_uri: str, tags: dict[str, str],
+            scoring: Scoring | None = None) -> RunResult:
+    """Train one variant with one seed into out/models, evaluate it on the held-out split into out/eval (and its
+    retention against `base_model` when `scoring.retention`), tag both MLflow runs."""
     from mlflow.tracking import MlflowClient
 
     from jobs.evaluate import evaluate_model
     from jobs.train import train
 
-    name = f"{variant.name}-seed{seed}"  # also names the Ray Train run folder
+    scoring = scoring or Scoring()
+    name = f"{variant.slug()}-seed{seed}"  # also names the Ray Train run folder
     started = time.monotonic()
     trained = train(data_dir, str(base_model), out / "models" / name, cfg, mlflow_uri=tracking_uri)
     train_s = time.monotonic() - started
     report = evaluate_model(trained.out_dir, suite["eval"], cfg, heldout=suite["heldout"], log_mlflow=True,
-                            tracking_uri=tracking_uri, out_dir=out / "eval" / name)  # fmt: skip
+                            tracking_uri=tracking_uri, out_dir=out / "eval" / name, batch_size=EVAL_BATCH_SIZE,
+                            max_new_tokens=scoring.max_new_tokens, retention=scoring.retention,
+                            base_model=str(base_model) if scoring.retention else None,
+                            retention_limit=scoring.retention_limit, open_limit=scoring.open_limit)  # fmt: skip
     metrics = report["metrics"]
     client = MlflowClient(tracking_uri)
-    run_tags = {**tags, TAG + "variant": variant.name, TAG + "seed": str(seed)}
+    run_tags = {**tags, TAG + "variant": variant.name, TAG + "seed": str(seed), TAG + "replay": str(variant.replay)}
     _tag_run(client, trained.mlflow_run_id, run_tags)
     _tag_run(client, report.get("run_id"), run_tags)
     client.log_metric(trained.mlflow_run_id, "train_wall_s", train_s)
@@ -447,7 +595,8 @@ def run_one(variant: Variant, seed: int, cfg: Config, data_dir: Path, base_model
         model_dir=str(trained.out_dir),
         train_run_id=trained.mlflow_run_id,
         eval_run_id=report.get("run_id"),
-        general=general_accuracy(trained.out_dir, cfg.inference_condition) if score_general else None,
+        retention=metrics.get("retention"),
+        agreement=metrics.get("agreement"),
     )
 
 
@@ -463,11 +612,12 @@ def log_summary(ablation: Ablation, cfg: Config, tracking_uri: str, params: dict
     now = int(time.time() * 1000)
     metrics = []
     for row in ablation.rows:
-        for name in ("accuracy_expert", "accuracy_suboptimal", "silhouette", "train_s"):
+        key = variant_named(row.variant).slug()  # MLflow metric names take no `+`
+        for name in ("accuracy_expert", "accuracy_suboptimal", "silhouette", "train_s", "retention", "agreement"):
             stat: Stat = getattr(row, name)
             if stat.n:
-                metrics += [Metric(f"{row.variant}/{name}", stat.mean, now, 0),
-                            Metric(f"{row.variant}/{name}_spread", stat.spread, now, 0)]  # fmt: skip
+                metrics += [Metric(f"{key}/{name}", stat.mean, now, 0),
+                            Metric(f"{key}/{name}_spread", stat.spread, now, 0)]  # fmt: skip
     client.log_batch(run_id, metrics=metrics, params=[Param(k, v) for k, v in params.items()])
     client.log_text(run_id, ablation.text, "table.md")
     client.log_dict(run_id, _results_json(ablation), "results.json")
@@ -489,12 +639,26 @@ def _results_json(ablation: Ablation) -> dict[str, Any]:
     }
 
 
+def ablation_variants(variants: Sequence[str] | None, replay: str | None,
+                      pretrained: bool) -> tuple[list[Variant], str]:
+    """The variants to train and the replay setting: by default every variant for the tiny model, without replay,
+    and REAL_MODEL_VARIANTS from a pretrained base, each without and with replay. The tiny model has no replay."""
+    replay = replay or ("both" if pretrained else "off")
+    chosen = choose_variants(list(variants or (REAL_MODEL_VARIANTS if pretrained else VARIANTS_BY_NAME)), replay)
+    if not pretrained and any(v.replay for v in chosen):
+        raise CrlftError("replay needs a pretrained base model (--base-model): the tiny model knows nothing to keep")
+    return chosen, replay
+
+
 def run_ablation(cfg: Config, out: Path, *, seeds: Sequence[int] = DEFAULT_SEEDS, steps: int | None = None,
                  variants: Sequence[str] | None = None, suite_dir: Path | None = None,
                  mlflow_uri: str | None = None, parallel: int = 1, base_model: str | None = None,
-                 log: Callable[[str], None] = print) -> Ablation:
+                 replay: str | None = None, facts: bool = False, retention_limit: int | None = None,
+                 open_limit: int = OPEN_LIMIT, log: Callable[[str], None] = print) -> Ablation:
     """Build the data, train and evaluate every variant for every seed in one Ray session, summarize, plot, log.
-    With `base_model` (a pretrained model: folder, GGUF file or bundled name) every run starts from it."""
+    With `base_model` (a pretrained model: folder, GGUF file or bundled name) every run starts from it, is trained
+    without and/or with replay (`replay`: both, on or off; default both) and its retention is measured; without it
+    (the tiny model) there is no replay. `facts`: crlft/facts.py's set instead of the synthetic suite."""
     from crlft.commands.init_model import build_default_model, local_base_model
     from crlft.synth import write_suite
     from crlft.tracking import set_offline_defaults, setup_mlflow
@@ -502,17 +666,29 @@ def run_ablation(cfg: Config, out: Path, *, seeds: Sequence[int] = DEFAULT_SEEDS
     from jobs.session import ray_session
 
     set_offline_defaults()
-    names = list(variants or [v.name for v in VARIANTS])
-    unknown = [n for n in names if n not in VARIANTS_BY_NAME]
-    if unknown:
-        raise CrlftError(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS_BY_NAME)}")
-    chosen = [VARIANTS_BY_NAME[n] for n in names]
+    chosen, replay = ablation_variants(variants, replay, pretrained=bool(base_model))
+    names = [v.name for v in chosen]
     if not seeds:
         raise CrlftError("give at least one seed")
+    if facts and suite_dir:
+        raise CrlftError("give either --suite DIR or --facts, not both")
+    if retention_limit is not None and retention_limit < 1:
+        raise CrlftError(f"--retention-limit {retention_limit}: give at least 1 (or leave it out for every prompt)")
+    if open_limit < 0:
+        raise CrlftError(f"--open-limit {open_limit}: give 0 (no agreement) or more")
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     ablation_id = time.strftime("%Y%m%d-%H%M%S")
-    suite = suite_files(suite_dir) if suite_dir else write_suite(out / "suite", seed=0)
+    if suite_dir:
+        suite = suite_files(suite_dir)
+    elif facts:
+        suite = write_facts_suite(out / "suite")
+    else:
+        suite = dict(write_suite(out / "suite", seed=0))
+    train_file = suite["train"]
+    assert train_file is not None
+    scoring = Scoring(retention=bool(base_model), retention_limit=retention_limit, open_limit=open_limit,
+                      max_new_tokens=FACTS_MAX_NEW_TOKENS if facts else 16)  # fmt: skip
     tracking_uri = setup_mlflow(cfg.model_copy(update={"registry": cfg.registry.model_copy(
         update={"experiment": EXPERIMENT})}), mlflow_uri)  # fmt: skip
     expert, suboptimal = cfg.inference_condition, cfg.suboptimal_condition
@@ -524,19 +700,19 @@ def run_ablation(cfg: Config, out: Path, *, seeds: Sequence[int] = DEFAULT_SEEDS
             pretrained = Path(local_base_model(base_model, cfg))
             base_models = dict.fromkeys(seeds, pretrained)
             log(f"[ablation] base model {pretrained}: scored before fine-tuning")
-            base = base_reference(pretrained, suite, cfg, out)
+            base = base_reference(pretrained, suite, cfg, out, scoring)
         else:
             for seed in seeds:
                 log(f"[ablation] base model for seed {seed}")
                 base_models[seed] = build_default_model(out / "base" / f"seed-{seed}", data_config(VARIANTS[0], cfg),
-                                                        [suite["train"]], seed=seed)  # fmt: skip
+                                                        [train_file], seed=seed)  # fmt: skip
         data: dict[str, tuple[Path, dict[str, Any]]] = {}
         for variant in chosen:
             key = variant.data_key()
             if key not in data:
                 log(f"[ablation] data {key}")
                 folder = out / "data" / key
-                stats = build_dataset([str(suite["train"])], str(base_models[seeds[0]]), folder,
+                stats = build_dataset([str(train_file)], str(base_models[seeds[0]]), folder,
                                       data_config(variant, cfg))  # fmt: skip
                 data[key] = (folder, stats)
         budget = steps or recipe_steps(data[chosen[0].data_key()][1], cfg)
@@ -547,9 +723,10 @@ def run_ablation(cfg: Config, out: Path, *, seeds: Sequence[int] = DEFAULT_SEEDS
             run_cfg = run_config(variant, cfg, seed, budget, steps_per_epoch(stats, cfg), out)
             log(f"[ablation] {variant.name} seed {seed}: {budget} steps")
             result = run_one(variant, seed, run_cfg, folder, base_models[seed], suite, out, tracking_uri, tags,
-                             score_general=base is not None)
+                             scoring)  # fmt: skip
+            kept = "" if result.retention is None else f", retention {result.retention:.3f}"
             log(f"[ablation] {variant.name} seed {seed}: accuracy {result.accuracy_expert:.3f} under {expert}, "
-                f"{result.accuracy_suboptimal:.3f} under {suboptimal}, silhouette {result.silhouette}, "
+                f"{result.accuracy_suboptimal:.3f} under {suboptimal}{kept}, silhouette {result.silhouette}, "
                 f"trained in {result.train_s:.0f} s")
             return result
 
@@ -559,25 +736,70 @@ def run_ablation(cfg: Config, out: Path, *, seeds: Sequence[int] = DEFAULT_SEEDS
     rows = summarize(results, names)
     text = report_text(rows, expert, suboptimal, seeds, budget)
     if base is not None:
-        text += (f"\n\nbase model {base_model} before fine-tuning: accuracy {base['accuracy_expert']:.3f} under "
-                 f"{expert}, {base['accuracy_suboptimal']:.3f} under {suboptimal}, general {base['general']:.3f}")
+        text += "\n\n" + base_line(base_model or "", base, expert, suboptimal)
     ablation = Ablation(out, ablation_id, rows, results, budget, list(seeds), text, base=base)
     title = f"{budget} steps, seeds {', '.join(map(str, seeds))} (mean ± std)"
     ablation.figures["table"] = plot_table(rows, out / "ablation.png", expert, suboptimal, title)
-    pair = {name: Path(next(r.model_dir for r in results if r.variant == name and r.seed == seeds[0]))
-            for name in ("crlft", "sft") if name in names}
-    if pair:
-        ablation.figures["projection"] = plot_projections(pair, suite["heldout"], out / "projection.png")
+    pair = projection_pair(names)
+    if pair and suite["heldout"] is not None:
+        model_dirs = {name: Path(next(r.model_dir for r in results if r.variant == name and r.seed == seeds[0]))
+                      for name in pair}  # fmt: skip
+        ablation.figures["projection"] = plot_projections(model_dirs, suite["heldout"], out / "projection.png")
     (out / "table.md").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps(_results_json(ablation), indent=2))
     params = {"steps": str(budget), "seeds": ",".join(map(str, seeds)), "variants": ",".join(names),
-              "suite": str(suite["train"].parent), "wall_s": f"{time.monotonic() - started:.0f}"}  # fmt: skip
+              "suite": str(train_file.parent), "replay": replay, "wall_s": f"{time.monotonic() - started:.0f}"}
+    if scoring.retention:
+        params |= {"retention_limit": str(retention_limit or "all"), "open_limit": str(open_limit)}
     ablation.summary_run_id = log_summary(ablation, cfg, tracking_uri, params)
     return ablation
 
 
+def base_line(base_model: str, base: dict[str, float], expert: str, suboptimal: str) -> str:
+    """The line under the table: the pretrained model before any fine-tuning."""
+    general = base.get("general_accuracy")
+    shown = "" if general is None else f", general accuracy {general:.3f} (the reference of retention)"
+    return (f"base model {base_model} before fine-tuning: accuracy {base['accuracy_expert']:.3f} under {expert}, "
+            f"{base['accuracy_suboptimal']:.3f} under {suboptimal}{shown}")
+
+
+def projection_pair(names: Sequence[str]) -> list[str]:
+    """The rows whose held-out embeddings are plotted side by side: crlft and sft, without replay where trained so."""
+    pair = []
+    for plain in ("crlft", "sft"):
+        found = next((n for n in (plain, plain + REPLAY_SUFFIX) if n in names), None)
+        if found:
+            pair.append(found)
+    return pair
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Command
+
+HELP = f"""\
+variants (--variants; default: all six for the tiny model, {' '.join(REAL_MODEL_VARIANTS)} from --base-model):
+  crlft            class condition in the prompt + reward-weighted loss (C-RLFT)
+  conditioned      condition only, every reward 1
+  weighted         reward weights only, no condition
+  sft              plain SFT on the whole mixture
+  expert_only      SFT on the expert (GPT4) conversations only
+  suboptimal_only  SFT on the sub-optimal (GPT3) conversations only
+  NAME+replay      NAME trained with replay: the base model's own answers to general prompts mixed into the data
+
+replay (--replay, real base models only): `both` (the default there) trains each variant without replay (row
+`crlft`, data.replay.enabled false) and with it (row `crlft+replay`, true); `on` or `off` one of the two. The tiny
+model is not pretrained: no replay, and its table is unchanged.
+
+retention (real base models): a run's general accuracy on the shipped general check (398 prompts of facts,
+arithmetic, word knowledge and instructions) divided by its base model's, each asked as it is served: 1.0 = kept
+everything the base answered right. agreement: ROUGE-L of its open answers against the base's. The base is measured
+once and cached in <state_dir>/retention.
+
+cost: a SmolLM2-135M run (80 LoRA steps) trains in about 10 minutes on 2 cores (5 idle, 20 busy), plus a few
+minutes for its evaluation; `crlft ablation --base-model smollm2` (3 variants x replay on/off x 3 seeds = 18 runs,
+one at a time) takes about 4 hours, up to 7 on busy cores. The tiny model's whole ablation (6 variants x 3 seeds) is
+about 17 minutes on 2 idle cores.
+"""
 
 
 def default_parallel(cfg: Config) -> int:
@@ -586,14 +808,24 @@ def default_parallel(cfg: Config) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = HELP
     parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS), metavar="N",
                         help="seeds (initial weights and data order); mean and spread are over them")
     parser.add_argument("--steps", type=int, metavar="N",
                         help="optimiser steps per run (default: the recipe's epochs over the whole mixture)")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS_BY_NAME), metavar="NAME",
-                        help=f"variants to run (default: all: {', '.join(VARIANTS_BY_NAME)})")
-    parser.add_argument("--suite", metavar="DIR", help="a suite folder (train/heldout/eval.jsonl, as `crlft synth` "
-                        "writes it); default: the synthetic suite with seed 0, written under --out")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANT_CHOICES), metavar="NAME",
+                        help="variants to run (below; default: all for the tiny model, "
+                        f"{' '.join(REAL_MODEL_VARIANTS)} from --base-model); NAME+replay: with replay")
+    parser.add_argument("--replay", choices=list(REPLAY_CHOICES),
+                        help="each variant without replay (off), with it (on) or both (default: both with "
+                        "--base-model, off for the tiny model)")
+    suite = parser.add_mutually_exclusive_group()
+    suite.add_argument("--suite", metavar="DIR", help="a suite folder (train/eval.jsonl and heldout.jsonl for the "
+                       "silhouette, as `crlft synth` writes it); default: the synthetic suite with seed 0, written "
+                       "under --out")  # fmt: skip
+    suite.add_argument("--facts", action="store_true", help="train on crlft/facts.py's mixed-quality set of invented "
+                       "facts (sentence answers, scored by whole words; no silhouette) instead of the synthetic suite")
     parser.add_argument("--parallel", type=int, metavar="N",
                         help="runs trained at once (default: CPUs / CPUs per training worker, at least 1)")
     parser.add_argument("--out", metavar="DIR", help="where everything goes (default: <state_dir>/ablation/<time>)")
@@ -602,6 +834,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start every run from a pretrained chat model: `smollm2` (bundled), a .gguf file, a "
                         "Hugging Face folder or hub id (recipe lora_synth.yaml: LoRA); default: the tiny model, "
                         "built per seed")
+    parser.add_argument("--retention-limit", type=int, metavar="N",
+                        help="with --base-model: only N prompts of the general check, spread over its kinds "
+                        "(default: all 398)")
+    parser.add_argument("--open-limit", type=int, default=OPEN_LIMIT, metavar="N",
+                        help="with --base-model: open prompts for agreement with the base model's answers "
+                        f"(default {OPEN_LIMIT}, as crlft eval; 0 skips agreement)")
     add_config_arguments(parser)
 
 
@@ -612,7 +850,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(cfg.state_dir) / "ablation" / time.strftime("%Y%m%d-%H%M%S")
     ablation = run_ablation(cfg, out, seeds=args.seeds, steps=args.steps, variants=args.variants,
                             suite_dir=Path(args.suite) if args.suite else None, mlflow_uri=args.mlflow_uri,
-                            parallel=args.parallel or default_parallel(cfg), base_model=args.base_model)
+                            parallel=args.parallel or default_parallel(cfg), base_model=args.base_model,
+                            replay=args.replay, facts=args.facts, retention_limit=args.retention_limit,
+                            open_limit=args.open_limit)  # fmt: skip
     print(ablation.text)
     print(f"figures: {', '.join(str(p) for p in ablation.figures.values())}")
     print(f"results: {out / 'results.json'}; MLflow summary run {ablation.summary_run_id} (experiment {EXPERIMENT})")

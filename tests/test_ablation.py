@@ -14,15 +14,26 @@ from benchmarks.ablation import (
     VARIANTS,
     VARIANTS_BY_NAME,
     RunResult,
+    Scoring,
     Stat,
+    Variant,
+    ablation_variants,
+    add_arguments,
+    base_line,
     beats,
+    choose_variants,
     claims,
     data_config,
     markdown_table,
+    plot_table,
+    projection_pair,
     run_config,
+    suite_files,
     summarize,
+    variant_named,
 )
-from crlft.config import SYNTH_RECIPE, Mode, load_config
+from crlft.config import REAL_MODEL_SYNTH_RECIPE, SYNTH_RECIPE, Config, Mode, load_config
+from crlft.errors import CrlftError
 from crlft.synth import write_suite
 
 
@@ -80,12 +91,198 @@ def test_the_summary_has_mean_and_spread_per_variant_and_checks_the_papers_claim
     assert "| crlft | 0.820 ± 0.020 | 0.200 ± 0.000 | 0.400 ± 0.000 |" in table
 
 
-def test_runs_from_a_real_base_model_add_a_general_column_the_tiny_ones_do_not() -> None:
+def test_runs_from_a_real_base_model_add_retention_columns_the_tiny_ones_do_not() -> None:
     tiny = summarize([result("crlft", 0, 0.8, 0.2)], ["crlft"])
-    real = summarize([replace(result("crlft", s, 0.8, 0.2), general=g) for s, g in enumerate((1.0, 0.6))], ["crlft"])
-    assert "general" not in markdown_table(tiny, "GPT4", "GPT3")
+    real = summarize([replace(result("crlft", s, 0.8, 0.2), retention=r, agreement=a)
+                      for s, (r, a) in enumerate(((1.0, 0.5), (0.6, 0.3)))], ["crlft"])  # fmt: skip
+    assert markdown_table(tiny, "GPT4", "GPT3").splitlines()[0] == (
+        "| variant | accuracy under GPT4 | accuracy under GPT3 | silhouette | train s | paper |")  # unchanged
     table = markdown_table(real, "GPT4", "GPT3")
-    assert "| general |" in table and "| 0.800 ± 0.283 |" in table
+    assert table.splitlines()[0] == ("| variant | accuracy under GPT4 | accuracy under GPT3 | retention | agreement "
+                                     "| silhouette | train s | paper |")  # fmt: skip
+    assert "| crlft | 0.800 ± 0.000 | 0.200 ± 0.000 | 0.800 ± 0.283 | 0.400 ± 0.141 | 0.100 ± 0.000 | 10 ± 0 |" in table
+    # retention without agreement (--open-limit 0): one more column, not two
+    no_open = summarize([replace(result("sft", 0, 0.2, 0.2), retention=0.9)], ["sft"])
+    assert "| sft | 0.200 | 0.200 | 0.900 | 0.100 | 10 | 52.7 |" in markdown_table(no_open, "GPT4", "GPT3")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Replay and retention (real base models)
+
+
+def test_a_replay_variant_is_named_with_its_suffix_and_trains_like_its_variant() -> None:
+    crlft = variant_named("crlft+replay")
+    assert (crlft.name, crlft.mode, crlft.replay, crlft.paper) == ("crlft+replay", Mode.crlft, True, 77.3)
+    assert variant_named("crlft") is VARIANTS_BY_NAME["crlft"] and not VARIANTS_BY_NAME["crlft"].replay
+    assert crlft.slug() == "crlft_replay"  # folders and MLflow metric names take no `+`
+    assert crlft.with_replay() == crlft
+    with pytest.raises(CrlftError, match="unknown variant"):
+        variant_named("dpo+replay")
+
+
+def test_replay_both_trains_each_variant_without_then_with_replay() -> None:
+    names = ["crlft", "conditioned", "sft"]
+    assert [v.name for v in choose_variants(names, "both")] == [
+        "crlft", "crlft+replay", "conditioned", "conditioned+replay", "sft", "sft+replay"]  # fmt: skip
+    assert [v.name for v in choose_variants(names, "on")] == ["crlft+replay", "conditioned+replay", "sft+replay"]
+    assert [v.name for v in choose_variants(names, "off")] == names
+    # a suffixed name is trained as named, and nothing twice
+    assert [v.name for v in choose_variants(["sft+replay", "crlft", "crlft"], "off")] == ["sft+replay", "crlft"]
+    assert [v.name for v in choose_variants(["crlft+replay", "crlft"], "both")] == ["crlft+replay", "crlft"]
+    with pytest.raises(CrlftError, match="--replay"):
+        choose_variants(names, "sometimes")
+
+
+def test_replay_on_and_off_is_in_the_data_build_and_the_run_and_never_left_to_auto(tmp_path: Path) -> None:
+    cfg = load_config(SYNTH_RECIPE)
+    assert cfg.data.replay.enabled is None  # auto: on for a pretrained base, which the ablation must not leave to it
+    crlft, crlft_replay = VARIANTS_BY_NAME["crlft"], variant_named("crlft+replay")
+    assert data_config(crlft, cfg).data.replay.enabled is False
+    assert data_config(crlft_replay, cfg).data.replay.enabled is True
+    assert data_config(crlft_replay, cfg).train.mode is Mode.crlft
+    assert run_config(crlft_replay, cfg, 0, 10, 5, tmp_path).data.replay.enabled is True
+    assert run_config(crlft, cfg, 0, 10, 5, tmp_path).data.replay.enabled is False
+    replayed = data_config(variant_named("expert_only+replay"), cfg).data
+    assert (replayed.only_classes, replayed.replay.enabled) == (["GPT4"], True)
+    # the replay settings otherwise as configured (ratio, prompts, class)
+    assert data_config(crlft_replay, cfg).data.replay.ratio == cfg.data.replay.ratio
+    # with and without replay the data differs; crlft and conditioned still share theirs, and so do weighted and sft
+    keys = {v.name: v.data_key() for v in choose_variants(["crlft", "conditioned", "weighted", "sft"], "both")}
+    assert keys["crlft"] == keys["conditioned"] != keys["crlft+replay"] == keys["conditioned+replay"]
+    assert keys["weighted+replay"] == keys["sft+replay"] == "plain-replay"
+    assert len(set(keys.values())) == 4
+
+
+def test_the_defaults_the_tiny_model_without_replay_a_real_one_three_modes_with_and_without() -> None:
+    tiny, replay = ablation_variants(None, None, pretrained=False)
+    assert ([v.name for v in tiny], replay) == ([v.name for v in VARIANTS], "off")  # the table of RESULTS.md
+    real, replay = ablation_variants(None, None, pretrained=True)
+    assert replay == "both" and [v.name for v in real] == [
+        "crlft", "crlft+replay", "conditioned", "conditioned+replay", "sft", "sft+replay"]  # fmt: skip
+    assert [v.name for v in ablation_variants(["sft"], "off", pretrained=True)[0]] == ["sft"]
+    for variants, replay in ((None, "both"), (["crlft+replay"], None)):
+        with pytest.raises(CrlftError, match="replay needs a pretrained base model"):
+            ablation_variants(variants, replay, pretrained=False)
+
+
+def test_the_summary_checks_what_replay_changes_for_each_variant_trained_both_ways() -> None:
+    def runs(name: str, expert: float, retention: float) -> list[RunResult]:
+        return [replace(result(name, s, expert + d, 0.2), retention=retention + d) for s, d in enumerate((0, .01, .02))]
+
+    results = runs("crlft", 0.80, 0.50) + runs("crlft+replay", 0.79, 0.90) + runs("sft", 0.2, 0.55)
+    results += runs("sft+replay", 0.2, 0.56)
+    rows = summarize(results, ["crlft", "crlft+replay", "sft", "sft+replay"])
+    assert [r.variant for r in rows] == ["crlft", "crlft+replay", "sft", "sft+replay"]
+    assert rows[1].paper == 77.3 and rows[1].retention.mean == pytest.approx(0.91)
+    checks = dict(claims(rows))
+    assert checks["crlft+replay retains more than crlft"]
+    assert not checks["sft+replay retains more than sft"]  # 0.01 apart, inside the spreads
+    assert checks["crlft+replay (expert condition) is at least as accurate as crlft"]
+    # the paper's claims are checked for the variants without replay and again for those with it
+    assert checks["crlft (expert condition) beats sft"]
+    assert checks["crlft+replay (expert condition) beats sft+replay"]
+    text = markdown_table(rows, "GPT4", "GPT3")
+    assert "| crlft+replay | 0.800 ± 0.010 | 0.200 ± 0.000 | 0.910 ± 0.010 |" in text
+
+
+def test_the_retention_figure_and_the_base_line(tmp_path: Path) -> None:
+    rows = summarize([replace(result(name, s, 0.5, 0.3), retention=0.9, agreement=0.4)
+                      for name in ("crlft", "crlft+replay") for s in (0, 1)], ["crlft", "crlft+replay"])  # fmt: skip
+    assert plot_table(rows, tmp_path / "ablation.png", "GPT4", "GPT3", "t").stat().st_size > 0
+    base = {"accuracy_expert": 0.0, "accuracy_suboptimal": 0.0, "general_accuracy": 0.612}
+    assert base_line("smollm2", base, "GPT4", "GPT3") == (
+        "base model smollm2 before fine-tuning: accuracy 0.000 under GPT4, 0.000 under GPT3, general accuracy 0.612 "
+        "(the reference of retention)")  # fmt: skip
+    assert projection_pair(["crlft+replay", "sft", "sft+replay"]) == ["crlft+replay", "sft"]
+
+
+def test_a_facts_suite_has_no_held_out_conversations(tmp_path: Path) -> None:
+    from crlft.facts import write_facts
+
+    write_facts(tmp_path / "facts")
+    files = suite_files(tmp_path / "facts")
+    assert files["heldout"] is None and files["train"] and files["train"].is_file()
+    with pytest.raises(CrlftError, match="missing"):
+        suite_files(tmp_path / "nothing")
+
+
+def test_the_help_names_the_variants_replay_retention_and_the_cost() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="crlft ablation")
+    add_arguments(parser)
+    text = parser.format_help()
+    for words in ("crlft+replay", "--replay", "retention", "general check", "10 minutes", "--facts",
+                  "--retention-limit"):  # fmt: skip
+        assert words in text, words
+    args = parser.parse_args(["--variants", "crlft", "sft+replay", "--replay", "off"])
+    assert (args.variants, args.replay, args.open_limit) == (["crlft", "sft+replay"], "off", 40)
+
+
+def test_a_real_model_ablation_builds_each_data_once_and_records_retention_per_row(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """run_ablation's wiring from a real base model, with the data build, training and evaluation faked: one build
+    per template and replay, replay on or off in each build and run, retention scored against the base, the table,
+    the figure and the MLflow summary (whose metric names take no `+`)."""
+    import contextlib
+    import sys
+    import types
+
+    from mlflow.tracking import MlflowClient
+
+    import benchmarks.ablation as ablation_module
+
+    builds: list[tuple[str, bool | None]] = []
+    runs: list[tuple[str, int, bool | None, str]] = []
+
+    def build_dataset(inputs: list[str], tokenizer: str, out: Path, cfg: Config) -> dict[str, object]:
+        builds.append((Path(out).name, cfg.data.replay.enabled))
+        return {"splits": {"train": {"bins": 10}}}
+
+    def run_one(variant: Variant, seed: int, cfg: Config, data_dir: Path, base_model: Path, suite: dict, out: Path,
+                tracking_uri: str, tags: dict, scoring: Scoring) -> RunResult:
+        assert scoring.retention and scoring.open_limit == 0 and base_model == tmp_path / "base"
+        runs.append((variant.name, seed, cfg.data.replay.enabled, data_dir.name))
+        kept = 0.9 if variant.replay else 0.4
+        return replace(result(variant.name, seed, 0.5 + seed / 100, 0.3), retention=kept + seed / 100)
+
+    def base_reference(base_model: Path, suite: dict, cfg: Config, out: Path, scoring: Scoring) -> dict[str, float]:
+        return {"accuracy_expert": 0.0, "accuracy_suboptimal": 0.0, "general_accuracy": 0.61}
+
+    (tmp_path / "base").mkdir()
+    monkeypatch.setitem(sys.modules, "jobs.build_dataset", types.SimpleNamespace(build_dataset=build_dataset))
+    session = types.SimpleNamespace(ray_session=lambda cfg: contextlib.nullcontext())
+    monkeypatch.setitem(sys.modules, "jobs.session", session)
+    projected: list[list[str]] = []
+
+    def plot_projections(model_dirs: dict[str, Path], heldout: Path, out_png: Path) -> Path:
+        projected.append(list(model_dirs))
+        out_png.write_bytes(b"png")
+        return out_png
+
+    monkeypatch.setattr(ablation_module, "plot_projections", plot_projections)
+    monkeypatch.setattr("crlft.commands.init_model.local_base_model", lambda source, cfg: str(tmp_path / "base"))
+    monkeypatch.setattr(ablation_module, "run_one", run_one)
+    monkeypatch.setattr(ablation_module, "base_reference", base_reference)
+    monkeypatch.setattr(ablation_module, "steps_per_epoch", lambda stats, cfg: 10)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # setup_mlflow sets it for Ray workers: restored after the test
+    cfg = load_config(REAL_MODEL_SYNTH_RECIPE, {"state_dir": str(tmp_path / "state")})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = ablation_module.run_ablation(cfg, tmp_path / "out", seeds=[0, 1], variants=["crlft", "sft"],
+                                        mlflow_uri=uri, base_model="smollm2", open_limit=0, log=lambda _: None)
+    assert builds == [("conditioned", False), ("conditioned-replay", True), ("plain", False), ("plain-replay", True)]
+    assert sorted(runs) == sorted((name, seed, name.endswith("+replay"), key) for seed in (0, 1) for name, key in (
+        ("crlft", "conditioned"), ("crlft+replay", "conditioned-replay"), ("sft", "plain"),
+        ("sft+replay", "plain-replay")))  # fmt: skip
+    assert [row.variant for row in done.rows] == ["crlft", "crlft+replay", "sft", "sft+replay"]
+    assert "| crlft+replay | 0.505 ± 0.007 | 0.300 ± 0.000 | 0.905 ± 0.007 |" in done.text
+    assert "- [x] crlft+replay retains more than crlft" in done.text
+    assert "general accuracy 0.610 (the reference of retention)" in done.text
+    assert (tmp_path / "out" / "ablation.png").is_file() and (tmp_path / "out" / "table.md").is_file()
+    assert projected == [["crlft", "sft"]]
+    logged = MlflowClient(uri).get_run(str(done.summary_run_id)).data
+    assert logged.metrics["crlft_replay/retention"] == pytest.approx(0.905)
+    assert logged.params["replay"] == "both"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
