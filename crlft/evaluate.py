@@ -29,6 +29,7 @@ from crlft.config import suboptimal_of
 from crlft.conversation import ClassRules, Conversation, Message, iter_file
 from crlft.errors import CrlftError
 from crlft.export import ExportedModel, ModelMeta
+from crlft.general import jsonl_records
 from crlft.generate import BatchGenerator, GenerationRequest, SamplingParams, context_length
 from crlft.synth import EvalItem, score
 
@@ -390,18 +391,7 @@ class Judgment:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise CrlftError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise CrlftError(f"{path}:{number}: expected a JSON object")
-        records.append(record)
-    return records
+    return [record for _, record in jsonl_records(path)]
 
 
 def load_bench(bench: str, data_dir: str | Path, limit: int | None = None) -> list[BenchQuestion]:

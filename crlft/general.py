@@ -153,7 +153,7 @@ def check_scores(items: Sequence[CheckItem], answers: Sequence[str]) -> dict[str
 # Loading
 
 
-def _jsonl_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
+def jsonl_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) of every non-blank line of a JSONL file."""
     if not path.is_file():
         raise CrlftError(f"{path} does not exist")
@@ -232,7 +232,7 @@ def load_check(path: str | Path = CHECK_FILE, limit: int | None = None) -> list[
     path = Path(path)
     items: list[CheckItem] = []
     seen: dict[str, int] = {}
-    for number, record in _jsonl_records(path):
+    for number, record in jsonl_records(path):
         item = _check_item(record, f"{path}:{number}")
         if item.id in seen:
             raise CrlftError(f"{path}:{number}: field 'id': {item.id!r} is already on line {seen[item.id]}")
@@ -254,7 +254,7 @@ def load_prompts(path: str | Path = REPLAY_PROMPTS_FILE, limit: int | None = Non
             raise CrlftError(f"{path} does not exist")
         prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     else:
-        prompts = [_text_field(record, "prompt", f"{path}:{number}") for number, record in _jsonl_records(path)]
+        prompts = [_text_field(record, "prompt", f"{path}:{number}") for number, record in jsonl_records(path)]
     if not prompts:
         raise CrlftError(f"{path} has no prompts")
     if limit is not None and limit < 1:

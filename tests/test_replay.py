@@ -8,7 +8,6 @@ vLLM through ray.data.llm, where it is installed (its engine takes some 40 s to 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -136,17 +135,6 @@ def test_a_replay_condition_that_is_not_a_class_is_a_config_error() -> None:
 
 
 # ---------------------------------------------------------------- builds, on Ray
-
-
-@pytest.fixture(scope="module")
-def ray_session() -> Iterator[None]:
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
