@@ -28,6 +28,7 @@ class RetentionPlan:
     base_model: Path  # the reference: the model the candidate was fine-tuned from
     items: list[CheckItem]  # the general check (a sample spread over the kinds when limited)
     prompts: list[str]  # open prompts for agreement
+    asked: bool  # --retention given: a base that knows nothing is an error, not a skipped figure
 
 
 def recorded_base(exported: ExportedModel) -> str | None:
@@ -55,7 +56,8 @@ def plan_retention(model_dir: Path | None, base_model: str | None, wanted: bool 
         return None
     if wanted is None and not is_pretrained(str(base)):
         return None
-    return RetentionPlan(Path(str(base)).expanduser(), load_check(limit=check_limit), open_prompts(open_limit))
+    return RetentionPlan(Path(str(base)).expanduser(), load_check(limit=check_limit), open_prompts(open_limit),
+                         bool(wanted))
 
 
 def base_answers(plan: RetentionPlan, cfg: Config, engine: EngineSettings,
@@ -89,6 +91,8 @@ def measure_retention(exported: ExportedModel, plan: RetentionPlan, base: tuple[
     items, prompts = plan.items, plan.prompts
     candidate = rt.answer_general(exported, items, prompts, decoder, batch_size)
     reference, cached = base
+    if reference.scores["general_accuracy"] <= 0 and not plan.asked:
+        return {}, [f"retention: not measured, {plan.base_model} answers none of the general check right"]
     figures = rt.retention_metrics(candidate, reference)
     (out / "retention.json").write_text(json.dumps({"figures": figures, "base_model": str(plan.base_model),
                                                     "base_cached": cached}, indent=2))  # fmt: skip
