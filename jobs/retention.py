@@ -89,10 +89,10 @@ def measure_retention(exported: ExportedModel, plan: RetentionPlan, base: tuple[
 
     started = time.monotonic()
     items, prompts = plan.items, plan.prompts
-    candidate = rt.answer_general(exported, items, prompts, decoder, batch_size)
     reference, cached = base
     if reference.scores["general_accuracy"] <= 0 and not plan.asked:
         return {}, [f"retention: not measured, {plan.base_model} answers none of the general check right"]
+    candidate = rt.answer_general(exported, items, prompts, decoder, batch_size)
     figures = rt.retention_metrics(candidate, reference)
     (out / "retention.json").write_text(json.dumps({"figures": figures, "base_model": str(plan.base_model),
                                                     "base_cached": cached}, indent=2))  # fmt: skip
