@@ -7,7 +7,7 @@ Ray Data end to end, nothing collected on the driver:
       -> materialize in the object store (it feeds three consumers; spills to disk when larger than memory)
       -> small per-block tallies -> stats.json
       -> replay (data.replay, jobs/replay.py): the base model answers ratio x accepted general prompts -> replay.jsonl,
-         whose conversations go through the same tokenizing actor and join the records from here on
+         whose conversations are validated and tokenized as the actors do (process_record) and join the records
       -> rejects, sorted by (source, line) and streamed -> rejects.jsonl
       -> per split: group by a seeded hash of the text -> first-fit-decreasing per group -> one Parquet shard each
 
@@ -106,9 +106,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replay", action=argparse.BooleanOptionalAction,
                         help="mix in the base model's own answers to general prompts, so a fine-tune keeps what it "
                         "knew (data.replay.enabled; default: on for a pretrained base model). Costs one generation "
-                        "pass of the base model over ratio x accepted prompts, at most 240 by default (measured: 48 "
-                        "prompts of SmolLM2-135M in 191 s on 2 busy CPU cores with vLLM, its start included), "
-                        "cached for later builds")
+                        "pass of the base model over ratio x accepted prompts, at most 240 by default, cached for "
+                        "later builds (minutes on CPUs: benchmarks/RESULTS.md, Retention)")
     parser.add_argument("--replay-ratio", type=float, help="replay conversations per accepted conversation "
                         "(data.replay.ratio), capped at the number of prompts")
     add_config_arguments(parser)
