@@ -88,6 +88,17 @@ class ReplayConfig(_Strict):
     max_new_tokens: int = Field(192, ge=1, description="longest replay answer in tokens")
 
 
+class FeedbackConfig(_Strict):
+    """How stored completions train (`crlft data build STORE`): the class of each kind of feedback."""
+
+    rated_up: str | None = Field(None, description="class of answers rated up; None: inference_condition")
+    corrected: str | None = Field(
+        None, description="class of corrected answers (the correction trained as the answer); None: inference_condition"
+    )
+    unrated: str | None = Field(None, description="class of answers no one rated; None: the lowest-reward class")
+    rated_down: str | None = Field(None, description="class of answers rated down; None: not trained on")
+
+
 class DataConfig(_Strict):
     max_len: int = Field(2048, ge=16, description="longest conversation in tokens; longer ones follow `overflow`")
     pack_len: int = Field(2048, ge=16, description="token budget of one packed bin (>= max_len)")
@@ -102,6 +113,7 @@ class DataConfig(_Strict):
     seed: int = Field(0, description="seed of the validation split and the packing order")
     num_blocks: int = Field(8, ge=1, description="Ray Data read parallelism for small inputs")
     replay: ReplayConfig = Field(default_factory=ReplayConfig)
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
 
 
 class ModelConfig(_Strict):
@@ -172,6 +184,18 @@ class RegistryConfig(_Strict):
     )
 
 
+class StoreConfig(_Strict):
+    """Stored completions (OpenAI's `store`): what the endpoint answered, kept with users' feedback for training."""
+
+    uri: str | None = Field(
+        None, description="folder or URI (s3://, gs://) of the completion store; None: nothing is stored and "
+        "requests asking `store: true` are refused"
+    )
+    by_default: bool = Field(False, description="store requests that do not say `store` (OpenAI's default: not)")
+    queue: int = Field(10000, ge=1, description="completions a replica holds unwritten; beyond, dropped and counted")
+    flush_s: float = Field(2.0, gt=0, description="seconds between a replica's writes to the store")
+
+
 class ServeConfig(_Strict):
     host: str = Field("127.0.0.1", description="HTTP bind address (0.0.0.0 to serve other machines)")
     port: int = Field(8000, description="HTTP port")
@@ -210,6 +234,7 @@ class ServeConfig(_Strict):
     max_batch_size: int = Field(16, description="sequences generated together")
     batch_wait_timeout_s: float = Field(0.02, description="wait for more requests before a batch starts")
     access_log: bool = Field(True, description="log every request (the demo recipe turns it off to stay readable)")
+    store: StoreConfig = Field(default_factory=StoreConfig)
 
 
 class Config(_Strict):
@@ -240,6 +265,9 @@ class Config(_Strict):
         replay_condition = self.data.replay.condition
         if replay_condition is not None and replay_condition not in names:
             raise ValueError(f"data.replay.condition {replay_condition!r} is not a class; classes: {sorted(names)}")
+        for kind, name in self.data.feedback.model_dump().items():
+            if name is not None and name not in names:
+                raise ValueError(f"data.feedback.{kind} {name!r} is not a class; classes: {sorted(names)}")
         if self.data.pack_len < self.data.max_len:
             raise ValueError(f"data.pack_len ({self.data.pack_len}) must be >= data.max_len ({self.data.max_len})")
         for name in names:
