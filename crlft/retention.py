@@ -32,6 +32,7 @@ from crlft.evaluate import BENCH_DATA, Decoder, chat_prompt, generate, load_benc
 from crlft.export import META_FILE, ExportedModel
 from crlft.general import CheckItem, check_scores, normalize
 from crlft.model import own_prompt
+from crlft.storage import write_whole
 
 CHECK_MAX_NEW_TOKENS = 48
 OPEN_MAX_NEW_TOKENS = 128
@@ -123,7 +124,4 @@ def read_cached(path: Path) -> GeneralAnswers | None:
 
 
 def write_cached(path: Path, answers: GeneralAnswers) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    scratch = path.with_suffix(".partial")
-    scratch.write_text(json.dumps(answers.to_json(), indent=1))
-    scratch.replace(path)
+    write_whole(path, json.dumps(answers.to_json(), indent=1))

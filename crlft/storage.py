@@ -46,6 +46,15 @@ def write_text(path: str | Path, text: str) -> None:
         stream.write(text.encode())
 
 
+def write_whole(path: Path, text: str) -> None:
+    """Write a local file whole or not at all (a scratch file renamed into place): an interrupted write leaves no
+    half a cache that a later run would take for a whole one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = path.with_name(path.name + ".partial")
+    scratch.write_text(text, encoding="utf-8")
+    scratch.replace(path)
+
+
 def subfolders(path: str | Path) -> list[str]:
     """Names of the folders directly in `path` (none when it does not exist)."""
     from pyarrow import fs

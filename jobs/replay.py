@@ -34,6 +34,7 @@ import pyarrow as pa
 
 from crlft.config import Config
 from crlft.replay import ReplayPlan, choose_prompts, complete_answer, replay_condition, replay_line
+from crlft.storage import write_whole
 from crlft.tracking import set_offline_defaults
 from jobs.decoding import dtype_name, engine_settings
 
@@ -128,10 +129,7 @@ def _generate(cfg: Config, model: str, template_tokenizer: TemplateTokenizer, ch
         kept = complete_answer(text, cut)
         if kept:
             lines.append(replay_line(prompt, kept, condition))
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    partial = cache.with_suffix(".partial")
-    partial.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    partial.replace(cache)
+    write_whole(cache, "".join(line + "\n" for line in lines))
     return lines
 
 
