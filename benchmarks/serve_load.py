@@ -321,7 +321,8 @@ def crlft_servers(names: list[str], model_dir: Path, precision: str, state: Path
 
     servers = []
     port = free_port()
-    for name in [n for n in CRLFT_APPS if n in names]:
+    wanted = {*names, *(["crlft-vllm"] if "crlft-vllm-serve-proxy" in names else [])}  # the proxy's app
+    for name in [n for n in CRLFT_APPS if n in wanted]:
         engine, store = CRLFT_APPS[name]
         cfg = load_config(None, {
             "state_dir": str(state), "serve.port": port, "serve.engine": engine, "serve.precision": precision,
