@@ -5,80 +5,30 @@ that cannot be written. Every wait is bounded, so a regression fails instead of 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from test_train import config, in_thread, write_dataset
+from tracking_server import TrackingServer
 
 from crlft.config import Config
 from crlft.errors import CrlftError
-from jobs.session import free_port
 
 pytestmark = pytest.mark.slow
 
-SERVER_START_TIMEOUT_S = 120
 TOTAL_STEPS = 48  # 24 bins, 2 epochs, one worker
 RUN_TIMEOUT_S = 300  # one train() or evaluation, outage included
 # MLflow's client retries a request for minutes, at growing intervals (up to a minute apart by default). Where a test
 # waits for it to give up, it retries briefly; where it waits for the server to return, often and for longer.
 BRIEF_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 PATIENT_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "10", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
-
-
-class TrackingServer:
-    """A real `mlflow server` (SQLite store, served artifacts) that can be stopped and started again on the same port
-    and store."""
-
-    def __init__(self, root: Path) -> None:
-        self.root, self.port = root, free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        command = [
-            str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(self.port),
-            "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-            "--artifacts-destination", str(self.root / "artifacts"), "--default-artifact-root", "mlflow-artifacts:/",
-            "--workers", "1",
-        ]  # fmt: skip
-        log = (self.root / "server.log").open("a")
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
-                                        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
-        log.close()
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while not self.healthy():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.3)
-
-    def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.uri + "/health", timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        """SIGTERM, as a server being shut down gets (SIGKILL after 20 s); the port refuses connections after."""
-        if self.process is None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=20)
-        self.process = None
 
 
 @pytest.fixture(scope="module")

@@ -3,17 +3,14 @@ at least as good, even when promotions race. Run against a real `mlflow server` 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tracking_server import TrackingServer
 
 from crlft.config import Config
 from crlft.errors import CrlftError
@@ -21,49 +18,22 @@ from jobs.session import free_port
 
 pytestmark = pytest.mark.slow
 
-SERVER_START_TIMEOUT_S = 120
-
 
 @pytest.fixture(scope="module", autouse=True)
-def mlflow_server_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[subprocess.Popen, str, Path]]:
-    """A real tracking server (SQLite backend, served artifacts under a temp folder) on a free loopback port.
-    Started first and awaited only by the tests that use it, so that its slow start overlaps the other setup."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    log = (root / "server.log").open("w")
-    command = [
-        str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination", str(root / "artifacts"), "--default-artifact-root", "mlflow-artifacts:/",
-        "--workers", "1",
-    ]  # fmt: skip
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=root, env=env)
+def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackingServer]:
+    """A real tracking server, launched first and awaited only by the tests that use it, so that its slow start
+    overlaps the other setup."""
+    server = TrackingServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.launch()
     try:
-        yield server, f"http://127.0.0.1:{port}", root
+        yield server
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+        server.stop()
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(mlflow_server_process: tuple[subprocess.Popen, str, Path]) -> str:
-    server, uri, root = mlflow_server_process
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while True:
-        try:
-            with urllib.request.urlopen(uri + "/health", timeout=2) as response:
-                if response.status == 200:
-                    return uri
-        except OSError:
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
+def mlflow_server(tracking_server: TrackingServer) -> str:
+    return tracking_server.wait()
 
 
 @pytest.fixture(scope="module")
