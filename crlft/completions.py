@@ -22,6 +22,7 @@ low-reward class, one rated down is excluded unless given a class. The latest fe
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -160,11 +161,24 @@ def _safe(value: str) -> str:
 
 def _write_table(root: str, folder: str, table: pa.Table) -> str:
     import pyarrow.parquet as pq
+    from pyarrow import fs
 
     filesystem, inner = filesystem_and_path(f"{root}/{folder}")
     filesystem.create_dir(inner, recursive=True)
-    path = f"{inner}/{_part_name()}"
-    pq.write_table(table, path, filesystem=filesystem)
+    name = _part_name()
+    path = f"{inner}/{name}"
+    if not isinstance(filesystem, fs.LocalFileSystem):  # object stores show an object only once it is whole
+        pq.write_table(table, path, filesystem=filesystem)
+        return path
+    # A local part is written under a name readers skip, then renamed: a reader never sees half a part.
+    scratch = f"{inner}/.{name}.tmp"
+    try:
+        pq.write_table(table, scratch, filesystem=filesystem)
+        filesystem.move(scratch, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            filesystem.delete_file(scratch)
+        raise
     return path
 
 
