@@ -255,8 +255,17 @@ class StoreContents:
     orphan_feedback: int = 0
 
 
+def check_store(root: str) -> None:
+    """Raise unless `root` holds a marker of this format and version."""
+    marker = read_text(f"{root}/{MARKER}")
+    if marker is None:
+        raise CrlftError(f"{root} is not a completion store (no {MARKER})")
+    _check_marker(root, marker)
+
+
 def read_store(root: str) -> StoreContents:
-    """Every stored choice joined with its latest feedback."""
+    """Every stored choice joined with its latest feedback (the store's marker checked first)."""
+    check_store(root)
     latest: dict[tuple[str, int], dict[str, Any]] = {}
     for row in sorted(_read_rows(root, FEEDBACK, FEEDBACK_SCHEMA), key=lambda r: r["created"]):
         latest[(row["id"], row["choice"])] = row
@@ -274,6 +283,7 @@ class FeedbackRules:
     corrected: str | None
     unrated: str | None
     rated_down: str | None
+    rewards: Mapping[str, float] = field(default_factory=dict, compare=False)  # of each class; absent: 0
 
     @classmethod
     def from_config(cls, cfg: Config) -> FeedbackRules:
@@ -283,6 +293,7 @@ class FeedbackRules:
             corrected=f.corrected or cfg.inference_condition,
             unrated=f.unrated or cfg.suboptimal_condition,
             rated_down=f.rated_down,
+            rewards={name: cfg.reward(name) for name in cfg.classes},
         )
 
     def kind_of(self, choice: StoredChoice) -> str:
@@ -295,10 +306,13 @@ class FeedbackRules:
         return getattr(self, kind)
 
 
+KINDS = ("rated_up", "corrected", "unrated", "rated_down")  # the kinds of feedback, as FeedbackRules names them
+
+
 @dataclass
 class StoreRecords:
     """A store turned into training records: JSON lines of OpenAI-format conversations with their class, the
-    duplicates left out (with the line of their first occurrence), and counts for stats.json."""
+    duplicates left out (each with the line of the record kept in its place), and counts for stats.json."""
 
     lines: list[str] = field(default_factory=list)
     duplicates: list[tuple[str, str]] = field(default_factory=list)  # (record text, reason)
@@ -307,10 +321,13 @@ class StoreRecords:
 
 def store_records(contents: StoreContents, rules: FeedbackRules) -> StoreRecords:
     """One record per stored choice whose feedback kind has a class: the conversation asked, then the answer (or the
-    correction), `condition` set to that class; `store_id` and `feedback` say where it came from."""
+    correction), `condition` set to that class; `store_id` and `feedback` say where it came from.
+
+    Of choices with the same conversation (the same answer given twice, or a correction equal to another answer) one
+    is kept: the one whose class has the highest reward, the earliest of equal reward; the others are duplicates."""
     out = StoreRecords(counts={"corrected": 0, "rated_up": 0, "rated_down": 0, "unrated": 0, "excluded": 0,
                                "orphan_feedback": contents.orphan_feedback})
-    first_line: dict[str, int] = {}
+    kept: dict[str, int] = {}  # conversation -> index in out.lines
     for choice in contents.choices:
         kind = rules.kind_of(choice)
         out.counts[kind] += 1
@@ -318,21 +335,67 @@ def store_records(contents: StoreContents, rules: FeedbackRules) -> StoreRecords
         if condition is None:
             out.counts["excluded"] += 1
             continue
-        row = choice.completion
-        answer = choice.correction if kind == "corrected" else row["answer"]
-        messages = [*json.loads(row["messages"]), {"role": "assistant", "content": answer}]
-        if row["system"]:
-            messages.insert(0, {"role": "system", "content": row["system"]})
-        key = json.dumps(messages, ensure_ascii=False, sort_keys=True)
-        record = json.dumps({"messages": messages, "condition": condition, "store_id": row["id"],
-                             "store_choice": row["choice"], "feedback": kind}, ensure_ascii=False)
-        if key in first_line:
-            out.duplicates.append((record, f"duplicate: the same conversation as line {first_line[key]} of the "
-                                           "store's records"))
+        key, record = _record(choice, kind, condition)
+        if key not in kept:
+            kept[key] = len(out.lines)
+            out.lines.append(record)
             continue
-        out.lines.append(record)
-        first_line[key] = len(out.lines)
+        index = kept[key]
+        if _reward(rules, record) > _reward(rules, out.lines[index]):
+            out.lines[index], record = record, out.lines[index]
+        out.duplicates.append((record, _duplicate_reason(rules, index, out.lines[index], record)))
     return out
+
+
+def _record(choice: StoredChoice, kind: str, condition: str) -> tuple[str, str]:
+    """(what makes two records duplicates: the conversation, the record as a JSON line)."""
+    row = choice.completion
+    answer = choice.correction if kind == "corrected" else row["answer"]
+    messages = [*json.loads(row["messages"]), {"role": "assistant", "content": answer}]
+    if row["system"]:
+        messages.insert(0, {"role": "system", "content": row["system"]})
+    key = json.dumps(messages, ensure_ascii=False, sort_keys=True)
+    record = json.dumps({"messages": messages, "condition": condition, "store_id": row["id"],
+                         "store_choice": row["choice"], "feedback": kind}, ensure_ascii=False)
+    return key, record
+
+
+def _reward(rules: FeedbackRules, record: str) -> float:
+    return rules.rewards.get(json.loads(record)["condition"], 0.0)
+
+
+def _duplicate_reason(rules: FeedbackRules, index: int, kept: str, dropped: str) -> str:
+    kept_record = json.loads(kept)
+    why = ("its class has the higher reward" if _reward(rules, kept) > _reward(rules, dropped)
+           else "the earliest of equal reward")
+    return (f"duplicate: the same conversation as line {index + 1} of the store's records (store id "
+            f"{kept_record['store_id']} choice {kept_record['store_choice']}, {kept_record['feedback']}, class "
+            f"{kept_record['condition']}), which is kept: {why}")
+
+
+def records_per_class(records: StoreRecords) -> dict[str, int]:
+    """How many of the store's records (duplicates left out) each class has."""
+    counts: dict[str, int] = {}
+    for line in records.lines:
+        condition = json.loads(line)["condition"]
+        counts[condition] = counts.get(condition, 0) + 1
+    return counts
+
+
+def check_trainable(root: str, records: StoreRecords) -> None:
+    """Raise, saying what the store holds and which setting would use it, when it gives no record to train on."""
+    counts = records.counts
+    stored = sum(counts[kind] for kind in KINDS)
+    if stored == 0:
+        orphans = counts["orphan_feedback"]
+        orphans_note = f" ({orphans} feedback rows name no stored answer)" if orphans else ""
+        raise CrlftError(f"completion store {root} holds no stored completions{orphans_note}: the endpoint stores them "
+                         "when serve.store.uri is set and a request asks `store: true` (or serve.store.by_default)")
+    if not records.lines:
+        held = ", ".join(f"{counts[kind]} {kind.replace('_', ' ')}" for kind in KINDS if counts[kind])
+        settings = " or ".join(f"data.feedback.{kind}" for kind in KINDS if counts[kind])
+        raise CrlftError(f"completion store {root}: none of its {stored} stored answers ({held}) has a class to train "
+                         f"as; set {settings} to a class to train on them")
 
 
 def feedback_table(contents: StoreContents, rules: FeedbackRules) -> list[dict[str, Any]]:
