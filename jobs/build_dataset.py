@@ -3,6 +3,7 @@
 Ray Data end to end, nothing collected on the driver:
 
     read (files, directories, globs, URIs; every record keeps its file and line)
+      + a completion store's records, read on the driver -> store.jsonl (jobs/store_input.py)
       -> validate, assign class, tokenize (actor pool: the tokenizer is loaded once per actor)
       -> materialize in the object store (it feeds three consumers; spills to disk when larger than memory)
       -> small per-block tallies -> stats.json
@@ -65,6 +66,7 @@ from crlft.storage import filesystem_and_path, is_uri, location
 from crlft.tracking import set_offline_defaults
 from jobs.replay import REPLAY_FILE, Replay, make_replay
 from jobs.session import ray_session
+from jobs.store_input import STORE_FILE, StoreInput, read_store_input, summary
 
 if TYPE_CHECKING:  # transformers: seconds to import in every Ray worker that only reads, counts or packs
     from crlft.template import Template, TemplateTokenizer
@@ -90,7 +92,9 @@ _FLAGS = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="JSONL / JSON / Parquet files, directories or globs; local paths or URIs (s3://, gs://)")
+                        help="JSONL / JSON / Parquet files, directories or globs; local paths or URIs (s3://, gs://); "
+                        "or a completion store (a folder or URI with store.json, what `crlft serve` stores): its "
+                        "answers train by their feedback (data.feedback; see `crlft feedback stats STORE`)")
     parser.add_argument("--tokenizer", metavar="DIR",
                         help="tokenizer directory or hub id, the base model's (default: model.base_model); "
                         "<|end_of_turn|> is added if missing")
@@ -122,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
     replay = stats["replay"]
     if replay["conversations"]:
         per_class += f"; {replay['conversations']} replay in {replay['condition']}"
+    if "store" in stats:
+        print(summary(stats["store"]))
     print(
         f"{stats['records_in']} records: {stats['accepted']} accepted ({per_class}), {stats['rejected']} rejected, "
         f"{stats['filtered']} filtered; {stats['bins']} bins of {stats['pack_len']} tokens, "
@@ -137,35 +143,35 @@ def build_dataset(inputs: list[str], tokenizer: str, out: str | Path, cfg: Confi
     from crlft.template import Template
 
     set_offline_defaults()
-    paths = resolve_inputs(inputs)
+    store, files = read_store_input(inputs, cfg)  # before Ray starts: an unusable store fails here
+    paths = resolve_inputs(files) if files or store is None else []
     template = Template.from_config(cfg)
     template_tokenizer = _load_template_tokenizer(tokenizer, template, cfg)  # fails here, once, not in every actor
     replay = plan_replay(cfg, tokenizer)  # the base model's tokenizer is the base model's folder
     out_str = str(out)
     with ray_session(cfg), _data_context():
-        return _build(paths, tokenizer, out_str, cfg, template_tokenizer, replay)
+        return _build(paths, tokenizer, out_str, cfg, template_tokenizer, replay, store)
 
 
 def _build(paths: list[str], tokenizer: str, out: str, cfg: Config, template_tokenizer: TemplateTokenizer,
-           replay_plan: ReplayPlan | None) -> dict[str, Any]:
-    import ray.data
+           replay_plan: ReplayPlan | None, store: StoreInput | None = None) -> dict[str, Any]:
     from ray.data.expressions import col
 
     started = time.monotonic()
-    _log(f"reading {len(paths)} input path(s)")
+    _log(f"reading {len(paths)} input path(s)" + (f" and the completion store {store.uri}" if store else ""))
     settings = RecordSettings.from_config(cfg)
-    try:
-        source = RecordDatasource(paths, **_remote_listing_args(paths))
-    except (OSError, ValueError) as exc:  # listing remote inputs: missing bucket, no access, nothing there
-        raise CrlftError(f"cannot list the inputs {', '.join(paths)}: {exc}") from None
-    records = ray.data.read_datasource(source, num_cpus=READ_CPUS)
+    output = _Output(out)
+    output.remove(STORE_FILE)  # a store file of an earlier run must not pass for this one's
+    if store is not None:
+        output.write_lines(STORE_FILE, store.lines)
+    records, input_bytes = _read_records(paths, store)
     tokenized = records.map_batches(
         TokenizeRecords,
         fn_constructor_args=(tokenizer, cfg.template.end_of_turn, cfg.model.trust_remote_code,
                              template_tokenizer.template, settings),
         batch_size=TOKENIZE_BATCH_ROWS,
         batch_format="pyarrow",
-        compute=_tokenizer_pool(source.estimate_inmemory_data_size()),
+        compute=_tokenizer_pool(input_bytes),
         num_cpus=1 - READ_CPUS,
     ).materialize()
     tally = _tally(tokenized)
@@ -173,7 +179,6 @@ def _build(paths: list[str], tokenizer: str, out: str, cfg: Config, template_tok
         f"{tally.records_in} records: {tally.accepted} accepted, {tally.rejected} rejected, {tally.filtered} filtered",
         started,
     )
-    output = _Output(out)
     replay = make_replay(cfg, replay_plan, template_tokenizer, tally.accepted)
     output.remove(REPLAY_FILE)  # a replay file of an earlier run must not pass for this one's
     if replay.lines:
@@ -191,12 +196,31 @@ def _build(paths: list[str], tokenizer: str, out: str, cfg: Config, template_tok
             bins[split] = _write_packed(accepted, count, cfg.data.pack_len, output.make_folder(split))
             _log(f"{split}: {count} conversations in {bins[split]} bins", started)
     stats = make_stats(tally, bins, cfg, template_tokenizer.template, tokenizer, template_tokenizer.fingerprint(),
-                       paths, replay.stats)  # fmt: skip
+                       paths, replay.stats, store.stats() if store else None)  # fmt: skip
     output.write_lines("stats.json", [json.dumps(stats, indent=2)])
     if not usable:
         raise CrlftError(_nothing_usable(tally, out))
     _log(f"wrote {out}", started)
     return stats
+
+
+def _read_records(paths: list[str], store: StoreInput | None) -> tuple[Any, int]:
+    """The raw records of the files and of the store (rows source, line, text, error), and their estimated size."""
+    import ray.data
+
+    parts, size = [], 0
+    if paths:
+        try:
+            source = RecordDatasource(paths, **_remote_listing_args(paths))
+        except (OSError, ValueError) as exc:  # listing remote inputs: missing bucket, no access, nothing there
+            raise CrlftError(f"cannot list the inputs {', '.join(paths)}: {exc}") from None
+        parts.append(ray.data.read_datasource(source, num_cpus=READ_CPUS))
+        size += source.estimate_inmemory_data_size() or 0
+    if store is not None:
+        table = store.raw_table()
+        parts.append(ray.data.from_arrow(table))
+        size += table.nbytes
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0], size
 
 
 def _add_replay(replay: Replay, tokenized: Any, tally: Tally, output: _Output, template_tokenizer: TemplateTokenizer,
@@ -390,10 +414,11 @@ def _write_packed(accepted: Any, count: int, capacity: int, folder: str) -> int:
 
 
 def make_stats(tally: Tally, bins: dict[str, int], cfg: Config, template: Template, tokenizer: str,
-               tokenizer_fingerprint: str, paths: Sequence[str],
-               replay: dict[str, Any] | None = None) -> dict[str, Any]:
+               tokenizer_fingerprint: str, paths: Sequence[str], replay: dict[str, Any] | None = None,
+               store: dict[str, Any] | None = None) -> dict[str, Any]:
     """stats.json (docs/architecture.md, "Shards"): counts, per-class tokens, packing, and what the shards were built
-    from. The counts include the replay conversations (`replay`: jobs.replay's section, None for a build without)."""
+    from. The counts include the replay conversations (`replay`: jobs.replay's section, None for a build without) and
+    the store's records (`store`: jobs.store_input's section, None for a build without)."""
     pack_len = cfg.data.pack_len
     splits = {
         split: {
@@ -434,14 +459,16 @@ def make_stats(tally: Tally, bins: dict[str, int], cfg: Config, template: Templa
         "rewards": {name: cfg.reward(name) for name in cfg.classes},
         "template": asdict(template),
         "tokenizer": tokenizer,
-        "inputs": sorted(paths),
+        "inputs": sorted([*paths, *([store["uri"]] if store else [])]),
         "replay": replay or {"enabled": False, "conversations": 0},
+        **({"store": store} if store else {}),
         "fingerprints": {
             "inputs": tally.inputs_fingerprint(),
             "tokenizer_template": tokenizer_fingerprint,
             "config": hashlib.sha256(json.dumps(data_config, sort_keys=True).encode()).hexdigest()[:16],
             # Only where there is replay: a build without keeps the fingerprints (and training runs) it had.
             **({"replay": replay["fingerprint"]} if replay and replay["enabled"] else {}),
+            **({"store": store["snapshot"]} if store else {}),
         },
     }
 

@@ -50,9 +50,15 @@ def _digest(value: Any) -> str:
 
 
 def inputs_fingerprint(inputs: Sequence[str]) -> str:
-    """Local files by path, size and modification time (cheap on large data); URIs by name."""
-    described = []
+    """Local files by path, size and modification time (cheap on large data); URIs by name; a completion store by its
+    snapshot (its parts and their sizes: new completions or feedback change it)."""
+    from crlft.completions import is_store, snapshot
+
+    described: list[list[Any]] = []
     for item in inputs:
+        if is_store(item):
+            described.append(["store", item, snapshot(item)])
+            continue
         path = Path(item)
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for f in files:
@@ -160,13 +166,15 @@ class _Stages:
         """With no model given, the embedded default is built, its tokenizer trained on the inputs."""
         from crlft.commands.init_model import build_default_model
         from jobs.build_dataset import resolve_inputs
+        from jobs.store_input import split_stores
 
         cfg, base = self.cfg, self.result.base_model
         model_fp = _digest([base, cfg.model.model_dump()])
         if not (default_asked and cfg.model.base_model == Config().model.base_model):
             return model_fp
         model_fp = _digest([model_fp, inputs_fingerprint(inputs), cfg.template.model_dump(), cfg.train.mode.value])
-        corpus = [p for p in resolve_inputs(inputs) if Path(p).is_file()]  # remote inputs: the built-in corpus
+        files = split_stores(inputs)[1]  # a store's answers are not a tokenizer corpus: files only
+        corpus = [p for p in resolve_inputs(files) if Path(p).is_file()] if files else []  # else: the built-in one
         self.log.run("model", model_fp, (Path(base) / "config.json").is_file(),
                      lambda: {"path": str(build_default_model(base, cfg, corpus, cfg.train.seed))}, self.result.skipped)
         return model_fp
@@ -255,7 +263,12 @@ _FLAGS = {"mode": "train.mode", "epochs": "train.epochs", "max_steps": "train.ma
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="*", metavar="INPUT",
-                        help="conversation files, folders, globs or URIs (default: the bundled synthetic suite)")
+                        help="conversation files, folders, globs or URIs, or a completion store (default: the "
+                        "bundled synthetic suite)")
+    parser.add_argument("--data", action="append", default=[], metavar="INPUT",
+                        help="an INPUT given as a flag (repeatable), e.g. --data s3://bucket/crlft-store: the "
+                        "completion store `crlft serve` writes (serve.store.uri); the data stage reruns when it "
+                        "gained completions or feedback")
     parser.add_argument("--suite", metavar="FILE", help="verifiable suite to evaluate on (default with no INPUT: "
                         "the synthetic eval.jsonl)")
     parser.add_argument("--heldout", metavar="FILE", help="held-out conversations for the representation check")
@@ -278,9 +291,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, _FLAGS)
     if args.suite and not Path(args.suite).is_file():
         raise CrlftError(f"suite {args.suite} does not exist")
-    result = run_pipeline(cfg, args.inputs, suite=args.suite, heldout=args.heldout, base_model=args.base_model,
-                          name=args.name, mlflow_uri=args.mlflow_uri, promote=not args.no_promote,
-                          deploy=args.deploy, force=args.force)
+    result = run_pipeline(cfg, [*args.inputs, *args.data], suite=args.suite, heldout=args.heldout,
+                          base_model=args.base_model, name=args.name, mlflow_uri=args.mlflow_uri,
+                          promote=not args.no_promote, deploy=args.deploy, force=args.force)
     print(f"model: {result.model_dir}  version: {result.version}  champion: {result.champion}")
     print(f"MLflow: {result.tracking_uri}  (UI: mlflow ui --backend-store-uri {result.tracking_uri})")
     return 0
