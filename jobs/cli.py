@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("jobs.evaluate", "evaluate a model: accuracy per condition, condition swap, embeddings, benchmarks"),
     "promote": ("jobs.promote", "move the champion alias to a registered version if it is at least as good"),
     "models": ("jobs.models", "list registered model versions with their metrics and aliases"),
+    "feedback stats": ("crlft.commands.feedback_stats", "a completion store's answers per model and version by "
+                       "feedback, and what `data build STORE` would train on"),
     "serve": ("services.serve_cli", "serve a model behind the OpenAI-compatible endpoint (Ray Serve)"),
     "pipeline": ("jobs.pipeline", "data -> train -> evaluate -> register -> promote (-> deploy)"),
     "submit": ("jobs.submit", "submit a stage to a Ray cluster through the Jobs API"),

@@ -50,7 +50,8 @@ def test_readme_quick_commands_run_as_written(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("command", ["init-model", "synth", "data show", "data build", "train", "eval", "promote",
-                                     "models", "serve", "pipeline", "submit", "jobs", "stop", "ablation", "demo"])
+                                     "models", "serve", "pipeline", "submit", "jobs", "stop", "ablation", "demo",
+                                     "feedback stats"])
 def test_every_subcommand_explains_itself(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     argv = [*command.split(), "--help"]
     with pytest.raises(SystemExit) as exited:
