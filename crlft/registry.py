@@ -344,6 +344,14 @@ def _cache_dir(cfg: Config, uri: str, name: str, version: str) -> Path:
     return Path(cfg.state_dir).resolve() / "models" / "registry" / store / tag_key_part(name) / str(version)
 
 
+def registered_version(uri: str, path: Path) -> str | None:
+    """The registered version a folder `resolve_model(uri)` returned holds: None for a plain folder (its cache folder
+    is named by the version, whether the URI names a version or an alias)."""
+    if not uri.startswith(MODELS_SCHEME):
+        return None
+    return parse_model_uri(uri).version or path.name
+
+
 def resolve_model(uri_or_dir: str | Path, cfg: Config | None = None, *, tracking_uri: str | None = None) -> Path:
     """A local model folder `transformers` can load: a plain folder as is, `models:/NAME@ALIAS` or
     `models:/NAME/VERSION` downloaded once into a cache under cfg.state_dir (reused afterwards)."""

@@ -5,8 +5,9 @@ One deployment (`ChatServer`, a FastAPI ingress) per application. Each replica l
 together are generated together, streamed or not. Prompts are built by the model's own TemplateTokenizer (the one
 template), and the `condition` field chooses the class written into them.
 
-Routes: POST /v1/chat/completions, GET /v1/models, GET /v1/models/{id}, GET /healthz (alive), GET /readyz (model
-loaded, engine running or restarting), GET /metrics (Prometheus text, this replica's counters). `/` is the chat page.
+Routes: POST /v1/chat/completions, POST /v1/feedback (on stored completions: services/store.py), GET /v1/models,
+GET /v1/models/{id}, GET /healthz (alive), GET /readyz (model loaded, engine running or restarting), GET /metrics
+(Prometheus text, this replica's counters). `/` is the chat page.
 Every answer names the replica that gave it in the `X-Crlft-Replica` header (Serve's replica id).
 
 Overload: a replica admits at most `serve.max_ongoing_requests + serve.max_queued_requests` chat requests (being
@@ -51,17 +52,20 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from crlft.completions import open_store
 from crlft.config import Config, ServeConfig, load_config
 from crlft.errors import CrlftError
 from crlft.generate import Completion, SamplingParams
 from crlft.registry import champion_uri
+from crlft.storage import location
 from crlft.tracking import OFFLINE_ENV, set_offline_defaults
 from services import protocol
 from services.engine import EngineSettings, Event, Generation
 from services.metrics import RequestCounter, metrics
 from services.models import LoadedModel, default_watch_s, load_model, model_revision, resolve_model_uri, served_name
 from services.page import add_chat_page
-from services.protocol import ApiError
+from services.protocol import MAX_FEEDBACK_BYTES, ApiError
+from services.store import CompletionStore, Ticket, read_limited
 
 logger = logging.getLogger("ray.serve")
 
@@ -248,6 +252,12 @@ class ChatServer:
         self._swap_lock = asyncio.Lock()
         self._restart: asyncio.Task[None] | None = None  # a dead engine being started again (failed: kept, unhealthy)
         self._restarted_at: float | None = None
+        self._store = CompletionStore(self.cfg.serve.store)
+
+    async def __del__(self) -> None:
+        """Serve awaits this when the replica shuts down (after its requests drained): write the stored completions
+        still queued."""
+        await self._store.close()
 
     # -- model lifecycle ------------------------------------------------------------------------------------------
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -349,14 +359,16 @@ class ChatServer:
                                 "engine_unavailable")
         return ApiError(500, failed.error or "generation failed", type="server_error")
 
-    def _authorize(self, request: Request) -> None:
+    def _authorize(self, request: Request) -> str | None:
+        """The caller's API key (None on an endpoint without keys), or a 401."""
         if not self._keys:
-            return
+            return None
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise ApiError(401, "no API key given: send 'Authorization: Bearer <key>'", code="invalid_api_key")
         if not key_matches(token.strip(), self._keys):
             raise ApiError(401, "incorrect API key", code="invalid_api_key")
+        return token.strip()
 
     def _admit(self) -> Callable[[], None]:
         """Take one chat request, or refuse it at once when the replica is full. Returns its (idempotent) release."""
@@ -384,6 +396,8 @@ class ChatServer:
             "conditions": sorted(model.engine.meta.conditions),
             "inference_condition": model.engine.meta.inference_condition,
             "context_length": model.engine.context_len,
+            "store": self._store.enabled,  # whether requests may ask `store: true` (and give feedback)
+            "store_by_default": self._store.enabled and self._store.by_default,
         })
 
     # -- routes ---------------------------------------------------------------------------------------------------
@@ -418,6 +432,12 @@ class ChatServer:
             m.waiting.set(waiting)
         return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
 
+    @fastapi_app.post("/v1/feedback")
+    async def feedback(self, request: Request) -> dict[str, Any]:
+        """A rating, a better answer or a comment on a stored completion of the caller's (services/store.py)."""
+        api_key = self._authorize(request)
+        return await self._store.feedback(await read_limited(request, MAX_FEEDBACK_BYTES), api_key)
+
     @fastapi_app.get("/v1/models")
     async def list_models(self, request: Request) -> dict[str, Any]:
         self._authorize(request)
@@ -438,7 +458,7 @@ class ChatServer:
     @fastapi_app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
         started = time.perf_counter()
-        self._authorize(request)
+        api_key = self._authorize(request)
         body = protocol.parse_request(await request.body())
         # From the model's choice to the submission there is no await: the model chosen is the model used.
         model = await self._serving_model()
@@ -449,6 +469,9 @@ class ChatServer:
             raise ApiError(400, f"unknown condition {condition!r}: this model knows {', '.join(meta.conditions)}",
                            param="condition", code="invalid_condition")
         system, turns = protocol.to_conversation(body.messages)
+        ticket = self._store.ticket(body.store, api_key, self.settings.model_name, condition, system, turns,
+                                    body.metadata)
+        cid = ticket.id if ticket else protocol.completion_id()
         prompt = model.engine.template_tokenizer.tokenize_prompt(turns, condition, system)
         if len(prompt) >= model.engine.context_len:
             raise ApiError(400, f"the prompt is {len(prompt)} tokens; this model's context is "
@@ -462,7 +485,8 @@ class ChatServer:
             raise
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._stream(model, generation, batches, include_usage, started, release),
+            return StreamingResponse(self._stream(model, generation, batches, include_usage, started, release, cid,
+                                                  ticket),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
                                      background=BackgroundTask(release))  # also when the stream never started
         try:
@@ -473,9 +497,10 @@ class ChatServer:
         failed = [c for c in completions if c.finish_reason == "error"]
         if failed:
             raise self._generation_failed(model, failed[0])
-        self._record(generation, completions, started, stream=False)
-        return JSONResponse(protocol.chat_completion(protocol.completion_id(), self.settings.model_name,
-                                                     model.fingerprint, generation.prompt_tokens, completions))
+        answer = protocol.chat_completion(cid, self.settings.model_name, model.fingerprint,
+                                          generation.prompt_tokens, completions)
+        self._record(model, generation, completions, started, False, ticket)
+        return JSONResponse(answer)
 
     async def _generate(self, model: LoadedModel, prompt: list[int], params: list[SamplingParams], stream: bool
                         ) -> tuple[LoadedModel, Generation, AsyncIterator[list[Event]]]:
@@ -491,10 +516,11 @@ class ChatServer:
         return model, generation, _chained(first, batches)
 
     async def _stream(self, model: LoadedModel, generation: Generation, batches: AsyncIterator[list[Event]],
-                      include_usage: bool, started: float, release: Callable[[], None]) -> AsyncIterator[str]:
-        cid, created, name = protocol.completion_id(), int(time.time()), self.settings.model_name
+                      include_usage: bool, started: float, release: Callable[[], None], cid: str,
+                      ticket: Ticket | None) -> AsyncIterator[str]:
+        created, name = int(time.time()), self.settings.model_name
         fingerprint = model.fingerprint
-        done: list[Completion] = []
+        done: dict[int, Completion] = {}
         first_text = True
         # Every message is a hop through the ingress: the role chunks go with the first pieces, the last pieces
         # with the usage and [DONE].
@@ -515,7 +541,7 @@ class ChatServer:
                         yield "".join(events) + protocol.sse(error.body()) + protocol.sse("[DONE]")
                         return
                     else:
-                        done.append(item)
+                        done[index] = item
                         events.append(protocol.chunk(cid, created, name, fingerprint,
                                                      [protocol.delta_choice(index, {}, protocol.finish_reason(item))]))
                 if len(done) < generation.choices:
@@ -523,14 +549,19 @@ class ChatServer:
                     events = []
             if include_usage:
                 events.append(protocol.chunk(cid, created, name, fingerprint, [],
-                                             protocol.usage(generation.prompt_tokens, done)))
+                                             protocol.usage(generation.prompt_tokens, list(done.values()))))
             yield "".join(events) + protocol.sse("[DONE]")
-            self._record(generation, done, started, stream=True)
+            completions = [done[i] for i in sorted(done)]
+            self._record(model, generation, completions, started, True, ticket)
         finally:
             generation.cancel()
             release()
 
-    def _record(self, generation: Generation, completions: list[Completion], started: float, stream: bool) -> None:
+    def _record(self, model: LoadedModel, generation: Generation, completions: list[Completion], started: float,
+                stream: bool, ticket: Ticket | None) -> None:
+        """Count a complete answer; queue it for the store when it is to be stored (never waiting on the store)."""
+        if ticket is not None:
+            self._store.record(ticket, model, generation.prompt_tokens, completions)
         m = metrics()
         m.latency.labels(str(stream).lower()).observe(time.perf_counter() - started)
         m.prompt_tokens.inc(generation.prompt_tokens)
@@ -554,6 +585,9 @@ def chat_application(model: str, cfg: Config, *, api_keys: Sequence[str] = (), m
     public = cfg.model_copy(deep=True)
     public.state_dir = str(Path(cfg.state_dir).resolve())
     public.serve.api_keys = []
+    if s.store.uri:  # made a store here, once, before the replicas read its secret
+        public.serve.store.uri = location(s.store.uri)
+        open_store(public.serve.store.uri)
     settings = ChatSettings(
         config=public.dump(),
         model_name=served_name(model, cfg, model_name),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-ROUTES = ("/v1/chat/completions", "/v1/models", "/healthz", "/readyz", "/metrics")
+ROUTES = ("/v1/chat/completions", "/v1/feedback", "/v1/models", "/healthz", "/readyz", "/metrics")
 BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -28,6 +28,11 @@ class Metrics:
                                 registry=self.registry)
         self.model = Gauge("crlft_model_info", "the loaded model and its engine (value 1)",
                            ["name", "revision", "engine"], registry=self.registry)
+        self.stored = Counter("crlft_stored_completions", "choices written to the completion store",
+                              registry=self.registry)
+        self.store_dropped = Counter("crlft_store_dropped_completions", "choices to be stored that were dropped: "
+                                     "the queue was full or the write failed", ["reason"], registry=self.registry)
+        self.feedback = Counter("crlft_feedback", "feedback written to the completion store", registry=self.registry)
 
     @staticmethod
     def route(path: str) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from crlft.config import Config
 from crlft.errors import CrlftError
-from crlft.registry import MODELS_SCHEME, parse_model_uri, resolve_model
+from crlft.registry import MODELS_SCHEME, parse_model_uri, registered_version, resolve_model
 from services.engine import Engine, EngineSettings, open_engine
 
 CHAMPION_WATCH_S = 30.0  # how often a replica serving models:/NAME@ALIAS checks whether the alias moved
@@ -63,12 +63,19 @@ class LoadedModel:
     path: Path
     revision: str
     engine: Engine
+    registered: str | None = None  # the registered version, for a models:/ source
     loaded_at: int = field(default_factory=lambda: int(time.time()))
 
     @property
     def fingerprint(self) -> str:
         return f"crlft-{self.revision}"
 
+    @property
+    def version(self) -> str:
+        """What stored completions name: the registered version, else the folder's revision."""
+        return self.registered or self.revision
+
 
 def load_model(source: str, path: Path, settings: EngineSettings) -> LoadedModel:
-    return LoadedModel(source, path, model_revision(path), open_engine(path, settings))
+    return LoadedModel(source, path, model_revision(path), open_engine(path, settings),
+                       registered=registered_version(source, path))

@@ -20,6 +20,13 @@ from crlft.generate import Completion, SamplingParams
 MAX_CHOICES = 8
 MAX_STOP_STRINGS = 4
 MAX_SEED = 2**63 - 1 - MAX_CHOICES
+# OpenAI's limits on a request's `metadata`: pairs, key length, value length.
+MAX_METADATA_PAIRS = 16
+MAX_METADATA_KEY = 64
+MAX_METADATA_VALUE = 512
+MAX_FEEDBACK_BYTES = 64 * 1024  # a feedback body beyond this is refused (413)
+MAX_CORRECTION_CHARS = 32_000
+MAX_COMMENT_CHARS = 4_000
 SYSTEM_ROLES = ("system", "developer")  # "developer" is OpenAI's newer name for the system message
 
 
@@ -74,6 +81,26 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)  # choice i samples with seed + i: a 64-bit generator seed
     stop: str | list[str] | None = None
     condition: str | None = None  # crlft: the class written into the prompt (default: the inference condition)
+    store: bool | None = Field(None, strict=True)  # keep the answer for training (None: the server's default)
+    metadata: dict[str, str] | None = None  # stored with the answer (OpenAI's limits)
+
+    @field_validator("metadata", mode="before")
+    @classmethod
+    def _metadata(cls, value: Any) -> Any:
+        if value is None:
+            return value
+        if not isinstance(value, dict):
+            raise ValueError("expected an object of string keys and string values")
+        if len(value) > MAX_METADATA_PAIRS:
+            raise ValueError(f"at most {MAX_METADATA_PAIRS} pairs, got {len(value)}")
+        for key, text in value.items():
+            if len(key) > MAX_METADATA_KEY:
+                raise ValueError(f"keys are at most {MAX_METADATA_KEY} characters: {key[:MAX_METADATA_KEY]!r}...")
+            if not isinstance(text, str):
+                raise ValueError(f"values must be strings: {key!r} is {type(text).__name__}")
+            if len(text) > MAX_METADATA_VALUE:
+                raise ValueError(f"values are at most {MAX_METADATA_VALUE} characters: {key!r} has {len(text)}")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -119,12 +146,7 @@ class ChatCompletionRequest(BaseModel):
 
 
 def parse_request(raw: bytes) -> ChatCompletionRequest:
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "the request body must be a JSON object")
+    data = _json_object(raw)
     try:
         request = ChatCompletionRequest.model_validate(data)
     except ValidationError as exc:
@@ -133,6 +155,55 @@ def parse_request(raw: bytes) -> ChatCompletionRequest:
         raise ApiError(400, f"{param or 'body'}: {first['msg']}", param=param or None) from None
     request.check_unsupported()
     return request
+
+
+class FeedbackRequest(BaseModel):
+    """POST /v1/feedback: a rating, a better answer or a comment on one choice of a stored completion."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    id: str
+    choice: int = Field(0, ge=0, lt=MAX_CHOICES)
+    rating: int | None = None
+    correction: str | None = Field(None, max_length=MAX_CORRECTION_CHARS)
+    comment: str | None = Field(None, max_length=MAX_COMMENT_CHARS)
+
+    @field_validator("rating", mode="before")
+    @classmethod
+    def _rating(cls, value: Any) -> Any:
+        if value is not None and (type(value) is not int or value not in (1, -1)):
+            raise ValueError("rating is 1 (good) or -1 (bad)")
+        return value
+
+    @field_validator("correction", "comment")
+    @classmethod
+    def _some_text(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+
+def parse_feedback(raw: bytes) -> FeedbackRequest:
+    """A feedback body, or an OpenAI-shaped 400 naming the field."""
+    data = _json_object(raw)
+    try:
+        feedback = FeedbackRequest.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = _param_path(first["loc"])
+        raise ApiError(400, f"{param or 'body'}: {first['msg']}", param=param or None) from None
+    if feedback.rating is None and feedback.correction is None and feedback.comment is None:
+        raise ApiError(400, "give a rating (1 or -1), a correction or a comment", param="rating")
+    return feedback
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return data
 
 
 def _param_path(loc: Sequence[int | str]) -> str:
