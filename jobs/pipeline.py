@@ -52,11 +52,12 @@ def _digest(value: Any) -> str:
 def inputs_fingerprint(inputs: Sequence[str]) -> str:
     """Local files by path, size and modification time (cheap on large data); URIs by name; a completion store by its
     snapshot (its parts and their sizes: new completions or feedback change it)."""
-    from crlft.completions import is_store, snapshot
+    from crlft.completions import snapshot
+    from jobs.store_input import input_is_store
 
     described: list[list[Any]] = []
     for item in inputs:
-        if is_store(item):
+        if input_is_store(item):
             described.append(["store", item, snapshot(item)])
             continue
         path = Path(item)

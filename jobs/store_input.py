@@ -68,9 +68,17 @@ class StoreInput:
         }  # fmt: skip
 
 
+def input_is_store(item: str) -> bool:
+    """Whether an INPUT is a completion store; an unreachable URI is a CrlftError naming it."""
+    try:
+        return is_store(item)
+    except (OSError, ValueError) as exc:  # a URI: missing bucket, no access, unknown scheme
+        raise CrlftError(f"cannot read the input {item}: {exc}") from None
+
+
 def split_stores(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
     """(the inputs that are completion stores, the others), each in the order given."""
-    stores = [item for item in inputs if is_store(item)]
+    stores = [item for item in inputs if input_is_store(item)]
     return stores, [item for item in inputs if item not in stores]
 
 
