@@ -1,7 +1,8 @@
 """The chat page at `/` of the endpoint, end to end: real Ray Serve on loopback, driven in headless Chromium
 (Debian's /usr/bin/chromium, installed by `make browser`) with Playwright.
 
-Two apps in one Serve instance: an open one at `/` and one with API keys at `/keyed`. The tiny untrained model
+Two apps in one Serve instance: an open one at `/` and one with API keys and a completion store at `/keyed`
+(its answers get thumbs and a "better answer" form, whose feedback lands in the store). The tiny untrained model
 answers gibberish; what matters is that it arrives in pieces and that each request carries what the page shows.
 A screenshot of a two-turn conversation is kept at test-artifacts/chat-page.png.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -69,7 +71,13 @@ def test_the_page_is_one_self_contained_file_under_a_strict_content_security_pol
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The completion store of the keyed app."""
+    return tmp_path_factory.mktemp("chat-page-store")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, store_dir: Path) -> Iterator[str]:
     import ray
     from ray import serve
 
@@ -82,13 +90,15 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     overrides = {"state_dir": str(root / "state"), "serve.port": free_port(), "serve.cpus_per_replica": 0.25,
                  "serve.max_replicas": 1, "serve.model_name": MODEL_NAME, "serve.max_new_tokens": 128}
     cfg = load_config(None, overrides)
+    stored = load_config(None, {**overrides, "serve.store.uri": str(store_dir), "serve.store.flush_s": 0.2})
     with environment(ingress_env(cfg)):  # the ingress `crlft serve` puts in front
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
         serve.run_many([
             serve.RunTarget(chat_application(str(exported), cfg), name="open"),
-            serve.RunTarget(chat_application(str(exported), cfg, api_keys=[KEY]), name="keyed", route_prefix="/keyed"),
+            serve.RunTarget(chat_application(str(exported), stored, api_keys=[KEY]), name="keyed",
+                            route_prefix="/keyed"),
         ])
         url = public_url(cfg.serve.host, cfg.serve.port)
         for app_url in (url, url + "/keyed"):
@@ -241,3 +251,49 @@ def test_with_api_keys_a_wrong_key_shows_the_401_and_the_right_one_is_sent_and_k
     page.reload()  # the key stays for the tab's session
     expect(page.get_by_label("API key")).to_have_value(KEY)
     expect(page.locator("#model-text")).to_have_text(f"Model: {MODEL_NAME}")
+
+
+@pytest.mark.slow
+def test_with_a_store_an_answer_takes_a_thumb_and_a_better_answer_which_the_store_keeps(
+        server: str, store_dir: Path, page: Any) -> None:
+    from playwright.sync_api import expect
+
+    from crlft.completions import key_id, read_store
+
+    feedback: list[tuple[Any, str | None]] = []
+    page.on("request", lambda r: feedback.append((r.post_data_json, r.headers.get("authorization")))
+            if r.url.endswith("/v1/feedback") else None)
+    page.goto(server + "/keyed")
+    page.get_by_label("API key").fill(KEY)
+    page.get_by_label("API key").press("Tab")
+    expect(page.locator("#model-text")).to_have_text(f"Model: {MODEL_NAME}")
+    answer = _ask(page, "What is two and two?")
+    assert page.chat_requests[-1]["store"] is True
+    reply = page.locator(".msg.assistant").last
+    reply.get_by_role("button", name="Good answer").click()
+    expect(reply.get_by_role("status")).to_have_text("Thumbs up recorded.")
+    expect(reply.get_by_role("button", name="Good answer")).to_have_attribute("aria-pressed", "true")
+    reply.get_by_role("button", name="Suggest a better answer").click()
+    reply.get_by_label("Better answer").fill("Four.")
+    reply.get_by_role("button", name="Send correction").click()
+    expect(reply.get_by_role("status")).to_have_text("Better answer recorded.")
+    expect(reply.get_by_label("Better answer")).to_be_hidden()
+
+    [(rated, auth), (corrected, _)] = feedback
+    assert auth == f"Bearer {KEY}" and rated["rating"] == 1
+    assert corrected == {"id": rated["id"], "choice": 0, "rating": 1, "correction": "Four."}
+    deadline = time.monotonic() + 30
+    while not (choices := [c for c in read_store(str(store_dir)).choices if c.completion["id"] == rated["id"]]):
+        assert time.monotonic() < deadline, "the answer was not stored"
+        time.sleep(0.2)
+    [choice] = choices
+    assert choice.completion["answer"] == answer and choice.completion["key_id"] == key_id(KEY)
+    assert (choice.rating, choice.correction) == (1, "Four.")
+
+
+@pytest.mark.slow
+def test_without_a_store_the_page_asks_for_none_and_offers_no_feedback(server: str, page: Any) -> None:
+    page.goto(server + "/")
+    _ask(page, "Hello?")
+    assert "store" not in page.chat_requests[-1]
+    assert page.locator(".feedback").count() == 0
