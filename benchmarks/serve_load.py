@@ -438,6 +438,12 @@ def main(argv: list[str] | None = None) -> int:
                                                      count)))
                 print(f"round {r + 1} {server.name}: {levels[-1].tokens_per_s:.1f} tok/s", file=sys.stderr)
         args.load.append(os.getloadavg()[0])
+        if "crlft-vllm-store" in args.servers:  # what storing cost is only measured if it stored
+            from crlft.completions import read_store
+
+            time.sleep(3)  # the replica writes its queue every serve.store.flush_s
+            print(f"crlft-vllm-store stored {len(read_store(str(Path(scratch) / 'state' / 'store')).choices)} "
+                  "completions", file=sys.stderr)
     table, ratios = report(levels, agreement, args)
     print(table)
     if args.json:
