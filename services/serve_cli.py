@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
 from crlft.registry import champion_uri
@@ -29,6 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default 30 for models:/NAME@ALIAS, 0 = never)")
     parser.add_argument("--mlflow-uri", help="MLflow tracking URI for models:/ (default: registry.tracking_uri, "
                         "$MLFLOW_TRACKING_URI, the local SQLite store)")
+    parser.add_argument("--store", nargs="?", const="", metavar="URI",
+                        help="keep the answers of requests that ask `store: true`, and users' feedback on them "
+                        "(POST /v1/feedback), in a completion store at URI, a folder or s3:// / gs:// URI (default "
+                        "<state_dir>/completions; serve.store.uri): the data `crlft data build` trains on next")
     parser.add_argument("--address", help="Ray cluster to deploy on (default: $RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--engine", choices=["auto", "vllm", "transformers"],
                         help="what generates (default serve.engine, auto: vLLM where installed for the device, its CPU "
@@ -45,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args, {"host": "serve.host", "port": "serve.port", "model_name": "serve.model_name",
                                   "engine": "serve.engine"})
+    if args.store is not None:
+        cfg.serve.store.uri = args.store or str(Path(cfg.state_dir) / "completions")
     model = args.model or champion_uri(cfg)
     keys = [*args.api_keys, *api_keys_from_env()]
     resolve_model_uri(model, cfg, args.mlflow_uri)  # a wrong --model fails now, not after Ray has started
@@ -58,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"serving {model} at {url}/v1{auth}", flush=True)
         print(f"  OpenAI base_url={url}/v1   health {url}/healthz   metrics {url}/metrics   Ctrl-C to stop",
               flush=True)
+        if cfg.serve.store.uri:
+            print(f"  storing completions asked with store=true, and feedback, in {cfg.serve.store.uri}", flush=True)
         wait_for_interrupt()
         print("stopping ...", file=sys.stderr, flush=True)
     finally:

@@ -699,9 +699,13 @@ def _haproxy_configs_binding(port: int) -> list[str]:
 @pytest.mark.slow
 def test_crlft_serve_prints_the_url_when_ready_and_stops_cleanly_on_ctrl_c(models: dict[str, Path],
                                                                            tmp_path: Path) -> None:
+    """Also `--store`: the completion store under the state folder, named in the output, holding what was asked to be
+    stored once the endpoint has stopped."""
+    from crlft.completions import read_store
+
     port = free_port()
     env = {**os.environ, "CRLFT_API_KEYS": "secret-key", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "jobs.cli", "serve", "--model", str(models["a"]), "--port", str(port),
+    command = [sys.executable, "-m", "jobs.cli", "serve", "--model", str(models["a"]), "--port", str(port), "--store",
                "--set", "serve.cpus_per_replica=0.25", "--set", f"state_dir={tmp_path}"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
                                cwd=REPO)
@@ -715,10 +719,16 @@ def test_crlft_serve_prints_the_url_when_ready_and_stops_cleanly_on_ctrl_c(model
         response = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer secret-key"},
                              timeout=30)
         assert response.json()["data"][0]["id"] == "exported"
+        assert next(line for line in process.stdout if "storing" in line).split()[-1] == str(tmp_path / "completions")
+        asked = {"model": "exported", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "store": True}
+        stored = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=asked, timeout=60,
+                            headers={"Authorization": "Bearer secret-key"})
+        assert stored.status_code == 200, stored.text
         assert _haproxy_configs_binding(port), "HAProxy is not the ingress on the served port"
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=90) == 0
         assert not _haproxy_configs_binding(port), "HAProxy outlived the session"
+        assert [c.completion["id"] for c in read_store(str(tmp_path / "completions")).choices] == [stored.json()["id"]]
     finally:
         watchdog.cancel()
         if process.poll() is None:
