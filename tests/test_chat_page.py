@@ -4,7 +4,8 @@
 Two apps in one Serve instance: an open one at `/` and one with API keys and a completion store at `/keyed`
 (its answers get thumbs and a "better answer" form, whose feedback lands in the store). The tiny untrained model
 answers gibberish; what matters is that it arrives in pieces and that each request carries what the page shows.
-A screenshot of a two-turn conversation is kept at test-artifacts/chat-page.png.
+A screenshot of a two-turn conversation is kept at test-artifacts/chat-page.png, one of the feedback controls at
+test-artifacts/chat-page-feedback.png.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from services.page import add_chat_page
 
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO / "test-artifacts" / "chat-page.png"
+FEEDBACK_SCREENSHOT = REPO / "test-artifacts" / "chat-page-feedback.png"  # a rated answer, its correction being written
 CHROMIUM = "/usr/bin/chromium"
 # Per /work/.library/env/machines/python.md: no sandbox as root, nothing reaching out to the closed network.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -271,10 +273,11 @@ def test_with_a_store_an_answer_takes_a_thumb_and_a_better_answer_which_the_stor
     assert page.chat_requests[-1]["store"] is True
     reply = page.locator(".msg.assistant").last
     reply.get_by_role("button", name="Good answer").click()
-    expect(reply.get_by_role("status")).to_have_text("Thumbs up recorded.")
+    expect(reply.get_by_role("status")).to_have_text("Good rating recorded.")
     expect(reply.get_by_role("button", name="Good answer")).to_have_attribute("aria-pressed", "true")
     reply.get_by_role("button", name="Suggest a better answer").click()
     reply.get_by_label("Better answer").fill("Four.")
+    page.screenshot(path=str(FEEDBACK_SCREENSHOT))
     reply.get_by_role("button", name="Send correction").click()
     expect(reply.get_by_role("status")).to_have_text("Better answer recorded.")
     expect(reply.get_by_label("Better answer")).to_be_hidden()
