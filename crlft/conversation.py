@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import fnmatch
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from crlft.config import Config
-from crlft.errors import CrlftError
 
 Role = Literal["user", "assistant"]
 
@@ -190,21 +188,3 @@ def parse_object(
         return parse_record(record, rules, source, line)
     except _Invalid as exc:
         return Reject(source, line, exc.reason, raw if raw is not None else json.dumps(record, default=str))
-
-
-def iter_file(path: str | Path, rules: ClassRules) -> Iterator[Conversation | Reject]:
-    """Read one local file in order with the data stage's readers (crlft.dataset), so a file gives here exactly the
-    records and rejects `crlft data build` gives: JSON lines (numbered by line), a .json array or single object and
-    Parquet rows (numbered by 1-based record index; null fields are absent), compressed or not."""
-    import pyarrow as pa
-
-    from crlft.dataset import input_kind, iter_raw_records, parse_raw  # crlft.dataset imports this module
-
-    p = Path(path)
-    if not p.is_file():
-        raise CrlftError(f"input {p} does not exist")
-    source = str(p)
-    kind = input_kind(source)
-    with pa.OSFile(source) if kind == "parquet" else pa.input_stream(source, compression="detect") as stream:
-        for raw in iter_raw_records(kind, stream):
-            yield parse_raw(raw, rules, source)

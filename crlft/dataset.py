@@ -15,12 +15,14 @@ import json
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal, Protocol, TypedDict, TypeVar
 
 import pyarrow as pa
 
 from crlft.config import Config
 from crlft.conversation import RAW_PREVIEW_CHARS, ClassRules, Conversation, Reject, parse_line
+from crlft.errors import CrlftError
 
 if TYPE_CHECKING:  # transformers and torch: seconds to import in every Ray worker that only reads or counts
     from crlft.template import TemplateTokenizer
@@ -165,6 +167,20 @@ def iter_raw_records(kind: InputKind, stream: BinaryIO) -> Iterator[RawRecord]:
     if kind == "json":
         return iter_json_document(stream.read())
     return iter_json_lines(stream)
+
+
+def iter_file(path: str | Path, rules: ClassRules) -> Iterator[Conversation | Reject]:
+    """Read one local file in order with the data stage's readers, so a file gives here exactly the
+    records and rejects `crlft data build` gives: JSON lines (numbered by line), a .json array or single object and
+    Parquet rows (numbered by 1-based record index; null fields are absent), compressed or not."""
+    p = Path(path)
+    if not p.is_file():
+        raise CrlftError(f"input {p} does not exist")
+    source = str(p)
+    kind = input_kind(source)
+    with pa.OSFile(source) if kind == "parquet" else pa.input_stream(source, compression="detect") as stream:
+        for raw in iter_raw_records(kind, stream):
+            yield parse_raw(raw, rules, source)
 
 
 def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:

@@ -3,6 +3,7 @@ filesystems, so the stages read and write both the same way."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,18 @@ def write_text(path: str | Path, text: str) -> None:
     filesystem.create_dir(inner.rsplit("/", 1)[0], recursive=True)
     with filesystem.open_output_stream(inner) as stream:
         stream.write(text.encode())
+
+
+def folder_revision(path: Path) -> str:
+    """Identifies a model folder as loaded: its real path and its files' sizes and modification times (a registry
+    version has its own cache folder; a folder re-exported in place changes its files)."""
+    real = path.resolve()
+    digest = hashlib.sha256(str(real).encode())
+    for f in sorted(real.iterdir()):
+        if f.is_file():
+            stat = f.stat()
+            digest.update(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:12]
 
 
 def write_whole(path: Path, text: str) -> None:

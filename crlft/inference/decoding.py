@@ -15,15 +15,15 @@ from crlft.config import Config
 if TYPE_CHECKING:  # torch and transformers come with these: imported where the model runs, not for --help
     from crlft.evaluate import Decoder
     from crlft.export import ExportedModel
-    from services.engine import EngineSettings
+    from crlft.inference.engine import EngineSettings
 
 
 def engine_settings(cfg: Config, batch_size: int) -> EngineSettings:
-    """What `crlft serve` would generate with here (services.engine.EngineSettings), `batch_size` sequences at a time.
+    """What `crlft serve` would generate with here (EngineSettings), `batch_size` sequences at a time.
     vLLM asked for but not installed fails here, before any work."""
     import torch
 
-    from services.engine import EngineSettings
+    from crlft.inference.engine import EngineSettings
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return dataclasses.replace(EngineSettings.for_replica(cfg, device), max_batch_size=batch_size)
@@ -53,7 +53,7 @@ def open_decoder(model_dir: Path, engine: EngineSettings) -> Iterator[Decoder | 
     if engine.kind != "vllm":
         yield None
         return
-    from services.vllm_decoder import VllmDecoder
+    from crlft.inference.vllm_decoder import VllmDecoder
 
     decoder = VllmDecoder(model_dir, engine)
     try:

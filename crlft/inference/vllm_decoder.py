@@ -1,9 +1,9 @@
 """vLLM as evaluation's decoder: the engine `crlft serve` runs with serve.engine=vllm, offline and batched.
 
-The serving replica (services/vllm_engine.py) holds vLLM's async engine; evaluation has all its prompts at once, so it
-uses vLLM's offline `LLM` with the replica's settings: prompt ids in and token ids out (vLLM's tokenizer is not
-loaded), the same stop tokens, context and number type, greedy. crlft turns the ids into text, as it does when
-serving, so the answers read as the endpoint's do.
+The serving replica (crlft/inference/vllm_engine.py) holds vLLM's async engine; evaluation has all its prompts at
+once, so it uses vLLM's offline `LLM` with the replica's settings: prompt ids in and token ids out (vLLM's
+tokenizer is not loaded), the same stop tokens, context and number type, greedy. crlft turns the ids into text, as
+it does when serving, so the answers read as the endpoint's do.
 
 vLLM is imported only when a decoder is built. It runs its engine core in a spawned process, so a script that builds
 one needs an `if __name__ == "__main__":` guard.
@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from crlft.evaluate import answer_text
-from services.engine import EngineSettings
-from services.vllm_engine import ModelFolder, engine_arguments, starting_vllm
+from crlft.inference.engine import EngineSettings
+from crlft.inference.vllm_engine import ModelFolder, engine_arguments, starting_vllm
 
 
 def not_the_template_warmup(record: logging.LogRecord) -> bool:

@@ -28,12 +28,12 @@ from typing import Any
 import torch
 from transformers import AutoConfig, GenerationConfig
 
+from crlft.environ import environment
 from crlft.export import ModelMeta, read_meta
-from crlft.generate import Completion, SamplingParams, StopText, context_length, stop_token_ids
+from crlft.inference.engine import EngineKind, EngineSettings, Generation
+from crlft.inference.generate import Completion, SamplingParams, StopText, context_length, stop_token_ids
 from crlft.model import load_tokenizer, parameter_count
 from crlft.template import TemplateTokenizer
-from jobs.session import environment
-from services.engine import EngineKind, EngineSettings, Generation
 
 logger = logging.getLogger("ray.serve")
 GIB = 2**30

@@ -18,12 +18,13 @@ import random
 import signal
 import socket
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from crlft.config import Config
+from crlft.environ import environment
 
 if TYPE_CHECKING:
     import psutil
@@ -81,8 +82,8 @@ def local_cpus(cfg: Config) -> int:
 def ingress_env(cfg: Config) -> dict[str, str]:
     """The environment a local Ray needs at start for `serve.ingress`. For HAProxy: HAProxy's own pages and Serve's
     fallback proxy get free ports, not Ray's fixed ones, so that local sessions can run side by side, and the pages
-    listen on the endpoint's host only (jobs/haproxy_pages.py); a replica leaving holds on 3 s, not 30, for HAProxy on
-    the same machine to let go of it. Serve's proxy needs nothing."""
+    listen on the endpoint's host only (cluster/haproxy_pages.py); a replica leaving holds on 3 s, not 30, for HAProxy
+    on the same machine to let go of it. Serve's proxy needs nothing."""
     if cfg.serve.ingress != "haproxy":
         return {}
     from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
@@ -97,24 +98,7 @@ def ingress_env(cfg: Config) -> dict[str, str]:
             "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
             # What ray.init(runtime_env={"worker_process_setup_hook": ...}) sets, here inherited by every worker of
             # the session, the Serve actors that start HAProxy included.
-            WORKER_PROCESS_SETUP_HOOK_ENV_VAR: "jobs.haproxy_pages.install"}
-
-
-@contextlib.contextmanager
-def environment(extra: Mapping[str, str], override: bool = False) -> Iterator[dict[str, str]]:
-    """`extra` in os.environ for the block (a variable already set keeps its value unless `override`), as it was
-    after: processes started in the block (Ray's, vLLM's) inherit it; this process's later children do not. Yields
-    the values in effect."""
-    before = {name: os.environ.get(name) for name in extra}
-    os.environ.update({name: value for name, value in extra.items() if override or before[name] is None})
-    try:
-        yield {name: os.environ[name] for name in extra}
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+            WORKER_PROCESS_SETUP_HOOK_ENV_VAR: "cluster.haproxy_pages.install"}
 
 
 def start_ray(cfg: Config | None = None, address: str | None = None) -> tuple[bool, str | None]:

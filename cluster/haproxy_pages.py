@@ -27,7 +27,7 @@ def on_endpoint_host(template: str) -> str:
     longer has the lines (a Ray upgrade), so that the change cannot go unnoticed."""
     missing = [line for line in ON_ENDPOINT_HOST if line not in template]
     if missing:
-        raise RuntimeError(f"Ray Serve's HAProxy template has no {missing}: update jobs/haproxy_pages.py")
+        raise RuntimeError(f"Ray Serve's HAProxy template has no {missing}: update cluster/haproxy_pages.py")
     for line, bound in ON_ENDPOINT_HOST.items():
         template = template.replace(line, bound)
     return template
@@ -51,6 +51,6 @@ class _RebindOnImport(importlib.abc.MetaPathFinder):
 
 
 def install() -> None:
-    """The worker-process setup hook (jobs.session.ingress_env sets it for a local session's HAProxy ingress)."""
+    """The worker-process setup hook (cluster.session.ingress_env sets it for a local session's HAProxy ingress)."""
     if not any(isinstance(finder, _RebindOnImport) for finder in sys.meta_path):
         sys.meta_path.insert(0, _RebindOnImport())
