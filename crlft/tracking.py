@@ -1,4 +1,5 @@
-"""Where MLflow lives: a tracking server when one is given, else a SQLite file under the project's state folder."""
+"""Where MLflow lives (a tracking server when one is given, else a SQLite file under the project's state folder) and
+the client, runs and one-line errors every stage talks to it through."""
 
 from __future__ import annotations
 
@@ -7,11 +8,15 @@ import os
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from crlft.config import Config
-from crlft.errors import CrlftError
+from crlft.errors import CrlftError, first_line
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 # MLflow 3 phones home and Hugging Face tries the hub unless told; neither is reachable offline.
 OFFLINE_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -94,6 +99,33 @@ def setup_mlflow(cfg: Config, override: str | None = None) -> str:
             mlflow.create_experiment(cfg.registry.experiment, artifact_location=location)
     mlflow.set_experiment(cfg.registry.experiment)
     return uri
+
+
+def client_for(cfg: Config | None = None, tracking_uri: str | None = None) -> tuple[MlflowClient, str]:
+    """A client on the resolved store; an unreachable server is a one-line CrlftError before anything is written."""
+    from mlflow import MlflowClient
+
+    # No progress bars or "View run at" lines on stdout, which carries the stage's own report.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    uri = setup_mlflow(cfg or Config(), tracking_uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
+
+
+def new_run(client: Any, experiment: str, run_name: str, tags: Mapping[str, str]) -> Any:
+    """A new run in the experiment named `experiment` (`setup_mlflow` made it)."""
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    return client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
+
+
+def error_code(exc: BaseException) -> str:
+    """MLflow's error code of an MlflowException ("RESOURCE_DOES_NOT_EXIST", ...); empty for other errors."""
+    return str(getattr(exc, "error_code", ""))
+
+
+def mlflow_error(exc: Exception, doing: str) -> CrlftError:
+    """What MLflow refused, as one line."""
+    return CrlftError(f"MLflow refused to {doing}: {first_line(exc)}")
 
 
 def mark_failed(client: Any, uri: str, run_id: str) -> bool:

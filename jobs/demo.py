@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _demo(cfg: Config, args: argparse.Namespace, base: str | None, started: float, dashboard: str | None) -> int:
-    from crlft.registry import champion_uri
+    from crlft.lineage.versions import champion_uri
     from crlft.synth import is_correct, load_eval_suite
     from jobs.pipeline import run_pipeline
     from services.local import deploy, shutdown

@@ -30,8 +30,9 @@ from typing import TYPE_CHECKING, Any
 from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
 from crlft.config import Config
 from crlft.errors import CrlftError, first_line
-from crlft.registry import MODELS_SCHEME, RETENTION_SUITE, TAG, ModelRef
-from crlft.tracking import set_offline_defaults
+from crlft.lineage.tags import RETENTION_SUITE, TAG
+from crlft.lineage.versions import ModelRef, is_model_uri
+from crlft.tracking import new_run, set_offline_defaults
 from jobs.decoding import dtype_name, engine_settings, load_model, open_decoder
 from jobs.retention import RESULT_FILES as RETENTION_FILES
 from jobs.retention import RetentionPlan, base_answers, measure_retention, plan_retention
@@ -155,14 +156,16 @@ def _plan(model: str | Path, suite: str | Path | None, cfg: Config, *, heldout: 
           judge_model: str | None, register_as: str | None, log_to_version: str | None, log_mlflow: bool,
           tracking_uri: str | None, out_dir: str | Path | None, batch_size: int) -> _Plan:
     from crlft import evaluate as ev
-    from crlft.registry import client_for, get_version, parse_model_uri, suite_id, trained_version
+    from crlft.lineage.evaluation import suite_id
+    from crlft.lineage.versions import get_version, parse_model_uri, trained_version
+    from crlft.tracking import client_for
 
     model = str(model)
     if suite is None and heldout is None and not bench and not retention:
         raise CrlftError("nothing to evaluate: give --suite FILE, --heldout FILE, --bench NAME and/or --retention")
     if register_as and log_to_version:
         raise CrlftError("give either --register-as or --log-to-version, not both")
-    registered = model.startswith(MODELS_SCHEME)
+    registered = is_model_uri(model)
     if registered and register_as:
         raise CrlftError(f"{model} is registered already: drop --register-as (results go on that version)")
     if bool(judge_url) != bool(judge_model):
@@ -259,7 +262,7 @@ def evaluate_model(
     answers ("vllm" or "transformers"), "text": the printed report}.
     """
     from crlft import evaluate as ev
-    from crlft.registry import resolve_model
+    from crlft.lineage.cache import resolve_model
 
     set_offline_defaults()
     plan = _plan(model, suite, cfg, heldout=heldout, retention=retention, bench=bench, bench_dir=bench_dir,
@@ -320,7 +323,7 @@ def _measure(exported: Any, plan: _Plan, conditions: list[str], heldout_conversa
     """Run every requested evaluation, write its files into `out`; the figures, grouped by what they were measured
     on (the groups are recorded on the model version), and the report lines."""
     from crlft import evaluate as ev
-    from crlft.registry import suite_id
+    from crlft.lineage.evaluation import suite_id
 
     metrics: dict[str, float] = {}
     recorded: dict[str, dict[str, float]] = {}  # suite -> figures for the version's tags (no per-task detail)
@@ -382,8 +385,7 @@ def _log_to_mlflow(plan: _Plan, cfg: Config, model_dir: Path, out: Path, measure
     record it (the results are in `out` either way), and the evaluation run does not end FINISHED."""
     from mlflow.exceptions import MlflowException
 
-    from crlft.registry import client_for
-    from crlft.tracking import mark_failed
+    from crlft.tracking import client_for, mark_failed
 
     done: dict[str, Any] = {}  # what is recorded so far: "target" (after --register-as), "run_id", "recorded"
     try:
@@ -401,7 +403,8 @@ def _record(client: Any, plan: _Plan, cfg: Config, model_dir: Path, out: Path, m
             done: dict[str, Any]) -> dict[str, Any]:
     from mlflow.entities import Metric, Param
 
-    from crlft.registry import record_evaluation, register_model
+    from crlft.lineage.evaluation import record_evaluation
+    from crlft.lineage.registration import register_model
 
     target = plan.target
     if plan.register_as:
@@ -412,8 +415,7 @@ def _record(client: Any, plan: _Plan, cfg: Config, model_dir: Path, out: Path, m
         tags |= {TAG + "model_name": target.name, TAG + "model_version": str(target.version)}
     if plan.suite:
         tags[TAG + "suite"] = plan.suite
-    experiment_id = client.get_experiment_by_name(cfg.registry.experiment).experiment_id
-    run_id = done["run_id"] = client.create_run(experiment_id, run_name=f"eval {plan.label}", tags=tags).info.run_id
+    run_id = done["run_id"] = new_run(client, cfg.registry.experiment, f"eval {plan.label}", tags).info.run_id
     now = int(time.time() * 1000)
     params = {"model": plan.model, "suite_file": str(plan.suite_file or ""), "heldout": str(plan.heldout_file or ""),
               "benches": ",".join(plan.benches), "eval_engine": plan.engine.kind,

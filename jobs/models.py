@@ -7,7 +7,8 @@ import time
 from collections.abc import Sequence
 
 from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
-from crlft.registry import ModelVersionInfo
+from crlft.lineage.tags import PROMOTION_TAG, TAG
+from crlft.lineage.versions import ModelVersionInfo
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from crlft.registry import list_versions
+    from crlft.lineage.versions import list_versions
 
     cfg = config_from_args(args)
     name = args.name or cfg.registry.model_name
@@ -38,10 +39,10 @@ def format_versions(versions: Sequence[ModelVersionInfo], metrics: Sequence[str]
         # figures not on the latest suite (the held-out file's silhouette, a benchmark) are shown from any suite
         values = [info.metric(m) if info.metric(m) is not None else _any_suite(info, m) for m in metrics]
         rows.append([
-            info.version, ",".join(info.aliases) or "-", info.tags.get("crlft.mode", "?"),
+            info.version, ",".join(info.aliases) or "-", info.tags.get(TAG + "mode", "?"),
             time.strftime("%Y-%m-%d %H:%M", time.localtime(info.created_ms / 1000)), latest or "-",
             *("-" if v is None else f"{v:.4f}" for v in values),
-            info.tags.get("crlft.promotion.decision", "-"),
+            info.tags.get(PROMOTION_TAG + "decision", "-"),
         ])  # fmt: skip
     if not rows:
         return f"no versions (header: {' '.join(header)})"

@@ -197,7 +197,7 @@ class _Stages:
 
     def train(self, stats_fp: str) -> str:
         """Train, export and register (`crlft train` registers the model it exports)."""
-        from crlft.registry import register_model
+        from crlft.lineage.registration import register_model
         from jobs.train import train
 
         cfg, result = self.cfg, self.result
@@ -237,7 +237,7 @@ class _Stages:
         print(evaluated.get("text", ""), flush=True)
 
     def promote(self) -> None:
-        from crlft.registry import promote
+        from crlft.lineage.promotion import promote
 
         cfg, result = self.cfg, self.result
         if cfg.registry.metric not in result.metrics:
@@ -249,7 +249,7 @@ class _Stages:
         print(f"[promote] {decision.summary()}", flush=True)
 
     def deploy(self) -> None:
-        from crlft.registry import champion_uri
+        from crlft.lineage.versions import champion_uri
         from services.local import deploy
 
         target = champion_uri(self.cfg) if self.result.champion else str(self.result.model_dir)

@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from crlft.registry import promote
+    from crlft.lineage.promotion import promote
 
     cfg = config_from_args(args)
     decision = promote(

@@ -33,7 +33,8 @@ from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
 from crlft.config import Config, Mode
 from crlft.errors import CrlftError, first_line
 from crlft.export import export_checkpoint
-from crlft.registry import MODEL_ARTIFACT_PATH, ModelRef, register_model
+from crlft.lineage.registration import MODEL_ARTIFACT_PATH, register_model
+from crlft.lineage.versions import ModelRef
 from crlft.tracking import mark_failed, mlflow_patience_s, set_offline_defaults, wait_reachable
 from crlft.train_loop import LrChoice, StepPlan, choose_lr, plan_steps, supervised_tokens_per_step
 from jobs.session import ray_session

@@ -56,7 +56,7 @@ from crlft.completions import open_store
 from crlft.config import Config, ServeConfig, load_config
 from crlft.errors import CrlftError
 from crlft.generate import Completion, SamplingParams
-from crlft.registry import champion_uri
+from crlft.lineage.versions import champion_uri
 from crlft.storage import location
 from crlft.tracking import OFFLINE_ENV, set_offline_defaults
 from services import protocol

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from crlft.config import Config
 from crlft.errors import CrlftError
-from crlft.registry import MODELS_SCHEME, parse_model_uri, registered_version, resolve_model
+from crlft.lineage.cache import registered_version, resolve_model
+from crlft.lineage.versions import is_model_uri, parse_model_uri
 from services.engine import Engine, EngineSettings, open_engine
 
 CHAMPION_WATCH_S = 30.0  # how often a replica serving models:/NAME@ALIAS checks whether the alias moved
@@ -18,7 +19,7 @@ CHAMPION_WATCH_S = 30.0  # how often a replica serving models:/NAME@ALIAS checks
 def resolve_model_uri(uri: str, cfg: Config, tracking_uri: str | None = None) -> Path:
     """A local model folder for a folder path or a registered model (`models:/NAME@ALIAS`, `models:/NAME/VERSION`,
     downloaded once into the registry cache)."""
-    if uri.startswith(MODELS_SCHEME):
+    if is_model_uri(uri):
         return Path(resolve_model(uri, cfg, tracking_uri=tracking_uri))
     path = Path(uri).expanduser()
     if not (path / "config.json").is_file():
@@ -45,14 +46,14 @@ def served_name(uri: str, cfg: Config, override: str | None = None) -> str:
     """The name clients put in `model`: stable across champion changes (the registered name, not the version)."""
     if override or cfg.serve.model_name:
         return str(override or cfg.serve.model_name)
-    if uri.startswith(MODELS_SCHEME):
+    if is_model_uri(uri):
         return parse_model_uri(uri).name
     return Path(uri).expanduser().resolve().name
 
 
 def default_watch_s(uri: str) -> float:
     """Aliases move, versions and folders do not: only `models:/NAME@ALIAS` is watched by default."""
-    return CHAMPION_WATCH_S if uri.startswith(MODELS_SCHEME) and "@" in uri else 0.0
+    return CHAMPION_WATCH_S if is_model_uri(uri) and "@" in uri else 0.0
 
 
 @dataclass

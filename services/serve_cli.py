@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
-from crlft.registry import champion_uri
+from crlft.lineage.versions import champion_uri
 from jobs.session import start_ray
 
 

@@ -479,7 +479,8 @@ def test_eval_registers_the_model_and_logs_figures_table_and_plot_on_its_version
 ) -> None:
     from mlflow import MlflowClient
 
-    from crlft.registry import list_versions, suite_id
+    from crlft.lineage.evaluation import suite_id
+    from crlft.lineage.versions import list_versions
     from jobs.evaluate import evaluate_model
 
     cfg = _config(tmp_path)

@@ -71,7 +71,7 @@ def pipeline(smollm2: Path, cfg: Config, tmp_path_factory: pytest.TempPathFactor
 @pytest.fixture(scope="module")
 def endpoint(pipeline: Any, cfg: Config) -> Iterator[str]:
     """The champion served by vLLM where it is installed (CI installs it; on CPUs `auto` would pick crlft's engine)."""
-    from crlft.registry import champion_uri
+    from crlft.lineage.versions import champion_uri
     from services.engine import vllm_installed
     from services.local import deploy, shutdown
 
@@ -125,7 +125,7 @@ def test_lora_c_rlft_on_it_is_trained_evaluated_registered_and_promoted(pipeline
 
 def test_replay_keeps_what_the_base_model_knew_and_retention_is_recorded_on_the_version(pipeline: Any,
                                                                                           cfg: Config) -> None:
-    from crlft.registry import version_info
+    from crlft.lineage.versions import version_info
 
     replay = pipeline.stats["replay"]
     assert replay["enabled"] and replay["conversations"] > 0 and replay["engine"]

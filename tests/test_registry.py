@@ -76,16 +76,17 @@ def unique_name() -> str:
 
 def register_evaluated(model_dir: Path, cfg: Config, uri: str, name: str, accuracy: float | None,
                        suite: str = "suite-a") -> str:
-    from crlft import registry
+    from crlft.lineage.evaluation import record_evaluation
+    from crlft.lineage.registration import register_model
 
-    version = registry.register_model(model_dir, cfg, name=name, tracking_uri=uri)
+    version = register_model(model_dir, cfg, name=name, tracking_uri=uri)
     if accuracy is not None:
-        registry.record_evaluation(name, version, {"accuracy_expert": accuracy}, suite, cfg=cfg, tracking_uri=uri)
+        record_evaluation(name, version, {"accuracy_expert": accuracy}, suite, cfg=cfg, tracking_uri=uri)
     return version
 
 
 def champion_version(cfg: Config, uri: str, name: str) -> str | None:
-    from crlft.registry import list_versions
+    from crlft.lineage.versions import list_versions
 
     holders = [v.version for v in list_versions(name, cfg, tracking_uri=uri) if "champion" in v.aliases]
     assert len(holders) <= 1
@@ -97,13 +98,14 @@ def test_a_registered_version_carries_lineage_tags_and_points_to_the_run_holding
 ) -> None:
     from mlflow import MlflowClient
 
-    from crlft import registry
+    from crlft.lineage.registration import register_model
+    from crlft.lineage.versions import version_info
 
     cfg, uri = store
     name = unique_name()
-    version = registry.register_model(exported_model, cfg, name=name, tracking_uri=uri, tags={"team": "x"})
+    version = register_model(exported_model, cfg, name=name, tracking_uri=uri, tags={"team": "x"})
     assert version == "1"
-    info = registry.version_info(name, version, cfg, tracking_uri=uri)
+    info = version_info(name, version, cfg, tracking_uri=uri)
     assert info.tags["crlft.mode"] == "crlft"
     assert info.tags["crlft.data_fingerprint"] == "data-fp-123"
     assert info.tags["crlft.git_commit"] == "abc123"
@@ -119,21 +121,23 @@ def test_registering_with_the_training_run_links_it_and_reuses_the_model_it_logg
 ) -> None:
     from mlflow import MlflowClient
 
-    from crlft import registry
+    from crlft.lineage.registration import register_model
+    from crlft.lineage.versions import version_info
+    from crlft.tracking import client_for
 
     cfg, uri = store
-    client, _ = registry.client_for(cfg, uri)
+    client, _ = client_for(cfg, uri)
     experiment = MlflowClient(uri, uri).get_experiment_by_name(cfg.registry.experiment)
     training_run = client.create_run(experiment.experiment_id, run_name="train").info.run_id
     client.log_artifacts(training_run, str(exported_model), "model")
     name = unique_name()
-    version = registry.register_model(exported_model, cfg, run_id=training_run, name=name, tracking_uri=uri)
-    info = registry.version_info(name, version, cfg, tracking_uri=uri)
+    version = register_model(exported_model, cfg, run_id=training_run, name=name, tracking_uri=uri)
+    info = version_info(name, version, cfg, tracking_uri=uri)
     assert info.run_id == training_run
     assert [a.path for a in client.list_artifacts(training_run)] == ["model"]  # logged once, by "the trainer"
 
     with pytest.raises(CrlftError, match="does not exist in this MLflow store"):
-        registry.register_model(exported_model, cfg, run_id="0" * 32, name=name, tracking_uri=uri)
+        register_model(exported_model, cfg, run_id="0" * 32, name=name, tracking_uri=uri)
 
 
 def test_a_champion_loads_by_alias_and_by_version_into_transformers_from_a_local_cache(
@@ -141,74 +145,79 @@ def test_a_champion_loads_by_alias_and_by_version_into_transformers_from_a_local
 ) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from crlft import registry
+    from crlft.lineage.cache import resolve_model
+    from crlft.lineage.promotion import promote
 
     cfg, uri = store
     name = unique_name()
     version = register_evaluated(exported_model, cfg, uri, name, 0.5)
-    assert registry.promote(name, version, cfg=cfg, tracking_uri=uri).decision == "promoted"
+    assert promote(name, version, cfg=cfg, tracking_uri=uri).decision == "promoted"
 
-    by_alias = registry.resolve_model(f"models:/{name}@champion", cfg, tracking_uri=uri)
+    by_alias = resolve_model(f"models:/{name}@champion", cfg, tracking_uri=uri)
     assert by_alias.is_relative_to(Path(cfg.state_dir).resolve())
     model = AutoModelForCausalLM.from_pretrained(by_alias)
     tokenizer = AutoTokenizer.from_pretrained(by_alias)
     assert model.config.vocab_size == len(tokenizer)
-    assert registry.resolve_model(f"models:/{name}/{version}", cfg, tracking_uri=uri) == by_alias  # cached once
-    assert registry.resolve_model(exported_model, cfg) == exported_model  # a folder is used as it is
+    assert resolve_model(f"models:/{name}/{version}", cfg, tracking_uri=uri) == by_alias  # cached once
+    assert resolve_model(exported_model, cfg) == exported_model  # a folder is used as it is
 
 
 def test_champion_moves_only_to_a_version_at_least_as_good_and_every_decision_is_recorded(
     store: tuple[Config, str], exported_model: Path
 ) -> None:
-    from crlft import registry
+    from crlft.lineage.promotion import promote
+    from crlft.lineage.versions import version_info
 
     cfg, uri = store
     name = unique_name()
     v1, v2, v3, v4 = (register_evaluated(exported_model, cfg, uri, name, a) for a in (0.5, 0.7, 0.6, 0.7))
 
-    first = registry.promote(name, v1, cfg=cfg, tracking_uri=uri)
+    first = promote(name, v1, cfg=cfg, tracking_uri=uri)
     assert (first.decision, first.champion_version) == ("promoted", None)
-    assert registry.promote(name, v2, cfg=cfg, tracking_uri=uri).decision == "promoted"
-    worse = registry.promote(name, v3, cfg=cfg, tracking_uri=uri)
+    assert promote(name, v2, cfg=cfg, tracking_uri=uri).decision == "promoted"
+    worse = promote(name, v3, cfg=cfg, tracking_uri=uri)
     assert worse.decision == "refused"
     assert champion_version(cfg, uri, name) == v2
     assert (worse.candidate_value, worse.champion_value, worse.champion_version) == (0.6, 0.7, v2)
-    tags = registry.version_info(name, v3, cfg, tracking_uri=uri).tags
+    tags = version_info(name, v3, cfg, tracking_uri=uri).tags
     assert tags["crlft.promotion.decision"] == "refused"
     assert (tags["crlft.promotion.candidate_value"], tags["crlft.promotion.champion_value"]) == ("0.6", "0.7")
-    assert registry.promote(name, v4, cfg=cfg, tracking_uri=uri).decision == "promoted"  # equal is good enough
-    assert registry.promote(name, v4, cfg=cfg, tracking_uri=uri).decision == "unchanged"
+    assert promote(name, v4, cfg=cfg, tracking_uri=uri).decision == "promoted"  # equal is good enough
+    assert promote(name, v4, cfg=cfg, tracking_uri=uri).decision == "unchanged"
     assert champion_version(cfg, uri, name) == v4
 
 
 def test_force_moves_the_champion_to_a_worse_version_and_is_recorded_as_forced(
     server_store: tuple[Config, str], exported_model: Path
 ) -> None:
-    from crlft import registry
+    from crlft.lineage.promotion import promote
+    from crlft.lineage.versions import version_info
 
     cfg, uri = server_store
     name = unique_name()
     good, bad = (register_evaluated(exported_model, cfg, uri, name, a) for a in (0.9, 0.1))
-    registry.promote(name, good, cfg=cfg, tracking_uri=uri)
-    forced = registry.promote(name, bad, force=True, cfg=cfg, tracking_uri=uri)
+    promote(name, good, cfg=cfg, tracking_uri=uri)
+    forced = promote(name, bad, force=True, cfg=cfg, tracking_uri=uri)
     assert forced.forced and forced.is_champion
     assert champion_version(cfg, uri, name) == bad
-    assert registry.version_info(name, bad, cfg, tracking_uri=uri).tags["crlft.promotion.forced"] == "true"
+    assert version_info(name, bad, cfg, tracking_uri=uri).tags["crlft.promotion.forced"] == "true"
 
 
 def test_a_candidate_that_forgot_what_its_base_knew_is_refused_and_the_champion_keeps_its_alias(
     server_store: tuple[Config, str], exported_model: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from crlft import registry
+    from crlft.lineage.evaluation import record_evaluation
+    from crlft.lineage.promotion import promote
+    from crlft.lineage.tags import RETENTION_SUITE
+    from crlft.lineage.versions import version_info
     from jobs.cli import main
 
     cfg, uri = server_store
     name = unique_name()
     champion, forgetful, unmeasured = (register_evaluated(exported_model, cfg, uri, name, a) for a in (0.5, 0.9, 0.6))
-    registry.promote(name, champion, cfg=cfg, tracking_uri=uri)
-    registry.record_evaluation(name, forgetful, {"retention": 0.42, "general_accuracy": 0.22,
-                                                 "base_general_accuracy": 0.52}, registry.RETENTION_SUITE, cfg=cfg,
-                               tracking_uri=uri)  # fmt: skip
+    promote(name, champion, cfg=cfg, tracking_uri=uri)
+    record_evaluation(name, forgetful, {"retention": 0.42, "general_accuracy": 0.22, "base_general_accuracy": 0.52},
+                      RETENTION_SUITE, cfg=cfg, tracking_uri=uri)  # fmt: skip
 
     common = ["--mlflow-uri", uri, "--set", f"state_dir={cfg.state_dir}"]
     assert main(["promote", name, "--version", forgetful, *common]) == 1
@@ -217,31 +226,31 @@ def test_a_candidate_that_forgot_what_its_base_knew_is_refused_and_the_champion_
             in out)
     assert "--force" in out
     assert champion_version(cfg, uri, name) == champion
-    info = registry.version_info(name, forgetful, cfg, tracking_uri=uri)
+    info = version_info(name, forgetful, cfg, tracking_uri=uri)
     assert info.latest_suite == "suite-a"  # retention is recorded beside the suite, not instead of it
     assert (info.tags["crlft.promotion.retention"], info.tags["crlft.promotion.min_retention"]) == ("0.42", "0.9")
     assert main(["models", name, *common]) == 0
     assert "retention" in (table := capsys.readouterr().out) and "0.4200" in table
 
     assert main(["promote", name, "--version", forgetful, "--set", "registry.min_retention=0.4", *common]) == 0
-    assert registry.promote(name, unmeasured, cfg=cfg, tracking_uri=uri).decision == "refused"  # worse, not gated
-    assert registry.promote(name, unmeasured, force=True, cfg=cfg, tracking_uri=uri).decision == "forced"
+    assert promote(name, unmeasured, cfg=cfg, tracking_uri=uri).decision == "refused"  # worse, not gated
+    assert promote(name, unmeasured, force=True, cfg=cfg, tracking_uri=uri).decision == "forced"
 
 
 def test_versions_are_compared_only_on_the_same_suite(server_store: tuple[Config, str], exported_model: Path) -> None:
-    from crlft import registry
+    from crlft.lineage.promotion import promote
 
     cfg, uri = server_store
     name = unique_name()
     champion = register_evaluated(exported_model, cfg, uri, name, 0.2, suite="suite-a")
     other_suite = register_evaluated(exported_model, cfg, uri, name, 0.9, suite="suite-b")
     not_evaluated = register_evaluated(exported_model, cfg, uri, name, None)
-    registry.promote(name, champion, cfg=cfg, tracking_uri=uri)
+    promote(name, champion, cfg=cfg, tracking_uri=uri)
 
-    refused = registry.promote(name, other_suite, cfg=cfg, tracking_uri=uri)
+    refused = promote(name, other_suite, cfg=cfg, tracking_uri=uri)
     assert refused.decision == "refused" and "cannot be compared" in refused.reason
     with pytest.raises(CrlftError, match="evaluate it first"):
-        registry.promote(name, not_evaluated, cfg=cfg, tracking_uri=uri)
+        promote(name, not_evaluated, cfg=cfg, tracking_uri=uri)
     assert champion_version(cfg, uri, name) == champion
 
 
@@ -250,24 +259,25 @@ def test_concurrent_promotions_leave_exactly_one_champion_and_never_move_it_to_a
 ) -> None:
     from mlflow import MlflowClient
 
-    from crlft import registry
+    from crlft.lineage.lock import LOCK_SUFFIX
+    from crlft.lineage.promotion import PromotionDecision, promote
 
     cfg, uri = store
     name = unique_name()
     accuracies = [0.3, 0.9, 0.5, 0.8, 0.4, 0.7]
     versions = [register_evaluated(exported_model, cfg, uri, name, a) for a in accuracies]
     start = threading.Barrier(len(versions))
-    decisions: list[registry.PromotionDecision] = []
+    decisions: list[PromotionDecision] = []
     errors: list[BaseException] = []
 
-    def promote(version: str) -> None:
+    def contend(version: str) -> None:
         start.wait()
         try:
-            decisions.append(registry.promote(name, version, cfg=cfg, tracking_uri=uri))
+            decisions.append(promote(name, version, cfg=cfg, tracking_uri=uri))
         except BaseException as exc:  # reported below, with the thread's own error
             errors.append(exc)
 
-    threads = [threading.Thread(target=promote, args=(v,)) for v in versions]
+    threads = [threading.Thread(target=contend, args=(v,)) for v in versions]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -289,30 +299,32 @@ def test_concurrent_promotions_leave_exactly_one_champion_and_never_move_it_to_a
     assert all(d.decision != "promoted" or d.champion_value is None or d.candidate_value >= d.champion_value
                for d in decisions)  # fmt: skip
     with pytest.raises(Exception, match="not found|does not exist|RESOURCE_DOES_NOT_EXIST"):
-        client.get_registered_model(name + registry.LOCK_SUFFIX)  # released
+        client.get_registered_model(name + LOCK_SUFFIX)  # released
 
 
 def test_a_lock_left_by_a_crashed_promoter_expires_and_a_live_one_times_out(
     server_store: tuple[Config, str], exported_model: Path
 ) -> None:
-    from crlft import registry
+    from crlft.lineage.lock import LOCK_SUFFIX, promotion_lock
+    from crlft.lineage.promotion import promote
+    from crlft.tracking import client_for
 
     cfg, uri = server_store
     name = unique_name()
     version = register_evaluated(exported_model, cfg, uri, name, 0.5)
-    client, _ = registry.client_for(cfg, uri)
-    client.create_registered_model(name + registry.LOCK_SUFFIX, tags={"crlft.lock.expires": repr(time.time() - 1)})
-    assert registry.promote(name, version, cfg=cfg, tracking_uri=uri).decision == "promoted"
+    client, _ = client_for(cfg, uri)
+    client.create_registered_model(name + LOCK_SUFFIX, tags={"crlft.lock.expires": repr(time.time() - 1)})
+    assert promote(name, version, cfg=cfg, tracking_uri=uri).decision == "promoted"
 
-    client.create_registered_model(name + registry.LOCK_SUFFIX, tags={"crlft.lock.expires": repr(time.time() + 600)})
-    with pytest.raises(CrlftError, match="holds the lock"), registry.promotion_lock(client, name, timeout_s=0.3):
+    client.create_registered_model(name + LOCK_SUFFIX, tags={"crlft.lock.expires": repr(time.time() + 600)})
+    with pytest.raises(CrlftError, match="holds the lock"), promotion_lock(client, name, timeout_s=0.3):
         pass
 
 
 def test_a_model_uri_that_does_not_exist_is_one_line_that_says_what_to_do(
     server_store: tuple[Config, str], exported_model: Path
 ) -> None:
-    from crlft import registry
+    from crlft.lineage.cache import resolve_model
 
     cfg, uri = server_store
     name = unique_name()
@@ -326,7 +338,7 @@ def test_a_model_uri_that_does_not_exist_is_one_line_that_says_what_to_do(
     }
     for model_uri, message in cases.items():
         with pytest.raises(CrlftError, match=message) as raised:
-            registry.resolve_model(model_uri, cfg, tracking_uri=uri)
+            resolve_model(model_uri, cfg, tracking_uri=uri)
         assert "\n" not in str(raised.value)
     assert not (Path(cfg.state_dir) / "models" / "registry").exists() or not any(
         (Path(cfg.state_dir) / "models" / "registry").rglob("config.json"))  # fmt: skip
@@ -335,16 +347,19 @@ def test_a_model_uri_that_does_not_exist_is_one_line_that_says_what_to_do(
 def test_an_unreachable_tracking_server_is_one_line_error_and_nothing_is_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exported_model: Path
 ) -> None:
-    from crlft import registry
+    from crlft.lineage.cache import resolve_model
+    from crlft.lineage.promotion import promote
+    from crlft.lineage.registration import register_model
+    from crlft.lineage.versions import list_versions
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = Config(state_dir=str(tmp_path / "state"))
     dead = f"http://127.0.0.1:{free_port()}"
     for call in (
-        lambda: registry.register_model(exported_model, cfg, tracking_uri=dead),
-        lambda: registry.promote("crlft-chat", "1", cfg=cfg, tracking_uri=dead),
-        lambda: registry.resolve_model("models:/crlft-chat@champion", cfg, tracking_uri=dead),
-        lambda: registry.list_versions("crlft-chat", cfg, tracking_uri=dead),
+        lambda: register_model(exported_model, cfg, tracking_uri=dead),
+        lambda: promote("crlft-chat", "1", cfg=cfg, tracking_uri=dead),
+        lambda: resolve_model("models:/crlft-chat@champion", cfg, tracking_uri=dead),
+        lambda: list_versions("crlft-chat", cfg, tracking_uri=dead),
     ):
         with pytest.raises(CrlftError, match="unreachable") as raised:
             call()
@@ -376,7 +391,8 @@ def test_an_evaluation_on_the_server_is_recorded_on_the_version_and_decides_the_
 ) -> None:
     from mlflow import MlflowClient
 
-    from crlft import registry
+    from crlft.lineage.evaluation import suite_id
+    from crlft.lineage.promotion import promote
     from crlft.synth import write_suite
     from jobs.evaluate import evaluate_model
 
@@ -389,6 +405,6 @@ def test_an_evaluation_on_the_server_is_recorded_on_the_version_and_decides_the_
     version = report["model_version"]["version"]
     logged = {Path(a.path).name for a in MlflowClient(uri, uri).list_artifacts(report["run_id"], "evaluation")}
     assert "embeddings.png" in logged
-    decision = registry.promote(name, version, cfg=cfg, tracking_uri=uri)
-    assert decision.decision == "promoted" and decision.suite == registry.suite_id(files["eval"])
+    decision = promote(name, version, cfg=cfg, tracking_uri=uri)
+    assert decision.decision == "promoted" and decision.suite == suite_id(files["eval"])
     assert decision.candidate_value == pytest.approx(report["metrics"]["accuracy_expert"])

@@ -280,7 +280,8 @@ def stack(request: pytest.FixtureRequest, models: dict[str, Path],
     import ray
     from ray import serve
 
-    from crlft.registry import promote, register_model
+    from crlft.lineage.promotion import promote
+    from crlft.lineage.registration import register_model
     from services.chat import chat_application
     from services.local import public_url, shutdown, wait_until_ready
 
@@ -650,7 +651,8 @@ def _steady_load(url: str, stop: threading.Event, clients: int = 3) -> list[Serv
 @pytest.mark.slow
 def test_a_new_champion_is_picked_up_under_load_without_a_failed_request(
         client: openai.OpenAI, stack: dict[str, Any], models: dict[str, Path]) -> None:
-    from crlft.registry import promote, register_model
+    from crlft.lineage.promotion import promote
+    from crlft.lineage.registration import register_model
 
     cfg: Config = stack["cfg"]
     request = {"model": REGISTERED, "messages": [{"role": "user", "content": "hello there"}], "temperature": 0.0}

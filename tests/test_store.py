@@ -93,7 +93,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     import ray
     from ray import serve
 
-    from crlft.registry import promote, register_model
+    from crlft.lineage.promotion import promote
+    from crlft.lineage.registration import register_model
     from services.chat import chat_application
     from services.local import public_url, shutdown, wait_until_ready
 

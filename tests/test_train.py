@@ -385,7 +385,7 @@ def test_two_cpu_workers_train_crlft_track_it_in_mlflow_export_and_register_the_
     from mlflow.tracking import MlflowClient
 
     from crlft.export import read_meta
-    from crlft.registry import promote
+    from crlft.lineage.promotion import promote
     from jobs.evaluate import evaluate_model
 
     result, cfg = crlft_two_workers

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from crlft.errors import first_line
+from crlft.lineage.tags import TAG
+from crlft.tracking import new_run
 from jobs.training.data import DataDescription
 
 METRICS_FLUSH_S = 5.0
@@ -49,10 +51,9 @@ def start_run(client: Any, experiment: str, run_name: str, params: Mapping[str, 
     """A new MLflow run tagged with the data's fingerprints, holding `params` and the data's stats.json."""
     from mlflow.entities import Param
 
-    experiment_id = client.get_experiment_by_name(experiment).experiment_id
-    tags = {"crlft.stage": "train", "crlft.data_fingerprint": data.fingerprint}
-    tags.update({f"crlft.data.{k}": str(v) for k, v in data.stats.get("fingerprints", {}).items()})
-    run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+    tags = {TAG + "stage": "train", TAG + "data_fingerprint": data.fingerprint}
+    tags.update({f"{TAG}data.{k}": str(v) for k, v in data.stats.get("fingerprints", {}).items()})
+    run_id = new_run(client, experiment, run_name, tags).info.run_id
     items = [Param(key[:250], value[:6000]) for key, value in params.items()]
     for start in range(0, len(items), 100):
         client.log_batch(run_id, params=items[start : start + 100])
