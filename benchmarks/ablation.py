@@ -219,7 +219,7 @@ def run_config(variant: Variant, cfg: Config, seed: int, steps: int, steps_per_e
 
 def steps_per_epoch(stats: dict[str, Any], cfg: Config) -> int:
     """Optimiser steps in one pass over the data, as jobs.train plans them."""
-    from crlft.train_loop import plan_steps
+    from crlft.train.schedule import plan_steps
 
     bins = int(stats["splits"]["train"]["bins"])
     return plan_steps(bins, cfg.train.workers, cfg.train.grad_accum, 1, None).steps_per_epoch

@@ -7,8 +7,8 @@ numerical agreement, and the serving engine's decode throughput; one table at th
 It needs only torch, transformers and peft (no Ray, MLflow, pydantic or download: the model is built from a config
 with random weights, the tokenizer is trained on crlft's built-in corpus, the conversations are random token ids with
 the template's weights), and runs crlft's own pieces: packing and collate (crlft.pack), the step with the C-RLFT
-loss (crlft.train_loop.train_step), the attention choice (train_loop.set_attention), the precision
-(train_loop.compute_dtype) and the generation engine (crlft.generate.BatchGenerator).
+loss (crlft.train.step.train_step), the attention choice (crlft.train.attention.set_attention), the precision
+(crlft.train.precision.compute_dtype) and the generation engine (crlft.generate.BatchGenerator).
 
 1. Peak: a square bf16 matmul, timed in this run: the denominator of MFU (flops.matmul_flops).
 2. Training, one packed bin a step (one conversation split by the FFD packer into 4096-token bins), fp32 weights
@@ -43,10 +43,14 @@ import torch
 from torch import nn
 
 from benchmarks.flops import matmul_flops, model_flops_per_token
-from crlft import train_loop as tl
 from crlft.errors import CrlftError
 from crlft.generate import BatchGenerator, GenerationRequest, SamplingParams
 from crlft.pack import PackedRow, first_fit_decreasing, pack_bin
+from crlft.train.attention import set_attention
+from crlft.train.batches import collate_micro_batch
+from crlft.train.precision import compute_dtype, native_bf16
+from crlft.train.step import evaluate, train_step
+from crlft.train.wrap import wrap_lora
 
 CONDITIONS = ["GPT4", "GPT3"]
 REWARDS = {"GPT4": 1.0, "GPT3": 0.1}
@@ -174,11 +178,11 @@ def attention_paths(device: torch.device) -> dict[str, str | None]:
 def prepare(setup: Setup, attention: str, lora: bool) -> tuple[nn.Module, str, torch.dtype | None]:
     """A fresh model as the Ray worker prepares it: attention path, LoRA (adapters and the end-of-turn rows), bf16."""
     model = setup.fresh_model()
-    attn = tl.set_attention(model, attention, setup.device)
-    dtype = tl.compute_dtype("bf16", setup.device, model.config.hidden_size)
+    attn = set_attention(model, attention, setup.device)
+    dtype = compute_dtype("bf16", setup.device, model.config.hidden_size)
     if lora:
         end_of_turn = setup.tokenizer.convert_tokens_to_ids(END_OF_TURN)
-        model = tl.wrap_lora(model, LORA, [end_of_turn])  # type: ignore[arg-type]
+        model = wrap_lora(model, LORA, [end_of_turn])  # type: ignore[arg-type]
     return model, attn, dtype
 
 
@@ -200,8 +204,8 @@ def run_steps(setup: Setup, model: nn.Module, attn: str, dtype: torch.dtype | No
     losses = []
     for step, row in enumerate(setup.bins):
         start = time.perf_counter()
-        batch = tl.collate_micro_batch(row, setup.pad_id, CONDITIONS, attn, device)
-        stats = tl.train_step(model, [batch], optimizer, scheduler, n_classes=len(CONDITIONS), grad_clip=1.0,
+        batch = collate_micro_batch(row, setup.pad_id, CONDITIONS, attn, device)
+        stats = train_step(model, [batch], optimizer, scheduler, n_classes=len(CONDITIONS), grad_clip=1.0,
                               world_size=1, attn_implementation=attn, autocast_dtype=dtype)
         elapsed = time.perf_counter() - start  # train_step ends by copying its totals to the host: synchronised
         losses.append(stats.loss)
@@ -255,18 +259,18 @@ def _guarded(part: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 def step_numbers(setup: Setup, bins: Sequence[PackedRow], attention: str) -> dict[str, float]:
     """From the initial weights, the bins as one step's micro-batches: the step's loss and gradient norm (nothing is
     updated: lr 0). FlexAttention on CPU has no backward: there, the loss of a forward only."""
-    if setup.device.type == "cpu" and attention == "flex_attention":  # train_loop.set_attention refuses it
+    if setup.device.type == "cpu" and attention == "flex_attention":  # set_attention refuses it
         model = setup.fresh_model()
         model.set_attn_implementation(attention)
-        dtype = tl.compute_dtype("bf16", setup.device, model.config.hidden_size)
-        batches = [tl.collate_micro_batch(row, setup.pad_id, CONDITIONS, attention, setup.device) for row in bins]
-        return {"loss": tl.evaluate(model, batches, n_classes=len(CONDITIONS), device=setup.device,
+        dtype = compute_dtype("bf16", setup.device, model.config.hidden_size)
+        batches = [collate_micro_batch(row, setup.pad_id, CONDITIONS, attention, setup.device) for row in bins]
+        return {"loss": evaluate(model, batches, n_classes=len(CONDITIONS), device=setup.device,
                                     attn_implementation=attention, autocast_dtype=dtype).loss}
     # One train-mode step, never an eval-mode forward: transformers compiles FlexAttention anew at each switch.
     model, attn, dtype = prepare(setup, attention, lora=False)
-    batches = [tl.collate_micro_batch(row, setup.pad_id, CONDITIONS, attn, setup.device) for row in bins]
+    batches = [collate_micro_batch(row, setup.pad_id, CONDITIONS, attn, setup.device) for row in bins]
     optimizer, scheduler = optimizer_for(model, lr=0.0)
-    stats = tl.train_step(model, batches, optimizer, scheduler, n_classes=len(CONDITIONS), grad_clip=1e9,
+    stats = train_step(model, batches, optimizer, scheduler, n_classes=len(CONDITIONS), grad_clip=1e9,
                           world_size=1, attn_implementation=attn, autocast_dtype=dtype)
     return {"loss": stats.loss, "grad_norm": stats.grad_norm}
 
@@ -303,7 +307,7 @@ def _check(name: str, value: float, reference: float, tolerance: float) -> dict[
 def serving(setup: Setup, echo: Callable[[str], None]) -> list[dict[str, Any]]:
     """Output tokens/s of crlft's engine and of transformers' generate, same prompts, greedy, fixed length."""
     scale, device, vocab_size = setup.scale, setup.device, setup.scale.model["vocab_size"]
-    model = setup.fresh_model().to(torch.bfloat16 if tl.native_bf16(device) else torch.float32).eval()
+    model = setup.fresh_model().to(torch.bfloat16 if native_bf16(device) else torch.float32).eval()
     model.generation_config.eos_token_id = None  # every request generates exactly new_tokens
     model.generation_config.pad_token_id = setup.pad_id
     rng = random.Random(1)

@@ -4,7 +4,7 @@ FLOP/s against the machine's measured matmul FLOP/s.
     python -m benchmarks.train_throughput [DATA] [--preset tiny] [--pack-len 1024] [--threads N] [--json FILE]
     python -m benchmarks.train_throughput --precision [--base-model smollm2] [--steps N] [--lr LR] [--json FILE]
 
-1. Plain loop: one process, `--threads` torch threads, crlft.train_loop.train_step over the packed bins (one bin per
+1. Plain loop: one process, `--threads` torch threads, crlft.train.step.train_step over the packed bins (one bin per
    step), and over naive padded batches of the same conversations (batch size: the bins' mean conversation count).
 2. Ray loop: `jobs.train.train` with one worker of `--threads` CPUs on the same bins (Ray Data shard, Ray Train
    worker, MLflow logging); its per-step rates come back from MLflow. Ray overhead = plain rate / Ray rate.
@@ -47,12 +47,14 @@ import pyarrow.parquet as pq
 import torch
 
 from benchmarks.flops import matmul_flops, model_flops_per_token
-from crlft import train_loop as tl
 from crlft.config import Config, load_config
 from crlft.conversation import ClassRules, Conversation, iter_file
 from crlft.pack import PackedRow, collate, first_fit_decreasing, pack_bin
 from crlft.template import Template, TemplateTokenizer, TokenizedConversation
 from crlft.tracking import set_offline_defaults
+from crlft.train.precision import native_bf16
+from crlft.train.schedule import build_optimizer, build_scheduler
+from crlft.train.step import evaluate, train_step
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT / "tests" / "fixtures" / "fastchat" / "dummy_conversation.json"  # FastChat sample
@@ -95,8 +97,8 @@ def plain_loop(model: torch.nn.Module, batches: Sequence[Sequence[PackedRow]], c
                device: torch.device, autocast: torch.dtype | None = None) -> dict[str, float]:
     """Steady-state rates of train_step in this process, one batch of rows per step."""
     model.to(device)
-    optimizer = tl.build_optimizer(model, cfg.train, lr=cfg.train.lr or 1e-3)
-    scheduler = tl.build_scheduler(optimizer, len(batches), cfg.train)
+    optimizer = build_optimizer(model, cfg.train, lr=cfg.train.lr or 1e-3)
+    scheduler = build_scheduler(optimizer, len(batches), cfg.train)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     tokens = supervised = 0
     elapsed = cpu_elapsed = 0.0
@@ -105,7 +107,7 @@ def plain_loop(model: torch.nn.Module, batches: Sequence[Sequence[PackedRow]], c
         batch = {k: v.to(device) for k, v in collate(rows, None, 0, list(cfg.classes)).items()}
         sync()
         start, cpu_start = time.perf_counter(), time.process_time()
-        stats = tl.train_step(model, [batch], optimizer, scheduler, n_classes=len(cfg.classes), grad_clip=1.0,
+        stats = train_step(model, [batch], optimizer, scheduler, n_classes=len(cfg.classes), grad_clip=1.0,
                               world_size=1, autocast_dtype=autocast)
         sync()
         losses.append(stats.loss)
@@ -275,7 +277,7 @@ def precision_section(args: argparse.Namespace, scratch: Path) -> dict[str, Any]
             load = os.getloadavg()[0]
             rates = plain_loop(model, [[row] for row in rows], cfg, args.warmup, cpu, dtype)
             # The trained float32 weights on bins it never saw, with a float32 forward: what each precision learned.
-            held = tl.evaluate(model, held_out_batches, n_classes=len(cfg.classes), device=cpu).loss
+            held = evaluate(model, held_out_batches, n_classes=len(cfg.classes), device=cpu).loss
             passes[name].append({**rates, "held_out_loss_fp32_forward": held, "load_average_1min": round(load, 1)})
     fp32, bf16 = passes["fp32"][0]["losses"], passes["bf16"][0]["losses"]
     rate = {name: max(p["supervised_tokens_per_cpu_s"] for p in runs) for name, runs in passes.items()}
@@ -283,7 +285,7 @@ def precision_section(args: argparse.Namespace, scratch: Path) -> dict[str, Any]
     return {
         "model": args.base_model or args.preset,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "native_bf16": tl.native_bf16(cpu),
+        "native_bf16": native_bf16(cpu),
         "threads": args.threads, "pack_len": args.pack_len, "steps": len(rows), "lr": args.lr,
         "supervised_tokens_per_cpu_s": rate, "supervised_tokens_per_s": wall,
         "bf16_over_fp32_cpu_time": rate["bf16"] / rate["fp32"],

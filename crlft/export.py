@@ -114,13 +114,14 @@ def export_checkpoint(checkpoint_dir: str | Path, base_model: str, out_dir: str 
                       meta_extra: Mapping[str, Any] | None = None) -> Path:
     """The model of a training checkpoint as an exported model folder: the base model, LoRA applied if the run used
     it (merged or kept as an adapter, as train.lora.merge says), the trained weights loaded."""
-    from crlft import train_loop as tl
     from crlft.model import load_model_and_tokenizer
+    from crlft.train.checkpoint import load_model_weights
+    from crlft.train.wrap import merge_lora, wrap_lora
 
     model, tokenizer = load_model_and_tokenizer(base_model, cfg.template.end_of_turn, cfg.model.trust_remote_code)
     if cfg.train.lora.enabled:
-        model = tl.wrap_lora(model, cfg.train.lora, [tokenizer.convert_tokens_to_ids(cfg.template.end_of_turn)])
-    tl.load_model_weights(checkpoint_dir, model)
+        model = wrap_lora(model, cfg.train.lora, [tokenizer.convert_tokens_to_ids(cfg.template.end_of_turn)])
+    load_model_weights(checkpoint_dir, model)
     if cfg.train.lora.enabled and cfg.train.lora.merge:
-        model = tl.merge_lora(model)
+        model = merge_lora(model)
     return save_exported(model, tokenizer, out_dir, ModelMeta.from_config(cfg, **dict(meta_extra or {})))

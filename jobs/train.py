@@ -1,7 +1,7 @@
 """`crlft train` / `python -m jobs.train`: C-RLFT on Ray Train, with checkpoints, resume, fault tolerance and MLflow.
 
     DATA/train/*.parquet (packed bins, jobs.build_dataset) --Ray Data, split per worker--> TorchTrainer workers
-      each step: grad_accum bins per worker, loss over the global weight sum (crlft.train_loop.train_step)
+      each step: grad_accum bins per worker, loss over the global weight sum (crlft.train.step.train_step)
       rank 0: per-step metrics to MLflow from a background thread (held while the server is away, and carried in
               every checkpoint until sent); every checkpoint_every steps and at the end: ray.train.report(checkpoint)
     driver: final checkpoint -> exported model in --out (crlft.export) -> held metrics and the export logged to the
@@ -10,9 +10,9 @@
             to register it with --resume once the server answers.
 
 This file is the command and the driver; the pieces are in jobs/training/: `data` (stats.json checked against the
-config and the tokenizer), `runs` (run folders, resume), `tracking` (the MLflow run, the metrics logger), `worker`
-(`train_loop_per_worker`, the loop on every worker); `crlft.export.export_checkpoint` turns the final checkpoint into
-the exported model.
+config and the tokenizer), `runs` (run folders, resume), `tracking` (the MLflow run, the metrics logger), `plan` (what
+the driver tells every worker), `worker` (`run_worker`, the recipe every worker runs); `crlft.export.export_checkpoint`
+turns the final checkpoint into the exported model.
 
 Runs live in `train.storage_path` (default `<state_dir>/ray_results`; Ray Train's RunConfig): one folder per run.
 `--resume` continues the newest run of the same --out from its latest checkpoint (Ray Train V2 restores a run's
@@ -36,16 +36,19 @@ from crlft.export import export_checkpoint
 from crlft.lineage.registration import MODEL_ARTIFACT_PATH, register_model
 from crlft.lineage.versions import ModelRef
 from crlft.tracking import mark_failed, mlflow_patience_s, set_offline_defaults, wait_reachable
-from crlft.train_loop import LrChoice, StepPlan, choose_lr, plan_steps, supervised_tokens_per_step
+from crlft.train.lr import LrChoice, choose_lr, supervised_tokens_per_step
+from crlft.train.schedule import StepPlan, plan_steps
 from jobs.session import ray_session
 from jobs.training.data import DataDescription, check_tokenizer, describe_data
+from jobs.training.plan import WorkerPlan
 from jobs.training.runs import RunRecord, check_same_plan, find_run_to_resume, run_name, storage_root, write_run_record
 from jobs.training.tracking import data_params, flatten, read_unsent, send_metrics, start_run
-from jobs.training.worker import train_loop_per_worker
+from jobs.training.worker import run_worker
 
 SHUFFLE_BUFFER_TOKENS = 2**22  # bins held per worker for the per-epoch shuffle: ~4M tokens, ~128 MB
 # Up to this many packed tokens the data is read once and kept in Ray's object store (~40 bytes a token, all columns):
-# otherwise every epoch starts Ray Data's read tasks again, 2-3 s an epoch, which dominated small runs.
+# otherwise every epoch starts Ray Data's read tasks again, which dominates small runs (benchmarks/RESULTS.md,
+# "Ablation").
 MATERIALIZE_MAX_TOKENS = 2**22
 
 _FLAGS = {
@@ -139,21 +142,20 @@ def train(
         lr = _lr(cfg, data, base_model)
         print(f"[train] learning rate {lr.lr:.3g}: {lr.reason}", flush=True)
         run = _open_run(client, cfg, data, base_model, out, plan, lr.lr, to_resume, tracking_uri)
-        loop = {
-            "config": cfg.dump(),
-            "base_model": base_model,
-            "conditions": data.conditions,
-            "reward_scale": data.reward_scale,
-            "plan": asdict(plan),
-            "lr": lr.lr,
-            "lr_reason": lr.reason,
-            "tracking_uri": tracking_uri,
-            "run_id": run.run_id,
-            "run_dir": f"{run.root}/{run.name}",
-            "has_val": data.has_val,
-            "shuffle_buffer": max(1, SHUFFLE_BUFFER_TOKENS // data.pack_len),
-        }
-        result = _fit(_trainer(cfg, loop, datasets, run), client, run, cfg.train.max_failures)
+        worker_plan = WorkerPlan(
+            config=cfg.dump(),
+            base_model=base_model,
+            conditions=data.conditions,
+            reward_scale=data.reward_scale,
+            steps=plan,
+            lr=lr,
+            tracking_uri=tracking_uri,
+            run_id=run.run_id,
+            run_dir=f"{run.root}/{run.name}",
+            has_val=data.has_val,
+            shuffle_buffer=max(1, SHUFFLE_BUFFER_TOKENS // data.pack_len),
+        )
+        result = _fit(_trainer(cfg, worker_plan, datasets, run), client, run, cfg.train.max_failures)
     return _export(result, client, run, data, base_model, out, cfg, plan)
 
 
@@ -211,7 +213,7 @@ def _lr(cfg: Config, data: DataDescription, base_model: str) -> LrChoice:
     return choose_lr(cfg.train, tokens, parameter_count(base_model, cfg.model.trust_remote_code))
 
 
-def _trainer(cfg: Config, loop: dict[str, Any], datasets: dict[str, Any], run: _Run) -> Any:
+def _trainer(cfg: Config, worker_plan: WorkerPlan, datasets: dict[str, Any], run: _Run) -> Any:
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -219,8 +221,8 @@ def _trainer(cfg: Config, loop: dict[str, Any], datasets: dict[str, Any], run: _
     ingest.preserve_order = True  # the same bins in the same steps on every run: resume continues exactly
     resources = {"CPU": cfg.train.cpus_per_worker}
     return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop,
+        run_worker,
+        train_loop_config=worker_plan.to_ray(),
         scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(

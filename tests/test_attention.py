@@ -12,9 +12,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from crlft import train_loop as tl
 from crlft.errors import CrlftError
 from crlft.pack import PADDING, block_causal_mask, collate, flex_block_mask, pack_bin
+from crlft.train.attention import set_attention
+from crlft.train.batches import collate_micro_batch
 
 
 def _sequence_ids(lengths: list[int], padding: int) -> torch.Tensor:
@@ -53,10 +54,10 @@ def test_collate_without_an_implementation_builds_no_mask() -> None:
 def test_micro_batches_carry_the_mask_their_kernel_takes() -> None:
     row = pack_bin([([1, 2, 3], [0.0, 1.0, 1.0], "GPT4"), ([4, 5], [0.0, 1.0], "GPT3")])
     cpu = torch.device("cpu")
-    sdpa = tl.collate_micro_batch(row, 0, ["GPT4", "GPT3"], "sdpa", cpu)
+    sdpa = collate_micro_batch(row, 0, ["GPT4", "GPT3"], "sdpa", cpu)
     assert torch.equal(sdpa["attention_mask"], block_causal_mask(sdpa["sequence_ids"]))
-    assert "attention_mask" not in tl.collate_micro_batch(row, 0, ["GPT4", "GPT3"], "flash_attention_2", cpu)
-    flex = tl.collate_micro_batch(row, 0, ["GPT4", "GPT3"], "flex_attention", cpu)
+    assert "attention_mask" not in collate_micro_batch(row, 0, ["GPT4", "GPT3"], "flash_attention_2", cpu)
+    flex = collate_micro_batch(row, 0, ["GPT4", "GPT3"], "flex_attention", cpu)
     assert torch.equal(_every_pair(flex["attention_mask"], 5), block_causal_mask(flex["sequence_ids"])[0, 0])
 
 
@@ -67,21 +68,21 @@ def _llama() -> LlamaForCausalLM:
 
 def test_auto_keeps_the_models_own_attention_without_flash_attn_on_a_gpu() -> None:
     model = _llama()
-    assert tl.set_attention(model, "auto", torch.device("cpu")) == "sdpa"
+    assert set_attention(model, "auto", torch.device("cpu")) == "sdpa"
 
 
 def test_an_explicit_attention_is_set_on_the_model() -> None:
     model = _llama()
-    assert tl.set_attention(model, "eager", torch.device("cpu")) == "eager"
+    assert set_attention(model, "eager", torch.device("cpu")) == "eager"
     assert model.config._attn_implementation == "eager"
 
 
 def test_flex_attention_is_refused_for_training_on_cpu() -> None:
     with pytest.raises(CrlftError, match="no backward pass on CPU"):
-        tl.set_attention(_llama(), "flex_attention", torch.device("cpu"))
+        set_attention(_llama(), "flex_attention", torch.device("cpu"))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash_attn is installed here")
 def test_flash_attention_without_flash_attn_is_a_clear_error() -> None:
     with pytest.raises(CrlftError, match="not available"):
-        tl.set_attention(_llama(), "flash_attention_2", torch.device("cpu"))
+        set_attention(_llama(), "flash_attention_2", torch.device("cpu"))

@@ -223,8 +223,8 @@ def test_training_state_that_cannot_be_written_names_the_folder_and_the_cause(ti
                                                                               tmp_path: Path) -> None:
     import torch
 
-    from crlft import train_loop as tl
     from crlft.model import load_model_and_tokenizer
+    from crlft.train.checkpoint import TrainingPosition, save_training_state
 
     model, _ = load_model_and_tokenizer(str(tiny_model))
     optimizer = torch.optim.AdamW(model.parameters())
@@ -232,7 +232,7 @@ def test_training_state_that_cannot_be_written_names_the_folder_and_the_cause(ti
     (tmp_path / "storage").write_text("a regular file where the checkpoint folder's parent must be")
     target = tmp_path / "storage" / "checkpoint"
     with pytest.raises(CrlftError, match=re.escape(f"cannot write the training state to {target}: Not a directory")):
-        tl.save_training_state(target, model, optimizer, scheduler, tl.TrainingPosition())
+        save_training_state(target, model, optimizer, scheduler, TrainingPosition())
 
 
 def _immutable(path: Path, on: bool) -> bool:

@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from crlft import train_loop as tl
 from crlft.config import load_config
 from crlft.model import init_model, load_model_and_tokenizer
 from crlft.template import END_OF_TURN
+from crlft.train.checkpoint import TrainingPosition, load_model_weights, save_training_state
+from crlft.train.schedule import build_optimizer, build_scheduler
+from crlft.train.wrap import embedding_rows, merge_lora, wrap_lora
 
 LORA = load_config(None, {"train.lora.enabled": True}).train
 # The default LoRA targets (all-linear): every linear layer of a Llama but the output head.
@@ -29,12 +31,12 @@ def _lora_model(model_dir: Path) -> tuple[torch.nn.Module, int, dict[str, torch.
     model, tokenizer = load_model_and_tokenizer(str(model_dir))
     end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN)
     base = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    return tl.wrap_lora(model, LORA.lora, [end_of_turn]), end_of_turn, base
+    return wrap_lora(model, LORA.lora, [end_of_turn]), end_of_turn, base
 
 
 def _train(model: torch.nn.Module, end_of_turn: int, steps: int = 3) -> None:
     torch.manual_seed(0)
-    optimizer = tl.build_optimizer(model, LORA, lr=1e-2)
+    optimizer = build_optimizer(model, LORA, lr=1e-2)
     ids = torch.tensor([[5, 9, 11, end_of_turn, 7, 13, end_of_turn]])
     for _ in range(steps):
         model(input_ids=ids, labels=ids).loss.backward()
@@ -49,7 +51,7 @@ def test_lora_trains_the_adapters_and_the_end_of_turn_rows_of_both_embeddings(ti
         "base_model.model.lm_head.token_adapter.trainable_tokens_delta.default",
         "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta.default",
     ]
-    assert tl.embedding_rows(load_model_and_tokenizer(str(tiny_model))[0], [end_of_turn]) == {
+    assert embedding_rows(load_model_and_tokenizer(str(tiny_model))[0], [end_of_turn]) == {
         "model.embed_tokens": [end_of_turn], "lm_head": [end_of_turn]}
 
 
@@ -58,7 +60,7 @@ def test_the_merged_model_differs_from_the_base_in_the_adapted_layers_and_the_en
 ) -> None:
     model, end_of_turn, base = _lora_model(tiny_model)
     _train(model, end_of_turn)
-    merged = tl.merge_lora(model).state_dict()
+    merged = merge_lora(model).state_dict()
     assert base.keys() == merged.keys()
     changed = {name for name in base if not torch.equal(base[name], merged[name])}
     assert changed - {"model.embed_tokens.weight", "lm_head.weight"}
@@ -72,10 +74,10 @@ def test_the_merged_model_differs_from_the_base_in_the_adapted_layers_and_the_en
 def test_a_checkpoint_restores_the_end_of_turn_rows_into_a_fresh_lora_model(tiny_model: Path, tmp_path: Path) -> None:
     model, end_of_turn, _ = _lora_model(tiny_model)
     _train(model, end_of_turn)
-    optimizer = tl.build_optimizer(model, LORA, lr=1e-2)
-    tl.save_training_state(tmp_path, model, optimizer, tl.build_scheduler(optimizer, 2, LORA), tl.TrainingPosition())
+    optimizer = build_optimizer(model, LORA, lr=1e-2)
+    save_training_state(tmp_path, model, optimizer, build_scheduler(optimizer, 2, LORA), TrainingPosition())
     restored, _, _ = _lora_model(tiny_model)
-    tl.load_model_weights(tmp_path, restored)
-    expected, actual = tl.merge_lora(model).state_dict(), tl.merge_lora(restored).state_dict()
+    load_model_weights(tmp_path, restored)
+    expected, actual = merge_lora(model).state_dict(), merge_lora(restored).state_dict()
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         torch.testing.assert_close(actual[name], expected[name])

@@ -12,7 +12,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from crlft.loss import (
+from crlft.pack import IGNORE_INDEX, PADDING
+from crlft.train.loss import (
     ClassLossSums,
     crlft_loss,
     global_weight_sum,
@@ -20,7 +21,6 @@ from crlft.loss import (
     per_class_sums,
     token_cross_entropy,
 )
-from crlft.pack import IGNORE_INDEX, PADDING
 from jobs.session import free_port
 
 VOCAB = 11

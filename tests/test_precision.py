@@ -7,18 +7,19 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from crlft import train_loop as tl
 from crlft.config import TrainConfig, load_config
 from crlft.errors import CrlftError
 from crlft.pack import collate, pack_bin
+from crlft.train.precision import BF16_CPU_MIN_HIDDEN, compute_dtype
+from crlft.train.step import StepStats, train_step
 
 CPU = torch.device("cpu")
-WIDE, NARROW = tl.BF16_CPU_MIN_HIDDEN, tl.BF16_CPU_MIN_HIDDEN // 4
+WIDE, NARROW = BF16_CPU_MIN_HIDDEN, BF16_CPU_MIN_HIDDEN // 4
 
 
 def test_explicit_precisions_are_obeyed_everywhere() -> None:
-    assert tl.compute_dtype("bf16", CPU, NARROW) is torch.bfloat16
-    assert tl.compute_dtype("fp32", CPU, WIDE) is None
+    assert compute_dtype("bf16", CPU, NARROW) is torch.bfloat16
+    assert compute_dtype("fp32", CPU, WIDE) is None
 
 
 @pytest.mark.parametrize(("native", "hidden", "expected"), [
@@ -31,12 +32,12 @@ def test_auto_takes_bf16_on_cpus_that_have_it_for_wide_models(
 ) -> None:
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: native)
-    assert tl.compute_dtype("auto", CPU, hidden) is expected
+    assert compute_dtype("auto", CPU, hidden) is expected
 
 
 def test_auto_takes_bf16_on_gpus_with_bf16_whatever_the_width(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert tl.compute_dtype("auto", torch.device("cuda"), NARROW) is torch.bfloat16
+    assert compute_dtype("auto", torch.device("cuda"), NARROW) is torch.bfloat16
 
 
 def test_precision_is_a_validated_config_field() -> None:
@@ -46,7 +47,7 @@ def test_precision_is_a_validated_config_field() -> None:
         load_config(None, {"train.precision": "fp16"})
 
 
-def _step(autocast: torch.dtype | None) -> tuple[tl.StepStats, LlamaForCausalLM]:
+def _step(autocast: torch.dtype | None) -> tuple[StepStats, LlamaForCausalLM]:
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
@@ -56,7 +57,7 @@ def _step(autocast: torch.dtype | None) -> tuple[tl.StepStats, LlamaForCausalLM]
     batch = collate([pack_bin(conversations)], None, 0, ["GPT4"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    stats = tl.train_step(model, [batch], optimizer, scheduler, n_classes=1, grad_clip=1.0, world_size=1,
+    stats = train_step(model, [batch], optimizer, scheduler, n_classes=1, grad_clip=1.0, world_size=1,
                           autocast_dtype=autocast)
     return stats, model
 

@@ -22,13 +22,34 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from crlft import train_loop as tl
 from crlft.config import Config, Mode, load_config
 from crlft.conversation import Conversation, Message
 from crlft.errors import CrlftError
 from crlft.pack import PackedRow, collate, pack_bin
 from crlft.template import Template, TemplateTokenizer
 from crlft.tracking import set_offline_defaults
+from crlft.train.batches import (
+    applied_rewards,
+    collate_micro_batch,
+    model_inputs,
+    rescale_row,
+    reward_scale,
+    sequence_starts,
+)
+from crlft.train.checkpoint import (
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    TrainingPosition,
+    load_model_weights,
+    load_training_state,
+    save_training_state,
+)
+from crlft.train.loss import token_cross_entropy
+from crlft.train.lr import auto_lr, supervised_tokens_per_step
+from crlft.train.rng import restore_rng_state, seed_everything
+from crlft.train.schedule import build_optimizer, build_scheduler, lr_factor, plan_steps, warmup_steps
+from crlft.train.step import train_step
+from crlft.train.wrap import wrap_lora
 
 set_offline_defaults()
 
@@ -101,7 +122,7 @@ def write_dataset(out: Path, model_dir: Path, mode: str, bins: int, per_bin: int
         for condition, length in zip(row["seq_conditions"], row["seq_lens"], strict=True):
             per_class[condition]["records"] += 1
             per_class[condition]["tokens"] += length
-        for condition, start, length in zip(row["seq_conditions"], tl._starts(row["seq_lens"]), row["seq_lens"],
+        for condition, start, length in zip(row["seq_conditions"], sequence_starts(row["seq_lens"]), row["seq_lens"],
                                             strict=True):
             per_class[condition]["supervised_tokens"] += sum(w > 0 for w in row["weights"][start : start + length])
     fingerprint = TemplateTokenizer(Template.from_config(cfg), load_tokenizer(str(model_dir))).fingerprint()
@@ -119,37 +140,37 @@ def write_dataset(out: Path, model_dir: Path, mode: str, bins: int, per_bin: int
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor() -> None:
-    total, warmup, floor = 100, tl.warmup_steps(100, 0.05), 0.1
-    factors = [tl.lr_factor(step, total, warmup, floor) for step in range(total)]
+    total, warmup, floor = 100, warmup_steps(100, 0.05), 0.1
+    factors = [lr_factor(step, total, warmup, floor) for step in range(total)]
     assert warmup == 5
     assert factors[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
     assert factors[5] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[5:], factors[6:], strict=False))
     assert factors[-1] == pytest.approx(floor)
     midway = 5 + (total - 5 - 1) / 2
-    assert tl.lr_factor(int(midway), total, warmup, floor) == pytest.approx(floor + (1 - floor) / 2, abs=0.02)
+    assert lr_factor(int(midway), total, warmup, floor) == pytest.approx(floor + (1 - floor) / 2, abs=0.02)
 
 
 def test_a_single_step_run_uses_the_peak_without_warmup_and_ends_on_it() -> None:
-    assert tl.lr_factor(0, 1, 0, 0.1) == pytest.approx(0.1)
-    assert tl.lr_factor(0, 1, 1, 0.1) == pytest.approx(1.0)
+    assert lr_factor(0, 1, 0, 0.1) == pytest.approx(0.1)
+    assert lr_factor(0, 1, 1, 0.1) == pytest.approx(1.0)
 
 
 def test_auto_lr_is_the_reference_rule() -> None:
-    assert tl.auto_lr(4e6) == pytest.approx(3e-4)
-    assert tl.auto_lr(1e6) == pytest.approx(1.5e-4)
+    assert auto_lr(4e6) == pytest.approx(3e-4)
+    assert auto_lr(1e6) == pytest.approx(1.5e-4)
     # the paper's 13B run: ~200k supervised tokens a step -> ~6.7e-5
-    assert tl.auto_lr(2e5) == pytest.approx(6.7e-5, rel=0.01)
-    assert tl.supervised_tokens_per_step(pack_len=4096, world_size=8, grad_accum=2, supervised_ratio=0.5) == 32768
+    assert auto_lr(2e5) == pytest.approx(6.7e-5, rel=0.01)
+    assert supervised_tokens_per_step(pack_len=4096, world_size=8, grad_accum=2, supervised_ratio=0.5) == 32768
     with pytest.raises(CrlftError, match="no supervised tokens"):
-        tl.auto_lr(0)
+        auto_lr(0)
 
 
 def test_the_scheduler_drives_the_optimizer_lr_and_only_matrices_decay() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
     cfg = load_config(None, {"train.warmup": 0.5, "train.lr_floor": 0.0})
-    optimizer = tl.build_optimizer(model, cfg.train, lr=1.0)
-    scheduler = tl.build_scheduler(optimizer, total_steps=4, train=cfg.train)
+    optimizer = build_optimizer(model, cfg.train, lr=1.0)
+    scheduler = build_scheduler(optimizer, total_steps=4, train=cfg.train)
     decays = {group["weight_decay"]: len(group["params"]) for group in optimizer.param_groups}
     assert decays == {0.1: 1, 0.0: 3}  # the Linear weight decays; its bias and the norm's weight and bias do not
     assert optimizer.param_groups[0]["betas"] == (0.9, 0.95) and optimizer.param_groups[0]["eps"] == 1e-5
@@ -162,26 +183,26 @@ def test_the_scheduler_drives_the_optimizer_lr_and_only_matrices_decay() -> None
 
 
 def test_the_plan_gives_each_rank_an_equal_share_and_a_partial_last_step() -> None:
-    plan = tl.plan_steps(bins=11, world_size=2, grad_accum=2, epochs=3, max_steps=None)
+    plan = plan_steps(bins=11, world_size=2, grad_accum=2, epochs=3, max_steps=None)
     assert (plan.bins_per_rank, plan.steps_per_epoch, plan.total_steps, plan.epochs) == (5, 3, 9, 3)
-    cut = tl.plan_steps(bins=11, world_size=2, grad_accum=2, epochs=3, max_steps=4)
+    cut = plan_steps(bins=11, world_size=2, grad_accum=2, epochs=3, max_steps=4)
     assert (cut.total_steps, cut.epochs) == (4, 2)
     with pytest.raises(CrlftError, match="fewer than the 4 workers"):
-        tl.plan_steps(bins=3, world_size=4, grad_accum=1, epochs=1, max_steps=None)
+        plan_steps(bins=3, world_size=4, grad_accum=1, epochs=1, max_steps=None)
 
 
 def test_rescaling_turns_crlft_weights_into_the_weights_of_the_conditioned_mode() -> None:
-    data_rewards = tl.applied_rewards(True, {"GPT4": 1.0, "GPT3": 0.1})
-    scale = tl.reward_scale(data_rewards, {"GPT4": 1.0, "GPT3": 1.0})
+    data_rewards = applied_rewards(True, {"GPT4": 1.0, "GPT3": 0.1})
+    scale = reward_scale(data_rewards, {"GPT4": 1.0, "GPT3": 1.0})
     row = pack_bin([([1, 2, 3], [0.0, 1.0, 1.0], "GPT4"), ([4, 5, 6], [0.0, 0.1, 0.1], "GPT3")])
-    rescaled = tl.rescale_row(row, scale)
+    rescaled = rescale_row(row, scale)
     assert rescaled["weights"] == pytest.approx([1.0, 1.0, 0.0, 1.0, 1.0, 0.0])
-    assert tl.rescale_row(row, {"GPT4": 1.0, "GPT3": 1.0}) is row
+    assert rescale_row(row, {"GPT4": 1.0, "GPT3": 1.0}) is row
     # data built without rewards (conditioned) carries weight 1: the crlft mode scales GPT3 down to its reward
-    assert tl.reward_scale(tl.applied_rewards(False, {"GPT4": 1.0, "GPT3": 0.1}), {"GPT4": 1.0, "GPT3": 0.1}) == {
+    assert reward_scale(applied_rewards(False, {"GPT4": 1.0, "GPT3": 0.1}), {"GPT4": 1.0, "GPT3": 0.1}) == {
         "GPT4": 1.0, "GPT3": 0.1}  # fmt: skip
     with pytest.raises(CrlftError, match="does not define"):
-        tl.reward_scale({"Human": 1.0}, {"GPT4": 1.0})
+        reward_scale({"Human": 1.0}, {"GPT4": 1.0})
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -206,9 +227,9 @@ def test_accumulated_micro_batches_make_the_same_step_as_one_batch_of_all_rows(t
     accumulated, whole = _model(tiny_model), _model(tiny_model)
     results = []
     for model, micro_batches in ((accumulated, [_batch(rows[:1]), _batch(rows[1:])]), (whole, [_batch(rows)])):
-        optimizer = tl.build_optimizer(model, cfg.train, lr=1e-2)
-        scheduler = tl.build_scheduler(optimizer, 10, cfg.train)
-        results.append(tl.train_step(model, micro_batches, optimizer, scheduler, n_classes=2, grad_clip=1.0,
+        optimizer = build_optimizer(model, cfg.train, lr=1e-2)
+        scheduler = build_scheduler(optimizer, 10, cfg.train)
+        results.append(train_step(model, micro_batches, optimizer, scheduler, n_classes=2, grad_clip=1.0,
                                      world_size=1))
     acc, one = results
     assert acc.loss == pytest.approx(one.loss, rel=1e-5)
@@ -225,11 +246,11 @@ def test_the_step_loss_is_the_weighted_mean_over_every_micro_batch(tiny_model: P
     model = _model(tiny_model)
     batches = [_batch(rows[:1]), _batch(rows[1:])]
     with torch.no_grad():
-        numerator = sum((b["weights"] * tl.token_cross_entropy(model(**tl.model_inputs(b, "sdpa")).logits,
+        numerator = sum((b["weights"] * token_cross_entropy(model(**model_inputs(b, "sdpa")).logits,
                                                                 b["labels"])).sum() for b in batches)
     expected = float(numerator / sum(b["weights"].sum() for b in batches))
-    optimizer = tl.build_optimizer(model, cfg.train, lr=1e-3)
-    stats = tl.train_step(model, batches, optimizer, tl.build_scheduler(optimizer, 5, cfg.train), n_classes=2,
+    optimizer = build_optimizer(model, cfg.train, lr=1e-3)
+    stats = train_step(model, batches, optimizer, build_scheduler(optimizer, 5, cfg.train), n_classes=2,
                           grad_clip=1.0, world_size=1)
     assert stats.loss == pytest.approx(expected, rel=1e-5)
     assert stats.tokens == sum(len(r["input_ids"]) for r in rows)
@@ -240,13 +261,13 @@ def test_a_packed_bin_computes_each_conversation_as_if_it_were_alone(tiny_model:
     row = packed_rows(tiny_model, cfg, bins=1, per_bin=3, seed=2)[0]
     model = _model(tiny_model).eval()
     with torch.no_grad():
-        packed = tl.collate_micro_batch(row, 0, CONDITIONS, "sdpa", torch.device("cpu"))
-        packed_ce = tl.token_cross_entropy(model(**tl.model_inputs(packed, "sdpa")).logits, packed["labels"])[0]
+        packed = collate_micro_batch(row, 0, CONDITIONS, "sdpa", torch.device("cpu"))
+        packed_ce = token_cross_entropy(model(**model_inputs(packed, "sdpa")).logits, packed["labels"])[0]
         start = 0
         for length in row["seq_lens"]:
             alone = pack_bin([(row["input_ids"][start : start + length], [0.0] * length, "GPT4")])
             batch = collate([alone], None, 0, CONDITIONS)
-            ce = tl.token_cross_entropy(model(**tl.model_inputs(batch, "sdpa")).logits, batch["labels"])[0]
+            ce = token_cross_entropy(model(**model_inputs(batch, "sdpa")).logits, batch["labels"])[0]
             torch.testing.assert_close(packed_ce[start : start + length], ce, rtol=1e-4, atol=1e-5)
             start += length
 
@@ -256,24 +277,24 @@ def test_training_state_round_trips_weights_optimizer_scheduler_position_and_rng
 ) -> None:
     cfg = load_config(None, {})
     rows = packed_rows(tiny_model, cfg, bins=1, per_bin=2)
-    model = tl.wrap_lora(_model(tiny_model), cfg.train.lora, [])
-    optimizer = tl.build_optimizer(model, cfg.train, lr=1e-2)
-    scheduler = tl.build_scheduler(optimizer, 10, cfg.train)
-    tl.train_step(model, [_batch(rows)], optimizer, scheduler, n_classes=2, grad_clip=1.0, world_size=1)
-    tl.seed_everything(7)
-    tl.save_training_state(tmp_path, model, optimizer, scheduler, tl.TrainingPosition(1, 0, 1), {"run": "x"})
+    model = wrap_lora(_model(tiny_model), cfg.train.lora, [])
+    optimizer = build_optimizer(model, cfg.train, lr=1e-2)
+    scheduler = build_scheduler(optimizer, 10, cfg.train)
+    train_step(model, [_batch(rows)], optimizer, scheduler, n_classes=2, grad_clip=1.0, world_size=1)
+    seed_everything(7)
+    save_training_state(tmp_path, model, optimizer, scheduler, TrainingPosition(1, 0, 1), {"run": "x"})
     expected_draws = (random.random(), torch.rand(3))
 
-    restored = tl.wrap_lora(_model(tiny_model), cfg.train.lora, [])
-    restored_optimizer = tl.build_optimizer(restored, cfg.train, lr=1e-2)
-    restored_scheduler = tl.build_scheduler(restored_optimizer, 10, cfg.train)
-    loaded = tl.load_training_state(tmp_path, restored, restored_optimizer, restored_scheduler)
-    tl.restore_rng_state(loaded.rng_states[0])
+    restored = wrap_lora(_model(tiny_model), cfg.train.lora, [])
+    restored_optimizer = build_optimizer(restored, cfg.train, lr=1e-2)
+    restored_scheduler = build_scheduler(restored_optimizer, 10, cfg.train)
+    loaded = load_training_state(tmp_path, restored, restored_optimizer, restored_scheduler)
+    restore_rng_state(loaded.rng_states[0])
 
-    assert loaded.position == tl.TrainingPosition(1, 0, 1) and loaded.extra == {"run": "x"}
+    assert loaded.position == TrainingPosition(1, 0, 1) and loaded.extra == {"run": "x"}
     assert (random.random(), torch.rand(3)) == (expected_draws[0], pytest.approx(expected_draws[1]))
     assert restored_scheduler.state_dict()["last_epoch"] == 1
-    saved = torch.load(tmp_path / tl.MODEL_FILE, weights_only=True)
+    saved = torch.load(tmp_path / MODEL_FILE, weights_only=True)
     assert saved and all("lora_" in name for name in saved)  # frozen base weights are not in the checkpoint
     for a, b in zip(model.parameters(), restored.parameters(), strict=True):
         torch.testing.assert_close(a, b)
@@ -285,18 +306,18 @@ def test_training_state_round_trips_weights_optimizer_scheduler_position_and_rng
 
 def test_loading_a_checkpoint_into_a_different_model_says_what_differs(tiny_model: Path, tmp_path: Path) -> None:
     cfg = load_config(None, {})
-    lora = tl.wrap_lora(_model(tiny_model), cfg.train.lora, [])
-    optimizer = tl.build_optimizer(lora, cfg.train, lr=1e-2)
-    tl.save_training_state(tmp_path, lora, optimizer, tl.build_scheduler(optimizer, 2, cfg.train),
-                           tl.TrainingPosition())
+    lora = wrap_lora(_model(tiny_model), cfg.train.lora, [])
+    optimizer = build_optimizer(lora, cfg.train, lr=1e-2)
+    save_training_state(tmp_path, lora, optimizer, build_scheduler(optimizer, 2, cfg.train),
+                           TrainingPosition())
     with pytest.raises(CrlftError, match="same base model and LoRA settings"):
-        tl.load_model_weights(tmp_path, _model(tiny_model))
+        load_model_weights(tmp_path, _model(tiny_model))
 
 
 def test_lora_targets_missing_from_the_model_name_its_layers(tiny_model: Path) -> None:
     cfg = load_config(None, {"train.lora.target_modules": ["c_attn"]})
     with pytest.raises(CrlftError, match="q_proj"):
-        tl.wrap_lora(_model(tiny_model), cfg.train.lora, [])
+        wrap_lora(_model(tiny_model), cfg.train.lora, [])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -549,8 +570,8 @@ def test_a_stopped_run_resumes_to_the_same_steps_and_optimizer_state_as_an_unint
     client = MlflowClient(cfg.registry.tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name(cfg.registry.experiment).experiment_id])
     assert [r.info.run_id for r in runs] == [resumed.mlflow_run_id]  # the stopped run's MLflow run continued
-    resumed_state = torch.load(Path(resumed.checkpoint_path) / tl.OPTIMIZER_FILE, weights_only=True)
-    straight_state = torch.load(Path(straight.checkpoint_path) / tl.OPTIMIZER_FILE, weights_only=True)
+    resumed_state = torch.load(Path(resumed.checkpoint_path) / OPTIMIZER_FILE, weights_only=True)
+    straight_state = torch.load(Path(straight.checkpoint_path) / OPTIMIZER_FILE, weights_only=True)
     assert resumed_state["state"].keys() == straight_state["state"].keys()
     for name, moments in straight_state["state"].items():
         for key in ("step", "exp_avg", "exp_avg_sq"):

@@ -12,7 +12,7 @@ from typing import Any
 from crlft import storage
 from crlft.config import Config, Mode
 from crlft.errors import CrlftError
-from crlft.train_loop import applied_rewards, reward_scale
+from crlft.train.batches import applied_rewards, reward_scale
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 from crlft import storage
 from crlft.config import Config
 from crlft.errors import CrlftError
-from crlft.train_loop import StepPlan
+from crlft.train.schedule import StepPlan
 
 RUN_FILE = "crlft_run.json"
 

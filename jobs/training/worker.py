@@ -1,7 +1,17 @@
-"""The loop every Ray Train worker runs (`train_loop_per_worker`): build the model (LoRA, DDP or FSDP), restore the
-latest checkpoint if there is one, then per epoch: grad_accum packed bins per step from this worker's Ray Data shard
-(`crlft.train_loop.train_step`), rank 0's metrics to MLflow, a checkpoint every `train.checkpoint_every` steps and at
-the end (every rank takes part: the state dicts are gathered), validation loss per class after each epoch."""
+"""The recipe every Ray Train worker runs (`run_worker`), top to bottom:
+
+1. Setup: the model, initialised alike on every rank (attention and precision for the device, gradient
+   checkpointing, LoRA, then FSDP2 or DDP), AdamW and its schedule, and the latest checkpoint restored if there is one.
+2. Loop: per epoch, `grad_accum` packed bins a step from this worker's Ray Data shard (crlft.train.step.train_step),
+   rank 0's metrics to MLflow, a warning when the first epoch's loss has not moved, and the validation loss per class
+   after each epoch.
+3. Checkpoint: every `train.checkpoint_every` steps and at the end, with the metrics MLflow has not taken yet (every
+   rank takes part: the state dicts are gathered).
+4. Export: after the last checkpoint the driver turns it into the exported model (jobs.train,
+   crlft.export.export_checkpoint).
+
+What the driver decided (the model, the classes, the plan of steps, the learning rate, the MLflow run) comes in one
+WorkerPlan (jobs.training.plan)."""
 
 from __future__ import annotations
 
@@ -13,53 +23,54 @@ from typing import Any
 
 import torch
 
-from crlft import train_loop as tl
 from crlft.config import Config
 from crlft.dataset import chunked
 from crlft.errors import CrlftError
 from crlft.tracking import set_offline_defaults
-from crlft.train_loop import StepPlan, StepStats, TrainingPosition
+from crlft.train.attention import set_attention
+from crlft.train.batches import as_packed_row, collate_micro_batch, rescale_row
+from crlft.train.checkpoint import TrainingPosition, load_training_state, save_training_state
+from crlft.train.loss import ClassLossSums, mean_ce_by_class
+from crlft.train.lr import stalled_loss_warning
+from crlft.train.precision import compute_dtype
+from crlft.train.rng import restore_rng_state, seed_everything
+from crlft.train.schedule import build_optimizer, build_scheduler
+from crlft.train.step import StepStats, Stopwatch, evaluate, train_step
+from crlft.train.wrap import enable_gradient_checkpointing, shard_fsdp, wrap_lora
+from jobs.training.plan import WorkerPlan
 from jobs.training.tracking import MetricsLogger, read_unsent
 
 
-def train_loop_per_worker(loop: dict[str, Any]) -> None:
-    """Ray Train's entry point; `loop` is the driver's train_loop_config (jobs.train.train)."""
+def run_worker(fields: dict[str, Any]) -> None:
+    """Ray Train's entry point: `fields` is the driver's WorkerPlan as Ray hands it over (jobs.train.train)."""
     import ray.train
 
     set_offline_defaults()
     context = ray.train.get_context()
-    worker = Worker(Config.model_validate(loop["config"]), loop, context.get_world_rank(), context.get_world_size())
+    worker = Worker(WorkerPlan.from_ray(fields), context.get_world_rank(), context.get_world_size())
     worker.run()
-
-
-def _threads(cpus_per_worker: float) -> int:
-    return max(1, math.floor(cpus_per_worker))
-
-
-def _class_metrics(prefix: str, sums: Any, conditions: list[str]) -> dict[str, float]:
-    from crlft.loss import mean_ce_by_class
-
-    return {f"{prefix}_{name}": value for name, value in mean_ce_by_class(sums, conditions).items()}
 
 
 class Worker:
     """One rank's training: the model, optimiser and schedule, where it is in the plan, and its latest metrics."""
 
-    def __init__(self, cfg: Config, loop: dict[str, Any], rank: int, world_size: int) -> None:
+    # -----------------------------------------------------------------------------------------------------------------
+    # 1. Setup
+
+    def __init__(self, plan: WorkerPlan, rank: int, world_size: int) -> None:
         import ray.train.torch
 
-        self.cfg, self.loop, self.rank, self.world_size = cfg, loop, rank, world_size
-        torch.set_num_threads(_threads(cfg.train.cpus_per_worker))
+        self.plan, self.rank, self.world_size = plan, rank, world_size
+        self.cfg = Config.model_validate(plan.config)
+        torch.set_num_threads(_threads(self.cfg.train.cpus_per_worker))
         self.device = ray.train.torch.get_device()
-        self.plan = StepPlan(**loop["plan"])
-        self.conditions: list[str] = loop["conditions"]
         self._build_model()
-        self.optimizer = tl.build_optimizer(self.model, cfg.train, loop["lr"])
-        self.scheduler = tl.build_scheduler(self.optimizer, self.plan.total_steps, cfg.train)
+        self.optimizer = build_optimizer(self.model, self.cfg.train, plan.lr.lr)
+        self.scheduler = build_scheduler(self.optimizer, plan.steps.total_steps, self.cfg.train)
         self._restore()
-        self.metrics = (MetricsLogger(loop["tracking_uri"], loop["run_id"], held=self.held_metrics) if rank == 0
+        self.metrics = (MetricsLogger(plan.tracking_uri, plan.run_id, held=self.held_metrics) if rank == 0
                         else MetricsLogger(None, None))
-        self.stopwatch = tl.Stopwatch()
+        self.stopwatch = Stopwatch()
 
     def _build_model(self) -> None:
         """The same initialisation on every rank (LoRA adapters are random), wrapped for DDP or FSDP."""
@@ -68,18 +79,18 @@ class Worker:
         from crlft.model import load_model_and_tokenizer
 
         train_cfg = self.cfg.train
-        tl.seed_everything(train_cfg.seed)
-        model, self.tokenizer = load_model_and_tokenizer(self.loop["base_model"], self.cfg.template.end_of_turn,
+        seed_everything(train_cfg.seed)
+        model, self.tokenizer = load_model_and_tokenizer(self.plan.base_model, self.cfg.template.end_of_turn,
                                                          self.cfg.model.trust_remote_code)
-        self.attn = tl.set_attention(model, train_cfg.attention, self.device)
-        dtype = tl.compute_dtype(train_cfg.precision, self.device, model.config.hidden_size)
+        self.attn = set_attention(model, train_cfg.attention, self.device)
+        dtype = compute_dtype(train_cfg.precision, self.device, model.config.hidden_size)
         if train_cfg.gradient_checkpointing:
-            tl.enable_gradient_checkpointing(model)
+            enable_gradient_checkpointing(model)
         if train_cfg.lora.enabled:
             end_of_turn = self.tokenizer.convert_tokens_to_ids(self.cfg.template.end_of_turn)
-            model = tl.wrap_lora(model, train_cfg.lora, [end_of_turn])
+            model = wrap_lora(model, train_cfg.lora, [end_of_turn])
         if train_cfg.strategy == "fsdp":
-            self.model = tl.shard_fsdp(model.to(self.device), param_dtype=dtype)
+            self.model = shard_fsdp(model.to(self.device), param_dtype=dtype)
             self.autocast = None  # FSDP's mixed-precision policy casts the parameters itself
         else:
             self.model = ray.train.torch.prepare_model(model)
@@ -94,28 +105,32 @@ class Worker:
         self.held_metrics: list[Any] = []  # metrics MLflow had not taken when the checkpoint was written
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
-            tl.seed_everything(self.cfg.train.seed + self.rank)
+            seed_everything(self.cfg.train.seed + self.rank)
             return
         with checkpoint.as_directory() as directory:
-            loaded = tl.load_training_state(directory, self.model, self.optimizer, self.scheduler)
+            loaded = load_training_state(directory, self.model, self.optimizer, self.scheduler)
             self.held_metrics = read_unsent(directory)
         self.position = loaded.position
         self.summary = loaded.extra.get("summary") or {"step": float(self.position.global_step),
                                                        "epoch": float(self.position.epoch)}
         if len(loaded.rng_states) == self.world_size:
-            tl.restore_rng_state(loaded.rng_states[self.rank])
+            restore_rng_state(loaded.rng_states[self.rank])
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # 2. Loop
 
     def run(self) -> None:
         import ray.train
 
+        steps = self.plan.steps
         train_shard = ray.train.get_dataset_shard("train")
-        val_shard = ray.train.get_dataset_shard("val") if self.loop["has_val"] else None
+        val_shard = ray.train.get_dataset_shard("val") if self.plan.has_val else None
         start_step = float(self.position.global_step)  # reported: shows whether this worker group restored
-        for epoch in range(self.position.epoch, self.plan.epochs):
-            if self.position.global_step >= self.plan.total_steps:
+        for epoch in range(self.position.epoch, steps.epochs):
+            if self.position.global_step >= steps.total_steps:
                 break
             self._train_epoch(epoch, train_shard)
-            epoch_done = self.position.step_in_epoch >= self.plan.steps_per_epoch
+            epoch_done = self.position.step_in_epoch >= steps.steps_per_epoch
             if epoch == 0 and epoch_done:
                 self._warn_if_not_learning()
             if val_shard is not None:
@@ -135,9 +150,9 @@ class Worker:
         self.stopwatch.lap()
         self.epoch_losses: list[float] = []
         for group in chunked(micro_batches, train_cfg.grad_accum):
-            stats = tl.train_step(
+            stats = train_step(
                 self.model, group, self.optimizer, self.scheduler,
-                n_classes=len(self.conditions), grad_clip=train_cfg.grad_clip, world_size=self.world_size,
+                n_classes=len(self.plan.conditions), grad_clip=train_cfg.grad_clip, world_size=self.world_size,
                 attn_implementation=self.attn, autocast_dtype=self.autocast,
             )  # fmt: skip
             seconds, cpu_seconds = self.stopwatch.lap()
@@ -145,17 +160,25 @@ class Worker:
             self.summary = self._step_metrics(stats, epoch, seconds, cpu_seconds)
             self.epoch_losses.append(stats.loss)
             self.metrics.log(self.summary, self.position.global_step)
-            if self.position.global_step >= self.plan.total_steps:
+            if self.position.global_step >= self.plan.steps.total_steps:
                 break
             if train_cfg.checkpoint_every and self.position.global_step % train_cfg.checkpoint_every == 0:
                 self.report(self.summary)
                 self.stopwatch.lap()
 
-    def _warn_if_not_learning(self) -> None:
-        """Say plainly when the first epoch's loss has not moved (rank 0: the loss is the global batch's)."""
-        warning = tl.stalled_loss_warning(self.epoch_losses, tl.LrChoice(self.loop["lr"], self.loop["lr_reason"]))
-        if warning and self.rank == 0:
-            print(f"warning: {warning}", file=sys.stderr, flush=True)
+    def batches(self, shard: Any, shuffle_seed: int | None, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """Micro-batches of one packed bin each, rescaled to the training mode's rewards; `skip` bins dropped."""
+        rows = shard.iter_batches(
+            batch_size=1,
+            batch_format="numpy",
+            local_shuffle_buffer_size=self.plan.shuffle_buffer if shuffle_seed is not None else None,
+            local_shuffle_seed=shuffle_seed,
+        )
+        for index, record in enumerate(rows):
+            if index < skip:
+                continue
+            row = rescale_row(as_packed_row({k: v[0] for k, v in record.items()}), self.plan.reward_scale)
+            yield collate_micro_batch(row, self.tokenizer.pad_token_id, self.plan.conditions, self.attn, self.device)
 
     def _step_metrics(self, stats: StepStats, epoch: int, seconds: float, cpu_seconds: float) -> dict[str, float]:
         return {
@@ -169,31 +192,25 @@ class Worker:
             "tokens_per_s": stats.tokens / seconds,
             "step_s": seconds,
             "step_cpu_s": cpu_seconds,  # well below step_s: the worker waits (data, other ranks, a busy host)
-            **_class_metrics("loss", stats.class_sums, self.conditions),
+            **_class_metrics("loss", stats.class_sums, self.plan.conditions),
         }
 
+    def _warn_if_not_learning(self) -> None:
+        """Say plainly when the first epoch's loss has not moved (rank 0: the loss is the global batch's)."""
+        warning = stalled_loss_warning(self.epoch_losses, self.plan.lr)
+        if warning and self.rank == 0:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
+
     def _validate(self, shard: Any) -> None:
-        val = tl.evaluate(self.model, self.batches(shard, None), n_classes=len(self.conditions), device=self.device,
-                          attn_implementation=self.attn, autocast_dtype=self.autocast)
-        val_metrics = {"val_loss": val.loss, **_class_metrics("val_loss", val.class_sums, self.conditions)}
+        val = evaluate(self.model, self.batches(shard, None), n_classes=len(self.plan.conditions), device=self.device,
+                       attn_implementation=self.attn, autocast_dtype=self.autocast)
+        val_metrics = {"val_loss": val.loss, **_class_metrics("val_loss", val.class_sums, self.plan.conditions)}
         self.metrics.log(val_metrics, self.position.global_step)
         self.summary.update(val_metrics)
         self.stopwatch.lap()
 
-    def batches(self, shard: Any, shuffle_seed: int | None, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        """Micro-batches of one packed bin each, rescaled to the training mode's rewards; `skip` bins dropped."""
-        rows = shard.iter_batches(
-            batch_size=1,
-            batch_format="numpy",
-            local_shuffle_buffer_size=self.loop["shuffle_buffer"] if shuffle_seed is not None else None,
-            local_shuffle_seed=shuffle_seed,
-        )
-        scale: dict[str, float] = self.loop["reward_scale"]
-        for index, record in enumerate(rows):
-            if index < skip:
-                continue
-            row = tl.rescale_row(tl.as_packed_row({k: v[0] for k, v in record.items()}), scale)
-            yield tl.collate_micro_batch(row, self.tokenizer.pad_token_id, self.conditions, self.attn, self.device)
+    # -----------------------------------------------------------------------------------------------------------------
+    # 3. Checkpoint
 
     def report(self, summary: dict[str, float]) -> None:
         """Checkpoint with `summary` as the metrics and the metrics MLflow has not taken yet (every rank calls it: the
@@ -203,14 +220,22 @@ class Worker:
         import ray.train
 
         with tempfile.TemporaryDirectory() as directory:
-            tl.save_training_state(directory, self.model, self.optimizer, self.scheduler, self.position,
-                                   {"summary": summary})
+            save_training_state(directory, self.model, self.optimizer, self.scheduler, self.position,
+                                {"summary": summary})
             self.metrics.save_unsent(directory)
             saved = ray.train.Checkpoint.from_directory(directory) if self.rank == 0 else None
             try:
                 ray.train.report(summary, checkpoint=saved)
             except OSError as error:
                 raise CrlftError(
-                    f"cannot store the checkpoint of step {self.position.global_step} in {self.loop['run_dir']}: "
+                    f"cannot store the checkpoint of step {self.position.global_step} in {self.plan.run_dir}: "
                     f"{error}; the previous checkpoint is intact: fix the storage and continue with --resume"
                 ) from error
+
+
+def _threads(cpus_per_worker: float) -> int:
+    return max(1, math.floor(cpus_per_worker))
+
+
+def _class_metrics(prefix: str, sums: ClassLossSums, conditions: list[str]) -> dict[str, float]:
+    return {f"{prefix}_{name}": value for name, value in mean_ce_by_class(sums, conditions).items()}

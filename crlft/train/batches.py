@@ -1,0 +1,87 @@
+"""Packed rows -> micro-batches: a row as Ray Data yields it as the lists crlft.pack takes, its weights rescaled from
+the rewards baked into the data to the training mode's, one packed bin a micro-batch on the device, and the model's
+inputs for the attention implementation."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from crlft.errors import CrlftError
+from crlft.pack import PackedRow, attention_mask_for, collate
+
+
+def applied_rewards(mode_uses_reward: bool, rewards: Mapping[str, float]) -> dict[str, float]:
+    """The weights a mode writes for each class: its reward, or 1.0 when the mode ignores rewards."""
+    return {name: (float(reward) if mode_uses_reward else 1.0) for name, reward in rewards.items()}
+
+
+def reward_scale(data_rewards: Mapping[str, float], train_rewards: Mapping[str, float]) -> dict[str, float]:
+    """Per class, what turns the weights baked into the data into the weights of the training mode.
+
+    Token weights are reward * message weight, so crlft and conditioned (or weighted and sft) data differ only by this
+    factor: one tokenized dataset serves both modes of the same template.
+    """
+    missing = sorted(set(data_rewards) - set(train_rewards))
+    if missing:
+        raise CrlftError(f"the data has classes {missing} that the configuration does not define")
+    return {name: train_rewards[name] / reward for name, reward in data_rewards.items()}
+
+
+def rescale_row(row: PackedRow, scale: Mapping[str, float]) -> PackedRow:
+    """The row with each conversation's weights multiplied by its class's factor (unchanged when all are 1)."""
+    factors = [scale[name] for name in row["seq_conditions"]]
+    if all(factor == 1.0 for factor in factors):
+        return row
+    weights = [
+        w * factor
+        for factor, start, length in zip(factors, sequence_starts(row["seq_lens"]), row["seq_lens"], strict=True)
+        for w in row["weights"][start : start + length]
+    ]
+    return {**row, "weights": weights}
+
+
+def sequence_starts(lengths: Sequence[int]) -> list[int]:
+    """Where each conversation of a packed row starts, from their lengths."""
+    return [sum(lengths[:i]) for i in range(len(lengths))]
+
+
+def as_packed_row(record: Mapping[str, Any]) -> PackedRow:
+    """A row as Ray Data / pyarrow yield it (numpy arrays) as the plain lists crlft.pack.collate takes."""
+    return PackedRow(
+        input_ids=_as_list(record["input_ids"]),
+        labels=_as_list(record["labels"]),
+        weights=_as_list(record["weights"]),
+        position_ids=_as_list(record["position_ids"]),
+        seq_lens=_as_list(record["seq_lens"]),
+        seq_conditions=[str(c) for c in record["seq_conditions"]],
+    )
+
+
+def _as_list(values: Any) -> list:
+    return values.tolist() if hasattr(values, "tolist") else list(values)
+
+
+def collate_micro_batch(
+    row: PackedRow, pad_id: int, conditions: Sequence[str], attn_implementation: str, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """One packed bin as a batch of one, on `device`, with the attention mask built there (none for flash attention,
+    which reads the conversations from the position ids)."""
+    batch = {
+        name: tensor.to(device, non_blocking=True)
+        for name, tensor in collate([row], None, pad_id, conditions, attn_implementation=None).items()
+    }
+    if not attn_implementation.startswith("flash"):
+        batch["attention_mask"] = attention_mask_for(batch["sequence_ids"], attn_implementation, torch.float32)
+    return batch
+
+
+def model_inputs(batch: Mapping[str, torch.Tensor], attn_implementation: str) -> dict[str, torch.Tensor]:
+    """Keyword arguments of the model's forward. Flash attention takes packed sequences from the position ids
+    (varlen kernels); the other implementations take the block-diagonal mask."""
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    if not attn_implementation.startswith("flash"):
+        inputs["attention_mask"] = batch["attention_mask"]
+    return inputs
