@@ -1,5 +1,5 @@
 """The worker plan: everything the driver (jobs.train) decides before the workers start and every worker reads
-(jobs.training.worker). Ray Train hands a plain dict to the workers (`train_loop_config`, which it also records as
+(jobs.training.worker). Ray Train hands the workers a plain dict (the trainer's config, which it also records as
 JSON), so the plan travels as `to_ray()` and is read back with `from_ray()`."""
 
 from __future__ import annotations
