@@ -541,7 +541,7 @@ def base_reference(base_model: Path, suite: dict[str, Path | None], cfg: Config,
                    scoring: Scoring) -> dict[str, float]:
     """The pretrained model before any fine-tuning, scored on the suite like the runs (no MLflow run), and its answers
     to the general check measured once for every run's retention (cached in <state_dir>/retention)."""
-    from jobs.decoding import engine_settings
+    from crlft.inference.decoding import engine_settings
     from jobs.evaluate import evaluate_model
     from jobs.retention import base_answers, plan_retention
 
@@ -659,11 +659,11 @@ def run_ablation(cfg: Config, out: Path, *, seeds: Sequence[int] = DEFAULT_SEEDS
     With `base_model` (a pretrained model: folder, GGUF file or bundled name) every run starts from it, is trained
     without and/or with replay (`replay`: both, on or off; default both) and its retention is measured; without it
     (the tiny model) there is no replay. `facts`: crlft/facts.py's set instead of the synthetic suite."""
+    from cluster.session import ray_session
     from crlft.commands.init_model import build_default_model, local_base_model
     from crlft.synth import write_suite
     from crlft.tracking import set_offline_defaults, setup_mlflow
     from jobs.build_dataset import build_dataset
-    from jobs.session import ray_session
 
     set_offline_defaults()
     chosen, replay = ablation_variants(variants, replay, pretrained=bool(base_model))

@@ -3,8 +3,9 @@
     python -m benchmarks.eval_decode [--model tiny|smollm2|DIR] [--prompts 64] [--max-new-tokens 64] [--rounds 5]
 
 `crlft eval` decodes suite and benchmark answers with the engine `crlft serve` would serve with; with vLLM on the CPU
-that is `services.vllm_decoder.VllmDecoder`, which runs the model in vLLM's engine core process, as the replica does
-(`services.vllm_engine.IN_ENGINE_CORE`). In one run, on the same exported folder and the same chat prompts:
+that is `crlft.inference.vllm_decoder.VllmDecoder`, which runs the model in vLLM's engine core process, as the
+replica does (`crlft.inference.vllm_engine.IN_ENGINE_CORE`). In one run, on the same exported folder and the same
+chat prompts:
 - `engine-core`: that decoder;
 - `worker-process`: the same decoder with vLLM's CPU default, the model in a worker process that the engine core
   waits on (same threads, unpinned);
@@ -40,9 +41,9 @@ Decoder = Callable[[Sequence[list[int]], int], list[str]]
 
 def vllm_decoder(model_dir: Path, in_engine_core: bool) -> Any:
     """Evaluation's vLLM decoder on the CPU in float32; with `in_engine_core` off, vLLM's CPU default executor."""
-    from services import vllm_engine
-    from services.engine import EngineSettings
-    from services.vllm_decoder import VllmDecoder
+    from crlft.inference import vllm_engine
+    from crlft.inference.engine import EngineSettings
+    from crlft.inference.vllm_decoder import VllmDecoder
 
     settings = EngineSettings("vllm", "cpu", torch.float32, max_batch_size=32, batch_wait_s=0.0, kv_cache_gib=1.0)
     default = contextlib.nullcontext() if in_engine_core else mock.patch.dict(vllm_engine.IN_ENGINE_CORE, clear=True)

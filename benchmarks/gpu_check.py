@@ -8,7 +8,7 @@ It needs only torch, transformers and peft (no Ray, MLflow, pydantic or download
 with random weights, the tokenizer is trained on crlft's built-in corpus, the conversations are random token ids with
 the template's weights), and runs crlft's own pieces: packing and collate (crlft.pack), the step with the C-RLFT
 loss (crlft.train.step.train_step), the attention choice (crlft.train.attention.set_attention), the precision
-(crlft.train.precision.compute_dtype) and the generation engine (crlft.generate.BatchGenerator).
+(crlft.train.precision.compute_dtype) and the generation engine (crlft.inference.generate.BatchGenerator).
 
 1. Peak: a square bf16 matmul, timed in this run: the denominator of MFU (flops.matmul_flops).
 2. Training, one packed bin a step (one conversation split by the FFD packer into 4096-token bins), fp32 weights
@@ -44,7 +44,7 @@ from torch import nn
 
 from benchmarks.flops import matmul_flops, model_flops_per_token
 from crlft.errors import CrlftError
-from crlft.generate import BatchGenerator, GenerationRequest, SamplingParams
+from crlft.inference.generate import BatchGenerator, GenerationRequest, SamplingParams
 from crlft.pack import PackedRow, first_fit_decreasing, pack_bin
 from crlft.train.attention import set_attention
 from crlft.train.batches import collate_micro_batch

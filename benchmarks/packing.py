@@ -20,7 +20,8 @@ from pathlib import Path
 
 from crlft.commands.init_model import build_default_model
 from crlft.config import Config
-from crlft.conversation import ClassRules, Conversation, iter_file
+from crlft.conversation import ClassRules, Conversation
+from crlft.dataset import iter_file
 from crlft.model import load_tokenizer
 from crlft.pack import first_fit_decreasing, packing_efficiency, padding_efficiency
 from crlft.template import Template, TemplateTokenizer

@@ -38,8 +38,9 @@ from typing import Any
 
 import httpx
 
+from cluster.session import free_port, ingress_env
 from crlft.config import load_config
-from jobs.session import environment, free_port, ingress_env
+from crlft.environ import environment
 
 APP = "faults"
 SERVED = "faults-model"

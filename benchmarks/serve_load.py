@@ -6,7 +6,7 @@
 In one run, on the same exported folder and the same prompts, five OpenAI-compatible servers on loopback:
 - `crlft-vllm`: this endpoint (Ray Serve, services/chat.py) with serve.engine=vllm, behind the ingress `crlft serve`
   puts in front (serve.ingress=haproxy: Ray Serve's HAProxy ingress);
-- `crlft-transformers`: this endpoint with the transformers engine (crlft.generate);
+- `crlft-transformers`: this endpoint with the transformers engine (crlft.inference.generate);
 - `crlft-vllm-serve-proxy`: the same vLLM app through Serve's Python proxy instead (serve.ingress=serve-proxy; in
   HAProxy mode Serve keeps it running as HAProxy's fallback, on a port of its own): what the ingress changes;
 - `vllm`: standalone vLLM (`python -m vllm.entrypoints.openai.api_server`), the peer for the vLLM engine;
@@ -25,9 +25,9 @@ transformers engine in float32 (run in this process) is the agreement column (fl
 shows what the number type changes).
 
 Servers get the same CPUs and priority: each endpoint replica 2 CPUs (torch threads 2), standalone vLLM as many model
-threads as the endpoint gives its vLLM engine (`services.vllm_engine.engine_threads`: both cores for a real model in
-float32, else one, as vLLM's own default), pinned by vLLM; transformers serve torch's default threads; the peers run
-at the niceness Ray gives its workers. Exit status 1 when a goal is missed or any request got a 5xx.
+threads as the endpoint gives its vLLM engine (`crlft.inference.vllm_engine.engine_threads`: both cores for a
+real model in float32, else one, as vLLM's own default), pinned by vLLM; transformers serve torch's default threads;
+the peers run at the niceness Ray gives its workers. Exit status 1 when a goal is missed or any request got a 5xx.
 """
 
 from __future__ import annotations
@@ -49,10 +49,11 @@ from typing import Any
 
 import httpx
 
+from cluster.session import free_port, ingress_env
 from crlft.config import Config, load_config
+from crlft.environ import environment
 from crlft.export import ModelMeta, save_exported
 from crlft.template import Template
-from jobs.session import environment, free_port, ingress_env
 
 TOPICS = ["the moon", "a binary search", "prime numbers", "a good breakfast", "the river", "Python lists",
           "learning to cook", "the weather", "photosynthesis", "a healthy habit", "three apples", "the red box"]
@@ -206,7 +207,7 @@ def reference_answers(model_dir: Path, texts: list[str], max_tokens: int) -> lis
     """crlft's transformers engine in float32, in this process: what every server's greedy answers are compared with."""
     from crlft.conversation import Message
     from crlft.export import load_exported
-    from crlft.generate import BatchGenerator, GenerationRequest, SamplingParams
+    from crlft.inference.generate import BatchGenerator, GenerationRequest, SamplingParams
 
     exported = load_exported(model_dir)
     engine = BatchGenerator(exported.model, exported.tokenizer, exported.stop_ids)
@@ -276,9 +277,9 @@ def subprocess_server(name: str, command: list[str], health: str, port: int, mod
 
 
 def vllm_server(model_dir: Path, precision: str, kv_cache_gib: int) -> contextlib.AbstractContextManager[Server]:
+    from crlft.inference.engine import serving_dtype
+    from crlft.inference.vllm_engine import engine_threads
     from crlft.model import parameter_count
-    from services.engine import serving_dtype
-    from services.vllm_engine import engine_threads
 
     threads = engine_threads(REPLICA_CPUS, parameter_count(str(model_dir)), serving_dtype(precision, "cpu"))
     # vLLM's default pins one thread and leaves a core to its frontend: the same as the endpoint's engine or told so.

@@ -48,7 +48,8 @@ import torch
 
 from benchmarks.flops import matmul_flops, model_flops_per_token
 from crlft.config import Config, load_config
-from crlft.conversation import ClassRules, Conversation, iter_file
+from crlft.conversation import ClassRules, Conversation
+from crlft.dataset import iter_file
 from crlft.pack import PackedRow, collate, first_fit_decreasing, pack_bin
 from crlft.template import Template, TemplateTokenizer, TokenizedConversation
 from crlft.tracking import set_offline_defaults

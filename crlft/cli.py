@@ -57,7 +57,7 @@ def run_guarded(run: Callable[[argparse.Namespace], int], args: argparse.Namespa
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as exc:  # Ctrl-C, or a stop signal turned into one (jobs.session.Stopped)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or a stop signal turned into one (cluster.session.Stopped)
         print("interrupted" if type(exc) is KeyboardInterrupt else f"stopped ({exc})", file=sys.stderr)
         return 128 + int(getattr(exc, "signum", signal.SIGINT))
 

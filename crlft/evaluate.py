@@ -16,7 +16,7 @@ import re
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,11 +26,12 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from crlft.config import suboptimal_of
-from crlft.conversation import ClassRules, Conversation, Message, iter_file
+from crlft.conversation import ClassRules, Conversation, Message
+from crlft.dataset import iter_file
 from crlft.errors import CrlftError
 from crlft.export import ExportedModel, ModelMeta
 from crlft.general import jsonl_records
-from crlft.generate import BatchGenerator, GenerationRequest, SamplingParams, context_length
+from crlft.inference.generate import BatchGenerator, GenerationRequest, SamplingParams, answer_text, context_length
 from crlft.synth import EvalItem, score
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -60,8 +61,8 @@ def select_conditions(meta: ModelMeta, requested: Sequence[str] | None) -> list[
 Decoder = Callable[[Sequence[list[int]], int], list[str]]
 """Greedy answers of token-id prompts (that fit the context with `max_new_tokens` more): (prompts, max_new_tokens) ->
 each answer cut at the first stop token, decoded and stripped. Evaluation decodes with the engine `crlft serve`
-serves with (`batch_decoder` here, vLLM in services/vllm_decoder.py): the accuracy that gates promotion is what users
-get."""
+serves with (`batch_decoder` here, vLLM in crlft/inference/vllm_decoder.py): the accuracy that gates promotion is
+what users get."""
 
 
 def context_limit(model_config: object, tokenizer: PreTrainedTokenizerBase) -> int | None:
@@ -77,13 +78,6 @@ def _fit(ids: list[int], keep: int, bos: list[int]) -> list[int]:
     if len(ids) <= keep:
         return ids
     return bos + ids[len(ids) - (keep - len(bos)):]
-
-
-def answer_text(tokenizer: PreTrainedTokenizerBase, token_ids: Sequence[int], stops: Collection[int]) -> str:
-    """The tokens before the first stop token as text, stripped; decoded as the endpoint's `StopText` decodes (no
-    special tokens, no clean-up of spaces), so every decoder's answers read the same."""
-    cut = next((k for k, token in enumerate(token_ids) if token in stops), len(token_ids))
-    return tokenizer.decode(list(token_ids[:cut]), skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
 
 
 def batch_decoder(exported: ExportedModel, batch_size: int = 16) -> Decoder:

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 from ray.data.datasource import FileBasedDatasource
 
+from cluster.session import ray_session
 from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
 from crlft.config import Config, Mode
 from crlft.dataset import (
@@ -65,7 +66,6 @@ from crlft.replay import ReplayPlan, plan_replay
 from crlft.storage import filesystem_and_path, is_uri, location
 from crlft.tracking import set_offline_defaults
 from jobs.replay import REPLAY_FILE, Replay, make_replay
-from jobs.session import ray_session
 from jobs.store_input import STORE_FILE, StoreInput, read_store_input, summary
 
 if TYPE_CHECKING:  # transformers: seconds to import in every Ray worker that only reads, counts or packs

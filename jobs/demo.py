@@ -85,8 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cluster.session import ray_session
     from crlft.commands.init_model import local_base_model
-    from jobs.session import ray_session
 
     started = time.monotonic()
     cfg = recipe_config(args)

@@ -30,16 +30,16 @@ from typing import TYPE_CHECKING, Any
 from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
 from crlft.config import Config
 from crlft.errors import CrlftError, first_line
+from crlft.inference.decoding import dtype_name, engine_settings, load_model, open_decoder
 from crlft.lineage.tags import RETENTION_SUITE, TAG
 from crlft.lineage.versions import ModelRef, is_model_uri
 from crlft.tracking import new_run, set_offline_defaults
-from jobs.decoding import dtype_name, engine_settings, load_model, open_decoder
 from jobs.retention import RESULT_FILES as RETENTION_FILES
 from jobs.retention import RetentionPlan, base_answers, measure_retention, plan_retention
 
 if TYPE_CHECKING:  # torch and transformers come with these: imported where the model runs, not for --help
     from crlft.evaluate import Decoder
-    from services.engine import EngineSettings
+    from crlft.inference.engine import EngineSettings
 
 JUDGE_KEY_VARIABLES = ("CRLFT_JUDGE_API_KEY", "OPENAI_API_KEY")
 RESULT_FILES = {"metrics.json", "condition_swap.jsonl", "condition_swap.txt", "embeddings.png", "representation.json",

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cluster.session import ray_session
 from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
 from crlft.config import Config, Mode
 from crlft.errors import CrlftError
 from crlft.tracking import resolve_tracking_uri, set_offline_defaults
-from jobs.session import ray_session
 
 DEFAULT_NAME = "default"
 

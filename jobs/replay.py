@@ -7,13 +7,14 @@ conversations of a known class (crlft.replay says which prompts and why).
       -> answers cut at the limit back to their last sentence, empty ones dropped
       -> conversations of the replay class -> <state_dir>/replay/<fingerprint>.jsonl (the cache) -> <out>/replay.jsonl
 
-The engine is the one `crlft serve` would serve with here (jobs/decoding.py: serve.engine, serve.precision):
+The engine is the one `crlft serve` would serve with here (crlft/inference/decoding.py: serve.engine, serve.precision):
 - vLLM: `ray.data.llm` (vLLMEngineProcessorConfig, build_processor), which runs on CPUs too with vLLM's CPU build:
   its engine stage asks Ray for GPUs only by default, so on CPUs it gets a placement group of CPU bundles instead.
   It takes prompt ids and gives token ids (vLLM's tokenizer is not loaded), with the replica's engine arguments
-  (services.vllm_engine.engine_arguments), thread placement and stop tokens, greedy; crlft turns the ids into text.
-- transformers: a `map_batches` actor loads the model once as that engine serves it (jobs.decoding.load_model) and
-  answers with `crlft.evaluate.generate`, evaluation's decoder.
+  (crlft.inference.vllm_engine.engine_arguments), thread placement and stop tokens, greedy; crlft turns the ids into
+  text.
+- transformers: a `map_batches` actor loads the model once as that engine serves it
+  (crlft.inference.decoding.load_model) and answers with `crlft.evaluate.generate`, evaluation's decoder.
 Both fit prompts to the context as `generate` does (`crlft.evaluate.fit_prompts`).
 
 The answers of the same model, prompts, template, class, length, engine and number type are cached: the fingerprint
@@ -33,15 +34,15 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from crlft.config import Config
+from crlft.inference.decoding import dtype_name, engine_settings
 from crlft.replay import ReplayPlan, choose_prompts, complete_answer, replay_condition, replay_line
-from crlft.storage import write_whole
+from crlft.storage import folder_revision, write_whole
 from crlft.tracking import set_offline_defaults
-from jobs.decoding import dtype_name, engine_settings
 
 if TYPE_CHECKING:  # torch and transformers come with these: imported where the model runs
     from crlft.export import ExportedModel
+    from crlft.inference.engine import EngineSettings
     from crlft.template import Template, TemplateTokenizer
-    from services.engine import EngineSettings
 
 REPLAY_FILE = "replay.jsonl"
 BATCHES_PER_CALL = 4  # prompts per actor call, in engine batches: continuous batching refills slots as answers end
@@ -91,11 +92,10 @@ def _fingerprint(cfg: Config, model: str, path: Path, chosen: list[str], templat
                  engine: EngineSettings) -> str:
     """What the answers depend on: the model's files, the prompts file and the prompts chosen from it, the templates
     (crlft's and the model's own) and tokenizer, the class, the answer length, the engine and its number type."""
-    from services.models import model_revision
 
     folder = Path(model).expanduser()
     parts = {
-        "model": model_revision(folder) if folder.is_dir() else model,
+        "model": folder_revision(folder) if folder.is_dir() else model,
         "prompts_file": hashlib.sha256(path.read_bytes()).hexdigest(),
         "prompts": hashlib.sha256(json.dumps(chosen).encode()).hexdigest(),
         "template_tokenizer": template_tokenizer.fingerprint(), "condition": replay_condition(cfg),
@@ -152,8 +152,8 @@ class AnswerPrompts:
         set_offline_defaults()
         import torch
 
+        from crlft.inference.decoding import load_model
         from crlft.template import TemplateTokenizer
-        from jobs.decoding import load_model
 
         torch.set_num_threads(threads)
         exported = load_model(Path(model), engine)
@@ -192,9 +192,9 @@ def _answer_with_vllm(model: str, ids: list[list[int]], cfg: Config, engine: Eng
     from ray.data.llm import build_processor
     from transformers import AutoConfig
 
-    from crlft.evaluate import answer_text, context_limit, fit_prompts
-    from crlft.generate import context_length, stop_token_ids
-    from services.vllm_engine import eos_token_ids
+    from crlft.evaluate import context_limit, fit_prompts
+    from crlft.inference.generate import answer_budget, answer_text, context_length, stop_token_ids
+    from crlft.inference.vllm_engine import eos_token_ids
 
     model_config, tokenizer = AutoConfig.from_pretrained(model), template_tokenizer.tokenizer
     fitted, max_new_tokens = fit_prompts(ids, max_new_tokens, context_limit(model_config, tokenizer),
@@ -203,7 +203,7 @@ def _answer_with_vllm(model: str, ids: list[list[int]], cfg: Config, engine: Eng
     stops = stop_token_ids(template_tokenizer, eos_token_ids(Path(model)))
     rows = [{"index": i, "tokenized_prompt": p, "sampling_params": {
         # As the replica does: an answer never runs past the context (vLLM would refuse the request).
-        "temperature": 0.0, "max_tokens": max(1, min(max_new_tokens, context - len(p))), "stop_token_ids": stops,
+        "temperature": 0.0, "max_tokens": answer_budget(len(p), max_new_tokens, context), "stop_token_ids": stops,
         "detokenize": False}} for i, p in enumerate(fitted)]  # fmt: skip
     processor = build_processor(_vllm_processor_config(model, engine, context))
     by_index = {row["index"]: row["generated_tokens"] for row in processor(ray.data.from_items(rows)).iter_rows()}
@@ -216,7 +216,7 @@ def _vllm_processor_config(model: str, engine: EngineSettings, context: int) -> 
     threads unpinned on the node's CPUs (`_answer_cpus`), as `crlft serve` does on a replica's."""
     from ray.data.llm import vLLMEngineProcessorConfig
 
-    from services.vllm_engine import VLLM_LOG_ENV, engine_arguments, unpinned_threads
+    from crlft.inference.vllm_engine import VLLM_LOG_ENV, engine_arguments, unpinned_threads
 
     placement, unpinned = None, None
     if engine.device == "cpu":

@@ -17,8 +17,8 @@ if TYPE_CHECKING:
     from crlft.evaluate import Decoder
     from crlft.export import ExportedModel
     from crlft.general import CheckItem
+    from crlft.inference.engine import EngineSettings
     from crlft.retention import GeneralAnswers
-    from services.engine import EngineSettings
 
 RESULT_FILES = {"retention.json", "retention_answers.jsonl"}
 
@@ -66,11 +66,11 @@ def base_answers(plan: RetentionPlan, cfg: Config, engine: EngineSettings,
     with the candidate's decoder settings and cached otherwise. Run before the candidate's decoder starts: one engine
     at a time."""
     from crlft import retention as rt
-    from jobs.decoding import dtype_name, load_model, open_decoder
-    from services.models import model_revision
+    from crlft.inference.decoding import dtype_name, load_model, open_decoder
+    from crlft.storage import folder_revision
 
     decoder_name = f"{engine.kind}:{dtype_name(engine)}"
-    key = rt.base_cache_key(model_revision(plan.base_model), plan.items, plan.prompts, decoder_name)
+    key = rt.base_cache_key(folder_revision(plan.base_model), plan.items, plan.prompts, decoder_name)
     cache = Path(cfg.state_dir).resolve() / "retention" / f"{key}.json"
     found = rt.read_cached(cache)
     if found is not None:

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from cluster.session import ray_session
 from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
 from crlft.config import Config, Mode
 from crlft.errors import CrlftError, first_line
@@ -38,7 +39,6 @@ from crlft.lineage.versions import ModelRef
 from crlft.tracking import mark_failed, mlflow_patience_s, set_offline_defaults, wait_reachable
 from crlft.train.lr import LrChoice, choose_lr, supervised_tokens_per_step
 from crlft.train.schedule import StepPlan, plan_steps
-from jobs.session import ray_session
 from jobs.training.data import DataDescription, check_tokenizer, describe_data
 from jobs.training.plan import WorkerPlan
 from jobs.training.runs import RunRecord, check_same_plan, find_run_to_resume, run_name, storage_root, write_run_record

@@ -1,7 +1,7 @@
 """The OpenAI-compatible chat endpoint on Ray Serve: `services.chat:app`, `services.chat:build_app`.
 
 One deployment (`ChatServer`, a FastAPI ingress) per application. Each replica loads the model once into an engine
-(services/engine.py: vLLM where installed for the device, else crlft's transformers engine); requests that arrive
+(crlft/inference/engine.py: vLLM where installed for the device, else crlft's transformers engine); requests that arrive
 together are generated together, streamed or not. Prompts are built by the model's own TemplateTokenizer (the one
 template), and the `condition` field chooses the class written into them.
 
@@ -55,14 +55,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from crlft.completions import open_store
 from crlft.config import Config, ServeConfig, load_config
 from crlft.errors import CrlftError
-from crlft.generate import Completion, SamplingParams
+from crlft.inference.engine import EngineSettings, Event, Generation
+from crlft.inference.generate import Completion, ContextExceeded, SamplingParams, answer_budget
 from crlft.lineage.versions import champion_uri
-from crlft.storage import location
+from crlft.storage import folder_revision, location
 from crlft.tracking import OFFLINE_ENV, set_offline_defaults
 from services import protocol
-from services.engine import EngineSettings, Event, Generation
 from services.metrics import RequestCounter, metrics
-from services.models import LoadedModel, default_watch_s, load_model, model_revision, resolve_model_uri, served_name
+from services.models import LoadedModel, default_watch_s, load_model, resolve_model_uri, served_name
 from services.page import add_chat_page
 from services.protocol import MAX_FEEDBACK_BYTES, ApiError
 from services.store import CompletionStore, Ticket, read_limited
@@ -273,7 +273,7 @@ class ChatServer:
         async with self._swap_lock:
             path = await asyncio.to_thread(resolve_model_uri, source, self.cfg, self.settings.tracking_uri)
             current = self._model
-            if current is not None and current.source == source and current.revision == model_revision(path):
+            if current is not None and current.source == source and current.revision == folder_revision(path):
                 return False
             self._install(await asyncio.to_thread(load_model, source, path, self.engine_settings))
             return True
@@ -473,9 +473,10 @@ class ChatServer:
                                     body.metadata)
         cid = ticket.id if ticket else protocol.completion_id()
         prompt = model.engine.template_tokenizer.tokenize_prompt(turns, condition, system)
-        if len(prompt) >= model.engine.context_len:
-            raise ApiError(400, f"the prompt is {len(prompt)} tokens; this model's context is "
-                           f"{model.engine.context_len}", param="messages", code="context_length_exceeded")
+        try:
+            answer_budget(len(prompt), 1, model.engine.context_len)
+        except ContextExceeded as exc:
+            raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from None
         release = self._admit()
         try:
             model, generation, batches = await self._generate(model, prompt,

@@ -14,12 +14,12 @@ from collections.abc import Sequence
 import ray
 from ray import serve
 
+from cluster.session import ray_alive, restore_signals, start_ray, stop_on_signals, stop_ray
 from crlft.config import Config
 from crlft.errors import CrlftError
+from crlft.inference.engine import choose_engine
 from crlft.tracking import set_offline_defaults
-from jobs.session import ray_alive, restore_signals, start_ray, stop_on_signals, stop_ray
 from services.chat import APP_NAME, chat_application
-from services.engine import choose_engine
 from services.models import resolve_model_uri
 
 SIGNAL_SPREAD_S = 0.3
@@ -132,7 +132,7 @@ def wait_for_interrupt() -> None:
 def shutdown(shutdown_ray: bool = True) -> None:
     """Stop Serve (and Ray, when this process started it). Serve's controller stops the replicas and HAProxy in order
     while the session's processes all run; after a signal to the whole process group they are dying, and the
-    session's stop ends what is left (jobs.session.stop_ray)."""
+    session's stop ends what is left (cluster.session.stop_ray)."""
     time.sleep(SIGNAL_SPREAD_S)  # a signal to the group reaches Ray's processes at once; let it show
     if ray_alive():
         with contextlib.suppress(Exception):

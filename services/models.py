@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from crlft.config import Config
 from crlft.errors import CrlftError
+from crlft.inference.engine import Engine, EngineSettings
+from crlft.inference.engines import open_engine
 from crlft.lineage.cache import registered_version, resolve_model
 from crlft.lineage.versions import is_model_uri, parse_model_uri
-from services.engine import Engine, EngineSettings, open_engine
+from crlft.storage import folder_revision
 
 CHAMPION_WATCH_S = 30.0  # how often a replica serving models:/NAME@ALIAS checks whether the alias moved
 
@@ -28,18 +29,6 @@ def resolve_model_uri(uri: str, cfg: Config, tracking_uri: str | None = None) ->
             "as models:/NAME@ALIAS or models:/NAME/VERSION"
         )
     return path
-
-
-def model_revision(path: Path) -> str:
-    """Identifies what is loaded: the folder's real path and its files' sizes and modification times (a registry
-    version has its own cache folder; a folder re-exported in place changes its files)."""
-    real = path.resolve()
-    digest = hashlib.sha256(str(real).encode())
-    for f in sorted(real.iterdir()):
-        if f.is_file():
-            stat = f.stat()
-            digest.update(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()[:12]
 
 
 def served_name(uri: str, cfg: Config, override: str | None = None) -> str:
@@ -78,5 +67,5 @@ class LoadedModel:
 
 
 def load_model(source: str, path: Path, settings: EngineSettings) -> LoadedModel:
-    return LoadedModel(source, path, model_revision(path), open_engine(path, settings),
+    return LoadedModel(source, path, folder_revision(path), open_engine(path, settings),
                        registered=registered_version(source, path))

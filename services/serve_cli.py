@@ -11,9 +11,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from cluster.session import start_ray
 from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
 from crlft.lineage.versions import champion_uri
-from jobs.session import start_ray
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,8 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from crlft.inference.engine import choose_engine
     from services.chat import api_keys_from_env
-    from services.engine import choose_engine
     from services.local import check_port_free_for_local_ray, deploy, shutdown, wait_for_interrupt
     from services.models import resolve_model_uri
 

@@ -27,7 +27,7 @@ def ray_session() -> Iterator[None]:
     loopback (without it Train logs state-API errors in a loop)."""
     import ray
 
-    from jobs.session import free_port
+    from cluster.session import free_port
 
     saved_env = dict(os.environ)
     ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(),

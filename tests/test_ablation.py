@@ -252,7 +252,7 @@ def test_a_real_model_ablation_builds_each_data_once_and_records_retention_per_r
     (tmp_path / "base").mkdir()
     monkeypatch.setitem(sys.modules, "jobs.build_dataset", types.SimpleNamespace(build_dataset=build_dataset))
     session = types.SimpleNamespace(ray_session=lambda cfg: contextlib.nullcontext())
-    monkeypatch.setitem(sys.modules, "jobs.session", session)
+    monkeypatch.setitem(sys.modules, "cluster.session", session)
     projected: list[list[str]] = []
 
     def plot_projections(model_dirs: dict[str, Path], heldout: Path, out_png: Path) -> Path:

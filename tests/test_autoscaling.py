@@ -14,10 +14,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cluster.session import free_port, ingress_env
 from crlft.config import Config, load_config
+from crlft.environ import environment
 from crlft.export import ModelMeta, save_exported
 from crlft.model import init_model, load_model_and_tokenizer
-from jobs.session import environment, free_port, ingress_env
 
 APP = "scaling"
 

@@ -17,7 +17,7 @@ import pytest
 
 from crlft.cli import stage_entrypoint
 from crlft.config import Config, load_config
-from crlft.conversation import ClassRules, Conversation, Reject, iter_file, parse_line
+from crlft.conversation import ClassRules, Conversation, Reject, parse_line
 from crlft.dataset import (
     PACK_GROUP_CONVERSATIONS,
     RawRecord,
@@ -25,6 +25,7 @@ from crlft.dataset import (
     Tally,
     drop_nulls,
     input_kind,
+    iter_file,
     iter_json_document,
     iter_json_lines,
     iter_parquet,

@@ -21,10 +21,11 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from cluster.session import free_port, ingress_env
 from crlft.config import Config, load_config
+from crlft.environ import environment
 from crlft.export import ModelMeta, save_exported
 from crlft.model import init_model, load_model_and_tokenizer
-from jobs.session import environment, free_port, ingress_env
 from services.page import add_chat_page
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,10 +20,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cluster.session import free_port, ingress_env
 from crlft.config import Config, load_config
+from crlft.environ import environment
 from crlft.errors import CrlftError
 from jobs import submit
-from jobs.session import environment, free_port, ingress_env
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "cluster"

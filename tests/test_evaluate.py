@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from cluster.session import free_port
 from crlft.config import Config
 from crlft.errors import CrlftError
-from jobs.session import free_port
-from services.engine import vllm_installed
+from crlft.inference.engine import vllm_installed
 
 
 def _export(root: Path, mode: str) -> Path:
@@ -99,7 +99,7 @@ def reference_answers(exported: Any, suite_prompts: list[list[int]]) -> list[str
     """Hugging Face's greedy decoding, one prompt at a time (no padding, its own cache): what the model says."""
     import torch
 
-    from crlft.evaluate import answer_text
+    from crlft.inference.generate import answer_text
 
     stops = exported.stop_ids
     answers = []
@@ -119,9 +119,15 @@ def reference_answers(exported: Any, suite_prompts: list[list[int]]) -> list[str
 
 def test_evaluation_decodes_with_the_serving_transformers_engine(exported: Any, suite_prompts: list[list[int]]) -> None:
     """The default decoder is the engine `crlft serve` runs with serve.engine=transformers: built as
-    services.engine.TransformersEngine builds it, the same answers, as the endpoint's text."""
+    crlft.inference.engines.TransformersEngine builds it, the same answers, as the endpoint's text."""
     from crlft.evaluate import generate
-    from crlft.generate import BatchGenerator, GenerationRequest, SamplingParams, context_length, stop_token_ids
+    from crlft.inference.generate import (
+        BatchGenerator,
+        GenerationRequest,
+        SamplingParams,
+        context_length,
+        stop_token_ids,
+    )
 
     stops = stop_token_ids(exported.template_tokenizer, exported.model.generation_config.eos_token_id)
     assert exported.stop_ids == stops
@@ -145,8 +151,8 @@ def vllm_decoder(models: dict[str, Path]) -> Iterator[Any]:
     """vLLM on the CPU in float32, as `crlft eval` builds it where serve.engine is vllm (started once: ~40 s here)."""
     import torch
 
-    from services.engine import EngineSettings
-    from services.vllm_decoder import VllmDecoder
+    from crlft.inference.engine import EngineSettings
+    from crlft.inference.vllm_decoder import VllmDecoder
 
     decoder = VllmDecoder(models["crlft"], EngineSettings("vllm", "cpu", torch.float32, max_batch_size=8,
                                                           batch_wait_s=0.0, kv_cache_gib=0.25))  # fmt: skip
@@ -429,7 +435,7 @@ def test_vllm_asked_for_where_it_is_missing_is_one_line_error_before_the_model_r
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("services.engine.vllm_installed", lambda: False)
+    monkeypatch.setattr("crlft.inference.engine.vllm_installed", lambda: False)
     code, err = run_cli(["eval", "--model", str(models["crlft"]), "--suite", str(suite_files["eval"]), "--engine",
                          "vllm", "--out", str(tmp_path / "out"), "--no-mlflow"], capsys)  # fmt: skip
     assert code == 2 and err.count("\n") == 1 and "serve.engine=vllm, but vLLM is not installed" in err

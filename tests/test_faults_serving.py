@@ -21,7 +21,7 @@ OPENAI_ERROR_FIELDS = {"message", "type", "param", "code"}
 
 @pytest.fixture(scope="module")
 def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from services.engine import vllm_installed
+    from crlft.inference.engine import vllm_installed
 
     if not vllm_installed() and not os.environ.get("CI"):  # `make install` brings it; CI must not skip
         pytest.skip("vLLM is not installed (crlft[vllm])")

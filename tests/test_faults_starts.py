@@ -21,12 +21,12 @@ from pathlib import Path
 import psutil
 import pytest
 
+from cluster.haproxy_pages import ON_ENDPOINT_HOST, on_endpoint_host
+from cluster.session import SESSION_MARK, Stopped, free_port, marked_processes
 from crlft.cli import run_guarded
 from crlft.config import Config
 from crlft.export import ModelMeta, save_exported
 from crlft.model import init_model, load_model_and_tokenizer
-from jobs.haproxy_pages import ON_ENDPOINT_HOST, on_endpoint_host
-from jobs.session import SESSION_MARK, Stopped, free_port, marked_processes
 
 REPO = Path(__file__).resolve().parents[1]
 ABORT_TRACE = re.compile(r"\*\*\* \w+ received|Traceback \(most recent call last\)|core dumped")
@@ -86,7 +86,7 @@ def _serving(model: Path, port: int, state: Path, engine: str) -> Iterator[subpr
 @pytest.mark.parametrize(("target", "engine"), [("group", "vllm"), ("pid", "vllm")])
 def test_sigterm_to_the_process_group_or_the_pid_stops_crlft_serve_in_seconds_leaving_nothing_on_its_port(
         model: Path, port: int, target: str, engine: str, tmp_path: Path) -> None:
-    from services.engine import vllm_installed
+    from crlft.inference.engine import vllm_installed
 
     if engine == "vllm" and not vllm_installed() and not os.environ.get("CI"):
         pytest.skip("vLLM is not installed (crlft[vllm])")
@@ -135,7 +135,7 @@ def test_a_taken_port_is_one_line_naming_its_holder_and_nothing_starts(model: Pa
 
 @pytest.mark.slow
 def test_any_command_s_local_session_stopped_through_its_process_group_ends_every_process_it_started() -> None:
-    script = ("import time\nfrom crlft.cli import run_guarded\nfrom jobs.session import ray_session\n"
+    script = ("import time\nfrom crlft.cli import run_guarded\nfrom cluster.session import ray_session\n"
               "def run(_):\n    with ray_session():\n        print('up', flush=True)\n        time.sleep(600)\n"
               "raise SystemExit(run_guarded(run, None))\n")
     process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,

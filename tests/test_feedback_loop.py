@@ -21,10 +21,11 @@ import httpx
 import openai
 import pytest
 
+from cluster.session import free_port, ingress_env
 from crlft.completions import read_store
 from crlft.config import SYNTH_RECIPE, Config, load_config
+from crlft.environ import environment
 from crlft.synth import EXPERT, is_correct, load_eval_suite, write_suite
-from jobs.session import environment, free_port, ingress_env
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import torch
 from crlft.config import Config
 from crlft.conversation import Message
 from crlft.export import ExportedModel, ModelMeta, load_exported, save_exported
-from crlft.generate import (
+from crlft.inference.generate import (
     BatchGenerator,
     Completion,
     EngineLoop,

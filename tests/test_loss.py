@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from cluster.session import free_port
 from crlft.pack import IGNORE_INDEX, PADDING
 from crlft.train.loss import (
     ClassLossSums,
@@ -21,7 +22,6 @@ from crlft.train.loss import (
     per_class_sums,
     token_cross_entropy,
 )
-from jobs.session import free_port
 
 VOCAB = 11
 FEATURES = 6

@@ -181,8 +181,8 @@ def test_every_secret_key_and_volume_claim_a_pod_needs_is_defined(rendered, over
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_node_of_the_endpoint_runs_the_haproxy_ingress_as_crlft_serve_does(rendered, overlay):
+    from cluster.session import ingress_env
     from crlft.config import Config
-    from jobs.session import ingress_env
 
     names = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_HAPROXY_OBSERVE_ERROR_LIMIT", "RAY_SERVE_HAPROXY_RETRY_ON")
     wanted = {name: ingress_env(Config())[name] for name in names}

@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 import torch
 
+from cluster.session import free_port
 from crlft.config import Config, load_config
 from crlft.synth import write_suite
 from crlft.template import END_OF_TURN
-from jobs.session import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -71,8 +71,8 @@ def pipeline(smollm2: Path, cfg: Config, tmp_path_factory: pytest.TempPathFactor
 @pytest.fixture(scope="module")
 def endpoint(pipeline: Any, cfg: Config) -> Iterator[str]:
     """The champion served by vLLM where it is installed (CI installs it; on CPUs `auto` would pick crlft's engine)."""
+    from crlft.inference.engine import vllm_installed
     from crlft.lineage.versions import champion_uri
-    from services.engine import vllm_installed
     from services.local import deploy, shutdown
 
     served = cfg.model_copy(deep=True)
@@ -179,7 +179,7 @@ def test_the_served_champion_answers_through_the_openai_client_under_both_condit
     """Served by vLLM where it is installed: its greedy answers are plain transformers' answers."""
     import openai
 
-    from services.engine import vllm_installed
+    from crlft.inference.engine import vllm_installed
 
     client = openai.OpenAI(base_url=f"{endpoint}/v1", api_key="unused", max_retries=0, timeout=120)
     [card] = client.models.list().data

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from tracking_server import TrackingServer
 
+from cluster.session import free_port
 from crlft.config import Config
 from crlft.errors import CrlftError
-from jobs.session import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -219,8 +219,8 @@ def test_ratio_zero_or_no_replay_adds_none(ray_session: None, root: Path, tiny: 
 def test_vllm_under_ray_data_llm_gives_the_transformers_engines_answers(built: tuple[Path, dict[str, Any]],
                                                                         root: Path, tiny: str, inputs: list[str],
                                                                         prompts: Path) -> None:
+    from crlft.inference.engine import vllm_installed
     from jobs.build_dataset import build_dataset
-    from services.engine import vllm_installed
 
     if not vllm_installed():
         pytest.skip("vLLM is not installed")

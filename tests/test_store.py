@@ -20,11 +20,12 @@ import httpx
 import openai
 import pytest
 
+from cluster.session import free_port, ingress_env
 from crlft.completions import StoreContents, id_belongs, key_id, read_secret, read_store
 from crlft.config import Config, load_config
+from crlft.environ import environment
 from crlft.export import ModelMeta, save_exported
 from crlft.model import init_model, load_model_and_tokenizer
-from jobs.session import environment, free_port, ingress_env
 from services import protocol
 from services.protocol import MAX_FEEDBACK_BYTES, ApiError
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.session import free_port
+from cluster.session import free_port
 
 START_TIMEOUT_S = 120
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
 from crlft.config import Config
-from crlft.conversation import ClassRules, Conversation, iter_file
+from crlft.conversation import ClassRules, Conversation
+from crlft.dataset import iter_file
 from crlft.errors import CrlftError
 from crlft.template import Template
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
 from crlft.config import Mode
-from crlft.conversation import ClassRules, Reject, iter_file
+from crlft.conversation import ClassRules, Reject
+from crlft.dataset import iter_file
 from crlft.template import Template, TemplateTokenizer, TokenizedConversation
 
 GREEN, DIM, RESET = "\033[32m", "\033[2m", "\033[0m"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -157,6 +157,37 @@ class _Row:
     token_ids: list[int] = field(default_factory=list)
 
 
+def next_piece(text: StopText, ids: list[int], token: int, stop_ids: Collection[int]) -> tuple[str, bool]:
+    """The stop rule, one generated token at a time (every engine applies it): `token` joins `ids`; a stop token ends
+    the answer without text of its own, a stop string ends it where the string begins. Returns (the new text safe to
+    show, whether the answer stopped)."""
+    ids.append(token)
+    if token in stop_ids:
+        piece, _ = text.update(ids[:-1])
+        return piece, True
+    return text.update(ids)
+
+
+def answer_text(tokenizer: PreTrainedTokenizerBase, token_ids: Sequence[int], stops: Collection[int]) -> str:
+    """A whole answer's tokens as the stop rule leaves them (those before the first stop token), decoded as `StopText`
+    decodes (no special tokens, no clean-up of spaces) and stripped: the offline decoders' answers read as the
+    endpoint's do."""
+    cut = next((k for k, token in enumerate(token_ids) if token in stops), len(token_ids))
+    return tokenizer.decode(list(token_ids[:cut]), skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
+
+
+class ContextExceeded(ValueError):
+    """A prompt that leaves no room for an answer in the model's context."""
+
+
+def answer_budget(prompt_len: int, max_tokens: int, context_len: int) -> int:
+    """The context rule, the one every engine and the endpoint apply: a prompt must leave room for one token, and an
+    answer runs at most to the end of the context. Raises ContextExceeded for a prompt that fills it."""
+    if prompt_len >= context_len:
+        raise ContextExceeded(f"the prompt is {prompt_len} tokens; the model's context is {context_len} tokens")
+    return min(max_tokens, context_len - prompt_len)
+
+
 def context_length(model_config: object, tokenizer: object) -> int:
     """The longest sequence the model takes: its position table, unless the tokenizer says less."""
     return int(min(getattr(model_config, "max_position_embeddings", 2048),
@@ -213,13 +244,11 @@ class BatchGenerator:
 
     # -- called from any thread --------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> None:
-        """Queue a request; it joins the batch at the next step. Raises ValueError if the prompt fills the context."""
+        """Queue a request; it joins the batch at the next step. Raises ValueError for an empty prompt,
+        ContextExceeded for one that fills the context."""
         if not request.prompt_ids:
             raise ValueError("the prompt is empty")
-        if len(request.prompt_ids) >= self.context_len:
-            raise ValueError(
-                f"the prompt is {len(request.prompt_ids)} tokens; the model's context is {self.context_len} tokens"
-            )
+        answer_budget(len(request.prompt_ids), request.params.max_tokens, self.context_len)
         with self._lock:
             self._waiting.append(request)
 
@@ -304,7 +333,7 @@ class BatchGenerator:
                 generator.seed()
             else:
                 generator.manual_seed(params.seed)
-        budget = min(params.max_tokens, self.context_len - len(request.prompt_ids))
+        budget = answer_budget(len(request.prompt_ids), params.max_tokens, self.context_len)
         # The last prompt token's position: sampling the first token (`_advance`) moves it on to len(prompt).
         return _Row(request, budget, generator, StopText(self.tokenizer, params.stop), len(request.prompt_ids) - 1)
 
@@ -346,18 +375,9 @@ class BatchGenerator:
         )
         finished: list[int] = []
         for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
-            row.token_ids.append(token)
             row.budget -= 1
-            reason: FinishReason | None = None
-            if token in self.stop_token_ids:
-                reason = "stop"
-                piece, _ = row.text.update(row.token_ids[:-1])
-            else:
-                piece, hit_stop = row.text.update(row.token_ids)
-                if hit_stop:
-                    reason = "stop"
-                elif row.budget <= 0:
-                    reason = "length"
+            piece, stopped = next_piece(row.text, row.token_ids, token, self.stop_token_ids)
+            reason: FinishReason | None = "stop" if stopped else "length" if row.budget <= 0 else None
             if reason is not None:
                 piece += row.text.flush()
             if piece and row.request.on_text is not None:

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from crlft.evaluate import answer_text
 from crlft.inference.engine import EngineSettings
+from crlft.inference.generate import answer_budget, answer_text
 from crlft.inference.vllm_engine import ModelFolder, engine_arguments, starting_vllm
 
 
@@ -43,7 +43,7 @@ class VllmDecoder:
 
         folder = self.folder
         # As the replica does: an answer never runs past the context (vLLM would refuse the request).
-        params = [SamplingParams(temperature=0.0, max_tokens=max(1, min(max_new_tokens, folder.context_len - len(p))),
+        params = [SamplingParams(temperature=0.0, max_tokens=answer_budget(len(p), max_new_tokens, folder.context_len),
                                  stop_token_ids=folder.stop_ids, detokenize=False) for p in prompts]  # fmt: skip
         outputs = self._llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
         tokenizer = folder.template_tokenizer.tokenizer

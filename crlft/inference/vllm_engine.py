@@ -31,7 +31,15 @@ from transformers import AutoConfig, GenerationConfig
 from crlft.environ import environment
 from crlft.export import ModelMeta, read_meta
 from crlft.inference.engine import EngineKind, EngineSettings, Generation
-from crlft.inference.generate import Completion, SamplingParams, StopText, context_length, stop_token_ids
+from crlft.inference.generate import (
+    Completion,
+    SamplingParams,
+    StopText,
+    answer_budget,
+    context_length,
+    next_piece,
+    stop_token_ids,
+)
 from crlft.model import load_tokenizer, parameter_count
 from crlft.template import TemplateTokenizer
 
@@ -169,7 +177,7 @@ class VllmEngine:
         text = StopText(self.template_tokenizer.tokenizer, params.stop)
         ids: list[int] = []
         vllm_params = VllmParams(
-            max_tokens=min(params.max_tokens, self.context_len - len(prompt)),
+            max_tokens=answer_budget(len(prompt), params.max_tokens, self.context_len),
             temperature=params.temperature,
             top_p=params.top_p,
             seed=params.seed,
@@ -202,13 +210,9 @@ class VllmEngine:
         """Feed new tokens one at a time, so that a stop ends the answer at exactly the token that made it."""
         shown = ""
         for token in new:
-            ids.append(token)
-            if token in self.stop_ids:
-                piece, _ = text.update(ids[:-1])
-                return shown + piece, "stop"
-            piece, hit_stop = text.update(ids)
+            piece, stopped = next_piece(text, ids, token, self.stop_ids)
             shown += piece
-            if hit_stop:
+            if stopped:
                 return shown, "stop"
         return shown, None
 
