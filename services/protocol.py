@@ -10,7 +10,7 @@ import json
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -146,15 +146,22 @@ class ChatCompletionRequest(BaseModel):
 
 
 def parse_request(raw: bytes) -> ChatCompletionRequest:
-    data = _json_object(raw)
+    request = _validated(ChatCompletionRequest, raw)
+    request.check_unsupported()
+    return request
+
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def _validated(model: type[Body], raw: bytes) -> Body:
+    """The body as `model`, or an OpenAI-shaped 400 naming the first field that is wrong."""
     try:
-        request = ChatCompletionRequest.model_validate(data)
+        return model.model_validate(_json_object(raw))
     except ValidationError as exc:
         first = exc.errors()[0]
         param = _param_path(first["loc"])
         raise ApiError(400, f"{param or 'body'}: {first['msg']}", param=param or None) from None
-    request.check_unsupported()
-    return request
 
 
 class FeedbackRequest(BaseModel):
@@ -184,13 +191,7 @@ class FeedbackRequest(BaseModel):
 
 def parse_feedback(raw: bytes) -> FeedbackRequest:
     """A feedback body, or an OpenAI-shaped 400 naming the field."""
-    data = _json_object(raw)
-    try:
-        feedback = FeedbackRequest.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        param = _param_path(first["loc"])
-        raise ApiError(400, f"{param or 'body'}: {first['msg']}", param=param or None) from None
+    feedback = _validated(FeedbackRequest, raw)
     if feedback.rating is None and feedback.correction is None and feedback.comment is None:
         raise ApiError(400, "give a rating (1 or -1), a correction or a comment", param="rating")
     return feedback

@@ -38,3 +38,13 @@ def ray_session() -> Iterator[None]:
         ray.shutdown()
         os.environ.clear()
         os.environ.update(saved_env)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A small tokenizer trained on the built-in corpus (what the embedded default model gets), saved in a folder."""
+    from crlft.model import default_corpus, train_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(default_corpus(), vocab_size=600).save_pretrained(out)
+    return str(out)

@@ -35,7 +35,7 @@ from crlft.dataset import (
     split_of,
 )
 from crlft.errors import CrlftError
-from crlft.model import default_corpus, load_tokenizer, train_tokenizer
+from crlft.model import load_tokenizer
 from crlft.pack import IGNORE_INDEX
 from crlft.template import Template, TemplateTokenizer
 
@@ -49,13 +49,6 @@ PARQUET_ROWS: list[dict[str, Any]] = [
                {"role": "assistant", "content": "Second answer.", "weight": None}],
      "condition": None, "system": "Sys."},
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    out = tmp_path_factory.mktemp("tokenizer")
-    train_tokenizer(default_corpus(), vocab_size=600).save_pretrained(out)
-    return str(out)
 
 
 @pytest.fixture(scope="module")

@@ -202,15 +202,6 @@ def test_feedback_stats_counts_per_model_version_and_what_would_train(tmp_path: 
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from crlft.model import default_corpus, train_tokenizer
-
-    out = tmp_path_factory.mktemp("tokenizer")
-    train_tokenizer(default_corpus(), vocab_size=600).save_pretrained(out)
-    return str(out)
-
-
-@pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, list[dict[str, Any]]]]:
     """6 rated up, 2 corrected, 3 unrated, 2 rated down, a duplicate (unrated, of a rated-up one), an empty answer and
     a conversation the template cannot alternate (the client's messages end with an assistant turn); one feedback on
