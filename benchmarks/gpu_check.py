@@ -44,7 +44,8 @@ from torch import nn
 
 from benchmarks.flops import matmul_flops, model_flops_per_token
 from crlft.errors import CrlftError
-from crlft.inference.generate import BatchGenerator, GenerationRequest, SamplingParams
+from crlft.inference.generate import BatchGenerator, GenerationRequest
+from crlft.inference.sampling import SamplingParams
 from crlft.pack import PackedRow, first_fit_decreasing, pack_bin
 from crlft.train.attention import set_attention
 from crlft.train.batches import collate_micro_batch

@@ -207,7 +207,8 @@ def reference_answers(model_dir: Path, texts: list[str], max_tokens: int) -> lis
     """crlft's transformers engine in float32, in this process: what every server's greedy answers are compared with."""
     from crlft.conversation import Message
     from crlft.export import load_exported
-    from crlft.inference.generate import BatchGenerator, GenerationRequest, SamplingParams
+    from crlft.inference.generate import BatchGenerator, GenerationRequest
+    from crlft.inference.sampling import SamplingParams
 
     exported = load_exported(model_dir)
     engine = BatchGenerator(exported.model, exported.tokenizer, exported.stop_ids)

@@ -31,7 +31,8 @@ from crlft.dataset import iter_file
 from crlft.errors import CrlftError
 from crlft.export import ExportedModel, ModelMeta
 from crlft.general import jsonl_records
-from crlft.inference.generate import BatchGenerator, GenerationRequest, SamplingParams, answer_text, context_length
+from crlft.inference.generate import BatchGenerator, GenerationRequest
+from crlft.inference.sampling import SamplingParams, answer_text, context_length
 from crlft.synth import EvalItem, score
 
 # ---------------------------------------------------------------------------------------------------------------------

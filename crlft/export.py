@@ -97,7 +97,7 @@ class ExportedModel:
     @property
     def stop_ids(self) -> list[int]:
         """The tokens every decoder stops on: the end of turn and the model's own end of sequence."""
-        from crlft.inference.generate import stop_token_ids
+        from crlft.inference.sampling import stop_token_ids
 
         return stop_token_ids(self.template_tokenizer, self.model.generation_config.eos_token_id)
 

@@ -193,7 +193,7 @@ def _answer_with_vllm(model: str, ids: list[list[int]], cfg: Config, engine: Eng
     from transformers import AutoConfig
 
     from crlft.evaluate import context_limit, fit_prompts
-    from crlft.inference.generate import answer_budget, answer_text, context_length, stop_token_ids
+    from crlft.inference.sampling import answer_budget, answer_text, context_length, stop_token_ids
     from crlft.inference.vllm_engine import eos_token_ids
 
     model_config, tokenizer = AutoConfig.from_pretrained(model), template_tokenizer.tokenizer

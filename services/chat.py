@@ -56,7 +56,7 @@ from crlft.completions import open_store
 from crlft.config import Config, ServeConfig, load_config
 from crlft.errors import CrlftError
 from crlft.inference.engine import EngineSettings, Event, Generation
-from crlft.inference.generate import Completion, ContextExceeded, SamplingParams, answer_budget
+from crlft.inference.sampling import Completion, ContextExceeded, SamplingParams, answer_budget
 from crlft.lineage.versions import champion_uri
 from crlft.storage import folder_revision, location
 from crlft.tracking import OFFLINE_ENV, set_offline_defaults

@@ -28,7 +28,7 @@ from starlette.requests import Request
 from crlft.completions import id_belongs, key_id, read_secret, response_id, write_completions, write_feedback
 from crlft.config import StoreConfig
 from crlft.conversation import Message
-from crlft.inference.generate import Completion
+from crlft.inference.sampling import Completion
 from services import protocol
 from services.metrics import metrics
 from services.protocol import ApiError

@@ -99,7 +99,7 @@ def reference_answers(exported: Any, suite_prompts: list[list[int]]) -> list[str
     """Hugging Face's greedy decoding, one prompt at a time (no padding, its own cache): what the model says."""
     import torch
 
-    from crlft.inference.generate import answer_text
+    from crlft.inference.sampling import answer_text
 
     stops = exported.stop_ids
     answers = []
@@ -121,13 +121,8 @@ def test_evaluation_decodes_with_the_serving_transformers_engine(exported: Any, 
     """The default decoder is the engine `crlft serve` runs with serve.engine=transformers: built as
     crlft.inference.engines.TransformersEngine builds it, the same answers, as the endpoint's text."""
     from crlft.evaluate import generate
-    from crlft.inference.generate import (
-        BatchGenerator,
-        GenerationRequest,
-        SamplingParams,
-        context_length,
-        stop_token_ids,
-    )
+    from crlft.inference.generate import BatchGenerator, GenerationRequest
+    from crlft.inference.sampling import SamplingParams, context_length, stop_token_ids
 
     stops = stop_token_ids(exported.template_tokenizer, exported.model.generation_config.eos_token_id)
     assert exported.stop_ids == stops

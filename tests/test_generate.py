@@ -11,15 +11,8 @@ import torch
 from crlft.config import Config
 from crlft.conversation import Message
 from crlft.export import ExportedModel, ModelMeta, load_exported, save_exported
-from crlft.inference.generate import (
-    BatchGenerator,
-    Completion,
-    EngineLoop,
-    GenerationRequest,
-    SamplingParams,
-    StopText,
-    sample_next,
-)
+from crlft.inference.generate import BatchGenerator, EngineLoop, GenerationRequest
+from crlft.inference.sampling import Completion, SamplingParams, StopText, sample_next
 from crlft.model import init_model, load_model_and_tokenizer
 
 

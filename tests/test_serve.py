@@ -34,7 +34,8 @@ from crlft.conversation import Message
 from crlft.environ import environment
 from crlft.errors import CrlftError
 from crlft.export import ExportedModel, ModelMeta, load_exported, save_exported
-from crlft.inference.generate import BatchGenerator, Completion, GenerationRequest, SamplingParams
+from crlft.inference.generate import BatchGenerator, GenerationRequest
+from crlft.inference.sampling import Completion, SamplingParams
 from crlft.model import init_model, load_model_and_tokenizer
 from services import protocol
 from services.protocol import ApiError

@@ -1,7 +1,8 @@
 """Inference: what serving and evaluation both generate with.
 
-- generate.py: sampling settings, stop rules and detokenizing (`StopText`), the completions they give, and crlft's
-  own engine (continuous batching over Hugging Face forward passes);
+- sampling.py: sampling settings and the completions they give, the next token (greedy or nucleus), detokenizing with
+  stop strings (`StopText`), the one stop rule (`next_piece`) and the one context rule (`answer_budget`);
+- generate.py: crlft's own engine, continuous batching over Hugging Face forward passes (its KV cache: kv_cache.py);
 - engine.py: the engine seam the endpoint uses (`Engine`, `Generation`, `EngineSettings`), the choice of engine and
   dtype; engines.py: `open_engine`, crlft's own engine or vLLM's for a model folder;
 - vllm_engine.py: vLLM's async engine behind that seam; vllm_decoder.py: vLLM's offline engine for evaluation;

@@ -32,10 +32,7 @@ import torch
 from crlft.config import Config
 from crlft.errors import CrlftError
 from crlft.export import ModelMeta
-from crlft.inference.generate import (
-    Completion,
-    SamplingParams,
-)
+from crlft.inference.sampling import Completion, SamplingParams
 from crlft.template import TemplateTokenizer
 
 EngineKind = Literal["transformers", "vllm"]

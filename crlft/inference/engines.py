@@ -8,7 +8,8 @@ from pathlib import Path
 
 from crlft.export import load_exported
 from crlft.inference.engine import Engine, EngineKind, EngineSettings, Generation
-from crlft.inference.generate import BatchGenerator, EngineLoop, GenerationRequest, SamplingParams, context_length
+from crlft.inference.generate import BatchGenerator, EngineLoop, GenerationRequest
+from crlft.inference.sampling import SamplingParams, context_length
 
 
 def open_engine(path: Path, settings: EngineSettings) -> Engine:

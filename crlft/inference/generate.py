@@ -17,50 +17,22 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.cache_utils import DynamicLayer
 
-if TYPE_CHECKING:
-    from crlft.template import TemplateTokenizer
-
-FinishReason = Literal["stop", "length", "cancelled", "error"]
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int = 256
-    temperature: float = 1.0  # 0: greedy
-    top_p: float = 1.0
-    seed: int | None = None  # same seed, same prompt, same settings: same text
-    stop: tuple[str, ...] = ()  # the text ends before the first of these (which is not returned)
-
-    def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must not be empty")
-
-
-@dataclass(frozen=True)
-class Completion:
-    text: str
-    token_ids: tuple[int, ...]
-    finish_reason: FinishReason
-    prompt_tokens: int
-    error: str | None = None
-
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.token_ids)
+from crlft.inference.kv_cache import GrowingLayer, cat_left_padded, growing_cache, growing_only, left_pad
+from crlft.inference.sampling import (
+    Completion,
+    FinishReason,
+    SamplingParams,
+    StopText,
+    answer_budget,
+    next_piece,
+    sample_next,
+)
 
 
 @dataclass(eq=False)
@@ -75,77 +47,6 @@ class GenerationRequest:
     finished: bool = False  # on_finish has been called (exactly once, whatever goes wrong)
 
 
-class StopText:
-    """Incremental detokenization with stop strings: what text may be shown now, and whether a stop string ended it.
-
-    Each step decodes only the last few tokens (with one token of context, which tokenizers that drop a leading
-    space at the start of a decode need), so long answers cost the same per token as short ones. Text that could
-    still become a stop string, and bytes of a character not complete yet, are held back."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: Sequence[str]) -> None:
-        self._tokenizer = tokenizer
-        self._stop = tuple(stop)
-        self._longest_stop = max((len(s) for s in self._stop), default=0)
-        self._ids: Sequence[int] = ()
-        self._prefix = 0  # decoding context starts at this token
-        self._read = 0  # tokens before this one are in `text`
-        self.text = ""  # the text so far (cut before the stop string once one is found)
-        self.shown = 0  # characters of `text` handed out
-        self.stopped = False
-
-    def _decode(self, ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-    def _tail(self) -> str:
-        """Text of the tokens not in `text` yet (may end in U+FFFD: an unfinished UTF-8 character)."""
-        before = self._decode(self._ids[self._prefix : self._read])
-        return self._decode(self._ids[self._prefix :])[len(before) :]
-
-    def update(self, token_ids: Sequence[int]) -> tuple[str, bool]:
-        """Take the tokens so far; return (new text that is safe to show, whether a stop string was hit)."""
-        self._ids = token_ids
-        if self.stopped:
-            return "", True
-        tail = self._tail()
-        if tail and not tail.endswith("\ufffd"):
-            old_len = len(self.text)
-            self.text += tail
-            self._prefix, self._read = self._read, len(token_ids)
-            start = max(0, old_len - self._longest_stop + 1)
-            hits = [i for i in (self.text.find(s, start) for s in self._stop) if i >= 0]
-            if hits:
-                self.text = self.text[: min(hits)]
-                self.stopped = True
-                return self._show(len(self.text)), True
-        safe = len(self.text) - _longest_partial_stop(self.text, self._stop)
-        return self._show(safe), False
-
-    def flush(self) -> str:
-        """The rest of the text, at the end of generation (an unfinished character included, as U+FFFD)."""
-        if not self.stopped:
-            self.text += self._tail()
-            self._prefix = self._read = len(self._ids)
-        return self._show(len(self.text))
-
-    def _show(self, upto: int) -> str:
-        if upto <= self.shown:
-            return ""
-        piece = self.text[self.shown : upto]
-        self.shown = upto
-        return piece
-
-
-def _longest_partial_stop(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest end of `text` that is the beginning of a stop string (so may become one)."""
-    best = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), best, -1):  # longest first: stop at the first match
-            if text.endswith(stop[:n]):
-                best = n
-                break
-    return best
-
-
 @dataclass(eq=False)
 class _Row:
     request: GenerationRequest
@@ -155,70 +56,6 @@ class _Row:
     position: int  # position id of the pending token (one past the last token the model has seen)
     pending: int = -1  # sampled, not yet fed to the model
     token_ids: list[int] = field(default_factory=list)
-
-
-def next_piece(text: StopText, ids: list[int], token: int, stop_ids: Collection[int]) -> tuple[str, bool]:
-    """The stop rule, one generated token at a time (every engine applies it): `token` joins `ids`; a stop token ends
-    the answer without text of its own, a stop string ends it where the string begins. Returns (the new text safe to
-    show, whether the answer stopped)."""
-    ids.append(token)
-    if token in stop_ids:
-        piece, _ = text.update(ids[:-1])
-        return piece, True
-    return text.update(ids)
-
-
-def answer_text(tokenizer: PreTrainedTokenizerBase, token_ids: Sequence[int], stops: Collection[int]) -> str:
-    """A whole answer's tokens as the stop rule leaves them (those before the first stop token), decoded as `StopText`
-    decodes (no special tokens, no clean-up of spaces) and stripped: the offline decoders' answers read as the
-    endpoint's do."""
-    cut = next((k for k, token in enumerate(token_ids) if token in stops), len(token_ids))
-    return tokenizer.decode(list(token_ids[:cut]), skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
-
-
-class ContextExceeded(ValueError):
-    """A prompt that leaves no room for an answer in the model's context."""
-
-
-def answer_budget(prompt_len: int, max_tokens: int, context_len: int) -> int:
-    """The context rule, the one every engine and the endpoint apply: a prompt must leave room for one token, and an
-    answer runs at most to the end of the context. Raises ContextExceeded for a prompt that fills it."""
-    if prompt_len >= context_len:
-        raise ContextExceeded(f"the prompt is {prompt_len} tokens; the model's context is {context_len} tokens")
-    return min(max_tokens, context_len - prompt_len)
-
-
-def context_length(model_config: object, tokenizer: object) -> int:
-    """The longest sequence the model takes: its position table, unless the tokenizer says less."""
-    return int(min(getattr(model_config, "max_position_embeddings", 2048),
-                   getattr(tokenizer, "model_max_length", 10**9)))
-
-
-def stop_token_ids(template_tokenizer: TemplateTokenizer, eos: int | list[int] | None) -> list[int]:
-    """What generation stops on: the end-of-turn token and the model's own end-of-sequence token(s)."""
-    return sorted({template_tokenizer.eot_id, *([eos] if isinstance(eos, int) else eos or [])})
-
-
-def sample_next(logits: torch.Tensor, temperatures: Sequence[float], top_ps: Sequence[float],
-                generators: Sequence[torch.Generator | None]) -> list[int]:
-    """One token per row: greedy where the temperature is 0, else nucleus sampling with the row's own generator."""
-    greedy = logits.argmax(dim=-1).tolist()
-    sampled_rows = [i for i, t in enumerate(temperatures) if t > 0]
-    if not sampled_rows:
-        return greedy
-    index = torch.tensor(sampled_rows, device=logits.device)
-    temps = torch.tensor([temperatures[i] for i in sampled_rows], device=logits.device, dtype=torch.float32)
-    tops = torch.tensor([top_ps[i] for i in sampled_rows], device=logits.device, dtype=torch.float32)
-    probs = torch.softmax(logits.index_select(0, index).float() / temps[:, None], dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    # Keep the smallest set of most likely tokens whose mass reaches top_p (always at least the first).
-    outside = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= tops[:, None]
-    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-    out = list(greedy)
-    for k, row in enumerate(sampled_rows):
-        choice = torch.multinomial(sorted_probs[k].cpu(), 1, generator=generators[row])
-        out[row] = int(order[k, choice].item())
-    return out
 
 
 class BatchGenerator:
@@ -348,7 +185,7 @@ class BatchGenerator:
             ids[i, width - n :] = torch.tensor(list(r.prompt_ids), dtype=torch.long)
             mask[i, width - n :] = 1
         positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
-        cache = _growing_cache()
+        cache = growing_cache()
         out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                          position_ids=positions.to(self.device), past_key_values=cache, use_cache=True)
         self._merge(rows, out.past_key_values, mask.to(self.device))
@@ -395,17 +232,17 @@ class BatchGenerator:
         if self._cache is None or self._mask is None or not self._rows:
             self._rows, self._cache, self._mask = list(rows), cache, mask
             return
-        if not _growing_only(self._cache) or not _growing_only(cache):
+        if not growing_only(self._cache) or not growing_only(cache):
             raise RuntimeError("continuous batching needs the engine's own cache layers (no sliding-window layers)")
         width = max(self._mask.shape[1], mask.shape[1])
-        merged = _growing_cache()
+        merged = growing_cache()
         merged.layers = [
-            _GrowingLayer.holding(_cat_left_padded(old.keys, new.keys, width),
-                                  _cat_left_padded(old.values, new.values, width))
+            GrowingLayer.holding(cat_left_padded(old.keys, new.keys, width),
+                                  cat_left_padded(old.values, new.values, width))
             for old, new in zip(self._cache.layers, cache.layers, strict=True)
         ]
         self._cache = merged
-        self._mask = torch.cat([_left_pad(self._mask, width, dim=1), _left_pad(mask, width, dim=1)], dim=0)
+        self._mask = torch.cat([left_pad(self._mask, width, dim=1), left_pad(mask, width, dim=1)], dim=0)
         self._rows += rows
 
     def _remove(self, indices: list[int]) -> None:
@@ -427,84 +264,8 @@ class BatchGenerator:
         if first > 0:
             self._mask = self._mask[:, first:]
             for layer in self._cache.layers:
-                assert isinstance(layer, _GrowingLayer)
+                assert isinstance(layer, GrowingLayer)
                 layer.drop_front(first)
-
-
-class _GrowingLayer(DynamicLayer):
-    """A DynamicLayer that appends each step's keys and values into spare room (grown by doubling) instead of
-    concatenating the whole cache again at every step; `keys` and `values` are views of the filled part."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._k: torch.Tensor | None = None
-        self._v: torch.Tensor | None = None
-        self._len = 0
-
-    @classmethod
-    def holding(cls, keys: torch.Tensor, values: torch.Tensor) -> _GrowingLayer:
-        layer = cls()
-        layer.update(keys, values)
-        return layer
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object,
-               **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.dtype, self.device = key_states.dtype, key_states.device
-            self.is_initialized = True
-        n = key_states.shape[-2]
-        if self._k is None or self._v is None or self._len + n > self._k.shape[-2]:
-            room = 2 * (self._len + n) + 32
-            k = key_states.new_empty((*key_states.shape[:-2], room, key_states.shape[-1]))
-            v = value_states.new_empty((*value_states.shape[:-2], room, value_states.shape[-1]))
-            if self._k is not None and self._v is not None:
-                k[..., : self._len, :] = self._k[..., : self._len, :]
-                v[..., : self._len, :] = self._v[..., : self._len, :]
-            self._k, self._v = k, v
-        self._k[..., self._len : self._len + n, :] = key_states
-        self._v[..., self._len : self._len + n, :] = value_states
-        self._len += n
-        return self._views()
-
-    def _views(self) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self._k is not None and self._v is not None
-        self.keys, self.values = self._k[..., : self._len, :], self._v[..., : self._len, :]
-        return self.keys, self.values
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self._k is not None and self._v is not None:
-            self._k, self._v = self._k[indices], self._v[indices]
-            self._views()
-
-    def drop_front(self, n: int) -> None:
-        """Forget the first n positions (padding no row needs any more)."""
-        if self._k is not None and self._v is not None:
-            self._k, self._v = self._k[..., n:, :], self._v[..., n:, :]
-            self._len -= n
-            self._views()
-
-
-def _growing_cache() -> DynamicCache:
-    cache = DynamicCache()
-    cache.layer_class_to_replicate = _GrowingLayer  # layers are created on first use, one per model layer
-    return cache
-
-
-def _growing_only(cache: DynamicCache) -> bool:
-    return all(type(layer) is _GrowingLayer for layer in cache.layers)
-
-
-def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    missing = width - t.shape[dim]
-    if missing == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-
-def _cat_left_padded(old: torch.Tensor, new: torch.Tensor, width: int) -> torch.Tensor:
-    return torch.cat([_left_pad(old, width, dim=2), _left_pad(new, width, dim=2)], dim=0)
 
 
 def _finish(request: GenerationRequest, completion: Completion) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from crlft.inference.engine import EngineSettings
-from crlft.inference.generate import answer_budget, answer_text
+from crlft.inference.sampling import answer_budget, answer_text
 from crlft.inference.vllm_engine import ModelFolder, engine_arguments, starting_vllm
 
 

@@ -31,7 +31,7 @@ from transformers import AutoConfig, GenerationConfig
 from crlft.environ import environment
 from crlft.export import ModelMeta, read_meta
 from crlft.inference.engine import EngineKind, EngineSettings, Generation
-from crlft.inference.generate import (
+from crlft.inference.sampling import (
     Completion,
     SamplingParams,
     StopText,
