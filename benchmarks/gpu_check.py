@@ -1,7 +1,7 @@
 """The GPU path in one prepared run: C-RLFT training steps of a ~1B Llama in bf16 under each attention path, their
 numerical agreement, and the serving engine's decode throughput; one table at the end.
 
-    benchmarks/gpu_check.sh [--json FILE]          # on one GPU: about 5 minutes, at most 8
+    benchmarks/gpu_check.sh [--json FILE]          # on one GPU: about 2 minutes on an H100
     python -m benchmarks.gpu_check --cpu-smoke     # the same code on a tiny model on the CPU (CI: seconds)
 
 It needs only torch, transformers and peft (no Ray, MLflow, pydantic or download: the model is built from a config
@@ -202,7 +202,7 @@ def run_steps(setup: Setup, model: nn.Module, attn: str, dtype: torch.dtype | No
         torch.cuda.reset_peak_memory_stats(device)
     tokens = supervised = 0
     seconds = 0.0
-    losses = []
+    losses, step_seconds = [], []
     for step, row in enumerate(setup.bins):
         start = time.perf_counter()
         batch = collate_micro_batch(row, setup.pad_id, CONDITIONS, attn, device)
@@ -210,15 +210,25 @@ def run_steps(setup: Setup, model: nn.Module, attn: str, dtype: torch.dtype | No
                               world_size=1, attn_implementation=attn, autocast_dtype=dtype)
         elapsed = time.perf_counter() - start  # train_step ends by copying its totals to the host: synchronised
         losses.append(stats.loss)
+        step_seconds.append(elapsed)
         if step >= setup.scale.warmup:
             tokens, supervised, seconds = tokens + stats.tokens, supervised + stats.supervised_tokens, seconds + elapsed
     peak_memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return {"tokens_per_s": tokens / seconds, "supervised_tokens_per_s": supervised / seconds, "losses": losses,
+            "step_seconds": step_seconds,
             "peak_memory_gib": None if peak_memory is None else peak_memory / 2**30}
 
 
 def training(setup: Setup, peak: float, echo: Callable[[str], None]) -> list[dict[str, Any]]:
-    """One row per attention path x (full, LoRA): rates, MFU and memory, or why the path was skipped or failed."""
+    """One row per attention path x (full, LoRA): rates, MFU and memory, or why the path was skipped or failed.
+
+    A full fine-tune under sdpa runs once untimed first: on the H100 the first variant's steps ran 3x slower than the
+    same variant later in the run (its warm-up steps were not enough), which made the first row look slow."""
+    model, attn, dtype = prepare(setup, "sdpa", lora=False)
+    run_steps(setup, model, attn, dtype)
+    del model
+    if setup.device.type == "cuda":
+        torch.cuda.empty_cache()
     rows = []
     for attention, skipped in attention_paths(setup.device).items():
         for lora in (False, True):
@@ -389,7 +399,8 @@ def _version(name: str) -> str:
 
 
 def _rounded(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items() if k != "losses"}
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()
+            if k not in ("losses", "step_seconds")}
 
 
 def report(result: dict[str, Any], echo: Callable[[str], None]) -> None:

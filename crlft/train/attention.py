@@ -15,8 +15,8 @@ def set_attention(model: nn.Module, requested: str, device: torch.device) -> str
     """Give `model` the attention implementation of `train.attention` on `device`; return its name.
 
     auto takes varlen flash attention on GPU where flash_attn is installed, else keeps the model's own (sdpa for
-    Llama); flex_attention, which also skips the pairs across conversations, is not chosen for you: it has not been
-    measured against sdpa on a GPU yet."""
+    Llama); flex_attention, which also skips the pairs across conversations, is not chosen for you: on an H100 it was
+    no faster than sdpa for a 1.1B model on 4096-token bins (benchmarks/RESULTS.md, GPU check)."""
     if requested == "auto":
         if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
             with contextlib.suppress(ImportError, ValueError):  # a model without flash attention keeps its own
