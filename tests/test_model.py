@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -141,6 +142,31 @@ def test_loading_a_model_without_end_of_turn_adds_it_with_the_rows_of_its_eos_to
         assert torch.equal(new[:old_rows], old)
         assert torch.equal(new[end_of_turn_id], old[eos_id])  # the model stops at it as it stopped at EOS
     assert model.generation_config.eos_token_id[0] == end_of_turn_id
+
+
+@pytest.fixture(scope="module")
+def tied_dir(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with its output embedding tied to its input embedding, as SmolLM2's is."""
+    out = tmp_path_factory.mktemp("tied")
+    config = AutoModelForCausalLM.from_pretrained(tiny_dir).config
+    config.tie_word_embeddings = True
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(out)
+    return out
+
+
+def test_models_loaded_by_two_threads_at_once_keep_their_tied_embeddings_and_so_do_later_loads(tied_dir: Path) -> None:
+    """transformers' from_pretrained turns tying off process-wide while it builds a model and then puts back what it
+    found: two loads at once could put back each other's 'off' for good, and every later load of a tied model (SmolLM2)
+    then answered from a random output layer."""
+
+    def tied(model: torch.nn.Module) -> bool:
+        return model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for _ in range(10):
+            assert all(tied(model) for model, _ in pool.map(lambda _: load_model_and_tokenizer(str(tied_dir)), "ab"))
+    assert tied(AutoModelForCausalLM.from_pretrained(tied_dir))
 
 
 def test_data_stage_tokenizer_and_trainer_agree_on_the_added_id(dir_without_end_of_turn: Path) -> None:
