@@ -373,13 +373,15 @@ def _duplicate_reason(rules: FeedbackRules, index: int, kept: str, dropped: str)
             f"{kept_record['condition']}), which is kept: {why}")
 
 
-def records_per_class(records: StoreRecords) -> dict[str, int]:
-    """How many of the store's records (duplicates left out) each class has."""
-    counts: dict[str, int] = {}
+def training_summary(records: StoreRecords, rules: FeedbackRules) -> dict[str, Any]:
+    """What a build takes of the store: records per class (duplicates left out), records, excluded, duplicates, and
+    the class each kind of feedback trains as (`crlft feedback stats` and stats.json's `store` section)."""
+    per_class: dict[str, int] = {}
     for line in records.lines:
         condition = json.loads(line)["condition"]
-        counts[condition] = counts.get(condition, 0) + 1
-    return counts
+        per_class[condition] = per_class.get(condition, 0) + 1
+    return {"records_per_class": per_class, "records": len(records.lines), "excluded": records.counts["excluded"],
+            "duplicates": len(records.duplicates), "classes": {kind: rules.class_of(kind) for kind in KINDS}}
 
 
 def check_trainable(root: str, records: StoreRecords) -> None:

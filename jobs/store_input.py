@@ -22,9 +22,9 @@ from crlft.completions import (
     check_trainable,
     is_store,
     read_store,
-    records_per_class,
     snapshot,
     store_records,
+    training_summary,
 )
 from crlft.config import Config
 from crlft.errors import CrlftError
@@ -61,10 +61,8 @@ class StoreInput:
         counts = self.records.counts
         return {
             "uri": self.uri, "snapshot": self.snapshot, "file": STORE_FILE,
-            "feedback": {kind: counts[kind] for kind in KINDS}, "excluded": counts["excluded"],
-            "orphan_feedback": counts["orphan_feedback"], "duplicates": len(self.records.duplicates),
-            "records": len(self.records.lines), "records_per_class": records_per_class(self.records),
-            "classes": {kind: self.rules.class_of(kind) for kind in KINDS},
+            "feedback": {kind: counts[kind] for kind in KINDS}, "orphan_feedback": counts["orphan_feedback"],
+            **training_summary(self.records, self.rules),
         }  # fmt: skip
 
 

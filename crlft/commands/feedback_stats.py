@@ -9,13 +9,12 @@ from typing import Any
 
 from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
 from crlft.completions import (
-    KINDS,
     FeedbackRules,
     feedback_table,
     read_store,
-    records_per_class,
     snapshot,
     store_records,
+    training_summary,
 )
 from crlft.storage import location
 
@@ -38,13 +37,10 @@ def feedback_stats(root: str, rules: FeedbackRules) -> dict[str, Any]:
     """The report as data (what --json prints)."""
     taken = snapshot(root)
     contents = read_store(root)
-    records = store_records(contents, rules)
     return {
         "store": root, "snapshot": taken, "models": feedback_table(contents, rules),
         "orphan_feedback": contents.orphan_feedback,
-        "training": {"records_per_class": records_per_class(records), "records": len(records.lines),
-                     "excluded": records.counts["excluded"], "duplicates": len(records.duplicates),
-                     "classes": {kind: rules.class_of(kind) for kind in KINDS}},
+        "training": training_summary(store_records(contents, rules), rules),
     }  # fmt: skip
 
 
