@@ -39,6 +39,7 @@ STOP_GRACE_S = 3.0  # a marked process left after Ray's shutdown gets this long 
 _local_mark: str | None = None  # this process's local session, while it runs
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _handlers_before: dict[int, Any] = {}  # while stop_on_signals' handler is installed: what it replaced
+_received: int | None = None  # the stop signal that handler took, until `restore_signals`
 PORT_BAND = range(20000, 30000)
 
 
@@ -140,16 +141,26 @@ def stop_on_signals() -> None:
 
 
 def _stop(signum: int, _frame: FrameType | None) -> None:
+    global _received
     for name in STOP_SIGNALS:
         signal.signal(name, signal.SIG_IGN)
+    _received = signum
     raise Stopped(signum)
 
 
+def stop_signal_received() -> bool:
+    """Whether `stop_on_signals`' handler took a stop signal (since it was installed): only then may the signal have
+    gone to the whole process group, Ray's processes included."""
+    return _received is not None
+
+
 def restore_signals() -> None:
+    global _received
     with contextlib.suppress(ValueError):
         for name, handler in _handlers_before.items():
             signal.signal(name, handler)
     _handlers_before.clear()
+    _received = None
 
 
 def ray_alive() -> bool:

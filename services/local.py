@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import ray
 from ray import serve
 
-from cluster.session import ray_alive, restore_signals, start_ray, stop_on_signals, stop_ray
+from cluster.session import ray_alive, restore_signals, start_ray, stop_on_signals, stop_ray, stop_signal_received
 from crlft.config import Config
 from crlft.errors import CrlftError
 from crlft.inference.engine import choose_engine
@@ -133,7 +133,8 @@ def shutdown(shutdown_ray: bool = True) -> None:
     """Stop Serve (and Ray, when this process started it). Serve's controller stops the replicas and HAProxy in order
     while the session's processes all run; after a signal to the whole process group they are dying, and the
     session's stop ends what is left (cluster.session.stop_ray)."""
-    time.sleep(SIGNAL_SPREAD_S)  # a signal to the group reaches Ray's processes at once; let it show
+    if stop_signal_received():  # it may have gone to the group, reaching Ray's processes at once: let that show
+        time.sleep(SIGNAL_SPREAD_S)
     if ray_alive():
         with contextlib.suppress(Exception):
             _stop_serve(SERVE_STOP_S)

@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from cluster.haproxy_pages import ON_ENDPOINT_HOST, on_endpoint_host
-from cluster.session import SESSION_MARK, Stopped, free_port, marked_processes
+from cluster.session import SESSION_MARK, Stopped, free_port, marked_processes, stop_on_signals, stop_signal_received
 from crlft.cli import run_guarded
 from crlft.config import Config
 from crlft.export import ModelMeta, save_exported
@@ -166,6 +166,26 @@ def test_a_stop_signal_exits_with_128_plus_its_number_and_ctrl_c_with_130() -> N
 
     assert run_guarded(stopped, object()) == 143  # type: ignore[arg-type]
     assert run_guarded(interrupted, object()) == 130  # type: ignore[arg-type]
+
+
+def test_a_stop_waits_for_a_group_signal_to_reach_ray_only_after_a_stop_signal(monkeypatch: pytest.MonkeyPatch) -> None:
+    from services import local
+
+    waits: list[float] = []
+    monkeypatch.setattr(local, "ray_alive", lambda: False)  # nothing of Serve's to stop
+    monkeypatch.setattr(local.time, "sleep", waits.append)
+    before = signal.getsignal(signal.SIGTERM)
+    stop_on_signals()
+    local.shutdown(shutdown_ray=False)
+    assert waits == [] and signal.getsignal(signal.SIGTERM) is before
+
+    stop_on_signals()
+    with pytest.raises(Stopped):
+        signal.raise_signal(signal.SIGTERM)
+    assert stop_signal_received()
+    local.shutdown(shutdown_ray=False)
+    assert waits == [local.SIGNAL_SPREAD_S]
+    assert not stop_signal_received() and signal.getsignal(signal.SIGTERM) is before
 
 
 def test_serve_s_haproxy_template_binds_its_pages_on_the_endpoint_s_host() -> None:
