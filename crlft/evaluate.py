@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from crlft.config import suboptimal_of
 from crlft.conversation import ClassRules, Conversation, Message
@@ -32,7 +31,7 @@ from crlft.errors import CrlftError
 from crlft.export import ExportedModel, ModelMeta
 from crlft.general import jsonl_records
 from crlft.inference.generate import BatchGenerator, GenerationRequest
-from crlft.inference.sampling import SamplingParams, answer_text, context_length
+from crlft.inference.sampling import SamplingParams, answer_text
 from crlft.synth import EvalItem, score
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -66,14 +65,6 @@ serves with (`batch_decoder` here, vLLM in crlft/inference/vllm_decoder.py): the
 what users get."""
 
 
-def context_limit(model_config: object, tokenizer: PreTrainedTokenizerBase) -> int | None:
-    """The longest sequence, counted as the serving engines count it (`context_length`); None for a model without a
-    position table."""
-    if getattr(model_config, "max_position_embeddings", None) is None:
-        return None
-    return context_length(model_config, tokenizer)
-
-
 def _fit(ids: list[int], keep: int, bos: list[int]) -> list[int]:
     """The prompt cut from the left to `keep` tokens (keeping BOS): the newest turns matter most."""
     if len(ids) <= keep:
@@ -86,7 +77,7 @@ def batch_decoder(exported: ExportedModel, batch_size: int = 16) -> Decoder:
     context), greedy, `batch_size` sequences at a time: the model's own device and number type."""
     stops = exported.stop_ids
     engine = BatchGenerator(exported.model, exported.tokenizer, stops, max_batch_size=batch_size,
-                            context_len=context_limit(exported.model.config, exported.tokenizer))  # fmt: skip
+                            context_len=exported.folder.context_limit)  # fmt: skip
 
     def decode(prompts: Sequence[list[int]], max_new_tokens: int) -> list[str]:
         params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
@@ -101,7 +92,7 @@ def generate(exported: ExportedModel, prompts: Sequence[list[int]], max_new_toke
     """Greedy answers of token-id prompts by `decoder` (default: `batch_decoder` with `batch_size`), each cut at the
     first stop token and stripped. A prompt too long for the context loses its oldest tokens, and answers get at most
     half the context."""
-    limit = context_limit(exported.model.config, exported.tokenizer)
+    limit = exported.folder.context_limit
     fitted, max_new_tokens = fit_prompts(prompts, max_new_tokens, limit, exported.template_tokenizer.bos_ids)
     return (decoder or batch_decoder(exported, batch_size))(fitted, max_new_tokens)
 
@@ -255,7 +246,7 @@ def embed_conversations(exported: ExportedModel, conversations: Sequence[Convers
     condition in the prompt, where the template has one): shape (n, hidden)."""
     model = exported.model
     model.eval()
-    limit = context_limit(exported.model.config, exported.tokenizer)
+    limit = exported.folder.context_limit
     ids = [exported.template_tokenizer.tokenize_conversation(c, {}, max_len=limit).input_ids for c in conversations]
     pad_id = exported.tokenizer.pad_token_id or 0
     device = next(model.parameters()).device

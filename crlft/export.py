@@ -1,21 +1,23 @@
 """The exported model: a Hugging Face `save_pretrained` folder (safetensors) with the tokenizer, whose chat template
 is the training template, and `crlft.json` naming the conditions, the inference condition, the mode and the config.
-Plain `transformers` (and vLLM) load it without this project; `load_exported` gives serving and evaluation the
-template it was trained with.
+Plain `transformers` (and vLLM) load it without this project; `ModelFolder` holds what crlft itself reads from it
+(the template it was trained with, the tokens that end an answer, the context), for every engine and decoder, and
+`load_exported` adds the loaded model.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from crlft.config import Config
 from crlft.errors import CrlftError
+from crlft.inference.sampling import context_length, stop_token_ids
 from crlft.template import Template, TemplateTokenizer
 
 META_FILE = "crlft.json"
@@ -86,20 +88,81 @@ def read_meta(model_dir: str | Path) -> ModelMeta:
         raise CrlftError(f"{path}: not a valid crlft model description ({exc}); re-export the model") from None
 
 
-@dataclass
-class ExportedModel:
-    model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
+def _eos_token_ids(path: str | Path) -> int | list[int] | None:
+    """What the model's generation config ends a sequence on (transformers reads the same file)."""
+    try:
+        return GenerationConfig.from_pretrained(path).eos_token_id
+    except OSError:  # no generation_config.json: the end-of-turn token alone
+        return None
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """What crlft reads itself from a model folder, one reading for every engine and decoder: the template (crlft.json),
+    the tokenizer with it, the tokens that end an answer (`stop_token_ids`) and the context (`context_length`)."""
+
     meta: ModelMeta
     template_tokenizer: TemplateTokenizer
+    stop_ids: list[int]
+    context_len: int
+    position_table: bool  # whether the model config has one (max_position_embeddings): see `context_limit`
+
+    @property
+    def context_limit(self) -> int | None:
+        """The context evaluation fits prompts and conversations to: none for a model without a position table."""
+        return self.context_len if self.position_table else None
+
+    @classmethod
+    def read(cls, path: str | Path, template_tokenizer: TemplateTokenizer | None = None) -> ModelFolder:
+        """From the folder's files alone, no weights loaded (vLLM loads its own). `template_tokenizer` serves in place
+        of the folder's own template and tokenizer (replay asks a base model under the fine-tune's template)."""
+        from crlft.model import load_tokenizer
+
+        meta = read_meta(path)
+        if template_tokenizer is None:
+            template_tokenizer = TemplateTokenizer(meta.template, load_tokenizer(str(path), meta.template.end_of_turn))
+        return cls.of(meta, template_tokenizer, AutoConfig.from_pretrained(path), _eos_token_ids(path))
+
+    @classmethod
+    def of(cls, meta: ModelMeta, template_tokenizer: TemplateTokenizer, model_config: PretrainedConfig,
+           eos: int | list[int] | None) -> ModelFolder:
+        """From the model config and end-of-sequence token(s), as the files give them or a loaded model holds them."""
+        return cls(meta, template_tokenizer, stop_token_ids(template_tokenizer, eos),
+                   context_length(model_config, template_tokenizer.tokenizer),
+                   getattr(model_config, "max_position_embeddings", None) is not None)  # fmt: skip
+
+
+@dataclass
+class ExportedModel:
+    """A loaded model with its folder's facts, taken from the loaded model (its config and generation config)."""
+
+    model: PreTrainedModel
+    folder: ModelFolder
     path: Path
 
     @property
-    def stop_ids(self) -> list[int]:
-        """The tokens every decoder stops on: the end of turn and the model's own end of sequence."""
-        from crlft.inference.sampling import stop_token_ids
+    def meta(self) -> ModelMeta:
+        return self.folder.meta
 
-        return stop_token_ids(self.template_tokenizer, self.model.generation_config.eos_token_id)
+    @property
+    def template_tokenizer(self) -> TemplateTokenizer:
+        return self.folder.template_tokenizer
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.folder.template_tokenizer.tokenizer
+
+    @property
+    def stop_ids(self) -> list[int]:
+        return self.folder.stop_ids
+
+    def under(self, template: Template) -> ExportedModel:
+        """The model served with `template` in place of its own (replay asks a base model under the fine-tune's)."""
+        return replace(self, folder=_loaded_folder(self.model, self.meta, TemplateTokenizer(template, self.tokenizer)))
+
+
+def _loaded_folder(model: PreTrainedModel, meta: ModelMeta, template_tokenizer: TemplateTokenizer) -> ModelFolder:
+    return ModelFolder.of(meta, template_tokenizer, model.config, model.generation_config.eos_token_id)
 
 
 def load_exported(model_dir: str | Path, **load_kwargs: Any) -> ExportedModel:
@@ -107,7 +170,8 @@ def load_exported(model_dir: str | Path, **load_kwargs: Any) -> ExportedModel:
 
     meta = read_meta(model_dir)
     model, tokenizer = load_model_and_tokenizer(str(model_dir), end_of_turn=meta.template.end_of_turn, **load_kwargs)
-    return ExportedModel(model, tokenizer, meta, TemplateTokenizer(meta.template, tokenizer), Path(model_dir))
+    return ExportedModel(model, _loaded_folder(model, meta, TemplateTokenizer(meta.template, tokenizer)),
+                         Path(model_dir))
 
 
 def export_checkpoint(checkpoint_dir: str | Path, base_model: str, out_dir: str | Path, cfg: Config,

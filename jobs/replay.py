@@ -153,12 +153,9 @@ class AnswerPrompts:
         import torch
 
         from crlft.inference.decoding import load_model
-        from crlft.template import TemplateTokenizer
 
         torch.set_num_threads(threads)
-        exported = load_model(Path(model), engine)
-        self._exported: ExportedModel = dataclasses.replace(
-            exported, template_tokenizer=TemplateTokenizer(template, exported.tokenizer))
+        self._exported: ExportedModel = load_model(Path(model), engine).under(template)
         self._engine = engine
         self._max_new_tokens = max_new_tokens
 
@@ -190,17 +187,14 @@ def _answer_with_vllm(model: str, ids: list[list[int]], cfg: Config, engine: Eng
                       template_tokenizer: TemplateTokenizer, max_new_tokens: int) -> list[str]:
     import ray.data
     from ray.data.llm import build_processor
-    from transformers import AutoConfig
 
-    from crlft.evaluate import context_limit, fit_prompts
-    from crlft.inference.sampling import answer_budget, answer_text, context_length, stop_token_ids
-    from crlft.inference.vllm_engine import eos_token_ids
+    from crlft.evaluate import fit_prompts
+    from crlft.export import ModelFolder
+    from crlft.inference.sampling import answer_budget, answer_text
 
-    model_config, tokenizer = AutoConfig.from_pretrained(model), template_tokenizer.tokenizer
-    fitted, max_new_tokens = fit_prompts(ids, max_new_tokens, context_limit(model_config, tokenizer),
-                                         template_tokenizer.bos_ids)  # fmt: skip
-    context = context_length(model_config, tokenizer)
-    stops = stop_token_ids(template_tokenizer, eos_token_ids(Path(model)))
+    folder = ModelFolder.read(model, template_tokenizer)
+    fitted, max_new_tokens = fit_prompts(ids, max_new_tokens, folder.context_limit, template_tokenizer.bos_ids)
+    context, stops, tokenizer = folder.context_len, folder.stop_ids, template_tokenizer.tokenizer
     rows = [{"index": i, "tokenized_prompt": p, "sampling_params": {
         # As the replica does: an answer never runs past the context (vLLM would refuse the request).
         "temperature": 0.0, "max_tokens": answer_budget(len(p), max_new_tokens, context), "stop_token_ids": stops,

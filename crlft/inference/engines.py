@@ -9,7 +9,7 @@ from pathlib import Path
 from crlft.export import load_exported
 from crlft.inference.engine import Engine, EngineKind, EngineSettings, Generation
 from crlft.inference.generate import BatchGenerator, EngineLoop, GenerationRequest
-from crlft.inference.sampling import SamplingParams, context_length
+from crlft.inference.sampling import SamplingParams
 
 
 def open_engine(path: Path, settings: EngineSettings) -> Engine:
@@ -30,7 +30,7 @@ class TransformersEngine:
         model = exported.model.to(settings.device)
         self.meta = exported.meta
         self.template_tokenizer = exported.template_tokenizer
-        self.context_len = context_length(model.config, exported.tokenizer)
+        self.context_len = exported.folder.context_len
         engine = BatchGenerator(model, exported.tokenizer, exported.stop_ids, max_batch_size=settings.max_batch_size,
                                 context_len=self.context_len)
         self.loop = EngineLoop(engine, batch_wait_s=settings.batch_wait_s)

@@ -16,9 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from crlft.export import ModelFolder
 from crlft.inference.engine import EngineSettings
 from crlft.inference.sampling import answer_budget, answer_text
-from crlft.inference.vllm_engine import ModelFolder, engine_arguments, starting_vllm
+from crlft.inference.vllm_engine import engine_arguments, starting_vllm
 
 
 def not_the_template_warmup(record: logging.LogRecord) -> bool:

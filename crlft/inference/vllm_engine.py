@@ -21,27 +21,16 @@ import logging
 import os
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, GenerationConfig
 
 from crlft.environ import environment
-from crlft.export import ModelMeta, read_meta
+from crlft.export import ModelFolder
 from crlft.inference.engine import EngineKind, EngineSettings, Generation
-from crlft.inference.sampling import (
-    Completion,
-    SamplingParams,
-    StopText,
-    answer_budget,
-    context_length,
-    next_piece,
-    stop_token_ids,
-)
-from crlft.model import load_tokenizer, parameter_count
-from crlft.template import TemplateTokenizer
+from crlft.inference.sampling import Completion, SamplingParams, StopText, answer_budget, next_piece
+from crlft.model import parameter_count
 
 logger = logging.getLogger("ray.serve")
 GIB = 2**30
@@ -53,32 +42,6 @@ VLLM_LOG_ENV = {"VLLM_LOGGING_LEVEL": "WARNING"}
 # from the model's threads. Measured on 2 CPUs (benchmarks/RESULTS.md): SmolLM2-135M in float32, 1.23x the tokens/s.
 # Named by its class: vLLM's CPU platform turns the name "uni" into its worker process ("mp").
 IN_ENGINE_CORE = {"distributed_executor_backend": "vllm.v1.executor.uniproc_executor.UniProcExecutor"}
-
-
-def eos_token_ids(path: Path) -> int | list[int] | None:
-    """What the model's generation config ends a sequence on (transformers reads the same file)."""
-    try:
-        return GenerationConfig.from_pretrained(path).eos_token_id
-    except OSError:  # no generation_config.json: the end-of-turn token alone
-        return None
-
-
-@dataclass(frozen=True)
-class ModelFolder:
-    """What crlft reads itself from a folder vLLM serves with its tokenizer skipped: the template, the tokens that end
-    an answer, the context length. The replica and evaluation's decoder read them alike."""
-
-    meta: ModelMeta
-    template_tokenizer: TemplateTokenizer
-    stop_ids: list[int]
-    context_len: int
-
-    @classmethod
-    def read(cls, path: Path) -> ModelFolder:
-        meta = read_meta(path)
-        template_tokenizer = TemplateTokenizer(meta.template, load_tokenizer(str(path), meta.template.end_of_turn))
-        context_len = context_length(AutoConfig.from_pretrained(path), template_tokenizer.tokenizer)
-        return cls(meta, template_tokenizer, stop_token_ids(template_tokenizer, eos_token_ids(path)), context_len)
 
 
 def engine_arguments(path: Path, settings: EngineSettings, context_len: int, unpinned: bool) -> dict[str, Any]:
