@@ -15,8 +15,10 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
 import socket
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -175,15 +177,36 @@ def ray_alive() -> bool:
 def stop_ray() -> None:
     """Shut down Ray, then end what a local session started that outlived it."""
     import ray
+    from ray._private import worker
 
     global _local_mark
+    node = worker._global_node if _local_mark is not None else None  # the local session's one node; gone after
     if _local_mark is not None and not ray_alive():  # a signal to the group: Ray's head processes are going already,
         end_marked_processes(_local_mark, grace_s=0.0)  # and would take seconds over it
     ray.shutdown()
     if _local_mark is not None:
         end_marked_processes(_local_mark)
         _local_mark = None
+    if node is not None:
+        remove_haproxy_folders(node.node_id)
     restore_signals()
+
+
+def remove_haproxy_folders(node_id: str) -> None:
+    """Remove the folders Serve's HAProxy ingress wrote for the node `node_id` (config, sockets, server state, logs:
+    /tmp/haproxy-serve/<node id>, unless Serve's RAY_SERVE_HAPROXY_* paths move them), which Serve leaves behind once
+    HAProxy has stopped. Only that node's: other sessions' HAProxy, side by side, keep theirs. Nothing when this process
+    never loaded Serve, the only way a local session gets HAProxy (importing Serve here would cost every command ~1 s).
+    """
+    constants = sys.modules.get("ray.serve._private.constants")
+    if constants is None or not node_id:  # no id: the folders' parent itself would go
+        return
+    paths = (constants.RAY_SERVE_HAPROXY_CONFIG_FILE_LOC, constants.RAY_SERVE_HAPROXY_SOCKET_PATH,
+             constants.RAY_SERVE_HAPROXY_SERVER_STATE_FILE, constants.RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH)
+    folders = {Path(path).parent / node_id for path in paths}
+    folders.add(Path(constants.RAY_SERVE_HAPROXY_SERVER_STATE_BASE) / node_id)
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def marked_processes(mark: str) -> list[psutil.Process]:

@@ -17,11 +17,12 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
-from cluster.session import free_port, ingress_env
+from cluster.session import free_port, ingress_env, remove_haproxy_folders
 from crlft.config import Config, load_config
 from crlft.environ import environment
 from crlft.errors import CrlftError
@@ -181,6 +182,21 @@ def test_a_local_ray_gets_the_ingress_environment_only_while_it_starts_and_the_u
     assert "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ
     assert os.environ["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"] == "8555"
     assert ingress_env(load_config(None, {"serve.ingress": "serve-proxy"})) == {}
+
+
+def test_a_stopped_session_removes_its_nodes_haproxy_folder_and_no_other_sessions(monkeypatch, tmp_path):
+    base = tmp_path / "haproxy-serve"
+    ours, theirs = base / "node-a", base / "node-b"
+    for folder in (ours, theirs):
+        folder.mkdir(parents=True)
+        (folder / "haproxy.cfg").write_text("")
+    monkeypatch.setitem(sys.modules, "ray.serve._private.constants", SimpleNamespace(
+        RAY_SERVE_HAPROXY_CONFIG_FILE_LOC=str(base / "haproxy.cfg"), RAY_SERVE_HAPROXY_SOCKET_PATH=str(base / "s"),
+        RAY_SERVE_HAPROXY_SERVER_STATE_FILE=str(base / "state"), RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH=str(base / "m"),
+        RAY_SERVE_HAPROXY_SERVER_STATE_BASE=str(base)))
+    remove_haproxy_folders("")  # no node id: never the folder of every node
+    remove_haproxy_folders("node-a")
+    assert sorted(folder.name for folder in base.iterdir()) == ["node-b"]
 
 
 def test_environment_blocks_of_two_threads_take_turns_and_leave_nothing_behind(monkeypatch):

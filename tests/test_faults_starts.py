@@ -62,6 +62,12 @@ def _listeners(pid: int) -> list[tuple[str, int]]:
             if c.pid == pid and c.status == psutil.CONN_LISTEN]
 
 
+def _config_folder(haproxy: psutil.Process) -> Path:
+    """The folder of the config file HAProxy runs (`haproxy -f FILE`), where Serve keeps all it writes for the node."""
+    command = haproxy.cmdline()
+    return Path(command[command.index("-f") + 1]).parent
+
+
 @contextlib.contextmanager
 def _serving(model: Path, port: int, state: Path, engine: str) -> Iterator[subprocess.Popen[str]]:
     """`crlft serve` in a session of its own, stderr in state/stderr.log; killed with its group if a test leaves it."""
@@ -101,6 +107,8 @@ def test_sigterm_to_the_process_group_or_the_pid_stops_crlft_serve_in_seconds_le
         assert haproxy, "HAProxy is not the ingress"
         # HAProxy's endpoint, stats page and Prometheus page all listen on the endpoint's host only
         assert {ip for p in haproxy for ip, _ in _listeners(p.pid)} == {"127.0.0.1"}
+        haproxy_folders = {_config_folder(p) for p in haproxy}  # Serve's /tmp/haproxy-serve/<node id>
+        assert all(folder.is_dir() for folder in haproxy_folders)
         if engine == "vllm":
             assert any(p.name() == "VLLM::EngineCore" for p in marked_processes(mark))
 
@@ -116,6 +124,7 @@ def test_sigterm_to_the_process_group_or_the_pid_stops_crlft_serve_in_seconds_le
         assert [f"{p.pid} {p.name()}" for p in marked_processes(mark)] == [], f"left running after {stop_s:.1f} s"
         assert not any(c.laddr.port == port for c in psutil.net_connections(kind="tcp")
                        if c.status == psutil.CONN_LISTEN), f"port {port} still listened on"
+        assert [str(folder) for folder in haproxy_folders if folder.exists()] == [], "HAProxy's folder left"
 
 
 def test_a_taken_port_is_one_line_naming_its_holder_and_nothing_starts(model: Path, tmp_path: Path) -> None:
