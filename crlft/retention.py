@@ -2,6 +2,8 @@
 
     retention = candidate's general accuracy / base model's general accuracy        (crlft/data/general/check.jsonl)
     agreement = mean ROUGE-L F1 of the candidate's answers against the base model's  (open prompts: Vicuna, MT-bench)
+    judged_not_worse = share of the open prompts where a judge finds the candidate's answer at least as good as the
+                       base model's (only with a judge: `crlft eval --judge-url`)
 
 Rules, and why:
 - **Each model is asked as it is served.** A crlft model through its conditioned template under its inference
@@ -13,7 +15,10 @@ Rules, and why:
   the right answers". Greedy continuations of two different models part after their first different token, so
   agreement is below 1 for any change of weights: it shows drift (and what replay buys), not a pass mark.
 - **ROUGE-L** (the longest common word subsequence, as F1) compares answers in order without a model: it rewards
-  the same content in the same order and ignores small rewordings; a judge model grades them when one is given.
+  the same content in the same order and ignores small rewordings. It cannot tell a better answer from a worse one:
+  a judge can. Given one, each open prompt's two answers are compared with FastChat's pairwise prompt (`pair-v2`,
+  MT-bench's judge), asked in both orders because judges favour a position (Zheng et al. 2023, "Judging LLM-as-a-Judge
+  with MT-Bench and Chatbot Arena"); a verdict that changes with the order is a tie, as FastChat counts it.
 - **The base is measured once** per base model, check, prompts and decoder (`base_cache_key`), kept in the state
   folder: every candidate of that base is compared with the same figures.
 """
@@ -22,13 +27,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from crlft.conversation import Message
 from crlft.errors import CrlftError
-from crlft.evaluate import BENCH_DATA, Decoder, chat_prompt, generate, load_bench
+from crlft.evaluate import BENCH_DATA, Decoder, JudgeFn, chat_prompt, generate, load_bench
 from crlft.export import META_FILE, ExportedModel
 from crlft.general import CheckItem, check_scores, normalize
 from crlft.model import own_prompt
@@ -104,6 +110,39 @@ def retention_metrics(candidate: GeneralAnswers, base: GeneralAnswers) -> dict[s
     if pairs:
         figures["agreement"] = sum(rouge_l(c, b) for c, b in pairs) / len(pairs)
     return figures
+
+
+PAIR_PROMPT = "pair-v2"  # FastChat's pairwise judge prompt for a single question
+_VERDICT = re.compile(r"\[\[(A|B|C)\]\]")
+
+
+def judged_comparison(prompts: Sequence[str], candidate: Sequence[str], base: Sequence[str], judge: JudgeFn,
+                      judge_prompts: dict[str, dict[str, object]]) -> tuple[dict[str, float], list[dict[str, str]]]:
+    """judged_not_worse (and the wins and losses behind it) over the open prompts, and each prompt's verdicts: the
+    candidate is assistant A in the first question and B in the second; agreeing verdicts name the winner, any other
+    pair is a tie (a reply without a verdict counts as a tie)."""
+    if PAIR_PROMPT not in judge_prompts:
+        raise CrlftError(f"the judge prompts have no {PAIR_PROMPT!r}: use FastChat's judge_prompts.jsonl")
+    prompt = judge_prompts[PAIR_PROMPT]
+    outcomes, records = [], []
+    for question, mine, theirs in zip(prompts, candidate, base, strict=True):
+        verdicts = [_verdict(judge(str(prompt["system_prompt"]), str(prompt["prompt_template"]).format(
+            question=question, answer_a=a, answer_b=b))) for a, b in ((mine, theirs), (theirs, mine))]
+        outcome = {("A", "B"): "candidate", ("B", "A"): "base"}.get((verdicts[0], verdicts[1]), "tie")
+        outcomes.append(outcome)
+        records.append({"prompt": question, "candidate_first": verdicts[0], "base_first": verdicts[1],
+                        "outcome": outcome})
+    n = len(outcomes) or 1
+    figures = {"judged_not_worse": sum(o != "base" for o in outcomes) / n,
+               "judged_wins": sum(o == "candidate" for o in outcomes) / n,
+               "judged_losses": sum(o == "base" for o in outcomes) / n}
+    return figures, records
+
+
+def _verdict(reply: str) -> str:
+    """The judge's last [[A]] / [[B]] / [[C]]; C (a tie) when it gave none."""
+    found = _VERDICT.findall(reply)
+    return found[-1] if found else "C"
 
 
 def base_cache_key(base_revision: str, items: Sequence[CheckItem], prompts: Sequence[str], decoder: str) -> str:

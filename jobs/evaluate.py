@@ -64,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bench-limit", type=int, metavar="N", help="only the first N questions of each benchmark")
     parser.add_argument("--judge-url", metavar="URL",
                         help="OpenAI-compatible API base of the judge, e.g. http://host:8000/v1 (key from "
-                        f"{' or '.join(JUDGE_KEY_VARIABLES)}); without it the answers are saved for later grading")
+                        f"{' or '.join(JUDGE_KEY_VARIABLES)}): it grades the benchmarks' answers (without it they are "
+                        "saved for later grading) and compares retention's open answers with the base model's")
     parser.add_argument("--judge-model", metavar="NAME", help="the judge model's name at --judge-url")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--register-as", metavar="NAME",
@@ -170,14 +171,15 @@ def _plan(model: str | Path, suite: str | Path | None, cfg: Config, *, heldout: 
         raise CrlftError(f"{model} is registered already: drop --register-as (results go on that version)")
     if bool(judge_url) != bool(judge_model):
         raise CrlftError("a judge needs both --judge-url and --judge-model")
-    if judge_url and not bench:
-        raise CrlftError("--judge-url grades benchmark answers: add --bench mt_bench and/or --bench vicuna")
+    if judge_url and not bench and not retention:
+        raise CrlftError("--judge-url grades benchmark answers and compares retention's open answers with the base "
+                         "model's: add --bench mt_bench, --bench vicuna and/or --retention")
     engine = engine_settings(cfg, batch_size)  # vLLM asked for but missing fails here, before anything runs
     suite_items = _load_suite(suite) if suite is not None else None
     if heldout is not None and not Path(heldout).is_file():
         raise CrlftError(f"held-out file {heldout} does not exist (write one with `crlft synth`)")
     benches = list(dict.fromkeys(bench))
-    found_bench_dir = Path(bench_dir or ev.BENCH_DATA) if benches else None
+    found_bench_dir = Path(bench_dir or ev.BENCH_DATA) if benches or judge_url else None  # the judge's prompts too
     for name in benches:
         ev.load_bench(name, found_bench_dir or ".", limit=1)
     if judge_url:
@@ -284,7 +286,9 @@ def evaluate_model(
                                 bench_limit=bench_limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                 bench_max_new_tokens=bench_max_new_tokens, decoder=decoder)  # fmt: skip
             if plan.retention and base:
-                figures, lines = measure_retention(exported, plan.retention, base, decoder, scratch, batch_size)
+                judge = (plan.judge, ev.load_judge_prompts(plan.bench_dir / ev.JUDGE_PROMPTS_FILE)) if (
+                    plan.judge and plan.bench_dir) else None
+                figures, lines = measure_retention(exported, plan.retention, base, decoder, scratch, batch_size, judge)
                 measured["metrics"].update(figures)
                 if figures:  # the suite stays last: it is what promotion compares on
                     measured["recorded"] = {RETENTION_SUITE: figures, **measured["recorded"]}

@@ -8,19 +8,19 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from crlft.config import Config
 from crlft.errors import CrlftError
 
 if TYPE_CHECKING:
-    from crlft.evaluate import Decoder
+    from crlft.evaluate import Decoder, JudgeFn
     from crlft.export import ExportedModel
     from crlft.general import CheckItem
     from crlft.inference.engine import EngineSettings
     from crlft.retention import GeneralAnswers
 
-RESULT_FILES = {"retention.json", "retention_answers.jsonl"}
+RESULT_FILES = {"retention.json", "retention_answers.jsonl", "retention_judgments.jsonl"}
 
 
 @dataclass(frozen=True)
@@ -83,8 +83,11 @@ def base_answers(plan: RetentionPlan, cfg: Config, engine: EngineSettings,
 
 
 def measure_retention(exported: ExportedModel, plan: RetentionPlan, base: tuple[GeneralAnswers, bool],
-                      decoder: Decoder | None, out: Path, batch_size: int) -> tuple[dict[str, float], list[str]]:
-    """The candidate's answers (by `decoder`) against the base's: the figures, written to `out`, and the report line."""
+                      decoder: Decoder | None, out: Path, batch_size: int,
+                      judge: tuple[JudgeFn, dict[str, dict[str, Any]]] | None = None,
+                      ) -> tuple[dict[str, float], list[str]]:
+    """The candidate's answers (by `decoder`) against the base's: the figures, written to `out`, and the report line.
+    With a judge (and its prompts), the open answers are also compared by it (crlft.retention.judged_comparison)."""
     from crlft import retention as rt
 
     started = time.monotonic()
@@ -103,6 +106,13 @@ def measure_retention(exported: ExportedModel, plan: RetentionPlan, base: tuple[
     agreement = ""
     if prompts:
         agreement = f"; agreement with its answers {figures['agreement']:.3f} on {len(prompts)} open prompts"
+    if prompts and judge is not None:
+        judged, verdicts = rt.judged_comparison(prompts, candidate.open_answers, reference.open_answers, *judge)
+        figures |= judged
+        with (out / "retention_judgments.jsonl").open("w", encoding="utf-8") as f:
+            f.writelines(json.dumps(record) + "\n" for record in verdicts)
+        agreement += (f", judged at least as good on {judged['judged_not_worse']:.3f} of them (wins "
+                      f"{judged['judged_wins']:.3f}, losses {judged['judged_losses']:.3f})")
     line = (f"retention {figures['retention']:.3f}: general accuracy {figures['general_accuracy']:.3f} against the "
             f"base model's {figures['base_general_accuracy']:.3f} ({len(items)} prompts{agreement}; base "
             f"{'from cache' if cached else 'measured'}; {time.monotonic() - started:.0f} s)")

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import pytest
 
@@ -48,3 +52,35 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     out = tmp_path_factory.mktemp("tokenizer")
     train_tokenizer(default_corpus(), vocab_size=600).save_pretrained(out)
     return str(out)
+
+
+@pytest.fixture
+def judge_server() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """A stand-in OpenAI-compatible judge (no judge model runs here): records each request, answers with a rating
+    and no pairwise verdict (a tie when two answers are compared)."""
+    requests: list[dict[str, Any]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+            status, reply = (400, {"error": "no such model"}) if body["model"] == "missing" else (
+                200, {"choices": [{"message": {"role": "assistant", "content": "Sound. Rating: [[6]]"}}]})
+            payload = json.dumps(reply).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1", requests
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -318,37 +316,6 @@ def test_grading_uses_the_multi_turn_prompt_for_turn_two_and_the_reference_for_m
     assert f"second {questions[0].question_id}" in seen[1] and questions[1].reference[0] in seen[2]
     assert bench_metrics("mt_bench", judgments) == {"mt_bench_unrated": 0.0, "mt_bench_score": 6.0,
                                                     "mt_bench_turn1": 4.0, "mt_bench_turn2": 8.0}  # fmt: skip
-
-
-@pytest.fixture
-def judge_server() -> Iterator[tuple[str, list[dict[str, Any]]]]:
-    """A stand-in OpenAI-compatible judge: records each request, answers with a rating."""
-    requests: list[dict[str, Any]] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-            status, reply = (400, {"error": "no such model"}) if body["model"] == "missing" else (
-                200, {"choices": [{"message": {"role": "assistant", "content": "Sound. Rating: [[6]]"}}]})
-            payload = json.dumps(reply).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1", requests
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_the_judge_is_any_openai_compatible_endpoint_with_the_key_from_the_environment(

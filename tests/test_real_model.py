@@ -137,6 +137,24 @@ def test_replay_keeps_what_the_base_model_knew_and_retention_is_recorded_on_the_
     assert info.retention == metrics["retention"] and info.latest_suite != "retention"
 
 
+def test_a_judge_compares_the_fine_tunes_open_answers_with_the_base_models(
+    pipeline: Any, cfg: Config, judge_server: tuple[str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    """`crlft eval --retention --judge-url`: each open prompt's two answers go to the judge in both orders (the
+    stand-in judge gives no verdict: every pair is a tie)."""
+    from jobs.evaluate import evaluate_model
+
+    url, requests = judge_server
+    report = evaluate_model(pipeline.model_dir, None, cfg, retention=True, retention_limit=4, open_limit=2,
+                            judge_url=url, judge_model="judge-1", log_mlflow=False, out_dir=tmp_path / "out")
+    metrics = report["metrics"]
+    assert (metrics["judged_not_worse"], metrics["judged_wins"], metrics["judged_losses"]) == (1.0, 0.0, 0.0)
+    assert len(requests) == 4 and all("two AI assistants" in r["body"]["messages"][0]["content"] for r in requests)
+    verdicts = (tmp_path / "out" / "retention_judgments.jsonl").read_text().splitlines()
+    assert [json.loads(line)["outcome"] for line in verdicts] == ["tie", "tie"]
+    assert "judged at least as good on 1.000 of them" in report["text"]
+
+
 def test_a_candidate_that_forgot_is_refused_and_the_champion_keeps_serving(
     pipeline: Any, endpoint: str, cfg: Config, tmp_path_factory: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:

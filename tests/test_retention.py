@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 
 from crlft.errors import CrlftError
+from crlft.evaluate import BENCH_DATA, JUDGE_PROMPTS_FILE, load_judge_prompts
 from crlft.general import load_check
 from crlft.retention import (
     GeneralAnswers,
     base_cache_key,
+    judged_comparison,
     open_prompts,
     read_cached,
     retention_metrics,
@@ -63,3 +65,32 @@ def test_the_base_is_cached_under_what_its_answers_depend_on(tmp_path: Path) -> 
 def test_the_open_prompts_are_the_shipped_first_turns_of_vicuna_and_mt_bench() -> None:
     prompts = open_prompts()
     assert len(prompts) == len(set(prompts)) == 158 and open_prompts(40) == prompts[:40]  # 2 asked by both
+
+
+def test_a_judge_compares_each_open_answer_with_the_base_models_in_both_orders_and_a_flip_is_a_tie() -> None:
+    """Judges favour a position: each pair is asked with the candidate first and then second; only verdicts that
+    agree name a winner (FastChat's convention)."""
+    asked: list[tuple[str, str]] = []
+
+    def judge(system: str, user: str) -> str:  # prefers the answer that names Paris; else the first answer shown
+        asked.append((system, user))
+        first = user.split("[The Start of Assistant A's Answer]")[1].split("[The End of Assistant A's Answer]")[0]
+        second = user.split("[The Start of Assistant B's Answer]")[1].split("[The End of Assistant B's Answer]")[0]
+        if ("Paris" in first) != ("Paris" in second):
+            return "A names it. [[A]]" if "Paris" in first else "B names it: [[B]]"
+        return "Both alike, but [[A]]" if first.strip() else "no verdict"
+
+    prompts = ["Capital of France?", "Capital of France, again?", "Say hi."]
+    candidate = ["Paris.", "Lyon.", "hi"]
+    base = ["Lyon.", "Paris.", "hello"]
+    figures, records = judged_comparison(prompts, candidate, base, judge,
+                                         load_judge_prompts(BENCH_DATA / JUDGE_PROMPTS_FILE))
+    assert [r["outcome"] for r in records] == ["candidate", "base", "tie"]  # the third: [[A]] in both orders
+    assert figures == pytest.approx({"judged_not_worse": 2 / 3, "judged_wins": 1 / 3, "judged_losses": 1 / 3})
+    assert len(asked) == 6 and all("impartial judge" in system for system, _ in asked)
+    assert "[User Question]\nCapital of France?" in asked[0][1]
+
+
+def test_a_judge_without_the_pairwise_prompt_is_refused() -> None:
+    with pytest.raises(CrlftError, match="no 'pair-v2'"):
+        judged_comparison(["q"], ["a"], ["b"], lambda s, u: "[[A]]", {})
