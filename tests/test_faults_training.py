@@ -143,6 +143,46 @@ def test_training_goes_on_through_a_tracker_outage_and_every_step_is_logged_and_
           f"meanwhile; slowest step {max(step_seconds):.2f} s; registered v{result.model_version}")
 
 
+def test_while_the_server_is_away_the_sender_only_probes_it_and_sends_the_held_metrics_once_it_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import mlflow.tracking
+
+    from jobs.training import tracking
+
+    back, sent, tries, probes = threading.Event(), [], [], []
+
+    class Client:  # MLflow's, whose every send to a server that is away retries for about a minute
+        def __init__(self, _uri: str) -> None:
+            pass
+
+        def log_batch(self, _run_id: str, metrics: list[Any]) -> None:
+            tries.append(len(metrics))
+            if not back.is_set():
+                raise ConnectionError("refused")
+            sent.extend(metrics)
+
+    monkeypatch.setattr(mlflow.tracking, "MlflowClient", Client)
+    monkeypatch.setattr(tracking, "answers", lambda uri: probes.append(uri) or back.is_set())
+    logger = tracking.MetricsLogger("http://127.0.0.1:1", "run", flush_every_s=0.05)
+    try:
+        logger.log({"loss": 1.0}, step=1)
+        deadline = time.monotonic() + 10
+        while len(probes) < 5:  # probed at every flush, not after a growing wait
+            assert time.monotonic() < deadline, "the sender does not probe the server"
+            time.sleep(0.05)
+        logger.log({"loss": 0.5}, step=2)
+        assert tries == [1]  # the one send that found the server away
+        back.set()
+        deadline = time.monotonic() + 2
+        while len(sent) < 2:
+            assert time.monotonic() < deadline, "the held metrics were not sent after the server's return"
+            time.sleep(0.05)
+    finally:
+        logger.close()
+    assert [(m.step, m.value) for m in sent] == [(1, 1.0), (2, 0.5)]
+
+
 def test_a_tracker_that_never_returns_fails_the_run_naming_the_exported_model_and_the_command_that_registers_it(
     ray_session: None, server_up: TrackingServer, data: Path, tiny_model: Path, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,

@@ -19,7 +19,8 @@ from crlft.tracking import new_run
 from jobs.training.data import DataDescription
 
 METRICS_FLUSH_S = 5.0
-RETRY_MAX_DELAY_S = 30.0  # the longest wait between two tries of a server that does not answer
+RETRY_MAX_DELAY_S = 30.0  # the longest wait between two sends a server answering the probe did not take
+PROBE_TIMEOUT_S = 5  # whole seconds (MLflow's timeout is an int)
 UNSENT_FILE = "unsent_metrics.json"  # in a checkpoint: rank 0's metrics that MLflow had not taken yet
 
 
@@ -67,6 +68,23 @@ def send_metrics(client: Any, run_id: str, metrics: Sequence[Any]) -> None:
         client.log_batch(run_id, metrics=list(metrics[start : start + 1000]))
 
 
+def answers(tracking_uri: str) -> bool:
+    """Whether the tracking server at `tracking_uri` answers at all, asked once with a short timeout and no retries
+    (a send's own retries on a server that is away take about a minute); any HTTP answer counts. A store that is no
+    server (a file, SQLite) always does."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return True
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    try:  # MLflow's request: the tracking URI's credentials and TLS settings, as a send uses them
+        http_request(get_default_host_creds(tracking_uri), "/health", "GET", max_retries=0, timeout=PROBE_TIMEOUT_S,
+                     raise_on_status=False)
+    except Exception:
+        return False
+    return True
+
+
 def read_unsent(directory: str | Path) -> list[Any]:
     """The metrics a checkpoint holds because MLflow had not taken them when it was written."""
     from mlflow.entities import Metric
@@ -78,9 +96,9 @@ def read_unsent(directory: str | Path) -> list[Any]:
 class MetricsLogger:
     """Rank 0's metrics, sent to MLflow in batches by a background thread, so that the training loop never waits on
     the tracking server. While the server does not answer (MLflow retries each request with backoff first), the
-    metrics are held and sent again until it does; every checkpoint carries those still held (`save_unsent`), and the
-    worker restored from it or the driver after the last step sends them. Sending one twice is harmless: MLflow
-    stores a metric resent with the same key, step, timestamp and value once."""
+    metrics are held, and sent again once a short probe finds it answering (`answers`); every checkpoint carries those
+    still held (`save_unsent`), and the worker restored from it or the driver after the last step sends them. Sending
+    one twice is harmless: MLflow stores a metric resent with the same key, step, timestamp and value once."""
 
     def __init__(self, tracking_uri: str | None, run_id: str | None, held: Sequence[Any] = (),
                  flush_every_s: float = METRICS_FLUSH_S) -> None:
@@ -92,7 +110,7 @@ class MetricsLogger:
         if self._enabled:
             from mlflow.tracking import MlflowClient
 
-            sender = threading.Thread(target=self._send_loop, args=(MlflowClient(tracking_uri), run_id),
+            sender = threading.Thread(target=self._send_loop, args=(tracking_uri, MlflowClient(tracking_uri), run_id),
                                       name="crlft-metrics", daemon=True)
             sender.start()
 
@@ -117,12 +135,15 @@ class MetricsLogger:
         """Stop the sender without waiting for it: what it has not sent is in the last checkpoint."""
         self._closed.set()
 
-    def _send_loop(self, client: Any, run_id: str) -> None:
+    def _send_loop(self, tracking_uri: str, client: Any, run_id: str) -> None:
         delay, failing_since = self._flush_every_s, None
         while not self._closed.wait(delay):
             with self._lock:
                 batch = list(self._pending)
             if not batch:
+                continue
+            if failing_since is not None and not answers(tracking_uri):  # still away: probe again at the next flush,
+                delay = self._flush_every_s  # to notice its return in seconds; the metrics stay held
                 continue
             try:
                 send_metrics(client, run_id, batch)
