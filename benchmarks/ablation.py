@@ -661,8 +661,9 @@ def run_ablation(cfg: Config, out: Path, *, seeds: Sequence[int] = DEFAULT_SEEDS
     (the tiny model) there is no replay. `facts`: crlft/facts.py's set instead of the synthetic suite."""
     from cluster.session import ray_session
     from crlft.commands.init_model import build_default_model, local_base_model
+    from crlft.environ import set_offline_defaults
     from crlft.synth import write_suite
-    from crlft.tracking import set_offline_defaults, setup_mlflow
+    from crlft.tracking import setup_mlflow
     from jobs.build_dataset import build_dataset
 
     set_offline_defaults()

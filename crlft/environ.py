@@ -28,3 +28,14 @@ def environment(extra: Mapping[str, str], override: bool = False) -> Iterator[di
                     os.environ.pop(name, None)
                 else:
                     os.environ[name] = value
+
+
+# What every stage and replica runs with unless the user says otherwise: no model hub calls (models come from folders
+# and the local cache), no telemetry.
+OFFLINE_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def set_offline_defaults() -> None:
+    """OFFLINE_ENV into this process's environment, where a variable is not set already."""
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)

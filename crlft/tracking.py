@@ -13,20 +13,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from crlft.config import Config
+from crlft.environ import set_offline_defaults
 from crlft.errors import CrlftError, first_line
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 # MLflow 3 phones home and Hugging Face tries the hub unless told; neither is reachable offline.
-OFFLINE_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-
-
-def set_offline_defaults() -> None:
-    for key, value in OFFLINE_ENV.items():
-        os.environ.setdefault(key, value)
-
-
 def artifact_root(cfg: Config) -> Path:
     return Path(cfg.state_dir).resolve() / "mlartifacts"
 

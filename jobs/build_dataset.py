@@ -61,10 +61,10 @@ from crlft.dataset import (
     shard_name,
     shard_table,
 )
+from crlft.environ import set_offline_defaults
 from crlft.errors import CrlftError
 from crlft.replay import ReplayPlan, plan_replay
 from crlft.storage import filesystem_and_path, is_uri, location
-from crlft.tracking import set_offline_defaults
 from jobs.replay import REPLAY_FILE, Replay, make_replay
 from jobs.store_input import STORE_FILE, StoreInput, read_store_input, summary
 

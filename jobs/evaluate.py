@@ -29,11 +29,12 @@ from typing import TYPE_CHECKING, Any
 
 from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
 from crlft.config import Config
+from crlft.environ import set_offline_defaults
 from crlft.errors import CrlftError, first_line
 from crlft.inference.decoding import dtype_name, engine_settings, load_model, open_decoder
 from crlft.lineage.tags import RETENTION_SUITE, TAG
 from crlft.lineage.versions import ModelRef, is_model_uri
-from crlft.tracking import new_run, set_offline_defaults
+from crlft.tracking import new_run
 from jobs.retention import RESULT_FILES as RETENTION_FILES
 from jobs.retention import RetentionPlan, base_answers, measure_retention, plan_retention
 

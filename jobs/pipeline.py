@@ -20,8 +20,9 @@ from typing import Any
 from cluster.session import ray_session
 from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
 from crlft.config import Config, Mode
+from crlft.environ import set_offline_defaults
 from crlft.errors import CrlftError
-from crlft.tracking import resolve_tracking_uri, set_offline_defaults
+from crlft.tracking import resolve_tracking_uri
 
 DEFAULT_NAME = "default"
 

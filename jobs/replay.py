@@ -34,10 +34,10 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from crlft.config import Config
+from crlft.environ import set_offline_defaults
 from crlft.inference.decoding import dtype_name, engine_settings
 from crlft.replay import ReplayPlan, choose_prompts, complete_answer, replay_condition, replay_line
 from crlft.storage import folder_revision, write_whole
-from crlft.tracking import set_offline_defaults
 
 if TYPE_CHECKING:  # torch and transformers come with these: imported where the model runs
     from crlft.export import ExportedModel

@@ -32,11 +32,12 @@ from typing import Any
 from cluster.session import ray_session
 from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
 from crlft.config import Config, Mode
+from crlft.environ import set_offline_defaults
 from crlft.errors import CrlftError, first_line
 from crlft.export import export_checkpoint
 from crlft.lineage.registration import MODEL_ARTIFACT_PATH, register_model
 from crlft.lineage.versions import ModelRef
-from crlft.tracking import mark_failed, mlflow_patience_s, set_offline_defaults, wait_reachable
+from crlft.tracking import mark_failed, mlflow_patience_s, wait_reachable
 from crlft.train.lr import LrChoice, choose_lr, supervised_tokens_per_step
 from crlft.train.schedule import StepPlan, plan_steps
 from jobs.training.data import DataDescription, check_tokenizer, describe_data

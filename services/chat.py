@@ -54,12 +54,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from crlft.completions import open_store
 from crlft.config import Config, ServeConfig, load_config
+from crlft.environ import OFFLINE_ENV, set_offline_defaults
 from crlft.errors import CrlftError
 from crlft.inference.engine import EngineSettings, Event, Generation
 from crlft.inference.sampling import Completion, ContextExceeded, SamplingParams, answer_budget
 from crlft.lineage.versions import champion_uri
 from crlft.storage import folder_revision, location
-from crlft.tracking import OFFLINE_ENV, set_offline_defaults
 from services import protocol
 from services.metrics import RequestCounter, metrics
 from services.models import LoadedModel, default_watch_s, load_model, resolve_model_uri, served_name

@@ -16,9 +16,9 @@ from ray import serve
 
 from cluster.session import ray_alive, restore_signals, start_ray, stop_on_signals, stop_ray, stop_signal_received
 from crlft.config import Config
+from crlft.environ import set_offline_defaults
 from crlft.errors import CrlftError
 from crlft.inference.engine import choose_engine
-from crlft.tracking import set_offline_defaults
 from services.chat import APP_NAME, chat_application
 from services.models import resolve_model_uri
 

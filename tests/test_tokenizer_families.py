@@ -21,8 +21,8 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTraine
 
 from crlft.config import Config, load_config
 from crlft.conversation import Conversation, Message
+from crlft.environ import set_offline_defaults
 from crlft.template import Template, TemplateTokenizer
-from crlft.tracking import set_offline_defaults
 
 set_offline_defaults()
 

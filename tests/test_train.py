@@ -24,10 +24,10 @@ import torch
 
 from crlft.config import Config, Mode, load_config
 from crlft.conversation import Conversation, Message
+from crlft.environ import set_offline_defaults
 from crlft.errors import CrlftError
 from crlft.pack import PackedRow, collate, pack_bin
 from crlft.template import Template, TemplateTokenizer
-from crlft.tracking import set_offline_defaults
 from crlft.train.batches import (
     applied_rewards,
     collate_micro_batch,

@@ -25,8 +25,8 @@ import torch
 
 from crlft.config import Config
 from crlft.dataset import chunked
+from crlft.environ import set_offline_defaults
 from crlft.errors import CrlftError
-from crlft.tracking import set_offline_defaults
 from crlft.train.attention import set_attention
 from crlft.train.batches import as_packed_row, collate_micro_batch, rescale_row
 from crlft.train.checkpoint import TrainingPosition, load_training_state, save_training_state
