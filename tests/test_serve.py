@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -687,17 +688,28 @@ def test_a_new_champion_is_picked_up_under_load_without_a_failed_request(
     assert after.choices[0].message.content == expected_b.text
 
 
-def _haproxy_configs_binding(port: int) -> list[str]:
-    """The config files of running HAProxy processes whose frontend binds `port`."""
-    configs = []
+def _haproxy_configs() -> set[Path]:
+    """The config files of the running HAProxy processes (from their command lines: a stopped session removes its
+    folder, so a HAProxy that outlived it is found by its command line alone)."""
+    configs = set()
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         with contextlib.suppress(OSError):
             command = cmdline.read_text().split("\0")
             if Path(command[0]).name == "haproxy" and "-f" in command:
-                config = Path(command[command.index("-f") + 1])
-                if f"bind 127.0.0.1:{port}\n" in config.read_text():
-                    configs.append(str(config))
+                configs.add(Path(command[command.index("-f") + 1]))
     return configs
+
+
+def _binds(config: Path, port: int) -> bool:
+    """Whether the HAProxy config's frontend binds `port`. Serve rewrites the file in place (truncate, then write)
+    under an flock on `<config>.lock`: read under the same lock, or a read during a rewrite finds it empty."""
+    with contextlib.suppress(OSError), open(f"{config}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        try:
+            return f"bind 127.0.0.1:{port}\n" in config.read_text()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return False
 
 
 @pytest.mark.slow
@@ -728,10 +740,11 @@ def test_crlft_serve_prints_the_url_when_ready_and_stops_cleanly_on_ctrl_c(model
         stored = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=asked, timeout=60,
                             headers={"Authorization": "Bearer secret-key"})
         assert stored.status_code == 200, stored.text
-        assert _haproxy_configs_binding(port), "HAProxy is not the ingress on the served port"
+        ingress = {config for config in _haproxy_configs() if _binds(config, port)}
+        assert ingress, "HAProxy is not the ingress on the served port"
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=90) == 0
-        assert not _haproxy_configs_binding(port), "HAProxy outlived the session"
+        assert not ingress & _haproxy_configs(), "HAProxy outlived the session"
         assert [c.completion["id"] for c in read_store(str(tmp_path / "completions")).choices] == [stored.json()["id"]]
     finally:
         watchdog.cancel()
