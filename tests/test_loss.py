@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,6 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from cluster.session import free_port
 from crlft.pack import IGNORE_INDEX, PADDING
 from crlft.train.loss import (
     ClassLossSums,
@@ -123,10 +121,9 @@ def _gradients(model: torch.nn.Module) -> list[torch.Tensor]:
     return [p.grad.detach().clone() for p in model.parameters() if p.grad is not None]
 
 
-def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+def _ddp_worker(rank: int, world_size: int, out_dir: str) -> None:
+    # A file rendezvous, not a port chosen and released for gloo to bind later (another process took it once: SIGABRT)
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world_size)
     try:
         model = DistributedDataParallel(_model())
         features, labels, weights = _rank_data(rank)
@@ -148,7 +145,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ddp_gradients(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[torch.Tensor]]:
     out_dir = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_ddp_worker, args=(2, free_port(), str(out_dir)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, str(out_dir)), nprocs=2, join=True)
     rank0, rank1 = (torch.load(out_dir / f"rank{r}.pt") for r in (0, 1))
     for name in rank0:  # DDP keeps the replicas identical
         for g0, g1 in zip(rank0[name], rank1[name], strict=True):
