@@ -40,7 +40,7 @@ the variants crlft, conditioned and sft (REAL_MODEL_VARIANTS), and the ablation 
   template), and every run trains the same number of steps, so a replay run sees fewer synthetic conversations.
   A name with the suffix in `--variants` (`sft+replay`) is trained as named, whatever `--replay` says.
 - **Retention** (crlft/retention.py): every run's general accuracy on the shipped general check
-  (crlft/data/general/check.jsonl: 398 prompts of facts, arithmetic, word knowledge and instructions, scored right or
+  (crlft/assets/general/check.jsonl: 398 prompts of facts, arithmetic, word knowledge and instructions, scored right or
   wrong) divided by the base model's, each asked as it is served (the base through its own chat template); 1.0 means
   the fine-tune kept every right answer. Beside it `agreement`, the ROUGE-L of the run's answers to open prompts
   against the base's (drift; what replay should buy). The base is measured once (before the first run, cached in
@@ -387,7 +387,7 @@ def report_text(rows: Sequence[Row], expert: str, suboptimal: str, seeds: Sequen
              f"mean ± standard deviation over seeds {', '.join(map(str, seeds))}; {steps} optimiser steps per run; "
              "a win needs a difference larger than the two spreads added"]  # fmt: skip
     if any(row.retention.n for row in rows):
-        lines.append("retention: general accuracy on the general check (crlft/data/general/check.jsonl) divided by "
+        lines.append("retention: general accuracy on the general check (crlft/assets/general/check.jsonl) divided by "
                      "the base model's, each asked as it is served; agreement: ROUGE-L of the open answers against "
                      "the base model's")  # fmt: skip
     lines += [f"- [{'x' if ok else ' '}] {text}" for text, ok in checks]

@@ -334,7 +334,7 @@ def projection_for_plot(embeddings: np.ndarray) -> tuple[np.ndarray, str]:
 
 BENCHES = ("mt_bench", "vicuna")
 # FastChat's llm_judge data (questions, GPT-4 references, judge prompts) shipped in the package (see its SOURCE.md)
-BENCH_DATA = Path(__file__).resolve().parent / "data" / "fastchat"
+BENCH_DATA = Path(__file__).resolve().parent / "assets" / "fastchat"
 BENCH_FOLDERS = {"mt_bench": "mt_bench", "vicuna": "vicuna_bench"}
 NEED_REFERENCE = {"math", "reasoning", "coding"}  # FastChat's categories graded against a reference answer
 JUDGE_PROMPTS_FILE = "judge_prompts.jsonl"

@@ -1,6 +1,6 @@
 """Retention: how much of what its base model knew a fine-tune kept.
 
-    retention = candidate's general accuracy / base model's general accuracy        (crlft/data/general/check.jsonl)
+    retention = candidate's general accuracy / base model's general accuracy        (crlft/assets/general/check.jsonl)
     agreement = mean ROUGE-L F1 of the candidate's answers against the base model's  (open prompts: Vicuna, MT-bench)
     judged_not_worse = share of the open prompts where a judge finds the candidate's answer at least as good as the
                        base model's (only with a judge: `crlft eval --judge-url`)

@@ -80,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="what decodes suite and benchmark answers, as `crlft serve` would (default: serve.engine; "
                         "auto: vLLM where installed for the device, else crlft's own engine)")  # fmt: skip
     parser.add_argument("--retention", action=argparse.BooleanOptionalAction,
-                        help="measure retention: the general check (crlft/data/general) against the base model's "
+                        help="measure retention: the general check (crlft/assets/general) against the base model's "
                         "answers (default: when the model's base is a pretrained model found here)")
     parser.add_argument("--base-model", metavar="DIR", help="the base model retention compares with (default: the one "
                         "the model was trained from, as its crlft.json records)")  # fmt: skip

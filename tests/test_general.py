@@ -94,7 +94,7 @@ def test_the_replay_prompts_are_hundreds_of_distinct_prompts_none_a_check_questi
 
 def test_the_package_data_setting_ships_the_folder() -> None:
     pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text(encoding="utf-8")
-    assert '"data/general/*"' in pyproject
+    assert '"assets/general/*"' in pyproject
 
 
 # ---------------------------------------------------------------------------------------------------------------------
