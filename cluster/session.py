@@ -54,10 +54,11 @@ class Stopped(KeyboardInterrupt):
 
 
 def free_port() -> int:
-    """A port free now, for a listener another process starts later (Ray's dashboard, HAProxy's pages, Serve's
-    fallback proxy): drawn from `PORT_BAND` less the kernel's ephemeral range, ports no process binds by chance (Ray's
-    processes bind port 0 and connect from the ephemeral range, its workers bind 10002-19999, Serve's replicas 30000
-    and up), so that it is still free when that process binds it."""
+    """A port free now, for a listener another process starts later and that cannot choose its own (HAProxy's pages,
+    Serve's fallback proxy: their ports are settings Serve reads at start): drawn from `PORT_BAND` less the kernel's
+    ephemeral range, ports no process binds by chance (Ray's processes bind port 0 and connect from the ephemeral
+    range, its workers bind 10002-19999, Serve's replicas 30000 and up), so that it is still free when that process
+    binds it."""
     ephemeral = ephemeral_ports()
     candidates = [port for port in PORT_BAND if port not in ephemeral]
     for port in random.sample(candidates, min(len(candidates), 100)):
@@ -105,8 +106,8 @@ def ingress_env(cfg: Config) -> dict[str, str]:
 
 
 def start_ray(cfg: Config | None = None, address: str | None = None) -> tuple[bool, str | None]:
-    """Use the running session; else connect to `address` or $RAY_ADDRESS; else start a local one (loopback dashboard
-    on a free port: Train polls its state API). Returns whether this call opened the session (its opener shuts it
+    """Use the running session; else connect to `address` or $RAY_ADDRESS; else start a local one (loopback dashboard:
+    Train polls its state API). Returns whether this call opened the session (its opener shuts it
     down) and, for a local one, the dashboard's URL."""
     import ray
 
@@ -122,8 +123,9 @@ def start_ray(cfg: Config | None = None, address: str | None = None) -> tuple[bo
     _local_mark = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
     try:
         with environment(ingress_env(cfg) | {SESSION_MARK: _local_mark}):
+            # No dashboard_port: the dashboard binds its own, 8265 or the next free one, and reports what it got.
             context = ray.init(num_cpus=local_cpus(cfg), include_dashboard=True, dashboard_host="127.0.0.1",
-                               dashboard_port=free_port(), logging_level=logging.WARNING)  # fmt: skip
+                               logging_level=logging.WARNING)  # fmt: skip
     except BaseException:
         stop_ray()
         raise

@@ -28,13 +28,11 @@ for key, value in {
 @pytest.fixture(scope="module")
 def ray_session() -> Iterator[None]:
     """A local Ray for the tests of one module (4 logical CPUs on 2 cores: workers take fractions), dashboard on
-    loopback (without it Train logs state-API errors in a loop)."""
+    loopback on the port it binds itself (without it Train logs state-API errors in a loop)."""
     import ray
 
-    from cluster.session import free_port
-
     saved_env = dict(os.environ)
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(),
+    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
              logging_level=logging.WARNING, log_to_driver=False)
     try:
         yield
