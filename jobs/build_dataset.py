@@ -42,8 +42,8 @@ import pyarrow as pa
 from ray.data.datasource import FileBasedDatasource
 
 from cluster.session import ray_session
-from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
-from crlft.config import Config, Mode
+from crlft.cli import add_config_arguments, config_flag, config_from_args, stage_entrypoint
+from crlft.config import Config
 from crlft.dataset import (
     INPUT_SUFFIXES,
     RECORD_SCHEMA,
@@ -79,15 +79,6 @@ READ_CPUS = 0.25
 INPUT_BYTES_PER_ACTOR = 16 * 2**20
 SPLITS = ("train", "val")
 _GLOB_CHARS = ("*", "?", "[")
-_FLAGS = {
-    "max_len": "data.max_len",
-    "pack_len": "data.pack_len",
-    "val_fraction": "data.val_fraction",
-    "seed": "data.seed",
-    "mode": "train.mode",
-    "replay": "data.replay.enabled",
-    "replay_ratio": "data.replay.ratio",
-}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,26 +90,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokenizer directory or hub id, the base model's (default: model.base_model); "
                         "<|end_of_turn|> is added if missing")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder: train/, val/, stats.json, rejects")
-    parser.add_argument("--max-len", type=int, help="longest conversation in tokens (data.max_len)")
-    parser.add_argument("--pack-len", type=int, help="tokens per packed bin (data.pack_len)")
+    config_flag(parser, "data.max_len", "--max-len")
+    config_flag(parser, "data.pack_len", "--pack-len")
     parser.add_argument("--expert-only", action="store_true",
                         help="keep only the inference condition's class (data.only_classes)")
-    parser.add_argument("--val-fraction", type=float, help="share of conversations held out (data.val_fraction)")
-    parser.add_argument("--seed", type=int, help="seed of the split and packing groups (data.seed)")
-    parser.add_argument("--mode", choices=[m.value for m in Mode],
-                        help="training mode: decides conditions in the prompt and rewards in the weights")
-    parser.add_argument("--replay", action=argparse.BooleanOptionalAction,
-                        help="mix in the base model's own answers to general prompts, so a fine-tune keeps what it "
-                        "knew (data.replay.enabled; default: on for a pretrained base model). Costs one generation "
-                        "pass of the base model over ratio x accepted prompts, at most 240 by default, cached for "
-                        "later builds (minutes on CPUs: benchmarks/RESULTS.md, Retention)")
-    parser.add_argument("--replay-ratio", type=float, help="replay conversations per accepted conversation "
-                        "(data.replay.ratio), capped at the number of prompts")
+    config_flag(parser, "data.val_fraction", "--val-fraction")
+    config_flag(parser, "data.seed", "--seed")
+    config_flag(parser, "train.mode", "--mode", help="training mode: decides conditions in the prompt and rewards in "
+                "the weights")
+    config_flag(parser, "data.replay.enabled", "--replay", help="mix in the base model's own answers to general "
+                "prompts, so a fine-tune keeps what it knew (default: on for a pretrained base model, off for the "
+                "embedded tiny one); one generation pass of the base model over ratio x accepted prompts, cached for "
+                "later builds")
+    config_flag(parser, "data.replay.ratio", "--replay-ratio")
     add_config_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args, _FLAGS)
+    cfg = config_from_args(args)
     if args.expert_only:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"only_classes": [cfg.inference_condition]})})
     stats = build_dataset(args.inputs, args.tokenizer or cfg.model.base_model, args.out, cfg)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
+from crlft.cli import add_config_arguments, config_flag, config_from_args, stage_entrypoint
 from crlft.config import REAL_MODEL_SYNTH_RECIPE, SYNTH_RECIPE, Config, load_config
 
 GENERAL_QUESTION = "What is the capital of France?"
@@ -29,7 +29,7 @@ def recipe_config(args: argparse.Namespace | None = None) -> Config:
         return load_config(SYNTH_RECIPE)
     if getattr(args, "config", None) is None:
         args.config = str(REAL_MODEL_SYNTH_RECIPE if getattr(args, "base_model", None) else SYNTH_RECIPE)
-    return config_from_args(args, {"state_dir": "state_dir", "epochs": "train.epochs"})
+    return config_from_args(args)
 
 
 def spread_over_tasks(items: list[Any], n: int) -> list[Any]:
@@ -75,8 +75,9 @@ def side_by_side(rows: list[dict[str, Any]], expert: str, suboptimal: str) -> st
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--questions", type=int, default=12, help="held-out questions to ask the endpoint")
     parser.add_argument("--keep-serving", action="store_true", help="stay up (endpoint, chat page) until Ctrl-C")
-    parser.add_argument("--epochs", type=int, help="training epochs (default: the recipe's)")
-    parser.add_argument("--state-dir", help="where the demo keeps its state (default .crlft)")
+    config_flag(parser, "train.epochs", "--epochs", show_default=False, help="training epochs (default: the recipe's)")
+    config_flag(parser, "state_dir", "--state-dir", metavar="DIR", show_default=False,
+                help="where the demo keeps its state (default .crlft)")
     parser.add_argument("--force", action="store_true", help="redo every stage even when up to date")
     parser.add_argument("--base-model", metavar="SOURCE",
                         help="a real pretrained chat model instead of the tiny one: `smollm2` (bundled), a .gguf file, "

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
+from crlft.cli import add_config_arguments, config_flag, config_from_args, stage_entrypoint
 from crlft.config import Config
 from crlft.environ import set_offline_defaults
 from crlft.errors import CrlftError, first_line
@@ -76,9 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow (only print and write files)")
     parser.add_argument("--mlflow-uri", metavar="URI", help="MLflow tracking URI (default: config, env, local SQLite)")
     parser.add_argument("--out", metavar="DIR", help="where to write the results (default: <state_dir>/eval/...)")
-    parser.add_argument("--engine", choices=["auto", "vllm", "transformers"],
-                        help="what decodes suite and benchmark answers, as `crlft serve` would (default: serve.engine; "
-                        "auto: vLLM where installed for the device, else crlft's own engine)")  # fmt: skip
+    config_flag(parser, "serve.engine", "--engine", help="what decodes suite and benchmark answers, as `crlft serve` "
+                "would (auto: vLLM where installed for the device, else crlft's own engine)")
     parser.add_argument("--retention", action=argparse.BooleanOptionalAction,
                         help="measure retention: the general check (crlft/assets/general) against the base model's "
                         "answers (default: when the model's base is a pretrained model found here)")
@@ -96,7 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args, {"engine": "serve.engine"})
+    cfg = config_from_args(args)
     report = evaluate_model(
         args.model, args.suite, cfg,
         conditions=args.condition, heldout=args.heldout, max_per_class=args.max_per_class,

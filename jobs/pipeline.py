@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from cluster.session import ray_session
-from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
-from crlft.config import Config, Mode
+from crlft.cli import add_config_arguments, config_flag, config_from_args, stage_entrypoint
+from crlft.config import Config
 from crlft.environ import set_offline_defaults
 from crlft.errors import CrlftError
 from crlft.tracking import resolve_tracking_uri
@@ -259,10 +259,6 @@ class _Stages:
         self.session.pop_all()  # the endpoint outlives run_pipeline: its Ray session stays up
 
 
-_FLAGS = {"mode": "train.mode", "epochs": "train.epochs", "max_steps": "train.max_steps", "workers": "train.workers",
-          "gpu": "train.use_gpu", "state_dir": "state_dir"}
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="*", metavar="INPUT",
                         help="conversation files, folders, globs or URIs, or a completion store (default: the "
@@ -276,12 +272,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heldout", metavar="FILE", help="held-out conversations for the representation check")
     parser.add_argument("--base-model", metavar="DIR|HF_ID", help="default: model.base_model (built if missing)")
     parser.add_argument("--name", default=DEFAULT_NAME, help="pipeline run name (its state folder)")
-    parser.add_argument("--mode", choices=[m.value for m in Mode])
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--max-steps", type=int)
-    parser.add_argument("--workers", type=int)
-    parser.add_argument("--gpu", action="store_true", default=None, help="train on GPUs")
-    parser.add_argument("--state-dir", help="where local state lives (default .crlft)")
+    config_flag(parser, "train.mode", "--mode")
+    config_flag(parser, "train.epochs", "--epochs")
+    config_flag(parser, "train.max_steps", "--max-steps")
+    config_flag(parser, "train.workers", "--workers")
+    config_flag(parser, "train.use_gpu", "--gpu")
+    config_flag(parser, "state_dir", "--state-dir", metavar="DIR")
     parser.add_argument("--mlflow-uri", metavar="URI", help="MLflow tracking URI (default: config, env, local SQLite)")
     parser.add_argument("--no-promote", action="store_true", help="register and evaluate, but leave the champion")
     parser.add_argument("--deploy", action="store_true", help="serve the champion at the end (Ray Serve)")
@@ -290,7 +286,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args, _FLAGS)
+    cfg = config_from_args(args)
     if args.suite and not Path(args.suite).is_file():
         raise CrlftError(f"suite {args.suite} does not exist")
     result = run_pipeline(cfg, [*args.inputs, *args.data], suite=args.suite, heldout=args.heldout,

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from cluster.session import ray_session
-from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
-from crlft.config import Config, Mode
+from crlft.cli import add_config_arguments, config_flag, config_from_args, stage_entrypoint
+from crlft.config import Config
 from crlft.environ import set_offline_defaults
 from crlft.errors import CrlftError, first_line
 from crlft.export import export_checkpoint
@@ -52,34 +52,23 @@ SHUFFLE_BUFFER_TOKENS = 2**22  # bins held per worker for the per-epoch shuffle:
 # "Ablation").
 MATERIALIZE_MAX_TOKENS = 2**22
 
-_FLAGS = {
-    "base_model": "model.base_model",
-    "mode": "train.mode",
-    "epochs": "train.epochs",
-    "max_steps": "train.max_steps",
-    "workers": "train.workers",
-    "gpu": "train.use_gpu",
-    "lora": "train.lora.enabled",
-}
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, metavar="DIR", help="output of `crlft data build`")
-    parser.add_argument("--base-model", metavar="DIR|HF_ID", help="model to fine-tune (default: model.base_model)")
+    config_flag(parser, "model.base_model", "--base-model", metavar="DIR|HF_ID", help="model to fine-tune")
     parser.add_argument("--out", required=True, metavar="DIR", help="where the exported model goes")
-    parser.add_argument("--mode", choices=[m.value for m in Mode], help="crlft | conditioned | weighted | sft")
-    parser.add_argument("--epochs", type=int, metavar="N")
-    parser.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimiser steps")
-    parser.add_argument("--workers", type=int, metavar="N", help="Ray Train workers (one GPU each with --gpu)")
-    parser.add_argument("--gpu", action="store_true", default=None, help="GPU workers (nccl, bf16)")
-    parser.add_argument("--lora", action="store_true", default=None, help="train LoRA adapters (train.lora.*)")
+    config_flag(parser, "train.mode", "--mode")
+    config_flag(parser, "train.epochs", "--epochs")
+    config_flag(parser, "train.max_steps", "--max-steps")
+    config_flag(parser, "train.workers", "--workers")
+    config_flag(parser, "train.use_gpu", "--gpu")
+    config_flag(parser, "train.lora.enabled", "--lora")
     parser.add_argument("--resume", action="store_true", help="continue the latest run of --out from its checkpoint")
     parser.add_argument("--mlflow-uri", metavar="URI", help="MLflow tracking URI (default: config, env, local SQLite)")
     add_config_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args, _FLAGS)
+    cfg = config_from_args(args)
     result = train(args.data, cfg.model.base_model, args.out, cfg, mlflow_uri=args.mlflow_uri, resume=args.resume)
     losses = ", ".join(f"{name} {value:.4f}" for name, value in result.final_loss_by_class.items())
     registered = ModelRef(cfg.registry.model_name, result.model_version).uri

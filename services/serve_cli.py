@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from cluster.session import start_ray
-from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
+from crlft.cli import add_config_arguments, config_flag, config_from_args, stage_entrypoint
 from crlft.lineage.versions import champion_uri
 
 
@@ -20,11 +20,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="DIR|URI",
                         help="model folder, or models:/NAME@ALIAS / models:/NAME/VERSION from the MLflow registry "
                         "(default: models:/<registry.model_name>@<registry.alias>, the champion)")
-    parser.add_argument("--host", help="address to listen on (default serve.host, 127.0.0.1; 0.0.0.0 for all)")
-    parser.add_argument("--port", type=int, help="HTTP port (default serve.port, 8000)")
+    config_flag(parser, "serve.host", "--host")
+    config_flag(parser, "serve.port", "--port")
     parser.add_argument("--api-key", dest="api_keys", action="append", default=[], metavar="KEY",
                         help="require 'Authorization: Bearer KEY' (repeatable; also $CRLFT_API_KEYS)")
-    parser.add_argument("--name", dest="model_name", help="model name clients use (default: the model's own name)")
+    config_flag(parser, "serve.model_name", "--name", dest="model_name", metavar="NAME",
+                help="model name clients use (default: the model's own name)")
     parser.add_argument("--watch", dest="watch_s", type=float, metavar="SECONDS",
                         help="check the registry alias for a new champion this often "
                         "(default 30 for models:/NAME@ALIAS, 0 = never)")
@@ -35,10 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(POST /v1/feedback), in a completion store at URI, a folder or s3:// / gs:// URI (default "
                         "<state_dir>/completions; serve.store.uri): the data `crlft data build` trains on next")
     parser.add_argument("--address", help="Ray cluster to deploy on (default: $RAY_ADDRESS, else a local Ray)")
-    parser.add_argument("--engine", choices=["auto", "vllm", "transformers"],
-                        help="what generates (default serve.engine, auto: vLLM where installed for the device, its CPU "
-                        "build on CPUs, else crlft's own engine, which starts in seconds where vLLM takes about 40 s "
-                        "on a CPU)")
+    config_flag(parser, "serve.engine", "--engine")
     add_config_arguments(parser)
 
 
@@ -48,8 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from services.local import check_port_free_for_local_ray, deploy, shutdown, wait_for_interrupt
     from services.models import resolve_model_uri
 
-    cfg = config_from_args(args, {"host": "serve.host", "port": "serve.port", "model_name": "serve.model_name",
-                                  "engine": "serve.engine"})
+    cfg = config_from_args(args)
     if args.store is not None:
         cfg.serve.store.uri = args.store or str(Path(cfg.state_dir) / "completions")
     model = args.model or champion_uri(cfg)

@@ -588,13 +588,13 @@ def test_the_cli_maps_its_flags_onto_the_config() -> None:
     import argparse
 
     from crlft.cli import config_from_args
-    from jobs.train import _FLAGS, add_arguments
+    from jobs.train import add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(["--data", "d", "--out", "o", "--mode", "sft", "--workers", "2", "--lora", "--epochs",
                               "1", "--set", "train.grad_accum=4"])
-    cfg = config_from_args(args, _FLAGS)
+    cfg = config_from_args(args)
     assert (cfg.train.mode, cfg.train.workers, cfg.train.lora.enabled, cfg.train.epochs, cfg.train.grad_accum) == (
         Mode.sft, 2, True, 1, 4)
     assert cfg.train.use_gpu is False and not args.resume

@@ -11,7 +11,7 @@ import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
+from crlft.cli import add_config_arguments, config_flag, config_from_args, stage_entrypoint
 from crlft.config import Config
 from crlft.conversation import ClassRules, Conversation
 from crlft.dataset import iter_file
@@ -80,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", nargs="*", default=[], metavar="FILE",
                         help="conversation files (JSON/JSONL/Parquet, any accepted format) or plain text to train the "
                         "tokenizer on; default: a built-in corpus")
-    parser.add_argument("--preset", choices=["tiny", "small"], help="model size (default: model.preset)")
+    config_flag(parser, "model.preset", "--preset")
     parser.add_argument("--seed", type=int, default=0, help="initialisation seed")
     add_config_arguments(parser)
 
@@ -88,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.source is not None and (args.corpus or args.preset):
         raise CrlftError("--from imports a pretrained model with its own tokenizer and size: drop --corpus/--preset")
-    cfg = config_from_args(args, {"preset": "model.preset"})
+    cfg = config_from_args(args)
     if args.source is not None:
         out = import_pretrained(args.source, args.out, cfg)
     else:

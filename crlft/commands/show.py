@@ -9,8 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
-from crlft.config import Mode
+from crlft.cli import add_config_arguments, config_flag, config_from_args, stage_entrypoint
 from crlft.conversation import ClassRules, Reject
 from crlft.dataset import iter_file
 from crlft.template import Template, TemplateTokenizer, TokenizedConversation
@@ -35,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="a conversation file (JSONL, JSON or Parquet, any accepted format)")
     parser.add_argument("--tokenizer", required=True, help="model or tokenizer folder (or hub id)")
     parser.add_argument("--n", type=int, default=3, help="how many conversations to show")
-    parser.add_argument("--mode", choices=[m.value for m in Mode], help="default: train.mode")
+    config_flag(parser, "train.mode", "--mode")
     parser.add_argument("--color", choices=["auto", "always", "never"], default="auto")
     add_config_arguments(parser)
 
@@ -43,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from crlft.model import load_tokenizer
 
-    cfg = config_from_args(args, {"mode": "train.mode"})
+    cfg = config_from_args(args)
     tokenizer = load_tokenizer(args.tokenizer, cfg.template.end_of_turn, cfg.model.trust_remote_code)
     tt = TemplateTokenizer(Template.from_config(cfg), tokenizer)
     rewards = {c: cfg.reward(c) for c in cfg.classes}
