@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 from crlft import dataset as ds
 from crlft.config import Config, load_config
+from crlft.data.stats import SPLITS, DataStats
 from crlft.model import default_corpus, load_tokenizer, train_tokenizer
 from crlft.template import Template, TemplateTokenizer
 
@@ -115,7 +116,6 @@ def peak_rss() -> Iterator[dict[str, float]]:
 
 def single_process(paths: list[str], tokenizer_dir: str, out: Path, cfg: Config) -> dict[str, Any]:
     """The same stage as one plain loop: same functions, same outputs, everything in this process."""
-    from jobs.build_dataset import SPLITS, make_stats
 
     settings = ds.RecordSettings.from_config(cfg)
     template = Template.from_config(cfg)
@@ -149,9 +149,9 @@ def single_process(paths: list[str], tokenizer_dir: str, out: Path, cfg: Config)
             rows = ds.pack_conversations(records, cfg.data.pack_len)
             pq.write_table(ds.shard_table(rows), out / split / ds.shard_name(group))
             bins[split] += len(rows)
-    stats = make_stats(tally, bins, cfg, template, tokenizer_dir, tokenizer.fingerprint(), paths)
-    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    return stats
+    stats = DataStats.from_build(tally, bins, cfg, template, tokenizer_dir, tokenizer.fingerprint(), paths)
+    stats.write(out)
+    return stats.to_json()
 
 
 @dataclass

@@ -26,15 +26,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
-import hashlib
-import json
 import logging
 import math
 import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,8 +39,9 @@ import pyarrow as pa
 from ray.data.datasource import FileBasedDatasource
 
 from cluster.session import ray_session
-from crlft.cli import add_config_arguments, config_flag, config_from_args, stage_entrypoint
-from crlft.config import Config
+from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
+from crlft.config import Config, Mode
+from crlft.data.stats import SPLITS, DataStats
 from crlft.dataset import (
     INPUT_SUFFIXES,
     RECORD_SCHEMA,
@@ -77,8 +75,16 @@ TOKENIZE_BATCH_ROWS = 512
 # the reads that feed it (with 1 CPU each, reads wait for an idle actor to be scaled down: stalls of many seconds).
 READ_CPUS = 0.25
 INPUT_BYTES_PER_ACTOR = 16 * 2**20
-SPLITS = ("train", "val")
 _GLOB_CHARS = ("*", "?", "[")
+_FLAGS = {
+    "max_len": "data.max_len",
+    "pack_len": "data.pack_len",
+    "val_fraction": "data.val_fraction",
+    "seed": "data.seed",
+    "mode": "train.mode",
+    "replay": "data.replay.enabled",
+    "replay_ratio": "data.replay.ratio",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,24 +96,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokenizer directory or hub id, the base model's (default: model.base_model); "
                         "<|end_of_turn|> is added if missing")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder: train/, val/, stats.json, rejects")
-    config_flag(parser, "data.max_len", "--max-len")
-    config_flag(parser, "data.pack_len", "--pack-len")
+    parser.add_argument("--max-len", type=int, help="longest conversation in tokens (data.max_len)")
+    parser.add_argument("--pack-len", type=int, help="tokens per packed bin (data.pack_len)")
     parser.add_argument("--expert-only", action="store_true",
                         help="keep only the inference condition's class (data.only_classes)")
-    config_flag(parser, "data.val_fraction", "--val-fraction")
-    config_flag(parser, "data.seed", "--seed")
-    config_flag(parser, "train.mode", "--mode", help="training mode: decides conditions in the prompt and rewards in "
-                "the weights")
-    config_flag(parser, "data.replay.enabled", "--replay", help="mix in the base model's own answers to general "
-                "prompts, so a fine-tune keeps what it knew (default: on for a pretrained base model, off for the "
-                "embedded tiny one); one generation pass of the base model over ratio x accepted prompts, cached for "
-                "later builds")
-    config_flag(parser, "data.replay.ratio", "--replay-ratio")
+    parser.add_argument("--val-fraction", type=float, help="share of conversations held out (data.val_fraction)")
+    parser.add_argument("--seed", type=int, help="seed of the split and packing groups (data.seed)")
+    parser.add_argument("--mode", choices=[m.value for m in Mode],
+                        help="training mode: decides conditions in the prompt and rewards in the weights")
+    parser.add_argument("--replay", action=argparse.BooleanOptionalAction,
+                        help="mix in the base model's own answers to general prompts, so a fine-tune keeps what it "
+                        "knew (data.replay.enabled; default: on for a pretrained base model). Costs one generation "
+                        "pass of the base model over ratio x accepted prompts, at most 240 by default, cached for "
+                        "later builds (minutes on CPUs: benchmarks/RESULTS.md, Retention)")
+    parser.add_argument("--replay-ratio", type=float, help="replay conversations per accepted conversation "
+                        "(data.replay.ratio), capped at the number of prompts")
     add_config_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
+    cfg = config_from_args(args, _FLAGS)
     if args.expert_only:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"only_classes": [cfg.inference_condition]})})
     stats = build_dataset(args.inputs, args.tokenizer or cfg.model.base_model, args.out, cfg)
@@ -184,13 +192,14 @@ def _build(paths: list[str], tokenizer: str, out: str, cfg: Config, template_tok
             accepted = tokenized.filter(expr=(col("status") == "accepted") & (col("split") == split))
             bins[split] = _write_packed(accepted, count, cfg.data.pack_len, output.make_folder(split))
             _log(f"{split}: {count} conversations in {bins[split]} bins", started)
-    stats = make_stats(tally, bins, cfg, template_tokenizer.template, tokenizer, template_tokenizer.fingerprint(),
-                       paths, replay.stats, store.stats() if store else None)  # fmt: skip
-    output.write_lines("stats.json", [json.dumps(stats, indent=2)])
+    stats = DataStats.from_build(tally, bins, cfg, template_tokenizer.template, tokenizer,
+                                 template_tokenizer.fingerprint(), paths, replay.stats,
+                                 store.stats() if store else None)  # fmt: skip
+    stats.write(out)
     if not usable:
         raise CrlftError(_nothing_usable(tally, out))
     _log(f"wrote {out}", started)
-    return stats
+    return stats.to_json()
 
 
 def _read_records(paths: list[str], store: StoreInput | None) -> tuple[Any, int]:
@@ -400,70 +409,6 @@ def _write_packed(accepted: Any, count: int, capacity: int, folder: str) -> int:
         .map_groups(_pack_and_write, fn_kwargs={"capacity": capacity, "folder": folder}, batch_format="pyarrow")
     )
     return sum(row["bins"] for row in shards.iter_rows())
-
-
-def make_stats(tally: Tally, bins: dict[str, int], cfg: Config, template: Template, tokenizer: str,
-               tokenizer_fingerprint: str, paths: Sequence[str], replay: dict[str, Any] | None = None,
-               store: dict[str, Any] | None = None) -> dict[str, Any]:
-    """stats.json (docs/architecture.md, "Shards"): counts, per-class tokens, packing, and what the shards were built
-    from. The counts include the replay conversations (`replay`: jobs.replay's section, None for a build without) and
-    the store's records (`store`: jobs.store_input's section, None for a build without)."""
-    pack_len = cfg.data.pack_len
-    splits = {
-        split: {
-            "records": tally.split_records.get(split, 0),
-            "tokens": tally.split_tokens.get(split, 0),
-            "bins": bins.get(split, 0),
-            "packing_efficiency": _efficiency(tally.split_tokens.get(split, 0), bins.get(split, 0), pack_len),
-        }
-        for split in SPLITS
-    }
-    total_bins = sum(bins.values())
-    data_config = {
-        "classes": cfg.dump()["classes"], "default_class": cfg.default_class,
-        "inference_condition": cfg.inference_condition, "template": cfg.dump()["template"],
-        "data": cfg.dump()["data"], "mode": cfg.train.mode.value,
-    }  # fmt: skip
-    return {
-        "records_in": tally.records_in,
-        "accepted": tally.accepted,
-        "rejected": tally.rejected,
-        "filtered": tally.filtered,
-        "filtered_means": "records of a class outside data.only_classes (e.g. --expert-only); 0 when it is unset",
-        "invariant": "records_in == accepted + rejected + filtered",
-        "only_classes": cfg.data.only_classes,
-        "per_class": {name: asdict(tally.per_class[name]) if name in tally.per_class else
-                      {"records": 0, "tokens": 0, "supervised_tokens": 0, "truncated": 0} for name in cfg.classes},
-        "splits": splits,
-        "bins": total_bins,
-        "packing_efficiency": _efficiency(sum(tally.split_tokens.values()), total_bins, pack_len),
-        "pack_len": pack_len,
-        "max_len": cfg.data.max_len,
-        "overflow": cfg.data.overflow,
-        "val_fraction": cfg.data.val_fraction,
-        "seed": cfg.data.seed,
-        "mode": cfg.train.mode.value,
-        "conditions": list(cfg.classes),
-        "inference_condition": cfg.inference_condition,
-        "rewards": {name: cfg.reward(name) for name in cfg.classes},
-        "template": asdict(template),
-        "tokenizer": tokenizer,
-        "inputs": sorted([*paths, *([store["uri"]] if store else [])]),
-        "replay": replay or {"enabled": False, "conversations": 0},
-        **({"store": store} if store else {}),
-        "fingerprints": {
-            "inputs": tally.inputs_fingerprint(),
-            "tokenizer_template": tokenizer_fingerprint,
-            "config": hashlib.sha256(json.dumps(data_config, sort_keys=True).encode()).hexdigest()[:16],
-            # Only where there is replay: a build without keeps the fingerprints (and training runs) it had.
-            **({"replay": replay["fingerprint"]} if replay and replay["enabled"] else {}),
-            **({"store": store["snapshot"]} if store else {}),
-        },
-    }
-
-
-def _efficiency(tokens: int, bins: int, pack_len: int) -> float:
-    return round(tokens / (bins * pack_len), 6) if bins else 0.0
 
 
 class _Output:

@@ -39,8 +39,9 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 def data_params(data: DataDescription) -> dict[str, str]:
     keep = ("records_in", "accepted", "rejected", "filtered", "bins", "packing_efficiency", "pack_len", "max_len",
             "mode", "tokenizer")
-    params = {f"data.{key}": str(data.stats[key]) for key in keep if key in data.stats}
-    for name, counts in data.stats.get("per_class", {}).items():
+    stats = data.stats.to_json()
+    params = {f"data.{key}": str(stats[key]) for key in keep if key in stats}
+    for name, counts in data.stats.per_class.items():
         for key, value in counts.items():
             params[f"data.per_class.{name}.{key}"] = str(value)
     params["data.path"] = data.root
@@ -53,12 +54,12 @@ def start_run(client: Any, experiment: str, run_name: str, params: Mapping[str, 
     from mlflow.entities import Param
 
     tags = {TAG + "stage": "train", TAG + "data_fingerprint": data.fingerprint}
-    tags.update({f"{TAG}data.{k}": str(v) for k, v in data.stats.get("fingerprints", {}).items()})
+    tags.update({f"{TAG}data.{k}": str(v) for k, v in data.stats.fingerprints.items()})
     run_id = new_run(client, experiment, run_name, tags).info.run_id
     items = [Param(key[:250], value[:6000]) for key, value in params.items()]
     for start in range(0, len(items), 100):
         client.log_batch(run_id, params=items[start : start + 100])
-    client.log_dict(run_id, data.stats, "data/stats.json")
+    client.log_dict(run_id, data.stats.to_json(), "data/stats.json")
     return run_id
 
 
