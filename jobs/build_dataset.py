@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import glob
 import logging
 import math
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,30 +38,27 @@ import pyarrow as pa
 from ray.data.datasource import FileBasedDatasource
 
 from cluster.session import ray_session
-from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
-from crlft.config import Config, Mode
-from crlft.data.stats import SPLITS, DataStats
+from crlft.cli import add_config_arguments, config_flag, config_from_args, stage_entrypoint
+from crlft.config import Config
+from crlft.data.output import OutputFolder
+from crlft.data.readers import remote_listing_args, resolve_inputs
+from crlft.data.shards import PACK_COLUMNS, pack_and_write, with_group
+from crlft.data.stats import SPLITS, TALLY_COLUMNS, DataStats, nothing_usable, summarize_block
 from crlft.dataset import (
-    INPUT_SUFFIXES,
     RECORD_SCHEMA,
     RawRecord,
     RecordSettings,
     Tally,
     chunked,
-    group_of,
     input_kind,
     iter_raw_records,
-    pack_conversations,
     pack_groups_for,
     process_record,
     reject_line,
-    shard_name,
-    shard_table,
 )
 from crlft.environ import set_offline_defaults
 from crlft.errors import CrlftError
 from crlft.replay import ReplayPlan, plan_replay
-from crlft.storage import filesystem_and_path, is_uri, location
 from jobs.replay import REPLAY_FILE, Replay, make_replay
 from jobs.store_input import STORE_FILE, StoreInput, read_store_input, summary
 
@@ -75,16 +71,6 @@ TOKENIZE_BATCH_ROWS = 512
 # the reads that feed it (with 1 CPU each, reads wait for an idle actor to be scaled down: stalls of many seconds).
 READ_CPUS = 0.25
 INPUT_BYTES_PER_ACTOR = 16 * 2**20
-_GLOB_CHARS = ("*", "?", "[")
-_FLAGS = {
-    "max_len": "data.max_len",
-    "pack_len": "data.pack_len",
-    "val_fraction": "data.val_fraction",
-    "seed": "data.seed",
-    "mode": "train.mode",
-    "replay": "data.replay.enabled",
-    "replay_ratio": "data.replay.ratio",
-}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -96,26 +82,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokenizer directory or hub id, the base model's (default: model.base_model); "
                         "<|end_of_turn|> is added if missing")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder: train/, val/, stats.json, rejects")
-    parser.add_argument("--max-len", type=int, help="longest conversation in tokens (data.max_len)")
-    parser.add_argument("--pack-len", type=int, help="tokens per packed bin (data.pack_len)")
+    config_flag(parser, "data.max_len", "--max-len")
+    config_flag(parser, "data.pack_len", "--pack-len")
     parser.add_argument("--expert-only", action="store_true",
                         help="keep only the inference condition's class (data.only_classes)")
-    parser.add_argument("--val-fraction", type=float, help="share of conversations held out (data.val_fraction)")
-    parser.add_argument("--seed", type=int, help="seed of the split and packing groups (data.seed)")
-    parser.add_argument("--mode", choices=[m.value for m in Mode],
-                        help="training mode: decides conditions in the prompt and rewards in the weights")
-    parser.add_argument("--replay", action=argparse.BooleanOptionalAction,
-                        help="mix in the base model's own answers to general prompts, so a fine-tune keeps what it "
-                        "knew (data.replay.enabled; default: on for a pretrained base model). Costs one generation "
-                        "pass of the base model over ratio x accepted prompts, at most 240 by default, cached for "
-                        "later builds (minutes on CPUs: benchmarks/RESULTS.md, Retention)")
-    parser.add_argument("--replay-ratio", type=float, help="replay conversations per accepted conversation "
-                        "(data.replay.ratio), capped at the number of prompts")
+    config_flag(parser, "data.val_fraction", "--val-fraction")
+    config_flag(parser, "data.seed", "--seed")
+    config_flag(parser, "train.mode", "--mode", help="training mode: decides conditions in the prompt and rewards in "
+                "the weights")
+    config_flag(parser, "data.replay.enabled", "--replay", help="mix in the base model's own answers to general "
+                "prompts, so a fine-tune keeps what it knew (default: on for a pretrained base model, off for the "
+                "embedded tiny one); one generation pass of the base model over ratio x accepted prompts, cached for "
+                "later builds")
+    config_flag(parser, "data.replay.ratio", "--replay-ratio")
     add_config_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args, _FLAGS)
+    cfg = config_from_args(args)
     if args.expert_only:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"only_classes": [cfg.inference_condition]})})
     stats = build_dataset(args.inputs, args.tokenizer or cfg.model.base_model, args.out, cfg)
@@ -157,7 +141,7 @@ def _build(paths: list[str], tokenizer: str, out: str, cfg: Config, template_tok
     started = time.monotonic()
     _log(f"reading {len(paths)} input path(s)" + (f" and the completion store {store.uri}" if store else ""))
     settings = RecordSettings.from_config(cfg)
-    output = _Output(out)
+    output = OutputFolder(out)
     output.remove(STORE_FILE)  # a store file of an earlier run must not pass for this one's
     if store is not None:
         output.write_lines(STORE_FILE, store.lines)
@@ -197,7 +181,7 @@ def _build(paths: list[str], tokenizer: str, out: str, cfg: Config, template_tok
                                  store.stats() if store else None)  # fmt: skip
     stats.write(out)
     if not usable:
-        raise CrlftError(_nothing_usable(tally, out))
+        raise CrlftError(nothing_usable(tally, out))
     _log(f"wrote {out}", started)
     return stats.to_json()
 
@@ -209,7 +193,7 @@ def _read_records(paths: list[str], store: StoreInput | None) -> tuple[Any, int]
     parts, size = [], 0
     if paths:
         try:
-            source = RecordDatasource(paths, **_remote_listing_args(paths))
+            source = RecordDatasource(paths, **remote_listing_args(paths))
         except (OSError, ValueError) as exc:  # listing remote inputs: missing bucket, no access, nothing there
             raise CrlftError(f"cannot list the inputs {', '.join(paths)}: {exc}") from None
         parts.append(ray.data.read_datasource(source, num_cpus=READ_CPUS))
@@ -221,8 +205,8 @@ def _read_records(paths: list[str], store: StoreInput | None) -> tuple[Any, int]
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0], size
 
 
-def _add_replay(replay: Replay, tokenized: Any, tally: Tally, output: _Output, template_tokenizer: TemplateTokenizer,
-                settings: RecordSettings, started: float) -> tuple[Any, Tally]:
+def _add_replay(replay: Replay, tokenized: Any, tally: Tally, output: OutputFolder,
+                template_tokenizer: TemplateTokenizer, settings: RecordSettings, started: float) -> tuple[Any, Tally]:
     """The records and tally with the replay conversations added, validated, tokenized and placed by what the
     tokenizing actors run (`process_record`, the same tokenizer), here on the driver: they are a few thousand at most,
     and an actor takes seconds to start. Their source is REPLAY_FILE as named in the output folder (beside
@@ -240,64 +224,6 @@ def _add_replay(replay: Replay, tokenized: Any, tally: Tally, output: _Output, t
          f"long for data.max_len is one), {added.filtered} filtered", started)
     replayed = ray.data.from_arrow(pa.Table.from_pylist(results, schema=RECORD_SCHEMA))
     return tokenized.union(replayed), tally.merge(added)
-
-
-def _nothing_usable(tally: Tally, out: str) -> str:
-    if tally.accepted:
-        return (f"nothing left to train on: all {tally.accepted} accepted conversations went to validation; "
-                "lower --val-fraction")
-    return (f"nothing usable: none of the {tally.records_in} records was accepted ({tally.rejected} rejected, "
-            f"{tally.filtered} filtered by data.only_classes); reasons in {out}/rejects.jsonl")
-
-
-def resolve_inputs(inputs: Sequence[str]) -> list[str]:
-    """Local files, directories (recursively, the accepted suffixes) and globs as a sorted file list; URIs as given."""
-    if not inputs:
-        raise CrlftError("no INPUT given: name files, directories or globs of JSONL / JSON / Parquet")
-    resolved: list[str] = []
-    for item in inputs:
-        if is_uri(item):
-            resolved.append(item)
-            continue
-        if any(ch in item for ch in _GLOB_CHARS):
-            matches = sorted(glob.glob(os.path.expanduser(item), recursive=True))
-            if not matches:
-                raise CrlftError(f"input {item}: no file matches this pattern")
-        else:
-            matches = [os.path.expanduser(item)]
-        for match in matches:
-            resolved.extend(_local_files(item, Path(match)))
-    if len({_scheme(p) for p in resolved}) > 1:
-        raise CrlftError("inputs mix local paths and URIs (or several URI schemes): build them in separate runs")
-    return list(dict.fromkeys(resolved))
-
-
-def _local_files(given: str, path: Path) -> list[str]:
-    if path.is_file():
-        return [str(path.resolve())]
-    if not path.exists():
-        raise CrlftError(f"input {given} does not exist")
-    files = sorted(
-        str(p.resolve())
-        for p in path.rglob("*")
-        if p.is_file()
-        and p.name.lower().endswith(INPUT_SUFFIXES)
-        and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts)
-    )
-    if not files:
-        raise CrlftError(f"input directory {given} holds no .jsonl, .json or .parquet files")
-    return files
-
-
-def _scheme(path: str) -> str:
-    return path.split("://", 1)[0] if is_uri(path) else "local"
-
-
-def _remote_listing_args(paths: Sequence[str]) -> dict[str, Any]:
-    """Ray lists remote directories itself: keep only the accepted suffixes there (local ones are listed above)."""
-    if any(is_uri(p) for p in paths):
-        return {"file_extensions": [suffix.lstrip(".") for suffix in INPUT_SUFFIXES]}
-    return {}
 
 
 def _load_template_tokenizer(tokenizer: str, template: Template, cfg: Config) -> TemplateTokenizer:
@@ -355,20 +281,10 @@ class TokenizeRecords:
         return pa.Table.from_pylist(results, schema=RECORD_SCHEMA)
 
 
-_TALLY_COLUMNS = ["status", "condition", "split", "truncated", "n_tokens", "n_supervised", "digest"]
-
-
-def _summarize(batch: pa.Table) -> pa.Table:
-    tally = Tally()
-    for record in batch.select(_TALLY_COLUMNS).to_pylist():
-        tally.add(record)
-    return pa.table({"tally": [tally.to_json()]})
-
-
 def _tally(tokenized: Any) -> Tally:
     """Adds up one small summary per block (a few hundred bytes each), never the records."""
-    summaries = tokenized.select_columns(_TALLY_COLUMNS).map_batches(_summarize, batch_size=None,
-                                                                      batch_format="pyarrow")
+    summaries = tokenized.select_columns(TALLY_COLUMNS).map_batches(summarize_block, batch_size=None,
+                                                                     batch_format="pyarrow")
     total = Tally()
     for row in summaries.iter_rows():
         total = total.merge(Tally.from_json(row["tally"]))
@@ -382,60 +298,16 @@ def _sorted_reject_lines(rejects: Any, count: int) -> Iterator[str]:
         yield reject_line(row)
 
 
-def _with_group(batch: pa.Table, groups: int) -> pa.Table:
-    keys = batch.column("key").to_pylist()
-    return batch.append_column("group", pa.array([group_of(k, groups) for k in keys], pa.int64()))
-
-
-def _pack_and_write(group: pa.Table, capacity: int, folder: str) -> pa.Table:
-    """Pack one group and write it as its own shard, named by the group: the same inputs give the same files
-    whatever the shuffle did, and a retried task rewrites the same bytes."""
-    import pyarrow.parquet as pq
-
-    index = group.column("group")[0].as_py()
-    rows = pack_conversations(group.to_pylist(), capacity)
-    filesystem, base = filesystem_and_path(folder)
-    pq.write_table(shard_table(rows), f"{base}/{shard_name(index)}", filesystem=filesystem)
-    return pa.table({"bins": [len(rows)]})
-
-
 def _write_packed(accepted: Any, count: int, capacity: int, folder: str) -> int:
     """Pack one split into `folder`, one shard per packing group; returns the number of bins."""
     groups = pack_groups_for(count)
     shards = (
-        accepted.select_columns(["source", "line", "condition", "input_ids", "weights", "key"])
-        .map_batches(_with_group, fn_kwargs={"groups": groups}, batch_format="pyarrow")
+        accepted.select_columns(PACK_COLUMNS)
+        .map_batches(with_group, fn_kwargs={"groups": groups}, batch_format="pyarrow")
         .groupby("group", num_partitions=groups)
-        .map_groups(_pack_and_write, fn_kwargs={"capacity": capacity, "folder": folder}, batch_format="pyarrow")
+        .map_groups(pack_and_write, fn_kwargs={"capacity": capacity, "folder": folder}, batch_format="pyarrow")
     )
     return sum(row["bins"] for row in shards.iter_rows())
-
-
-class _Output:
-    """The output folder, local or a URI."""
-
-    def __init__(self, out: str) -> None:
-        self._fs, self._base = filesystem_and_path(out)
-        self._location = location(out)
-        self._fs.create_dir(self._base, recursive=True)
-
-    def make_folder(self, name: str) -> str:
-        self._fs.create_dir(f"{self._base}/{name}", recursive=True)
-        return f"{self._location}/{name}"
-
-    def remove(self, name: str) -> None:
-        from pyarrow import fs
-
-        kind = self._fs.get_file_info(f"{self._base}/{name}").type
-        if kind == fs.FileType.Directory:
-            self._fs.delete_dir(f"{self._base}/{name}")
-        elif kind != fs.FileType.NotFound:
-            self._fs.delete_file(f"{self._base}/{name}")
-
-    def write_lines(self, name: str, lines: Iterator[str] | list[str]) -> None:
-        with self._fs.open_output_stream(f"{self._base}/{name}") as stream:
-            for line in lines:
-                stream.write((line + "\n").encode())
 
 
 def _tokenizer_pool(input_bytes: int | None) -> Any:

@@ -167,7 +167,7 @@ class _Stages:
     def model(self, inputs: list[str], default_asked: bool) -> str:
         """With no model given, the embedded default is built, its tokenizer trained on the inputs."""
         from crlft.commands.init_model import build_default_model
-        from jobs.build_dataset import resolve_inputs
+        from crlft.data.readers import resolve_inputs
         from jobs.store_input import split_stores
 
         cfg, base = self.cfg, self.result.base_model

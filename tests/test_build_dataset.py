@@ -177,7 +177,8 @@ def test_tallies_add_up_in_any_grouping() -> None:
 
 def test_a_missing_input_is_one_clear_error_before_ray_starts(tmp_path: Path, tokenizer_dir: str,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
-    from jobs.build_dataset import build_dataset, resolve_inputs
+    from crlft.data.readers import resolve_inputs
+    from jobs.build_dataset import build_dataset
 
     with pytest.raises(CrlftError, match="does not exist"):
         build_dataset([str(tmp_path / "nope.jsonl")], tokenizer_dir, tmp_path / "out", Config())
@@ -197,7 +198,7 @@ def test_a_missing_tokenizer_is_one_clear_error(tmp_path: Path) -> None:
 
 
 def test_directories_are_listed_recursively_skipping_hidden_and_other_files() -> None:
-    from jobs.build_dataset import resolve_inputs
+    from crlft.data.readers import resolve_inputs
 
     files = resolve_inputs([str(FIXTURES / "data" / "mixed")])
     names = [Path(f).relative_to((FIXTURES / "data" / "mixed").resolve()).as_posix() for f in files]
@@ -267,7 +268,7 @@ def built(ray_session: None, inputs: list[str], tokenizer_dir: str,
 @pytest.mark.slow
 def test_counts_add_up_and_every_reject_has_a_reason_and_a_line(built: tuple[Path, dict[str, Any]],
                                                                  inputs: list[str]) -> None:
-    from jobs.build_dataset import resolve_inputs
+    from crlft.data.readers import resolve_inputs
 
     out, stats = built
     expected = list(_expected(resolve_inputs(inputs), ClassRules.from_config(Config())))
@@ -286,7 +287,7 @@ def test_counts_add_up_and_every_reject_has_a_reason_and_a_line(built: tuple[Pat
 @pytest.mark.slow
 def test_every_good_record_is_in_the_shards_exactly_once(built: tuple[Path, dict[str, Any]], inputs: list[str],
                                                          template_tokenizer: TemplateTokenizer) -> None:
-    from jobs.build_dataset import resolve_inputs
+    from crlft.data.readers import resolve_inputs
 
     out, stats = built
     cfg = Config()

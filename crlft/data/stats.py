@@ -21,6 +21,8 @@ from crlft.config import Config, Mode
 from crlft.errors import CrlftError
 
 if TYPE_CHECKING:
+    import pyarrow as pa
+
     from crlft.dataset import Tally
     from crlft.template import Template
 
@@ -186,6 +188,31 @@ class DataStats:
                 **({"store": store["snapshot"]} if store else {}),
             },
         )
+
+
+# The columns of a processed record that the tally adds up.
+TALLY_COLUMNS = ["status", "condition", "split", "truncated", "n_tokens", "n_supervised", "digest"]
+
+
+def summarize_block(batch: pa.Table) -> pa.Table:
+    """One block's tally as one small row (a few hundred bytes): the blocks' rows add up to the stage's tally."""
+    import pyarrow as pa
+
+    from crlft.dataset import Tally
+
+    tally = Tally()
+    for record in batch.select(TALLY_COLUMNS).to_pylist():
+        tally.add(record)
+    return pa.table({"tally": [tally.to_json()]})
+
+
+def nothing_usable(tally: Tally, out: str) -> str:
+    """Why a build left nothing to train on."""
+    if tally.accepted:
+        return (f"nothing left to train on: all {tally.accepted} accepted conversations went to validation; "
+                "lower --val-fraction")
+    return (f"nothing usable: none of the {tally.records_in} records was accepted ({tally.rejected} rejected, "
+            f"{tally.filtered} filtered by data.only_classes); reasons in {out}/rejects.jsonl")
 
 
 def _efficiency(tokens: int, bins: int, pack_len: int) -> float:
