@@ -38,7 +38,8 @@ import pyarrow.parquet as pq
 from crlft import dataset as ds
 from crlft.config import Config, load_config
 from crlft.data.stats import SPLITS, DataStats
-from crlft.model import default_corpus, load_tokenizer, train_tokenizer
+from crlft.model import load_tokenizer
+from crlft.presets import default_corpus, train_tokenizer
 from crlft.template import Template, TemplateTokenizer
 
 _TEXT = (

@@ -118,7 +118,7 @@ LORA = SimpleNamespace(r=16, alpha=32, dropout=0.0,  # crlft.config.LoraConfig's
 
 def build_tokenizer() -> Any:
     """What `crlft init-model` trains for the default model (BOS, EOS, pad and end-of-turn are special tokens)."""
-    from crlft.model import default_corpus, train_tokenizer
+    from crlft.presets import default_corpus, train_tokenizer
 
     return train_tokenizer(default_corpus(), end_of_turn=END_OF_TURN)
 

@@ -224,7 +224,8 @@ def reference_answers(model_dir: Path, texts: list[str], max_tokens: int) -> lis
 def build_model(which: str, out: Path) -> Path:
     """An exported folder: `tiny` (built here, untrained), `smollm2` (SmolLM2-135M-Instruct with crlft's template, not
     fine-tuned), or an exported folder as it is."""
-    from crlft.model import import_model, init_model, load_model_and_tokenizer
+    from crlft.model import import_model, load_model_and_tokenizer
+    from crlft.presets import init_model
 
     if which not in ("tiny", "smollm2"):
         return Path(which)

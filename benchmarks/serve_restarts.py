@@ -57,7 +57,8 @@ class Run:
 def tiny_model(root: Path) -> Path:
     from crlft.config import Config
     from crlft.export import ModelMeta, save_exported
-    from crlft.model import init_model, load_model_and_tokenizer
+    from crlft.model import load_model_and_tokenizer
+    from crlft.presets import init_model
 
     model, tokenizer = load_model_and_tokenizer(str(init_model(root / "base", seed=0)))
     return save_exported(model, tokenizer, root / "model", ModelMeta.from_config(Config(), seed=0))

@@ -45,7 +45,7 @@ def ray_session() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A small tokenizer trained on the built-in corpus (what the embedded default model gets), saved in a folder."""
-    from crlft.model import default_corpus, train_tokenizer
+    from crlft.presets import default_corpus, train_tokenizer
 
     out = tmp_path_factory.mktemp("tokenizer")
     train_tokenizer(default_corpus(), vocab_size=600).save_pretrained(out)

@@ -25,7 +25,8 @@ from cluster.session import free_port, ingress_env
 from crlft.config import Config, load_config
 from crlft.environ import environment
 from crlft.export import ModelMeta, save_exported
-from crlft.model import init_model, load_model_and_tokenizer
+from crlft.model import load_model_and_tokenizer
+from crlft.presets import init_model
 from services.page import add_chat_page
 
 REPO = Path(__file__).resolve().parents[1]

@@ -31,7 +31,7 @@ def _export(root: Path, mode: str) -> Path:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny random-weight exported models: one with the condition in the prompt (crlft), one without (sft)."""
-    from crlft.model import init_model
+    from crlft.presets import init_model
 
     root = tmp_path_factory.mktemp("models")
     init_model(root / "base")

@@ -26,7 +26,8 @@ from cluster.session import SESSION_MARK, Stopped, free_port, marked_processes, 
 from crlft.cli import run_guarded
 from crlft.config import Config
 from crlft.export import ModelMeta, save_exported
-from crlft.model import init_model, load_model_and_tokenizer
+from crlft.model import load_model_and_tokenizer
+from crlft.presets import init_model
 
 REPO = Path(__file__).resolve().parents[1]
 ABORT_TRACE = re.compile(r"\*\*\* \w+ received|Traceback \(most recent call last\)|core dumped")

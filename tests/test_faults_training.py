@@ -51,7 +51,7 @@ def server_up(tracking_server: TrackingServer) -> TrackingServer:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from crlft.model import init_model
+    from crlft.presets import init_model
 
     return init_model(tmp_path_factory.mktemp("models") / "tiny")
 

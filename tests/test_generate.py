@@ -13,7 +13,8 @@ from crlft.conversation import Message
 from crlft.export import ExportedModel, ModelMeta, load_exported, save_exported
 from crlft.inference.generate import BatchGenerator, EngineLoop, GenerationRequest
 from crlft.inference.sampling import Completion, SamplingParams, StopText, sample_next
-from crlft.model import init_model, load_model_and_tokenizer
+from crlft.model import load_model_and_tokenizer
+from crlft.presets import init_model
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""The model layer: tokenizer, the tiny default model, and loading any model ready for C-RLFT."""
+"""The model layer: the tiny default model and its tokenizer (crlft/presets.py), and loading any model ready for
+C-RLFT (crlft/model.py)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
 
 from crlft.errors import CrlftError
-from crlft.model import (
-    PRESETS,
-    add_end_of_turn,
-    default_corpus,
-    init_model,
-    load_model_and_tokenizer,
-    load_tokenizer,
-    train_tokenizer,
-)
+from crlft.model import add_end_of_turn, load_model_and_tokenizer, load_tokenizer
+from crlft.presets import PRESETS, default_corpus, init_model, train_tokenizer
 
 END_OF_TURN = "<|end_of_turn|>"
 

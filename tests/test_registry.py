@@ -46,7 +46,8 @@ def sqlite_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
 def exported_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny exported C-RLFT model folder (random weights: registry tests do not need a good one)."""
     from crlft.export import ModelMeta, save_exported
-    from crlft.model import init_model, load_model_and_tokenizer
+    from crlft.model import load_model_and_tokenizer
+    from crlft.presets import init_model
 
     root = tmp_path_factory.mktemp("model")
     base = init_model(root / "base")

@@ -35,7 +35,8 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny(root: Path) -> str:
     """The tiny model rewritten to say " Yes. Yes. Yes..." greedily, whatever it is asked: replay keeps whole
     sentences only, and a random model never ends one."""
-    from crlft.model import init_model, load_model_and_tokenizer
+    from crlft.model import load_model_and_tokenizer
+    from crlft.presets import init_model
 
     folder = init_model(root / "tiny")
     model, tokenizer = load_model_and_tokenizer(str(folder))

@@ -37,7 +37,8 @@ from crlft.errors import CrlftError
 from crlft.export import ExportedModel, ModelMeta, load_exported, save_exported
 from crlft.inference.generate import BatchGenerator, GenerationRequest
 from crlft.inference.sampling import Completion, SamplingParams
-from crlft.model import init_model, load_model_and_tokenizer
+from crlft.model import load_model_and_tokenizer
+from crlft.presets import init_model
 from services import protocol
 from services.protocol import ApiError
 

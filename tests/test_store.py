@@ -25,7 +25,8 @@ from crlft.completions import StoreContents, id_belongs, key_id, read_secret, re
 from crlft.config import Config, load_config
 from crlft.environ import environment
 from crlft.export import ModelMeta, save_exported
-from crlft.model import init_model, load_model_and_tokenizer
+from crlft.model import load_model_and_tokenizer
+from crlft.presets import init_model
 from services import protocol
 from services.protocol import MAX_FEEDBACK_BYTES, ApiError
 

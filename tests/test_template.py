@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerBase
 from crlft.config import Config, Mode
 from crlft.conversation import Conversation, Message
 from crlft.errors import CrlftError
-from crlft.model import train_tokenizer
+from crlft.presets import train_tokenizer
 from crlft.template import END_OF_TURN, Template, TemplateTokenizer
 
 REWARDS = {"GPT4": 1.0, "GPT3": 0.1}

@@ -75,7 +75,7 @@ def _tiny_llama_over(tokenizer_dir: Path, out: Path) -> Path:
 
 def _base_model(family: str, root: Path) -> Path:
     if family == "crlft":
-        from crlft.model import init_model
+        from crlft.presets import init_model
 
         return init_model(root / family)
     if family == "smollm2":  # the real chat model's own tokenizer, read from its GGUF file

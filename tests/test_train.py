@@ -65,7 +65,7 @@ LINEAR_WEIGHTS = tuple(f"{m}.weight" for m in ("q_proj", "k_proj", "v_proj", "o_
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from crlft.model import init_model
+    from crlft.presets import init_model
 
     return init_model(tmp_path_factory.mktemp("models") / "tiny")
 
@@ -338,7 +338,7 @@ def test_data_of_another_template_is_refused_with_what_to_rebuild(tiny_model: Pa
 
 
 def test_data_tokenized_with_another_tokenizer_is_refused(tiny_model: Path, tmp_path: Path) -> None:
-    from crlft.model import init_model
+    from crlft.presets import init_model
     from jobs.training.data import check_tokenizer, describe_data
 
     data = describe_data(write_dataset(tmp_path / "data", tiny_model, "crlft", bins=2, per_bin=1), Config())

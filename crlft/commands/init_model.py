@@ -43,7 +43,7 @@ def corpus_texts(paths: Sequence[str | Path], cfg: Config) -> Iterator[str]:
 
 def build_default_model(out: str | Path, cfg: Config, corpus: Iterable[str] | Sequence[str | Path] = (),
                         seed: int = 0) -> Path:
-    from crlft.model import init_model
+    from crlft.presets import init_model
 
     files = [Path(p) for p in corpus]
     texts = list(corpus_texts(files, cfg)) if files else None
