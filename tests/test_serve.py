@@ -159,7 +159,7 @@ def test_vllm_on_cpu_starts_unpinned_on_the_replica_s_cpus_all_of_them_for_a_rea
 
 
 def test_api_keys_are_compared_against_every_key() -> None:
-    from services.chat import key_matches
+    from services.api import key_matches
 
     keys = [k.encode() for k in TIGHT_KEYS]
     assert key_matches("key-two", keys) and not key_matches("key-three", keys) and not key_matches("", keys)

@@ -1,0 +1,152 @@
+"""The model a replica serves over time: its first load, the swap to a new version, and the restart of a dead engine.
+
+Following the registry: the model is the deployment's `user_config` {"model": URI, "watch_s": S}. A replica serving
+`models:/NAME@ALIAS` looks the alias up every S seconds and, when it moved, loads the new version next to the old
+one, sends new requests to it and lets the old engine finish what it holds (nothing in flight is dropped). Changing
+`user_config` (a Serve config update, KubeRay serveConfigV2) swaps the same way without restarting replicas.
+
+Faults: when the engine dies, whichever caller finds it dead first (a request, a probe, Serve's health check) starts
+the same model again in place; requests wait for it (at most RESTART_WAIT_S). An engine that cannot be started again,
+or dies again within MIN_ENGINE_LIFETIME_S of its restart, makes the replica report itself unhealthy, so that Serve
+replaces it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from crlft.config import Config
+from crlft.inference.engine import EngineSettings
+from crlft.storage import folder_revision
+from services.api import unavailable
+from services.metrics import metrics
+from services.models import LoadedModel, load_model, resolve_model_uri
+
+logger = logging.getLogger("ray.serve")
+
+# A restarted engine that dies again within this long is a fault of the replica (its process, node or memory), not a
+# one-off: no second restart in place, Serve replaces the replica.
+MIN_ENGINE_LIFETIME_S = 60.0
+# A request waits this long at most for an engine being restarted (a vLLM start), then gets a 503 with Retry-After.
+RESTART_WAIT_S = 120.0
+
+
+class ModelLifecycle:
+    """The model a replica serves now (`current`), the models it replaced that still finish their requests, the
+    registry watch and the engine's restart in place."""
+
+    def __init__(self, cfg: Config, model_name: str, tracking_uri: str | None, engine_settings: EngineSettings) -> None:
+        self.cfg = cfg
+        self.model_name = model_name
+        self.tracking_uri = tracking_uri
+        self.engine_settings = engine_settings
+        self.current: LoadedModel | None = None
+        self._retired: list[LoadedModel] = []  # replaced models still finishing their requests in flight
+        self._watch_s = 0.0
+        self._watch_task: asyncio.Task[None] | None = None
+        self._swap_lock = asyncio.Lock()
+        self._restart: asyncio.Task[None] | None = None  # a dead engine being started again (failed: kept, unhealthy)
+        self._restarted_at: float | None = None
+
+    # -- loading and swapping -------------------------------------------------------------------------------------
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Called by Serve at start and whenever user_config changes: load the model if it changed."""
+        source = str(user_config["model"])
+        self._watch_s = float(user_config.get("watch_s") or 0.0)
+        await self._load(source)
+        if self._watch_s > 0 and (self._watch_task is None or self._watch_task.done()):
+            self._watch_task = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _load(self, source: str) -> bool:
+        """Resolve `source`; if that is not what is loaded, load it and swap. Returns whether it swapped."""
+        async with self._swap_lock:
+            path = await asyncio.to_thread(resolve_model_uri, source, self.cfg, self.tracking_uri)
+            current = self.current
+            if current is not None and current.source == source and current.revision == folder_revision(path):
+                return False
+            self._install(await asyncio.to_thread(load_model, source, path, self.engine_settings))
+            return True
+
+    def _install(self, new: LoadedModel) -> None:
+        """Send new requests to `new`; the model it replaces finishes its requests in flight, then frees its engine."""
+        current, self.current = self.current, new
+        m = metrics()
+        if current is not None:
+            current.engine.drain()
+            self._retired.append(current)
+            m.model.remove(self.model_name, current.revision, current.engine.kind)
+        m.model.labels(self.model_name, new.revision, new.engine.kind).set(1)
+        logger.info("serving %s from %s (revision %s, %s engine)", self.model_name, new.path, new.revision,
+                    new.engine.kind)
+
+    async def _watch(self) -> None:
+        while self._watch_s > 0:
+            await asyncio.sleep(self._watch_s)
+            model = self.current
+            if model is None:
+                continue
+            try:
+                await self._load(model.source)
+            except Exception as exc:  # the registry may be briefly unreachable: keep serving what is loaded
+                logger.warning("could not check %s for a new version: %s", model.source, exc)
+
+    def retiring(self) -> int:
+        """Sequences still being generated by models this replica has replaced (those done are forgotten)."""
+        self._retired = [m for m in self._retired if m.engine.alive()]
+        return sum(sum(m.engine.counts()) for m in self._retired)
+
+    # -- a dead engine --------------------------------------------------------------------------------------------
+    def _restarting(self) -> asyncio.Task[None] | None:
+        """Where the engine has died: its restart in place, begun by whichever caller finds it dead first (a request,
+        a probe, Serve's health check). None while the engine is alive."""
+        model = self.current
+        if model is None or model.engine.alive():
+            return None
+        if self._restart is None:
+            self._restart = asyncio.get_running_loop().create_task(self._restart_engine(model))
+        return self._restart
+
+    async def _restart_engine(self, dead: LoadedModel) -> None:
+        if self._restarted_at is not None and time.monotonic() - self._restarted_at < MIN_ENGINE_LIFETIME_S:
+            raise RuntimeError(f"the {dead.engine.kind} engine died again within {MIN_ENGINE_LIFETIME_S:.0f} s of its "
+                               "restart")
+        logger.error("the %s engine stopped: starting %s again", dead.engine.kind, dead.path)
+        async with self._swap_lock:
+            if self.current is dead:  # else a new model was swapped in meanwhile
+                self._install(await asyncio.to_thread(load_model, dead.source, dead.path, self.engine_settings))
+        self._restarted_at = time.monotonic()
+        self._restart = None
+
+    async def check_health(self) -> None:
+        """Serve replaces a replica whose engine died and could not be started again (a dead engine is restarted in
+        place first: faster than a new replica, and no request fails meanwhile)."""
+        restart = self._restarting()
+        if restart is not None and restart.done():
+            raise RuntimeError(f"the generation engine stopped and could not be restarted: {restart.exception()}")
+
+    def ready(self) -> LoadedModel:
+        """The model, unless this replica cannot answer: still loading, or its engine could not be restarted. A dead
+        engine being restarted counts as ready: requests wait for it (`serving`)."""
+        restart = self._restarting()
+        model = self.current
+        if model is None:
+            raise unavailable("the model is loading; retry shortly", "model_loading")
+        if restart is not None and restart.done():
+            raise unavailable("the model's engine stopped and could not be restarted; retry shortly",
+                              "engine_unavailable")
+        return model
+
+    async def serving(self) -> LoadedModel:
+        """The model to generate with: where its engine died, after its restart (at most RESTART_WAIT_S)."""
+        restart = self._restarting()
+        if restart is not None:
+            with contextlib.suppress(Exception):  # too slow or failed: answered below
+                await asyncio.wait_for(asyncio.shield(restart), RESTART_WAIT_S)
+        model = self.ready()
+        if not model.engine.alive():
+            raise unavailable("the model's engine is being restarted; retry shortly", "engine_unavailable")
+        return model
