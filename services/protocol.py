@@ -1,7 +1,8 @@
 """OpenAI chat-completions wire format: request validation, error objects, responses and stream chunks.
 
 Pure (no Ray, no model): the replica's chat completions (services/serving.py) turn requests into prompts and
-sampling settings with these, and every error a client sees has OpenAI's shape {"error": {"message", "type", "param", "code"}}.
+sampling settings with these, and every error a client sees has OpenAI's shape
+{"error": {"message", "type", "param", "code"}}.
 """
 
 from __future__ import annotations
