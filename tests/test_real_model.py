@@ -4,7 +4,8 @@ it answers a general question; after a short LoRA C-RLFT run of the pipeline (Ra
 registration and promotion) the export loads in plain transformers, stops at <|end_of_turn|>, and the champion served
 by Ray Serve answers through the official openai client under both conditions. Replay keeps what the base model knew
 (retention measured against it, recorded, above the promotion gate); a candidate trained without replay at a high
-rate forgets, and `crlft promote` refuses it while the champion keeps serving.
+rate forgets, and `crlft promote` refuses it while the champion keeps serving. The served champion's stored answers,
+rated and corrected through `/v1/feedback`, build its next C-RLFT training set with its own tokenizer and template.
 
 One module-scoped pipeline run keeps the cost to a few minutes on 2 CPU cores.
 """
@@ -23,8 +24,8 @@ import torch
 
 from cluster.session import free_port
 from crlft.config import Config, load_config
-from crlft.synth import write_suite
-from crlft.template import END_OF_TURN
+from crlft.data.template import END_OF_TURN
+from crlft.synth.suite import write_suite
 
 pytestmark = pytest.mark.slow
 
@@ -56,6 +57,8 @@ def cfg(tmp_path_factory: pytest.TempPathFactory) -> Config:
         "serve.port": free_port(),
         "serve.max_replicas": 1,
         "serve.access_log": False,
+        "serve.store.uri": str(state / "completions"),
+        "serve.store.flush_s": 0.5,
     })  # fmt: skip
 
 
@@ -209,3 +212,43 @@ def test_the_served_champion_answers_through_the_openai_client_under_both_condit
         assert (choice.message.content or "").strip() and choice.finish_reason == "stop", condition
         expected, _ = _greedy(pipeline.model_dir, condition)
         assert (choice.message.content or "").strip() == expected.strip(), condition
+
+
+def test_the_served_champions_rated_and_corrected_answers_build_its_next_training_set(
+        endpoint: str, pipeline: Any, cfg: Config, tmp_path: Path) -> None:
+    """The loop of issue #28 on a real model: answers stored at the endpoint, one rated up and one corrected through
+    /v1/feedback, become C-RLFT records rendered by SmolLM2's exported template: the correction as the expert answer."""
+    import time
+
+    import httpx
+    import openai
+
+    from crlft.data.store import read_store
+    from jobs.build_dataset import build_dataset
+
+    client = openai.OpenAI(base_url=f"{endpoint}/v1", api_key="unused", max_retries=0, timeout=120)
+    [card] = client.models.list().data
+    questions = ["What is the capital of France?", "What is 7 times 6?"]
+    replies = [client.chat.completions.create(model=card.id, messages=[{"role": "user", "content": question}],
+                                              max_tokens=24, temperature=0, store=True) for question in questions]
+    correction = "7 times 6 is 42."
+    for body in ({"id": replies[0].id, "rating": 1}, {"id": replies[1].id, "correction": correction}):
+        response = httpx.post(f"{endpoint}/v1/feedback", json=body, timeout=30)
+        assert response.status_code == 200, response.text
+    store = cfg.serve.store.uri
+    assert store is not None
+    deadline = time.monotonic() + 30  # a replica writes what it stored every serve.store.flush_s
+    while len(read_store(store).choices) < len(questions):
+        assert time.monotonic() < deadline, "the stored answers never reached the store"
+        time.sleep(0.5)
+    assert {choice.completion["model_version"] for choice in read_store(store).choices} == {pipeline.version}
+
+    build = cfg.model_copy(deep=True)
+    build.data.replay.enabled = False
+    stats = build_dataset([store], str(pipeline.model_dir), tmp_path / "data", build)
+    assert stats["rejected"] == 0, (tmp_path / "data" / "rejects.jsonl").read_text()
+    assert stats["store"]["records_per_class"] == {"GPT4": 2}  # rated up and corrected: the inference condition
+    records = [json.loads(line) for line in (tmp_path / "data" / "store.jsonl").read_text().splitlines()]
+    answers = {record["feedback"]: record["messages"][-1]["content"] for record in records}
+    assert answers == {"rated_up": replies[0].choices[0].message.content, "corrected": correction}
+    assert stats["per_class"]["GPT4"]["records"] == 2
