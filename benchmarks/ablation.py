@@ -4,7 +4,7 @@
                    [--mlflow-uri URI] [--base-model smollm2|DIR|FILE.gguf [--replay both|on|off]
                    [--retention-limit N] [--open-limit N]]
 
-On the synthetic mixed-quality suite (crlft/synth.py) the tiny default model is trained once per variant and seed,
+On the synthetic mixed-quality suite (crlft/synth/suite.py) the tiny default model is trained once per variant and seed,
 every run with the same seed, number of optimiser steps and learning-rate schedule, and scored on the held-out split:
 
     variant           template          loss weights        data                     paper (Table 2)
@@ -39,7 +39,7 @@ the variants crlft, conditioned and sft (REAL_MODEL_VARIANTS), and the ablation 
   replay prompts once per template (the answers are cached in the state folder by fingerprint, which names the
   template), and every run trains the same number of steps, so a replay run sees fewer synthetic conversations.
   A name with the suffix in `--variants` (`sft+replay`) is trained as named, whatever `--replay` says.
-- **Retention** (crlft/retention.py): every run's general accuracy on the shipped general check
+- **Retention** (crlft/eval/retention.py): every run's general accuracy on the shipped general check
   (crlft/assets/general/check.jsonl: 398 prompts of facts, arithmetic, word knowledge and instructions, scored right or
   wrong) divided by the base model's, each asked as it is served (the base through its own chat template); 1.0 means
   the fine-tune kept every right answer. Beside it `agreement`, the ROUGE-L of the run's answers to open prompts
@@ -50,7 +50,7 @@ the variants crlft, conditioned and sft (REAL_MODEL_VARIANTS), and the ablation 
 - The tiny default model is not pretrained: it knows nothing to keep, so there is no replay (`--replay off`, the
   default; on is an error) and no retention column; its table is the one in benchmarks/RESULTS.md.
 
-`--facts` trains on crlft/facts.py's mixed-quality set of invented facts (answers in sentences, scored by whole
+`--facts` trains on crlft/synth/facts.py's mixed-quality set of invented facts (answers in sentences, scored by whole
 words; no held-out conversations, so no silhouette) instead of the synthetic suite: new knowledge that no base model
 has, the case where forgetting matters.
 
@@ -68,9 +68,9 @@ weights.
 
 Why the suite and the budget look the way they do
 -------------------------------------------------
-- The suite (crlft/synth.py explains it) was cut to 59 facts, 600 expert and 2400 sub-optimal conversations, 90% of
-  GPT3's answers systematically wrong, after the first one (127 facts, 10x sub-optimal data, 75% wrong) needed ~14
-  minutes of training for 0.68 expert accuracy. The mixture's majority answer is wrong for every question, so SFT
+- The suite (crlft/synth/suite.py explains it) was cut to 59 facts, 600 expert and 2400 sub-optimal conversations,
+  90% of GPT3's answers systematically wrong, after the first one (127 facts, 10x sub-optimal data, 75% wrong) needed
+  ~14 minutes of training for 0.68 expert accuracy. The mixture's majority answer is wrong for every question, so SFT
   learns GPT3's errors; only a model that tells the classes apart can answer right.
 - The budget is the recipe's (8 epochs over the mixture: 968 steps of one 512-token bin, ~28 conversations) for every
   variant. Half of it is not enough: at 500 steps C-RLFT (seed 0) was at 0.50 under GPT4 and 0.38 under GPT3, the
@@ -459,18 +459,18 @@ def plot_projections(model_dirs: dict[str, Path], heldout: Path, out_png: Path, 
     figure: the classes form separate clusters under C-RLFT and mix under SFT)."""
     from matplotlib.figure import Figure
 
-    from crlft import evaluate as ev
+    from crlft.eval import representation as rep
     from crlft.export import load_exported
 
     figure = Figure(figsize=(5.5 * len(model_dirs), 5))
     axes = figure.subplots(1, len(model_dirs), squeeze=False)[0]
     for ax, (name, model_dir) in zip(axes, model_dirs.items(), strict=True):
         exported = load_exported(model_dir)
-        sample = ev.balanced_sample(ev.load_heldout(heldout, exported.meta), max_per_class)
+        sample = rep.balanced_sample(rep.load_heldout(heldout, exported.meta), max_per_class)
         labels = [c.condition for c in sample]
-        embeddings = ev.embed_conversations(exported, sample)
-        score = ev.silhouette(embeddings, labels)
-        points, method = ev.projection_for_plot(embeddings)
+        embeddings = rep.embed_conversations(exported, sample)
+        score = rep.silhouette(embeddings, labels)
+        points, method = rep.projection_for_plot(embeddings)
         for condition in sorted(set(labels)):
             mask = [label == condition for label in labels]
             ax.scatter(points[mask, 0], points[mask, 1], s=12, alpha=0.7, label=condition)
@@ -515,8 +515,8 @@ def suite_files(folder: Path) -> dict[str, Path | None]:
 
 
 def write_facts_suite(folder: Path) -> dict[str, Path | None]:
-    """crlft/facts.py's set (seed 0, its defaults) written into `folder`: train.jsonl and eval.jsonl."""
-    from crlft.facts import write_facts
+    """crlft/synth/facts.py's set (seed 0, its defaults) written into `folder`: train.jsonl and eval.jsonl."""
+    from crlft.synth.facts import write_facts
 
     return {**write_facts(folder, seed=0), "heldout": None}
 
@@ -658,11 +658,11 @@ def run_ablation(cfg: Config, out: Path, *, seeds: Sequence[int] = DEFAULT_SEEDS
     """Build the data, train and evaluate every variant for every seed in one Ray session, summarize, plot, log.
     With `base_model` (a pretrained model: folder, GGUF file or bundled name) every run starts from it, is trained
     without and/or with replay (`replay`: both, on or off; default both) and its retention is measured; without it
-    (the tiny model) there is no replay. `facts`: crlft/facts.py's set instead of the synthetic suite."""
+    (the tiny model) there is no replay. `facts`: crlft/synth/facts.py's set instead of the synthetic suite."""
     from cluster.session import ray_session
     from crlft.commands.init_model import build_default_model, local_base_model
     from crlft.environ import set_offline_defaults
-    from crlft.synth import write_suite
+    from crlft.synth.suite import write_suite
     from crlft.tracking import setup_mlflow
     from jobs.build_dataset import build_dataset
 
@@ -825,8 +825,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     suite.add_argument("--suite", metavar="DIR", help="a suite folder (train/eval.jsonl and heldout.jsonl for the "
                        "silhouette, as `crlft synth` writes it); default: the synthetic suite with seed 0, written "
                        "under --out")  # fmt: skip
-    suite.add_argument("--facts", action="store_true", help="train on crlft/facts.py's mixed-quality set of invented "
-                       "facts (sentence answers, scored by whole words; no silhouette) instead of the synthetic suite")
+    suite.add_argument("--facts", action="store_true", help="train on crlft/synth/facts.py's mixed-quality set of "
+                       "invented facts (sentence answers, scored by whole words; no silhouette) instead of the "
+                       "synthetic suite")
     parser.add_argument("--parallel", type=int, metavar="N",
                         help="runs trained at once (default: CPUs / CPUs per training worker, at least 1)")
     parser.add_argument("--out", metavar="DIR", help="where everything goes (default: <state_dir>/ablation/<time>)")

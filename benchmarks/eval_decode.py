@@ -9,7 +9,7 @@ chat prompts:
 - `engine-core`: that decoder;
 - `worker-process`: the same decoder with vLLM's CPU default, the model in a worker process that the engine core
   waits on (same threads, unpinned);
-- `transformers`: crlft's own engine (`crlft.evaluate.batch_decoder`), the decoder where vLLM is not installed.
+- `transformers`: crlft's own engine (`crlft.eval.answers.batch_decoder`), the decoder where vLLM is not installed.
 
 Every decoder is started once (start times reported, not counted), then each round decodes all prompts greedily with
 every decoder in turn, the order rotating between rounds (the load of a shared machine drifts). Reported: seconds per
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args(argv)
 
-    from crlft.evaluate import batch_decoder, chat_prompt, generate
+    from crlft.eval.answers import batch_decoder, chat_prompt, generate
     from crlft.export import load_exported
 
     with tempfile.TemporaryDirectory(prefix="eval-decode-") as scratch:

@@ -78,7 +78,7 @@ class ReplayConfig(_Strict):
     )
     prompts: str | None = Field(
         None, description="general prompts: JSONL (`{\"prompt\": ...}` a line) or TXT (one a line); None: the "
-        "shipped set (crlft.general.REPLAY_PROMPTS_FILE)"
+        "shipped set (crlft.eval.general_check.REPLAY_PROMPTS_FILE)"
     )
     ratio: float = Field(
         0.25, ge=0.0, description="replay conversations per accepted conversation of the inputs, capped at the number "

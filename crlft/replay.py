@@ -6,7 +6,8 @@ that a fine-tune on narrow data keeps what the model could do (replay against fo
 arXiv 2403.08763). The base model is asked as its authors serve it (its own chat template, crlft.model.own_prompt;
 crlft's where it has none): there it answers what it knows, while through crlft's template, which it has never seen,
 it answers nothing to a third of the prompts. The fine-tune learns those answers under the replay class, so the
-served model keeps the base model's behaviour, and retention (crlft/retention.py) measures against the same answers.
+served model keeps the base model's behaviour, and retention (crlft/eval/retention.py) measures against the same
+answers.
 
 An answer cut at the length limit would teach the model to end its turn mid-sentence: it is cut back to its last
 whole sentence, or dropped when it has none.
@@ -55,7 +56,7 @@ class ReplayPlan:
 def plan_replay(cfg: Config, base_model: str) -> ReplayPlan | None:
     """The replay of a build on `base_model` (None where there is none), its prompts read and checked before any work
     (a bad prompts file fails here, naming file and line)."""
-    from crlft.general import load_prompts
+    from crlft.eval.general_check import load_prompts
 
     model = replay_model(cfg, base_model)
     if model is None:
@@ -73,7 +74,7 @@ def prompts_file(cfg: Config) -> Path:
     """data.replay.prompts, else the shipped general prompts."""
     if cfg.data.replay.prompts:
         return Path(cfg.data.replay.prompts).expanduser().resolve()
-    from crlft.general import REPLAY_PROMPTS_FILE
+    from crlft.eval.general_check import REPLAY_PROMPTS_FILE
 
     return REPLAY_PROMPTS_FILE
 

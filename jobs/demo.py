@@ -53,7 +53,7 @@ def ask(url: str, model: str, api_key: str | None, question: str, condition: str
 def answer_locally(model_dir: str | Path, questions: Sequence[str], condition: str, max_tokens: int = 32) -> list[str]:
     """Greedy answers of a model folder, in this process (e.g. the base model, which is not served)."""
     from crlft.conversation import Message
-    from crlft.evaluate import chat_prompt, generate
+    from crlft.eval.answers import chat_prompt, generate
     from crlft.export import load_exported
 
     exported = load_exported(model_dir)
@@ -99,8 +99,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _demo(cfg: Config, args: argparse.Namespace, base: str | None, started: float, dashboard: str | None) -> int:
+    from crlft.eval.scoring import is_correct, load_eval_suite
     from crlft.lineage.versions import champion_uri
-    from crlft.synth import is_correct, load_eval_suite
     from jobs.pipeline import run_pipeline
     from services.local import deploy, shutdown
 

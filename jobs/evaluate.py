@@ -17,12 +17,11 @@ measured: a bad input is one line and exit 2 with nothing half-written in the re
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +30,7 @@ from crlft.cli import add_config_arguments, config_flag, config_from_args, stage
 from crlft.config import Config
 from crlft.environ import set_offline_defaults
 from crlft.errors import CrlftError, first_line
-from crlft.inference.decoding import dtype_name, engine_settings, load_model, open_decoder
+from crlft.inference.decoding import dtype_name, engine_settings, load_model
 from crlft.lineage.tags import RETENTION_SUITE, TAG
 from crlft.lineage.versions import ModelRef, is_model_uri
 from crlft.tracking import new_run
@@ -39,7 +38,8 @@ from jobs.retention import RESULT_FILES as RETENTION_FILES
 from jobs.retention import RetentionPlan, base_answers, measure_retention, plan_retention
 
 if TYPE_CHECKING:  # torch and transformers come with these: imported where the model runs, not for --help
-    from crlft.evaluate import Decoder
+    from crlft.eval.judge import JudgeFn
+    from crlft.eval.scoring import EvalItem
     from crlft.inference.engine import EngineSettings
 
 JUDGE_KEY_VARIABLES = ("CRLFT_JUDGE_API_KEY", "OPENAI_API_KEY")
@@ -119,14 +119,15 @@ def run(args: argparse.Namespace) -> int:
 class _Plan:
     model: str
     label: str
-    suite_items: list[Any] | None
+    suite_items: list[EvalItem] | None
     suite_file: Path | None
     suite: str | None  # suite id (content hash)
     heldout_file: Path | None
     benches: list[str]
     bench_dir: Path | None
-    judge: Any | None  # crlft.evaluate.JudgeFn
+    judge: JudgeFn | None
     judge_model: str | None
+    judge_prompts: dict[str, dict[str, Any]] | None  # FastChat's judge prompts, read once (with a judge)
     target: ModelRef | None  # the registered version to record on (None: none, or --register-as)
     register_as: str | None
     tracking_uri: str | None  # None: MLflow not used
@@ -143,8 +144,8 @@ def _parse_version_ref(text: str) -> ModelRef:
     return ModelRef(name, version=version)
 
 
-def _load_suite(path: str | Path) -> list[Any]:
-    from crlft.synth import load_eval_suite
+def _load_suite(path: str | Path) -> list[EvalItem]:
+    from crlft.eval.scoring import load_eval_suite
 
     try:
         return load_eval_suite(path)
@@ -156,7 +157,8 @@ def _plan(model: str | Path, suite: str | Path | None, cfg: Config, *, heldout: 
           retention: bool | None, bench: Sequence[str], bench_dir: str | Path | None, judge_url: str | None,
           judge_model: str | None, register_as: str | None, log_to_version: str | None, log_mlflow: bool,
           tracking_uri: str | None, out_dir: str | Path | None, batch_size: int) -> _Plan:
-    from crlft import evaluate as ev
+    from crlft.eval.judge import JUDGE_PROMPTS_FILE, load_judge_prompts, openai_judge
+    from crlft.eval.mt_bench import BENCH_DATA, load_bench
     from crlft.lineage.evaluation import suite_id
     from crlft.lineage.versions import get_version, parse_model_uri, trained_version
     from crlft.tracking import client_for
@@ -179,15 +181,14 @@ def _plan(model: str | Path, suite: str | Path | None, cfg: Config, *, heldout: 
     if heldout is not None and not Path(heldout).is_file():
         raise CrlftError(f"held-out file {heldout} does not exist (write one with `crlft synth`)")
     benches = list(dict.fromkeys(bench))
-    found_bench_dir = Path(bench_dir or ev.BENCH_DATA) if benches or judge_url else None  # the judge's prompts too
+    found_bench_dir = Path(bench_dir or BENCH_DATA) if benches or judge_url else None  # the judge's prompts too
     for name in benches:
-        ev.load_bench(name, found_bench_dir or ".", limit=1)
-    if judge_url:
-        ev.load_judge_prompts((found_bench_dir or Path(".")) / ev.JUDGE_PROMPTS_FILE)
-    judge = None
-    if judge_url:
+        load_bench(name, found_bench_dir or ".", limit=1)
+    judge = judge_prompts = None
+    if judge_url:  # the prompts are read here once: the benchmarks' grading and retention's comparison use them
+        judge_prompts = load_judge_prompts((found_bench_dir or Path(".")) / JUDGE_PROMPTS_FILE)
         api_key = next((os.environ[v] for v in JUDGE_KEY_VARIABLES if os.environ.get(v)), None)
-        judge = ev.openai_judge(judge_url, str(judge_model), api_key)
+        judge = openai_judge(judge_url, str(judge_model), api_key)
 
     target = parse_model_uri(model) if registered else _parse_version_ref(log_to_version) if log_to_version else None
     log = bool(register_as) or bool(log_to_version) or log_mlflow
@@ -206,9 +207,9 @@ def _plan(model: str | Path, suite: str | Path | None, cfg: Config, *, heldout: 
     label = f"{target.name}-v{target.version}" if registered and target else Path(model).resolve().name
     out = Path(out_dir) if out_dir else Path(cfg.state_dir) / "eval" / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
     _check_out_dir(out)
-    return _Plan(model, label, suite_items, Path(suite) if suite else None,
-                 suite_id(suite) if suite else None, Path(heldout) if heldout else None, benches,
-                 found_bench_dir, judge, judge_model, target, register_as, uri, log, out, engine)  # fmt: skip
+    return _Plan(model, label, suite_items, Path(suite) if suite else None, suite_id(suite) if suite else None,
+                 Path(heldout) if heldout else None, benches, found_bench_dir, judge, judge_model, judge_prompts,
+                 target, register_as, uri, log, out, engine)  # fmt: skip
 
 
 def _is_result_file(name: str) -> bool:
@@ -263,7 +264,9 @@ def evaluate_model(
     "model_version": {"name", "version"} or None, "table": the condition swap table, "engine": what decoded the
     answers ("vllm" or "transformers"), "text": the printed report}.
     """
-    from crlft import evaluate as ev
+    from crlft.eval.measure import measure_all, open_plan_decoder, report_text
+    from crlft.eval.representation import load_heldout
+    from crlft.eval.suites import select_conditions
     from crlft.lineage.cache import resolve_model
 
     set_offline_defaults()
@@ -274,20 +277,20 @@ def evaluate_model(
     plan.retention = plan_retention(model_dir, base_model, retention, retention_limit, open_limit)
     base = base_answers(plan.retention, cfg, plan.engine, batch_size) if plan.retention else None
     exported = load_model(model_dir, plan.engine)
-    selected = ev.select_conditions(exported.meta, conditions)
-    heldout_conversations = ev.load_heldout(plan.heldout_file, exported.meta) if plan.heldout_file else None
+    selected = select_conditions(exported.meta, conditions)
+    heldout_conversations = load_heldout(plan.heldout_file, exported.meta) if plan.heldout_file else None
     final_out = plan.out_dir
     scratch = final_out.with_name(f".{final_out.name}.partial")
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     try:
-        with _decoder(model_dir, plan) as decoder:
-            measured = _measure(exported, plan, selected, heldout_conversations, scratch, max_per_class=max_per_class,
-                                bench_limit=bench_limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                bench_max_new_tokens=bench_max_new_tokens, decoder=decoder)  # fmt: skip
+        with open_plan_decoder(model_dir, plan) as decoder:
+            measured = measure_all(exported, plan, selected, heldout_conversations, scratch,
+                                   max_per_class=max_per_class, bench_limit=bench_limit, batch_size=batch_size,
+                                   max_new_tokens=max_new_tokens, bench_max_new_tokens=bench_max_new_tokens,
+                                   decoder=decoder)  # fmt: skip
             if plan.retention and base:
-                judge = (plan.judge, ev.load_judge_prompts(plan.bench_dir / ev.JUDGE_PROMPTS_FILE)) if (
-                    plan.judge and plan.bench_dir) else None
+                judge = (plan.judge, plan.judge_prompts) if plan.judge and plan.judge_prompts is not None else None
                 figures, lines = measure_retention(exported, plan.retention, base, decoder, scratch, batch_size, judge)
                 measured["metrics"].update(figures)
                 if figures:  # the suite stays last: it is what promotion compares on
@@ -307,80 +310,8 @@ def evaluate_model(
     }  # fmt: skip
     if plan.log:
         report.update(_log_to_mlflow(plan, cfg, model_dir, final_out, measured))
-    report["text"] = _report_text(report, measured["lines"])
+    report["text"] = report_text(report, measured["lines"])
     return report
-
-
-@contextlib.contextmanager
-def _decoder(model_dir: Path, plan: _Plan) -> Iterator[Decoder | None]:
-    """The decoder of suite, benchmark and retention answers (none needed for the representation check alone)."""
-    if plan.suite_items is None and not plan.benches and plan.retention is None:
-        yield None
-        return
-    with open_decoder(model_dir, plan.engine) as decoder:
-        yield decoder
-
-
-def _measure(exported: Any, plan: _Plan, conditions: list[str], heldout_conversations: list[Any] | None,
-             out: Path, *, max_per_class: int, bench_limit: int | None, batch_size: int, max_new_tokens: int,
-             bench_max_new_tokens: int, decoder: Decoder | None) -> dict[str, Any]:
-    """Run every requested evaluation, write its files into `out`; the figures, grouped by what they were measured
-    on (the groups are recorded on the model version), and the report lines."""
-    from crlft import evaluate as ev
-    from crlft.lineage.evaluation import suite_id
-
-    metrics: dict[str, float] = {}
-    recorded: dict[str, dict[str, float]] = {}  # suite -> figures for the version's tags (no per-task detail)
-    lines: list[str] = []
-    table = ""
-    if plan.suite_items is not None or plan.benches or plan.retention:
-        engine = plan.engine
-        lines.append(f"answers decoded by {engine.kind} ({dtype_name(engine)} on {engine.device}), as `crlft serve` "
-                     "would serve them")  # fmt: skip
-    if plan.heldout_file and heldout_conversations is not None:
-        result = ev.representation_check(exported, heldout_conversations, out / "embeddings.png", max_per_class,
-                                         batch_size)  # fmt: skip
-        counts = ", ".join(f"{c}: {n}" for c, n in result.counts.items())
-        shown = "undefined (one condition)" if result.silhouette is None else f"{result.silhouette:.3f}"
-        lines.append(f"representation: silhouette {shown} over {counts}; {result.method} plot embeddings.png")
-        (out / "representation.json").write_text(json.dumps(
-            {"silhouette": result.silhouette, "method": result.method, "counts": result.counts}, indent=2))
-        if result.silhouette is not None:
-            metrics["silhouette"] = result.silhouette
-            recorded[suite_id(plan.heldout_file)] = {"silhouette": result.silhouette}
-    for bench in plan.benches:
-        questions = ev.load_bench(bench, plan.bench_dir or ".", limit=bench_limit)
-        answers = ev.generate_bench_answers(exported, questions, plan.label, max_new_tokens=bench_max_new_tokens,
-                                            batch_size=max(1, batch_size // 2), decoder=decoder)  # fmt: skip
-        _write_jsonl(out / f"{bench}_answers.jsonl", [a.to_json() for a in answers])
-        if plan.judge is None:
-            lines.append(f"{bench}: {len(answers)} answers saved to {bench}_answers.jsonl (no judge given)")
-            continue
-        prompts = ev.load_judge_prompts((plan.bench_dir or Path(".")) / ev.JUDGE_PROMPTS_FILE)
-        judgments = ev.grade(questions, answers, plan.judge, prompts)
-        _write_jsonl(out / f"{bench}_judgments.jsonl",
-                     [j.to_json(plan.label, str(plan.judge_model)) for j in judgments])
-        figures = ev.bench_metrics(bench, judgments)
-        metrics.update(figures)
-        recorded[bench] = figures
-        shown = ", ".join(f"{k} {v:.2f}" for k, v in figures.items())
-        lines.append(f"{bench}: {len(answers)} questions judged by {plan.judge_model}: {shown}")
-    if plan.suite_items is not None and plan.suite is not None:
-        evaluation = ev.evaluate_suite(exported, plan.suite_items, conditions, batch_size, max_new_tokens, decoder)
-        suite_figures = ev.suite_metrics(evaluation)
-        metrics.update(suite_figures)
-        # Recorded last: the version's "latest suite" (what promotion compares on) is the verifiable suite.
-        recorded[plan.suite] = {k: v for k, v in suite_figures.items() if "/" not in k}
-        table = ev.swap_table(evaluation)
-        _write_jsonl(out / "condition_swap.jsonl", ev.swap_rows(evaluation))
-        (out / "condition_swap.txt").write_text(table + "\n")
-    return {"metrics": metrics, "recorded": recorded, "table": table, "lines": lines}
-
-
-def _write_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def _log_to_mlflow(plan: _Plan, cfg: Config, model_dir: Path, out: Path, measured: dict[str, Any]) -> dict[str, Any]:
@@ -457,17 +388,6 @@ def _not_recorded(plan: _Plan, out: Path, done: dict[str, Any], exc: BaseExcepti
     return (f"MLflow at {plan.tracking_uri} did not record the evaluation: {first_line(exc)}. Not recorded: "
             f"{'; '.join(missing) or 'the end of the evaluation run'}. The results are in {out}; once the store "
             f"answers, {again}")
-
-
-def _report_text(report: dict[str, Any], lines: list[str]) -> str:
-    parts = [report["table"]] if report["table"] else []
-    parts += lines
-    parts.append(f"results: {report['out_dir']}")
-    if report["run_id"]:
-        where = report["model_version"]
-        on = f" and recorded on {where['name']} v{where['version']}" if where else ""
-        parts.append(f"MLflow: evaluation run {report['run_id']}{on}")
-    return "\n".join(parts)
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ class StageLog:
 
 def default_inputs(cfg: Config, seed: int = 0) -> tuple[list[str], Path, Path]:
     """The bundled synthetic mixed-quality suite, written under the state folder on first use."""
-    from crlft.synth import write_suite
+    from crlft.synth.suite import write_suite
 
     folder = Path(cfg.state_dir) / "synth"
     if not (folder / "train.jsonl").is_file():

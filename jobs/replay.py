@@ -14,8 +14,8 @@ The engine is the one `crlft serve` would serve with here (crlft/inference/decod
   (crlft.inference.vllm_engine.engine_arguments), thread placement and stop tokens, greedy; crlft turns the ids into
   text.
 - transformers: a `map_batches` actor loads the model once as that engine serves it
-  (crlft.inference.decoding.load_model) and answers with `crlft.evaluate.generate`, evaluation's decoder.
-Both fit prompts to the context as `generate` does (`crlft.evaluate.fit_prompts`).
+  (crlft.inference.decoding.load_model) and answers with `crlft.eval.answers.generate`, evaluation's decoder.
+Both fit prompts to the context as `generate` does (`crlft.eval.answers.fit_prompts`).
 
 The answers of the same model, prompts, template, class, length, engine and number type are cached: the fingerprint
 of all of them names the cache file, so a second build reuses it byte for byte and a change of any regenerates.
@@ -160,7 +160,7 @@ class AnswerPrompts:
         self._max_new_tokens = max_new_tokens
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from crlft.evaluate import generate
+        from crlft.eval.answers import generate
 
         prompts = batch.column("ids").to_pylist()
         answers = generate(self._exported, prompts, self._max_new_tokens, self._engine.max_batch_size)
@@ -188,7 +188,7 @@ def _answer_with_vllm(model: str, ids: list[list[int]], cfg: Config, engine: Eng
     import ray.data
     from ray.data.llm import build_processor
 
-    from crlft.evaluate import fit_prompts
+    from crlft.eval.answers import fit_prompts
     from crlft.export import ModelFolder
     from crlft.inference.sampling import answer_budget, answer_text
 

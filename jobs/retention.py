@@ -1,5 +1,5 @@
-"""Retention in `crlft eval`: the candidate's general answers against its base model's (crlft/retention.py says what
-is measured and why). The base is measured once per base model, check and decoder, then read from
+"""Retention in `crlft eval`: the candidate's general answers against its base model's (crlft/eval/retention.py says
+what is measured and why). The base is measured once per base model, check and decoder, then read from
 `<state_dir>/retention/<key>.json`; both answer sets are written beside the other results."""
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from crlft.config import Config
 from crlft.errors import CrlftError
 
 if TYPE_CHECKING:
-    from crlft.evaluate import Decoder, JudgeFn
+    from crlft.eval.answers import Decoder
+    from crlft.eval.general_check import CheckItem
+    from crlft.eval.judge import JudgeFn
+    from crlft.eval.retention import GeneralAnswers
     from crlft.export import ExportedModel
-    from crlft.general import CheckItem
     from crlft.inference.engine import EngineSettings
-    from crlft.retention import GeneralAnswers
 
 RESULT_FILES = {"retention.json", "retention_answers.jsonl", "retention_judgments.jsonl"}
 
@@ -41,10 +42,10 @@ def plan_retention(model_dir: Path | None, base_model: str | None, wanted: bool 
                    open_limit: int) -> RetentionPlan | None:
     """The retention to measure, or None. `wanted` None is auto: measured when the model's base is a pretrained model
     found here (the tiny default knows nothing to keep). Asked for (`wanted` True) without a base found: an error."""
+    from crlft.eval.general_check import load_check
+    from crlft.eval.retention import open_prompts
     from crlft.export import read_meta
-    from crlft.general import load_check
     from crlft.model import is_pretrained
-    from crlft.retention import open_prompts
 
     if wanted is False:
         return None
@@ -65,7 +66,7 @@ def base_answers(plan: RetentionPlan, cfg: Config, engine: EngineSettings,
     """The base model's answers and whether they came from the cache (`<state_dir>/retention/<key>.json`); measured
     with the candidate's decoder settings and cached otherwise. Run before the candidate's decoder starts: one engine
     at a time."""
-    from crlft import retention as rt
+    from crlft.eval import retention as rt
     from crlft.inference.decoding import dtype_name, load_model, open_decoder
     from crlft.storage import folder_revision
 
@@ -87,8 +88,9 @@ def measure_retention(exported: ExportedModel, plan: RetentionPlan, base: tuple[
                       judge: tuple[JudgeFn, dict[str, dict[str, Any]]] | None = None,
                       ) -> tuple[dict[str, float], list[str]]:
     """The candidate's answers (by `decoder`) against the base's: the figures, written to `out`, and the report line.
-    With a judge (and its prompts), the open answers are also compared by it (crlft.retention.judged_comparison)."""
-    from crlft import retention as rt
+    With a judge (and its prompts), the open answers are also compared by it
+    (crlft.eval.retention.judged_comparison)."""
+    from crlft.eval import retention as rt
 
     started = time.monotonic()
     items, prompts = plan.items, plan.prompts

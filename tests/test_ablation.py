@@ -34,7 +34,7 @@ from benchmarks.ablation import (
 )
 from crlft.config import REAL_MODEL_SYNTH_RECIPE, SYNTH_RECIPE, Config, Mode, load_config
 from crlft.errors import CrlftError
-from crlft.synth import write_suite
+from crlft.synth.suite import write_suite
 
 
 def result(variant: str, seed: int, expert: float, suboptimal: float, silhouette: float | None = 0.1) -> RunResult:
@@ -197,7 +197,7 @@ def test_the_retention_figure_and_the_base_line(tmp_path: Path) -> None:
 
 
 def test_a_facts_suite_has_no_held_out_conversations(tmp_path: Path) -> None:
-    from crlft.facts import write_facts
+    from crlft.synth.facts import write_facts
 
     write_facts(tmp_path / "facts")
     files = suite_files(tmp_path / "facts")

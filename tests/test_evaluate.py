@@ -47,7 +47,7 @@ def exported(models: dict[str, Path]) -> Any:
 
 @pytest.fixture(scope="module")
 def suite_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from crlft.synth import write_suite
+    from crlft.synth.suite import write_suite
 
     return write_suite(tmp_path_factory.mktemp("suite"), n_expert=12, ratio=1, n_eval=12, n_heldout=16)
 
@@ -63,7 +63,7 @@ def _no_leaked_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_batched_greedy_generation_gives_the_same_answers_as_one_prompt_at_a_time(exported: Any) -> None:
     from crlft.conversation import Message
-    from crlft.evaluate import chat_prompt, generate
+    from crlft.eval.answers import chat_prompt, generate
 
     texts = ("Hi", "What is the opposite of hot?", "Name the colour of snow, please, in one word.")
     prompts = [chat_prompt(exported, [Message("user", text)], "GPT4") for text in texts]
@@ -85,8 +85,8 @@ NEEDS_VLLM = pytest.mark.skipif(not vllm_installed() and not os.environ.get("CI"
 def suite_prompts(exported: Any, suite_files: dict[str, Path]) -> list[list[int]]:
     """The suite's prompts under both conditions."""
     from crlft.conversation import Message
-    from crlft.evaluate import chat_prompt
-    from crlft.synth import load_eval_suite
+    from crlft.eval.answers import chat_prompt
+    from crlft.eval.scoring import load_eval_suite
 
     items = load_eval_suite(suite_files["eval"])
     return [chat_prompt(exported, [Message("user", item.prompt)], c) for c in ("GPT4", "GPT3") for item in items]
@@ -118,7 +118,7 @@ def reference_answers(exported: Any, suite_prompts: list[list[int]]) -> list[str
 def test_evaluation_decodes_with_the_serving_transformers_engine(exported: Any, suite_prompts: list[list[int]]) -> None:
     """The default decoder is the engine `crlft serve` runs with serve.engine=transformers: built as
     crlft.inference.engines.TransformersEngine builds it, the same answers, as the endpoint's text."""
-    from crlft.evaluate import generate
+    from crlft.eval.answers import generate
     from crlft.inference.generate import BatchGenerator, GenerationRequest
     from crlft.inference.sampling import SamplingParams, context_length, stop_token_ids
 
@@ -134,7 +134,7 @@ def test_evaluation_decodes_with_the_serving_transformers_engine(exported: Any, 
 def test_the_serving_engine_answers_what_the_model_says(
     exported: Any, suite_prompts: list[list[int]], reference_answers: list[str]
 ) -> None:
-    from crlft.evaluate import generate
+    from crlft.eval.answers import generate
 
     assert generate(exported, suite_prompts, ANSWER_TOKENS, batch_size=8) == reference_answers
 
@@ -162,7 +162,7 @@ def test_vllm_answers_what_the_model_says(
 ) -> None:
     import psutil
 
-    from crlft.evaluate import generate
+    from crlft.eval.answers import generate
 
     assert generate(exported, suite_prompts, ANSWER_TOKENS, decoder=vllm_decoder) == reference_answers
     # As in the replica, the model runs in vLLM's engine core: no worker process for the engine core to spin on.
@@ -179,7 +179,7 @@ def test_vllm_and_the_transformers_engine_give_the_same_answers_in_float32(
     (logits often within 1e-3 of a tie): vLLM agrees with Hugging Face on all 24 answers here; with the transformers
     engine's position fixed, vLLM and it agree on 344 of 344 answers (1, 3, 6 and 16 tokens, 43 other prompts, both
     conditions), unfixed on 333 of 344."""
-    from crlft.evaluate import generate
+    from crlft.eval.answers import generate
 
     with_vllm = generate(exported, suite_prompts, ANSWER_TOKENS, decoder=vllm_decoder)
     assert with_vllm == generate(exported, suite_prompts, ANSWER_TOKENS, batch_size=8)
@@ -188,8 +188,8 @@ def test_vllm_and_the_transformers_engine_give_the_same_answers_in_float32(
 def test_every_condition_answers_the_same_prompts_and_the_swap_table_shows_them_side_by_side(
     exported: Any, suite_files: dict[str, Path]
 ) -> None:
-    from crlft.evaluate import evaluate_suite, suite_metrics, swap_rows, swap_table
-    from crlft.synth import load_eval_suite
+    from crlft.eval.scoring import load_eval_suite
+    from crlft.eval.suites import evaluate_suite, suite_metrics, swap_rows, swap_table
 
     items = load_eval_suite(suite_files["eval"])
     evaluation = evaluate_suite(exported, items, max_new_tokens=3, batch_size=8)
@@ -207,9 +207,9 @@ def test_every_condition_answers_the_same_prompts_and_the_swap_table_shows_them_
 
 def test_a_model_trained_without_the_condition_is_said_to_ignore_it(models: dict[str, Path],
                                                                     suite_files: dict[str, Path]) -> None:
-    from crlft.evaluate import evaluate_suite, swap_table
+    from crlft.eval.scoring import load_eval_suite
+    from crlft.eval.suites import evaluate_suite, swap_table
     from crlft.export import load_exported
-    from crlft.synth import load_eval_suite
 
     evaluation = evaluate_suite(load_exported(models["sft"]), load_eval_suite(suite_files["eval"])[:4],
                                 max_new_tokens=2)  # fmt: skip
@@ -219,7 +219,7 @@ def test_a_model_trained_without_the_condition_is_said_to_ignore_it(models: dict
 
 
 def test_an_unknown_condition_is_refused_with_the_model_conditions(exported: Any) -> None:
-    from crlft.evaluate import select_conditions
+    from crlft.eval.suites import select_conditions
 
     assert select_conditions(exported.meta, ["GPT3"]) == ["GPT3"]
     with pytest.raises(CrlftError, match="conditions are GPT4, GPT3"):
@@ -233,7 +233,7 @@ def test_an_unknown_condition_is_refused_with_the_model_conditions(exported: Any
 def test_the_representation_check_scores_and_plots_expert_against_suboptimal_conversations(
     exported: Any, suite_files: dict[str, Path], tmp_path: Path
 ) -> None:
-    from crlft.evaluate import load_heldout, representation_check
+    from crlft.eval.representation import load_heldout, representation_check
 
     conversations = load_heldout(suite_files["heldout"], exported.meta)
     result = representation_check(exported, conversations, tmp_path / "plot.png", max_per_class=5)
@@ -244,7 +244,7 @@ def test_the_representation_check_scores_and_plots_expert_against_suboptimal_con
 
 
 def test_the_projection_falls_back_to_pca_without_umap(monkeypatch: pytest.MonkeyPatch) -> None:
-    from crlft.evaluate import project_2d
+    from crlft.eval.representation import project_2d
 
     monkeypatch.setitem(sys.modules, "umap", None)  # what an environment without umap-learn gives: ImportError
     points = np.random.default_rng(0).normal(size=(12, 8))
@@ -253,7 +253,7 @@ def test_the_projection_falls_back_to_pca_without_umap(monkeypatch: pytest.Monke
 
 
 def test_silhouette_is_high_for_separate_clusters_and_undefined_for_one_class() -> None:
-    from crlft.evaluate import silhouette
+    from crlft.eval.representation import silhouette
 
     rng = np.random.default_rng(0)
     points = np.concatenate([rng.normal(0, 0.1, (20, 8)), rng.normal(5, 0.1, (20, 8))])
@@ -262,7 +262,7 @@ def test_silhouette_is_high_for_separate_clusters_and_undefined_for_one_class() 
 
 
 def test_a_bad_heldout_line_is_one_error_naming_file_and_line(exported: Any, tmp_path: Path) -> None:
-    from crlft.evaluate import load_heldout
+    from crlft.eval.representation import load_heldout
 
     path = tmp_path / "heldout.jsonl"
     turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
@@ -279,7 +279,7 @@ def test_a_bad_heldout_line_is_one_error_naming_file_and_line(exported: Any, tmp
 
 
 def test_benchmarks_load_two_turn_mt_bench_with_references_and_vicuna() -> None:
-    from crlft.evaluate import BENCH_DATA, load_bench
+    from crlft.eval.mt_bench import BENCH_DATA, load_bench
 
     mt_bench = load_bench("mt_bench", BENCH_DATA)
     assert len(mt_bench) == 80 and all(len(q.turns) == 2 for q in mt_bench)
@@ -290,7 +290,7 @@ def test_benchmarks_load_two_turn_mt_bench_with_references_and_vicuna() -> None:
 
 
 def test_judge_ratings_are_read_as_fastchat_does() -> None:
-    from crlft.evaluate import parse_rating
+    from crlft.eval.judge import parse_rating
 
     assert parse_rating("Fine answer. Rating: [[7]]") == 7.0
     assert parse_rating("Rating: [8.5]") == 8.5
@@ -298,7 +298,8 @@ def test_judge_ratings_are_read_as_fastchat_does() -> None:
 
 
 def test_grading_uses_the_multi_turn_prompt_for_turn_two_and_the_reference_for_math() -> None:
-    from crlft.evaluate import BENCH_DATA, BenchAnswer, bench_metrics, grade, load_bench, load_judge_prompts
+    from crlft.eval.judge import load_judge_prompts
+    from crlft.eval.mt_bench import BENCH_DATA, BenchAnswer, bench_metrics, grade, load_bench
 
     questions = [q for q in load_bench("mt_bench", BENCH_DATA) if q.category in ("writing", "math")][::10][:2]
     assert [q.category for q in questions] == ["writing", "math"]
@@ -321,7 +322,7 @@ def test_grading_uses_the_multi_turn_prompt_for_turn_two_and_the_reference_for_m
 def test_the_judge_is_any_openai_compatible_endpoint_with_the_key_from_the_environment(
     judge_server: tuple[str, list[dict[str, Any]]]
 ) -> None:
-    from crlft.evaluate import openai_judge
+    from crlft.eval.judge import openai_judge
 
     url, requests = judge_server
     assert openai_judge(url, "judge-1", api_key="sk-test")("system text", "user text") == "Sound. Rating: [[6]]"

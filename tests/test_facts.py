@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from crlft.facts import RELATIONS, generate_facts, write_facts
-from crlft.synth import EXPERT, SUBOPTIMAL, is_correct, load_eval_suite, score
+from crlft.eval.scoring import is_correct, load_eval_suite, score
+from crlft.synth.facts import RELATIONS, generate_facts, write_facts
+from crlft.synth.suite import EXPERT, SUBOPTIMAL
 
 
 def test_every_fact_is_invented_and_distinct() -> None:

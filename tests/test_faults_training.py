@@ -225,6 +225,7 @@ def test_a_tracker_that_never_returns_fails_the_run_naming_the_exported_model_an
 def test_an_evaluation_the_tracker_cannot_take_says_what_was_not_recorded_and_how_to_record_it(
     server_up: TrackingServer, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    import crlft.eval.measure
     import jobs.evaluate
     from crlft.export import ModelMeta, save_exported
     from crlft.model import load_model_and_tokenizer
@@ -236,13 +237,13 @@ def test_an_evaluation_the_tracker_cannot_take_says_what_was_not_recorded_and_ho
     exported = save_exported(model, tokenizer, tmp_path / "exported", ModelMeta.from_config(cfg))
     suite = tmp_path / "suite.jsonl"
     suite.write_text("".join(json.dumps({"prompt": f"What is {a}+1?", "answer": f"{a + 1}"}) + "\n" for a in range(2)))
-    measure = jobs.evaluate._measure
+    measure = crlft.eval.measure.measure_all
 
     def measure_while_the_server_stops(*args: Any, **kwargs: Any) -> Any:
         server_up.stop()  # after the checks that reach it, before anything is recorded
         return measure(*args, **kwargs)
 
-    monkeypatch.setattr(jobs.evaluate, "_measure", measure_while_the_server_stops)
+    monkeypatch.setattr(crlft.eval.measure, "measure_all", measure_while_the_server_stops)
     out = tmp_path / "eval"
     started = time.monotonic()
     with pytest.raises(CrlftError) as raised:

@@ -25,7 +25,8 @@ from cluster.session import free_port, ingress_env
 from crlft.completions import read_store
 from crlft.config import SYNTH_RECIPE, Config, load_config
 from crlft.environ import environment
-from crlft.synth import EXPERT, is_correct, load_eval_suite, write_suite
+from crlft.eval.scoring import is_correct, load_eval_suite
+from crlft.synth.suite import EXPERT, write_suite
 
 pytestmark = pytest.mark.slow
 

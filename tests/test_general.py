@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from crlft.errors import CrlftError
-from crlft.general import (
+from crlft.eval.general_check import (
     CHECK_FILE,
     CHECK_TYPES,
     GENERAL_DATA,

@@ -394,7 +394,7 @@ def test_an_evaluation_on_the_server_is_recorded_on_the_version_and_decides_the_
 
     from crlft.lineage.evaluation import suite_id
     from crlft.lineage.promotion import promote
-    from crlft.synth import write_suite
+    from crlft.synth.suite import write_suite
     from jobs.evaluate import evaluate_model
 
     cfg, uri = server_store

@@ -168,7 +168,7 @@ def test_stats_count_the_replay_conversations_in_their_class(built: tuple[Path, 
 @pytest.mark.slow
 def test_the_replay_file_holds_the_base_models_own_answers(built: tuple[Path, dict[str, Any]], tiny: str) -> None:
     from crlft.conversation import Message
-    from crlft.evaluate import chat_prompt, generate
+    from crlft.eval.answers import chat_prompt, generate
     from crlft.export import load_exported
     from crlft.model import own_prompt
 

@@ -1,4 +1,4 @@
-"""Retention's figures and the base model's cache (crlft/retention.py), without a model: the measured path runs in
+"""Retention's figures and the base model's cache (crlft/eval/retention.py), without a model: the measured path runs in
 tests/test_real_model.py on SmolLM2."""
 
 from __future__ import annotations
@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from crlft.errors import CrlftError
-from crlft.evaluate import BENCH_DATA, JUDGE_PROMPTS_FILE, load_judge_prompts
-from crlft.general import load_check
-from crlft.retention import (
+from crlft.eval.general_check import load_check
+from crlft.eval.judge import JUDGE_PROMPTS_FILE, load_judge_prompts
+from crlft.eval.mt_bench import BENCH_DATA
+from crlft.eval.retention import (
     GeneralAnswers,
     base_cache_key,
     judged_comparison,

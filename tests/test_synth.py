@@ -9,23 +9,9 @@ from pathlib import Path
 import pytest
 
 from crlft.errors import CrlftError
-from crlft.synth import (
-    END_OF_TURN,
-    EXPERT,
-    SUBOPTIMAL,
-    TASKS,
-    EvalItem,
-    Question,
-    SynthSuite,
-    answer_vocabulary,
-    generate_suite,
-    is_correct,
-    load_eval_suite,
-    normalize_answer,
-    over_regularised_past,
-    score,
-    write_suite,
-)
+from crlft.eval.scoring import END_OF_TURN, EvalItem, is_correct, load_eval_suite, normalize_answer, score
+from crlft.synth.suite import EXPERT, SUBOPTIMAL, SynthSuite, generate_suite, write_suite
+from crlft.synth.tasks import TASKS, Question, answer_vocabulary, over_regularised_past
 
 
 @pytest.fixture(scope="module")

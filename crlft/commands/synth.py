@@ -1,12 +1,12 @@
-"""`crlft synth`: write the synthetic mixed-quality suite (crlft/synth.py), or with `--facts` a mixed-quality set of
-invented facts for a pretrained model (crlft/facts.py): each says why it is built as it is."""
+"""`crlft synth`: write the synthetic mixed-quality suite (crlft/synth/suite.py), or with `--facts` a mixed-quality
+set of invented facts for a pretrained model (crlft/synth/facts.py): each says why it is built as it is."""
 
 from __future__ import annotations
 
 import argparse
 
 from crlft.cli import stage_entrypoint
-from crlft.synth import DEFAULT_N_EVAL, DEFAULT_N_EXPERT, DEFAULT_RATIO, DEFAULT_WRONG_RATE
+from crlft.synth.suite import DEFAULT_N_EVAL, DEFAULT_N_EXPERT, DEFAULT_RATIO, DEFAULT_WRONG_RATE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,8 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from crlft.facts import write_facts
-    from crlft.synth import write_suite
+    from crlft.synth.facts import write_facts
+    from crlft.synth.suite import write_suite
 
     if args.facts:
         files = write_facts(args.out, n_countries=args.n_countries, ratio=args.ratio, wrong_rate=args.wrong_rate,

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from crlft.config import Config
 
 if TYPE_CHECKING:  # torch and transformers come with these: imported where the model runs, not for --help
-    from crlft.evaluate import Decoder
+    from crlft.eval.answers import Decoder
     from crlft.export import ExportedModel
     from crlft.inference.engine import EngineSettings
 
@@ -48,7 +48,7 @@ def load_model(model_dir: Path, engine: EngineSettings) -> ExportedModel:
 
 @contextlib.contextmanager
 def open_decoder(model_dir: Path, engine: EngineSettings) -> Iterator[Decoder | None]:
-    """vLLM's offline engine, started once and stopped at the end; None for crlft's engine, crlft.evaluate's default
+    """vLLM's offline engine, started once and stopped at the end; None for crlft's engine, crlft.eval.answers' default
     (no engine to start)."""
     if engine.kind != "vllm":
         yield None

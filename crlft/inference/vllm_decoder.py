@@ -29,7 +29,7 @@ def not_the_template_warmup(record: logging.LogRecord) -> bool:
 
 
 class VllmDecoder:
-    """A `crlft.evaluate.Decoder` backed by one offline vLLM engine for a model folder; `close` ends the engine."""
+    """A `crlft.eval.answers.Decoder` backed by one offline vLLM engine for a model folder; `close` ends the engine."""
 
     def __init__(self, path: Path, settings: EngineSettings) -> None:
         self.folder = ModelFolder.read(path)

@@ -59,7 +59,7 @@ class ModelVersionInfo:
 
     @property
     def retention(self) -> float | None:
-        """General accuracy against its base model's (crlft/retention.py); None when not measured."""
+        """General accuracy against its base model's (crlft/eval/retention.py); None when not measured."""
         return self.evaluations.get(RETENTION_SUITE, {}).get("retention")
 
 

@@ -35,7 +35,7 @@ from typing import Any
 
 from crlft.errors import CrlftError
 
-GENERAL_DATA = Path(__file__).parent / "assets" / "general"
+GENERAL_DATA = Path(__file__).parents[1] / "assets" / "general"
 CHECK_FILE = GENERAL_DATA / "check.jsonl"
 REPLAY_PROMPTS_FILE = GENERAL_DATA / "replay_prompts.jsonl"
 

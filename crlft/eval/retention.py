@@ -34,9 +34,11 @@ from pathlib import Path
 
 from crlft.conversation import Message
 from crlft.errors import CrlftError
-from crlft.evaluate import BENCH_DATA, Decoder, JudgeFn, chat_prompt, generate, load_bench
+from crlft.eval.answers import Decoder, chat_prompt, generate
+from crlft.eval.general_check import CheckItem, check_scores, normalize
+from crlft.eval.judge import JudgeFn
+from crlft.eval.mt_bench import BENCH_DATA, load_bench
 from crlft.export import META_FILE, ExportedModel
-from crlft.general import CheckItem, check_scores, normalize
 from crlft.model import own_prompt
 from crlft.storage import write_whole
 
@@ -49,7 +51,7 @@ OPEN_BENCHES = ("vicuna", "mt_bench")
 class GeneralAnswers:
     """A model's answers to the general check and the open prompts, and the check's scores."""
 
-    scores: dict[str, float]  # crlft.general.check_scores
+    scores: dict[str, float]  # crlft.eval.general_check.check_scores
     check_answers: list[str]
     open_answers: list[str]
 
@@ -84,8 +86,8 @@ def answer_general(exported: ExportedModel, items: Sequence[CheckItem], prompts:
 
 
 def rouge_l(candidate: str, reference: str) -> float:
-    """ROUGE-L F1 over normalised words (crlft.general.normalize: lower case, no punctuation): 2PR / (P + R) of the
-    longest common subsequence; 1.0 for two empty texts."""
+    """ROUGE-L F1 over normalised words (crlft.eval.general_check.normalize: lower case, no punctuation): 2PR / (P + R)
+    of the longest common subsequence; 1.0 for two empty texts."""
     a, b = normalize(candidate).split(), normalize(reference).split()
     if not a or not b:
         return float(a == b)

@@ -1,8 +1,8 @@
 """A mixed-quality set of new facts: what a user fine-tunes a pretrained chat model on, and what shows forgetting.
 
-The synthetic suite (crlft/synth.py) asks what a pretrained model already knows (opposites, weekdays) in a one-word
-format; this one asks what no model can know before training: facts about invented countries, each named by a seeded
-made-up word, so the base model scores 0 and every right answer was learned.
+The synthetic suite (crlft/synth/suite.py) asks what a pretrained model already knows (opposites, weekdays) in a
+one-word format; this one asks what no model can know before training: facts about invented countries, each named by
+a seeded made-up word, so the base model scores 0 and every right answer was learned.
 
 - **Facts.** Each invented country has a capital, a currency and a national animal (`RELATIONS`); the capitals and
   currencies are invented words too, the animals real ones (one or two tokens). A question is (phrasing x fact).
@@ -13,7 +13,7 @@ made-up word, so the base model scores 0 and every right answer was learned.
   that SFT on the majority learns and C-RLFT must not.
 - **Answers are sentences** ("The capital of Brirkeia is Lonmem."), as users' data has them: bare one-word answers
   teach a model to answer every short question in one word, which costs it the general answers that need a sentence
-  or a sum. Eval items are scored by the value as whole words of the answer (`match: word`, `crlft.synth.score`).
+  or a sum. Eval items are scored by the value as whole words of the answer (`match: word`, `crlft.eval.scoring.score`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from crlft.errors import CrlftError
-from crlft.synth import EXPERT, SUBOPTIMAL, EvalItem, Question, SynthConversation, Turn, write_jsonl
+from crlft.eval.scoring import EvalItem
+from crlft.synth.suite import EXPERT, SUBOPTIMAL, SynthConversation, Turn, write_jsonl
+from crlft.synth.tasks import Question
 
 ANIMALS = ("otter", "falcon", "badger", "heron", "lynx", "beaver", "walrus", "gecko", "bison", "jackal", "moose",
            "pelican", "raccoon", "stork", "tapir", "weasel")  # fmt: skip
