@@ -34,7 +34,7 @@ the variants crlft, conditioned and sft (REAL_MODEL_VARIANTS), and the ablation 
 
 - **Replay** (`--replay`, default `both` for a real base model): every variant is trained without replay
   (`data.replay.enabled: false`, row `crlft`) and with it (`true`, row `crlft+replay`: the base model's own greedy
-  answers to general prompts mixed into the training data, crlft/replay.py). `on` or `off` trains one of the two.
+  answers to general prompts mixed into the training data, crlft/data/replay.py). `on` or `off` trains one of the two.
   The data is built once per template and replay (4 builds for the default variants); the base model answers the
   replay prompts once per template (the answers are cached in the state folder by fingerprint, which names the
   template), and every run trains the same number of steps, so a replay run sees fewer synthetic conversations.

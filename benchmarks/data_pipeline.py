@@ -38,9 +38,9 @@ import pyarrow.parquet as pq
 from crlft import dataset as ds
 from crlft.config import Config, load_config
 from crlft.data.stats import SPLITS, DataStats
+from crlft.data.template import Template, TemplateTokenizer
 from crlft.model import load_tokenizer
 from crlft.presets import default_corpus, train_tokenizer
-from crlft.template import Template, TemplateTokenizer
 
 _TEXT = (
     "the a cat dog river mountain answer question small large quickly slowly because when how why what where "

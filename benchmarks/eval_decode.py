@@ -34,7 +34,7 @@ from unittest import mock
 import torch
 
 from benchmarks.serve_load import build_model, prompts
-from crlft.conversation import Message
+from crlft.data.records import Message
 
 Decoder = Callable[[Sequence[list[int]], int], list[str]]
 

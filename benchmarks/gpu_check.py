@@ -6,7 +6,7 @@ numerical agreement, and the serving engine's decode throughput; one table at th
 
 It needs only torch, transformers and peft (no Ray, MLflow, pydantic or download: the model is built from a config
 with random weights, the tokenizer is trained on crlft's built-in corpus, the conversations are random token ids with
-the template's weights), and runs crlft's own pieces: packing and collate (crlft.pack), the step with the C-RLFT
+the template's weights), and runs crlft's own pieces: packing and collate (crlft.data.pack), the step with the C-RLFT
 loss (crlft.train.step.train_step), the attention choice (crlft.train.attention.set_attention), the precision
 (crlft.train.precision.compute_dtype) and the generation engine (crlft.inference.generate.BatchGenerator).
 
@@ -43,10 +43,10 @@ import torch
 from torch import nn
 
 from benchmarks.flops import matmul_flops, model_flops_per_token
+from crlft.data.pack import PackedRow, first_fit_decreasing, pack_bin
 from crlft.errors import CrlftError
 from crlft.inference.generate import BatchGenerator, GenerationRequest
 from crlft.inference.sampling import SamplingParams
-from crlft.pack import PackedRow, first_fit_decreasing, pack_bin
 from crlft.train.attention import set_attention
 from crlft.train.batches import collate_micro_batch
 from crlft.train.precision import compute_dtype, native_bf16

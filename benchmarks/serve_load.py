@@ -51,9 +51,9 @@ import httpx
 
 from cluster.session import free_port, ingress_env
 from crlft.config import Config, load_config
+from crlft.data.template import Template
 from crlft.environ import environment
 from crlft.export import ModelMeta, save_exported
-from crlft.template import Template
 
 TOPICS = ["the moon", "a binary search", "prime numbers", "a good breakfast", "the river", "Python lists",
           "learning to cook", "the weather", "photosynthesis", "a healthy habit", "three apples", "the red box"]
@@ -205,7 +205,7 @@ def greedy_answers(server: Server, texts: list[str], max_tokens: int) -> list[st
 
 def reference_answers(model_dir: Path, texts: list[str], max_tokens: int) -> list[str]:
     """crlft's transformers engine in float32, in this process: what every server's greedy answers are compared with."""
-    from crlft.conversation import Message
+    from crlft.data.records import Message
     from crlft.export import load_exported
     from crlft.inference.generate import BatchGenerator, GenerationRequest
     from crlft.inference.sampling import SamplingParams
@@ -442,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"round {r + 1} {server.name}: {levels[-1].tokens_per_s:.1f} tok/s", file=sys.stderr)
         args.load.append(os.getloadavg()[0])
         if "crlft-vllm-store" in args.servers:  # what storing cost is only measured if it stored
-            from crlft.completions import read_store
+            from crlft.data.store import read_store
 
             time.sleep(3)  # the replica writes its queue every serve.store.flush_s
             print(f"crlft-vllm-store stored {len(read_store(str(Path(scratch) / 'state' / 'store')).choices)} "

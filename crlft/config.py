@@ -59,7 +59,7 @@ def _default_classes() -> dict[str, ClassSpec]:
 
 
 class TemplateConfig(_Strict):
-    """The conditioned conversation template (crlft.template renders it; nothing else does)."""
+    """The conditioned conversation template (crlft.data.template renders it; nothing else does)."""
 
     end_of_turn: str = Field("<|end_of_turn|>", description="special token closing each turn (added to the vocabulary)")
     # `{condition}` is left out (with its space) in modes without a condition in the prompt.

@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Literal, Protocol, TypedDict, T
 import pyarrow as pa
 
 from crlft.config import Config
-from crlft.conversation import RAW_PREVIEW_CHARS, ClassRules, Conversation, Reject, parse_line
+from crlft.data.records import RAW_PREVIEW_CHARS, ClassRules, Conversation, Reject, parse_line
 from crlft.errors import CrlftError
 
 if TYPE_CHECKING:  # transformers and torch: seconds to import in every Ray worker that only reads or counts
-    from crlft.template import TemplateTokenizer
+    from crlft.data.template import TemplateTokenizer
 
 T = TypeVar("T")
 InputKind = Literal["jsonl", "json", "parquet"]
@@ -41,7 +41,7 @@ INPUT_SUFFIXES = tuple(
 PACK_GROUP_CONVERSATIONS = 8192
 _READ_CHUNK_BYTES = 1 << 20
 
-# The Parquet shard schema: the PackedRow columns (crlft.pack) plus where each packed conversation came from.
+# The Parquet shard schema: the PackedRow columns (crlft.data.pack) plus where each packed conversation came from.
 SHARD_SCHEMA = pa.schema(
     [
         ("input_ids", pa.list_(pa.int32())),
@@ -304,7 +304,7 @@ class PackInput(Protocol):
 
 def pack_conversations(conversations: Sequence[PackInput], capacity: int) -> list[dict[str, list[Any]]]:
     """Rows of SHARD_SCHEMA: the conversations in (source, line) order, first-fit-decreasing into bins."""
-    from crlft.pack import first_fit_decreasing, pack_bin  # imports torch: only the packing workers pay for it
+    from crlft.data.pack import first_fit_decreasing, pack_bin  # imports torch: only the packing workers pay for it
 
     ordered = sorted(conversations, key=lambda c: (c["source"], c["line"]))
     bins = first_fit_decreasing([len(c["input_ids"]) for c in ordered], capacity)

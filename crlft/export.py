@@ -16,9 +16,9 @@ from typing import Any
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from crlft.config import Config
+from crlft.data.template import Template, TemplateTokenizer
 from crlft.errors import CrlftError
 from crlft.inference.sampling import context_length, stop_token_ids
-from crlft.template import Template, TemplateTokenizer
 
 META_FILE = "crlft.json"
 

@@ -42,6 +42,7 @@ from crlft.cli import add_config_arguments, config_flag, config_from_args, stage
 from crlft.config import Config
 from crlft.data.output import OutputFolder
 from crlft.data.readers import remote_listing_args, resolve_inputs
+from crlft.data.replay import ReplayPlan, plan_replay
 from crlft.data.shards import PACK_COLUMNS, pack_and_write, with_group
 from crlft.data.stats import SPLITS, TALLY_COLUMNS, DataStats, nothing_usable, summarize_block
 from crlft.dataset import (
@@ -58,12 +59,11 @@ from crlft.dataset import (
 )
 from crlft.environ import set_offline_defaults
 from crlft.errors import CrlftError
-from crlft.replay import ReplayPlan, plan_replay
 from jobs.replay import REPLAY_FILE, Replay, make_replay
 from jobs.store_input import STORE_FILE, StoreInput, read_store_input, summary
 
 if TYPE_CHECKING:  # transformers: seconds to import in every Ray worker that only reads, counts or packs
-    from crlft.template import Template, TemplateTokenizer
+    from crlft.data.template import Template, TemplateTokenizer
 
 ROWS_PER_READ_BLOCK = 2048
 TOKENIZE_BATCH_ROWS = 512
@@ -121,7 +121,7 @@ def build_dataset(inputs: list[str], tokenizer: str, out: str | Path, cfg: Confi
     """Build the training set into `out`; returns the stats (also written to `out`/stats.json).
 
     Uses the running Ray session if there is one, else starts a local one for the duration."""
-    from crlft.template import Template
+    from crlft.data.template import Template
 
     set_offline_defaults()
     store, files = read_store_input(inputs, cfg)  # before Ray starts: an unusable store fails here
@@ -227,8 +227,8 @@ def _add_replay(replay: Replay, tokenized: Any, tally: Tally, output: OutputFold
 
 
 def _load_template_tokenizer(tokenizer: str, template: Template, cfg: Config) -> TemplateTokenizer:
+    from crlft.data.template import TemplateTokenizer
     from crlft.model import load_tokenizer
-    from crlft.template import TemplateTokenizer
 
     return TemplateTokenizer(template, load_tokenizer(tokenizer, cfg.template.end_of_turn, cfg.model.trust_remote_code))
 
@@ -266,8 +266,8 @@ class TokenizeRecords:
     def __init__(self, tokenizer: str, end_of_turn: str, trust_remote_code: bool, template: Template,
                  settings: RecordSettings) -> None:
         set_offline_defaults()
+        from crlft.data.template import TemplateTokenizer
         from crlft.model import load_tokenizer
-        from crlft.template import TemplateTokenizer
 
         self._tokenizer = TemplateTokenizer(template, load_tokenizer(tokenizer, end_of_turn, trust_remote_code))
         self._settings = settings

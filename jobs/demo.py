@@ -52,7 +52,7 @@ def ask(url: str, model: str, api_key: str | None, question: str, condition: str
 
 def answer_locally(model_dir: str | Path, questions: Sequence[str], condition: str, max_tokens: int = 32) -> list[str]:
     """Greedy answers of a model folder, in this process (e.g. the base model, which is not served)."""
-    from crlft.conversation import Message
+    from crlft.data.records import Message
     from crlft.eval.answers import chat_prompt, generate
     from crlft.export import load_exported
 

@@ -53,7 +53,7 @@ def _digest(value: Any) -> str:
 def inputs_fingerprint(inputs: Sequence[str]) -> str:
     """Local files by path, size and modification time (cheap on large data); URIs by name; a completion store by its
     snapshot (its parts and their sizes: new completions or feedback change it)."""
-    from crlft.completions import snapshot
+    from crlft.data.store import snapshot
     from jobs.store_input import input_is_store
 
     described: list[list[Any]] = []
@@ -184,7 +184,7 @@ class _Stages:
     def data(self, inputs: list[str], model_fp: str) -> str:
         """The training set; its fingerprint covers replay's prompts file too (data.replay's settings are in the
         config's): a change of either rebuilds it."""
-        from crlft.replay import prompts_file, replay_model
+        from crlft.data.replay import prompts_file, replay_model
         from jobs.build_dataset import build_dataset
 
         cfg, result = self.cfg, self.result

@@ -1,8 +1,8 @@
 """Replay for `crlft data build`: the base model answers general prompts, on Ray Data, and its answers become
-conversations of a known class (crlft.replay says which prompts and why).
+conversations of a known class (crlft.data.replay says which prompts and why).
 
     prompts (data.replay.prompts) -> the first round(ratio x accepted) of a seeded shuffle
-      -> ids of the base model's own chat template, on the driver (crlft.replay says why)
+      -> ids of the base model's own chat template, on the driver (crlft.data.replay says why)
       -> ray.data.from_items -> one actor holding the model answers them greedily, a batch at a time
       -> answers cut at the limit back to their last sentence, empty ones dropped
       -> conversations of the replay class -> <state_dir>/replay/<fingerprint>.jsonl (the cache) -> <out>/replay.jsonl
@@ -34,15 +34,15 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from crlft.config import Config
+from crlft.data.replay import ReplayPlan, choose_prompts, complete_answer, replay_condition, replay_line
 from crlft.environ import set_offline_defaults
 from crlft.inference.decoding import dtype_name, engine_settings
-from crlft.replay import ReplayPlan, choose_prompts, complete_answer, replay_condition, replay_line
 from crlft.storage import folder_revision, write_whole
 
 if TYPE_CHECKING:  # torch and transformers come with these: imported where the model runs
+    from crlft.data.template import Template, TemplateTokenizer
     from crlft.export import ExportedModel
     from crlft.inference.engine import EngineSettings
-    from crlft.template import Template, TemplateTokenizer
 
 REPLAY_FILE = "replay.jsonl"
 BATCHES_PER_CALL = 4  # prompts per actor call, in engine batches: continuous batching refills slots as answers end
@@ -55,7 +55,7 @@ class Replay:
 
 
 def make_replay(cfg: Config, plan: ReplayPlan | None, template_tokenizer: TemplateTokenizer, accepted: int) -> Replay:
-    """The replay conversations of `plan` (crlft.replay.plan_replay; None: no replay) for a build of `accepted`
+    """The replay conversations of `plan` (crlft.data.replay.plan_replay; None: no replay) for a build of `accepted`
     conversations; from the cache when it holds them."""
     started = time.monotonic()
     if plan is None:
@@ -110,7 +110,7 @@ def _generate(cfg: Config, model: str, template_tokenizer: TemplateTokenizer, ch
               engine: EngineSettings, cache: Path) -> list[str]:
     """Answer the prompts, keep the whole answers as conversations, write them to the cache (whole or not at all: a
     build stopped halfway leaves no cache to reuse)."""
-    from crlft.conversation import Message
+    from crlft.data.records import Message
     from crlft.model import own_prompt
 
     condition = replay_condition(cfg)

@@ -1,4 +1,4 @@
-"""A completion store (crlft.completions) as an input of `crlft data build`.
+"""A completion store (crlft.data.store) as an input of `crlft data build`.
 
 The store is read on the driver, before Ray starts (an empty store, or one that gives nothing to train on, is an
 error then), and its records are written to `<out>/store.jsonl`: first the records, then the duplicates. They join
@@ -15,7 +15,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from crlft.completions import (
+from crlft.config import Config
+from crlft.data.store import (
     KINDS,
     FeedbackRules,
     StoreRecords,
@@ -26,7 +27,6 @@ from crlft.completions import (
     store_records,
     training_summary,
 )
-from crlft.config import Config
 from crlft.errors import CrlftError
 from crlft.storage import location
 

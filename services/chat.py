@@ -45,8 +45,8 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import BackpressureConfig
 
-from crlft.completions import open_store
 from crlft.config import Config, load_config
+from crlft.data.store import open_store
 from crlft.environ import OFFLINE_ENV, set_offline_defaults
 from crlft.errors import CrlftError
 from crlft.inference.engine import EngineSettings

@@ -15,7 +15,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from crlft.conversation import Message
+from crlft.data.records import Message
 from crlft.inference.sampling import Completion, SamplingParams
 
 MAX_CHOICES = 8

@@ -1,7 +1,7 @@
-"""Stored completions and feedback at the endpoint (OpenAI's `store`), on the completion store of crlft/completions.py.
+"""Stored completions and feedback at the endpoint (OpenAI's `store`), on the completion store of crlft/data/store.py.
 
 A request is stored when it says `store: true`, or says nothing and `serve.store.by_default` is set. Its response id
-is signed for the caller's key (`crlft.completions.response_id`), so that feedback on it is accepted from that key
+is signed for the caller's key (`crlft.data.store.response_id`), so that feedback on it is accepted from that key
 only. Once the answer is complete the replica queues one row per choice; a background task writes the queue every
 `serve.store.flush_s` on a worker thread. Storing never delays or fails an answer: rows that find the queue full, or
 whose write fails, are dropped, counted (crlft_store_dropped_completions_total) and warned about once per run of
@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 
-from crlft.completions import id_belongs, key_id, read_secret, response_id, write_completions, write_feedback
 from crlft.config import StoreConfig
-from crlft.conversation import Message
+from crlft.data.records import Message
+from crlft.data.store import id_belongs, key_id, read_secret, response_id, write_completions, write_feedback
 from crlft.inference.sampling import Completion
 from services import protocol
 from services.metrics import metrics
@@ -121,7 +121,7 @@ class Ticket:
     key_id: str
 
     def rows(self, model: LoadedModel, prompt_tokens: int, completions: Sequence[Completion]) -> list[dict[str, Any]]:
-        """One row per choice (crlft.completions.COMPLETION_SCHEMA)."""
+        """One row per choice (crlft.data.store.COMPLETION_SCHEMA)."""
         return [{
             "id": self.id, "choice": i, "created": self.created, "model": self.model,
             "model_version": model.version, "revision": model.revision, "condition": self.condition,
@@ -133,7 +133,7 @@ class Ticket:
 
 class CompletionStore:
     """A replica's side of the completion store (`serve.store`); disabled when it has no `uri`. The store must have
-    been opened (`crlft.completions.open_store`) where the deployment was built."""
+    been opened (`crlft.data.store.open_store`) where the deployment was built."""
 
     def __init__(self, cfg: StoreConfig) -> None:
         self.uri = cfg.uri

@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from crlft.data.pack import PADDING, block_causal_mask, collate, flex_block_mask, pack_bin
 from crlft.errors import CrlftError
-from crlft.pack import PADDING, block_causal_mask, collate, flex_block_mask, pack_bin
 from crlft.train.attention import set_attention
 from crlft.train.batches import collate_micro_batch
 

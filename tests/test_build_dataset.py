@@ -17,7 +17,9 @@ import pytest
 
 from crlft.cli import stage_entrypoint
 from crlft.config import Config, load_config
-from crlft.conversation import ClassRules, Conversation, Reject, parse_line
+from crlft.data.pack import IGNORE_INDEX
+from crlft.data.records import ClassRules, Conversation, Reject, parse_line
+from crlft.data.template import Template, TemplateTokenizer
 from crlft.dataset import (
     PACK_GROUP_CONVERSATIONS,
     RawRecord,
@@ -36,8 +38,6 @@ from crlft.dataset import (
 )
 from crlft.errors import CrlftError
 from crlft.model import load_tokenizer
-from crlft.pack import IGNORE_INDEX
-from crlft.template import Template, TemplateTokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FASTCHAT = FIXTURES / "fastchat" / "dummy_conversation.json"

@@ -262,7 +262,7 @@ def test_with_a_store_an_answer_takes_a_thumb_and_a_better_answer_which_the_stor
         server: str, store_dir: Path, page: Any) -> None:
     from playwright.sync_api import expect
 
-    from crlft.completions import key_id, read_store
+    from crlft.data.store import key_id, read_store
 
     feedback: list[tuple[Any, str | None]] = []
     page.on("request", lambda r: feedback.append((r.post_data_json, r.headers.get("authorization")))

@@ -1,4 +1,4 @@
-"""The completion store as the next C-RLFT dataset: the core (crlft.completions, no Ray), `crlft feedback stats`, and
+"""The completion store as the next C-RLFT dataset: the core (crlft.data.store, no Ray), `crlft feedback stats`, and
 `crlft data build STORE` on a real local Ray with a tiny tokenizer (stores are written with the store's own writers:
 no server needed)."""
 
@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from crlft.completions import (
+from crlft.config import Config, load_config
+from crlft.data.store import (
     MARKER,
     FeedbackRules,
     check_trainable,
@@ -26,7 +27,6 @@ from crlft.completions import (
     write_completions,
     write_feedback,
 )
-from crlft.config import Config, load_config
 from crlft.errors import CrlftError
 
 NOW = 1_750_000_000.0

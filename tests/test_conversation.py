@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from crlft.config import ClassSpec, Config, load_config
-from crlft.conversation import ClassRules, Conversation, Reject, parse_line
+from crlft.data.records import ClassRules, Conversation, Reject, parse_line
 from crlft.dataset import iter_file
 from crlft.errors import CrlftError
 

@@ -62,7 +62,7 @@ def _no_leaked_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_batched_greedy_generation_gives_the_same_answers_as_one_prompt_at_a_time(exported: Any) -> None:
-    from crlft.conversation import Message
+    from crlft.data.records import Message
     from crlft.eval.answers import chat_prompt, generate
 
     texts = ("Hi", "What is the opposite of hot?", "Name the colour of snow, please, in one word.")
@@ -84,7 +84,7 @@ NEEDS_VLLM = pytest.mark.skipif(not vllm_installed() and not os.environ.get("CI"
 @pytest.fixture(scope="module")
 def suite_prompts(exported: Any, suite_files: dict[str, Path]) -> list[list[int]]:
     """The suite's prompts under both conditions."""
-    from crlft.conversation import Message
+    from crlft.data.records import Message
     from crlft.eval.answers import chat_prompt
     from crlft.eval.scoring import load_eval_suite
 

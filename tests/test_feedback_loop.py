@@ -22,8 +22,8 @@ import openai
 import pytest
 
 from cluster.session import free_port, ingress_env
-from crlft.completions import read_store
 from crlft.config import SYNTH_RECIPE, Config, load_config
+from crlft.data.store import read_store
 from crlft.environ import environment
 from crlft.eval.scoring import is_correct, load_eval_suite
 from crlft.synth.suite import EXPERT, write_suite

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from crlft.config import Config
-from crlft.conversation import Message
+from crlft.data.records import Message
 from crlft.export import ExportedModel, ModelMeta, load_exported, save_exported
 from crlft.inference.generate import BatchGenerator, EngineLoop, GenerationRequest
 from crlft.inference.sampling import Completion, SamplingParams, StopText, sample_next

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from crlft.config import load_config
+from crlft.data.template import END_OF_TURN
 from crlft.model import load_model_and_tokenizer
 from crlft.presets import init_model
-from crlft.template import END_OF_TURN
 from crlft.train.checkpoint import TrainingPosition, load_model_weights, save_training_state
 from crlft.train.schedule import build_optimizer, build_scheduler
 from crlft.train.wrap import embedding_rows, merge_lora, wrap_lora

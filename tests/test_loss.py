@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from crlft.pack import IGNORE_INDEX, PADDING
+from crlft.data.pack import IGNORE_INDEX, PADDING
 from crlft.train.loss import (
     ClassLossSums,
     crlft_loss,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from crlft.pack import (
+from crlft.data.pack import (
     IGNORE_INDEX,
     PADDING,
     collate,

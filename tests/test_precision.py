@@ -8,8 +8,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from crlft.config import TrainConfig, load_config
+from crlft.data.pack import collate, pack_bin
 from crlft.errors import CrlftError
-from crlft.pack import collate, pack_bin
 from crlft.train.precision import BF16_CPU_MIN_HIDDEN, compute_dtype
 from crlft.train.step import StepStats, train_step
 

@@ -16,8 +16,8 @@ import torch
 
 from crlft.cli import stage_entrypoint
 from crlft.config import Config, load_config
+from crlft.data.replay import choose_prompts, complete_answer, plan_replay, replay_model
 from crlft.errors import CrlftError
-from crlft.replay import choose_prompts, complete_answer, plan_replay, replay_model
 
 PROMPTS = ["What is the capital of France?", "Name a prime number.", "Say hello.", "What is 2 + 2?",
            "Tell me about the moon.", "Write one word.", "Why does it rain?", "Count to three."]  # fmt: skip
@@ -167,7 +167,7 @@ def test_stats_count_the_replay_conversations_in_their_class(built: tuple[Path, 
 
 @pytest.mark.slow
 def test_the_replay_file_holds_the_base_models_own_answers(built: tuple[Path, dict[str, Any]], tiny: str) -> None:
-    from crlft.conversation import Message
+    from crlft.data.records import Message
     from crlft.eval.answers import chat_prompt, generate
     from crlft.export import load_exported
     from crlft.model import own_prompt

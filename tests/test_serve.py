@@ -31,7 +31,7 @@ import yaml
 
 from cluster.session import free_port, ingress_env
 from crlft.config import Config, load_config
-from crlft.conversation import Message
+from crlft.data.records import Message
 from crlft.environ import environment
 from crlft.errors import CrlftError
 from crlft.export import ExportedModel, ModelMeta, load_exported, save_exported
@@ -718,7 +718,7 @@ def test_crlft_serve_prints_the_url_when_ready_and_stops_cleanly_on_ctrl_c(model
                                                                            tmp_path: Path) -> None:
     """Also `--store`: the completion store under the state folder, named in the output, holding what was asked to be
     stored once the endpoint has stopped."""
-    from crlft.completions import read_store
+    from crlft.data.store import read_store
 
     port = free_port()
     env = {**os.environ, "CRLFT_API_KEYS": "secret-key", "PYTHONUNBUFFERED": "1"}

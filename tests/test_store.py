@@ -1,5 +1,5 @@
 """Stored completions and feedback at the endpoint: real Ray Serve on loopback, the official `openai` client, the
-completion store read back with crlft.completions.read_store.
+completion store read back with crlft.data.store.read_store.
 
 One Serve instance, four apps on the tiny model:
 - main (`/`): `models:/store-chat@champion` from a real MLflow registry, two API keys, a store written every 0.2 s;
@@ -21,8 +21,8 @@ import openai
 import pytest
 
 from cluster.session import free_port, ingress_env
-from crlft.completions import StoreContents, id_belongs, key_id, read_secret, read_store
 from crlft.config import Config, load_config
+from crlft.data.store import StoreContents, id_belongs, key_id, read_secret, read_store
 from crlft.environ import environment
 from crlft.export import ModelMeta, save_exported
 from crlft.model import load_model_and_tokenizer

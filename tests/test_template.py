@@ -8,10 +8,10 @@ import pytest
 from transformers import PreTrainedTokenizerBase
 
 from crlft.config import Config, Mode
-from crlft.conversation import Conversation, Message
+from crlft.data.records import Conversation, Message
+from crlft.data.template import END_OF_TURN, Template, TemplateTokenizer
 from crlft.errors import CrlftError
 from crlft.presets import train_tokenizer
-from crlft.template import END_OF_TURN, Template, TemplateTokenizer
 
 REWARDS = {"GPT4": 1.0, "GPT3": 0.1}
 CORPUS = ["GPT4 User: hello there GPT3 Assistant: the answer is cold, warm and hot. System: be nice."] * 20

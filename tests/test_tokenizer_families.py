@@ -20,9 +20,9 @@ import pytest
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from crlft.config import Config, load_config
-from crlft.conversation import Conversation, Message
+from crlft.data.records import Conversation, Message
+from crlft.data.template import Template, TemplateTokenizer
 from crlft.environ import set_offline_defaults
-from crlft.template import Template, TemplateTokenizer
 
 set_offline_defaults()
 

@@ -1,7 +1,7 @@
 """Training: the pure step/schedule pieces (fast), and Ray Train end to end on real local Ray (slow).
 
 The Ray tests share one Ray session, one tiny model and small packed datasets written here directly with
-crlft.template + crlft.pack (the same rows the data stage writes), so the number of bins is exact.
+crlft.data.template + crlft.data.pack (the same rows the data stage writes), so the number of bins is exact.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import pytest
 import torch
 
 from crlft.config import Config, Mode, load_config
-from crlft.conversation import Conversation, Message
+from crlft.data.pack import PackedRow, collate, pack_bin
+from crlft.data.records import Conversation, Message
+from crlft.data.template import Template, TemplateTokenizer
 from crlft.environ import set_offline_defaults
 from crlft.errors import CrlftError
-from crlft.pack import PackedRow, collate, pack_bin
-from crlft.template import Template, TemplateTokenizer
 from crlft.train.batches import (
     applied_rewards,
     collate_micro_batch,

@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
-from crlft.completions import (
+from crlft.data.store import (
     FeedbackRules,
     feedback_table,
     read_store,

@@ -23,8 +23,8 @@ from crlft.errors import CrlftError
 if TYPE_CHECKING:
     import pyarrow as pa
 
+    from crlft.data.template import Template
     from crlft.dataset import Tally
-    from crlft.template import Template
 
 STATS_FILE = "stats.json"
 SPLITS = ("train", "val")

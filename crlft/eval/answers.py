@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from crlft.conversation import Message
+from crlft.data.records import Message
 from crlft.export import ExportedModel
 from crlft.inference.generate import BatchGenerator, GenerationRequest
 from crlft.inference.sampling import SamplingParams, answer_text

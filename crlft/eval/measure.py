@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # torch and transformers come with these: imported where the model runs, not for --help
-    from crlft.conversation import Conversation
+    from crlft.data.records import Conversation
     from crlft.eval.answers import Decoder
     from crlft.eval.judge import JudgeFn
     from crlft.eval.scoring import EvalItem

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from crlft.conversation import Message
+from crlft.data.records import Message
 from crlft.errors import CrlftError
 from crlft.eval.answers import Decoder, chat_prompt, generate
 from crlft.eval.general_check import jsonl_records

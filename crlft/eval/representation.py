@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from crlft.conversation import ClassRules, Conversation
+from crlft.data.records import ClassRules, Conversation
 from crlft.dataset import iter_file
 from crlft.errors import CrlftError
 from crlft.export import ExportedModel, ModelMeta

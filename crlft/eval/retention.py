@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from crlft.conversation import Message
+from crlft.data.records import Message
 from crlft.errors import CrlftError
 from crlft.eval.answers import Decoder, chat_prompt, generate
 from crlft.eval.general_check import CheckItem, check_scores, normalize

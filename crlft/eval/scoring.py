@@ -15,7 +15,7 @@ from typing import Any
 from crlft.errors import CrlftError
 from crlft.eval.general_check import contains_words
 
-END_OF_TURN = "<|end_of_turn|>"  # crlft.template.END_OF_TURN, repeated: scoring needs no tokenizer library
+END_OF_TURN = "<|end_of_turn|>"  # crlft.data.template.END_OF_TURN, repeated: scoring needs no tokenizer library
 
 
 @dataclass(frozen=True)

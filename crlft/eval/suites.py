@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from crlft.config import suboptimal_of
-from crlft.conversation import Message
+from crlft.data.records import Message
 from crlft.errors import CrlftError
 from crlft.eval.answers import Decoder, chat_prompt, generate
 from crlft.eval.scoring import EvalItem, score

@@ -30,10 +30,10 @@ from typing import Literal, Protocol
 import torch
 
 from crlft.config import Config
+from crlft.data.template import TemplateTokenizer
 from crlft.errors import CrlftError
 from crlft.export import ModelMeta
 from crlft.inference.sampling import Completion, SamplingParams
-from crlft.template import TemplateTokenizer
 
 EngineKind = Literal["transformers", "vllm"]
 Event = tuple[int, str | Completion]  # (choice index, a new piece of text or the choice's end)

@@ -12,7 +12,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 if TYPE_CHECKING:
-    from crlft.template import TemplateTokenizer
+    from crlft.data.template import TemplateTokenizer
 
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]

@@ -1,5 +1,5 @@
-"""Packed rows -> micro-batches: a row as Ray Data yields it as the lists crlft.pack takes, its weights rescaled from
-the rewards baked into the data to the training mode's, one packed bin a micro-batch on the device, and the model's
+"""Packed rows -> micro-batches: a row as Ray Data yields it as the lists crlft.data.pack takes, its weights rescaled
+from the rewards baked into the data to the training mode's, one packed bin a micro-batch on the device, and the model's
 inputs for the attention implementation."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
+from crlft.data.pack import PackedRow, attention_mask_for, collate
 from crlft.errors import CrlftError
-from crlft.pack import PackedRow, attention_mask_for, collate
 
 
 def applied_rewards(mode_uses_reward: bool, rewards: Mapping[str, float]) -> dict[str, float]:
@@ -49,7 +49,7 @@ def sequence_starts(lengths: Sequence[int]) -> list[int]:
 
 
 def as_packed_row(record: Mapping[str, Any]) -> PackedRow:
-    """A row as Ray Data / pyarrow yield it (numpy arrays) as the plain lists crlft.pack.collate takes."""
+    """A row as Ray Data / pyarrow yield it (numpy arrays) as the plain lists crlft.data.pack.collate takes."""
     return PackedRow(
         input_ids=_as_list(record["input_ids"]),
         labels=_as_list(record["labels"]),

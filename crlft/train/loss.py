@@ -3,7 +3,7 @@
     loss = sum_t w_t * CE_t / sum_t w_t     (both sums over every token of the optimizer step, on all ranks)
 
 w_t is the class reward of target token t (0 for BOS, system, user text and role prefixes), as the template sets it
-and crlft.pack shifts it onto the labels. The `per_sequence` option of the reference (each message's weights
+and crlft.data.pack shifts it onto the labels. The `per_sequence` option of the reference (each message's weights
 divided by its length) is applied by the template at tokenization time; nothing here changes for it.
 
 How a training step uses it, with gradient accumulation over micro-batches:
@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from crlft.pack import IGNORE_INDEX, PADDING
+from crlft.data.pack import IGNORE_INDEX, PADDING
 
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -83,7 +83,7 @@ class ClassLossSums(NamedTuple):
 def per_class_sums(
     ce: torch.Tensor, weights: torch.Tensor, class_ids: torch.Tensor, n_classes: int
 ) -> ClassLossSums:
-    """Sum of CE and count of supervised tokens for each class; `class_ids` (B, T) comes from crlft.pack.collate.
+    """Sum of CE and count of supervised tokens for each class; `class_ids` (B, T) comes from crlft.data.pack.collate.
 
     Unweighted on purpose: the mean CE of a class is comparable across classes whatever their rewards.
     """

@@ -67,8 +67,8 @@ def describe_data(data_dir: str | Path, cfg: Config) -> DataDescription:
 
 def check_tokenizer(data: DataDescription, base_model: str, cfg: Config) -> None:
     """The base model's tokenizer + template must be the ones the data was tokenized with (same ids, same prompt)."""
+    from crlft.data.template import Template, TemplateTokenizer
     from crlft.model import load_tokenizer
-    from crlft.template import Template, TemplateTokenizer
 
     expected = data.stats.fingerprints.get("tokenizer_template")
     if not expected:

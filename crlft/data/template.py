@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from transformers import PreTrainedTokenizerBase
 
 from crlft.config import Config
-from crlft.conversation import Conversation, Message
+from crlft.data.records import Conversation, Message
 from crlft.errors import CrlftError
 
 END_OF_TURN = "<|end_of_turn|>"

@@ -126,7 +126,7 @@ def read_secret(root: str) -> bytes:
     """The store's secret (a replica's view: the store must have been opened by `open_store`)."""
     secret = read_text(f"{root}/{SECRET}")
     if secret is None:
-        raise CrlftError(f"{root} is not a completion store (no {SECRET}); open it with crlft.completions.open_store")
+        raise CrlftError(f"{root} is not a completion store (no {SECRET}); open it with crlft.data.store.open_store")
     return bytes.fromhex(secret.strip())
 
 

@@ -45,7 +45,7 @@ class PackedRow(TypedDict):
 
 
 class TokenizedLike(Protocol):
-    """What the template produces (crlft.template.TokenizedConversation has these fields)."""
+    """What the template produces (crlft.data.template.TokenizedConversation has these fields)."""
 
     @property
     def input_ids(self) -> Sequence[int]: ...
