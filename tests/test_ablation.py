@@ -112,7 +112,7 @@ def test_runs_from_a_real_base_model_add_retention_columns_the_tiny_ones_do_not(
 
 def test_a_replay_variant_is_named_with_its_suffix_and_trains_like_its_variant() -> None:
     crlft = variant_named("crlft+replay")
-    assert (crlft.name, crlft.mode, crlft.data.replay, crlft.paper) == ("crlft+replay", Mode.crlft, True, 77.3)
+    assert (crlft.name, crlft.mode, crlft.replay, crlft.paper) == ("crlft+replay", Mode.crlft, True, 77.3)
     assert variant_named("crlft") is VARIANTS_BY_NAME["crlft"] and not VARIANTS_BY_NAME["crlft"].replay
     assert crlft.slug() == "crlft_replay"  # folders and MLflow metric names take no `+`
     assert crlft.with_replay() == crlft
