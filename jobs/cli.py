@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from types import ModuleType
 
 from crlft.cli import run_guarded
@@ -34,7 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "submit": ("jobs.submit", "submit a stage to a Ray cluster through the Jobs API"),
     "jobs": ("jobs.submit_list", "list the jobs of a Ray cluster"),
     "stop": ("jobs.submit_stop", "stop a job on a Ray cluster"),
-    "ablation": ("benchmarks.ablation", "reproduce the paper's ablation on the synthetic suite (from a clone)"),
+    "ablation": ("jobs.ablation", "reproduce the paper's ablation on the synthetic suite"),
     "demo": ("jobs.demo", "the whole product on the embedded defaults, ending with answers from the served model"),
 }
 
@@ -50,20 +48,8 @@ def selected_command(argv: Sequence[str]) -> str | None:
 
 
 def _module(name: str) -> ModuleType:
-    """The command's module. benchmarks/ comes with a clone of the repository, not with the installed package: in a
-    clone (an editable install) it is found beside jobs/; after `pip install .` the command says where to get it."""
-    module_name = COMMANDS[name][0]
-    package = module_name.split(".")[0]
-    source_root = Path(__file__).resolve().parents[1]
-    if importlib.util.find_spec(package) is None and (source_root / package).is_dir():
-        sys.path.append(str(source_root))
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name != package:
-            raise
-        raise CrlftError(f"crlft {name} runs {package}/ from a clone of the repository, which `pip install` does "
-                         "not install: clone it and run this from there") from None
+    """The command's module: every one is in the installed packages."""
+    return importlib.import_module(COMMANDS[name][0])
 
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:

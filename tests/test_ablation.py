@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.ablation import (
+from crlft.config import REAL_MODEL_SYNTH_RECIPE, SYNTH_RECIPE, Config, Mode, load_config
+from crlft.errors import CrlftError
+from crlft.synth.suite import write_suite
+from jobs.ablation import (
     VARIANTS,
     VARIANTS_BY_NAME,
     RunResult,
@@ -32,9 +35,6 @@ from benchmarks.ablation import (
     summarize,
     variant_named,
 )
-from crlft.config import REAL_MODEL_SYNTH_RECIPE, SYNTH_RECIPE, Config, Mode, load_config
-from crlft.errors import CrlftError
-from crlft.synth.suite import write_suite
 
 
 def result(variant: str, seed: int, expert: float, suboptimal: float, silhouette: float | None = 0.1) -> RunResult:
@@ -230,7 +230,7 @@ def test_a_real_model_ablation_builds_each_data_once_and_records_retention_per_r
 
     from mlflow.tracking import MlflowClient
 
-    import benchmarks.ablation as ablation_module
+    import jobs.ablation as ablation_module
 
     builds: list[tuple[str, bool | None]] = []
     runs: list[tuple[str, int, bool | None, str]] = []
@@ -295,7 +295,7 @@ def test_crlft_under_the_expert_condition_beats_sft_and_its_own_suboptimal_condi
     evaluation's promise: the expert condition beats the sub-optimal one, and the embedding plot is logged."""
     from mlflow.tracking import MlflowClient
 
-    from benchmarks.ablation import run_ablation
+    from jobs.ablation import run_ablation
 
     suite = write_suite(tmp_path / "suite", seed=0)["train"].parent
     cfg = load_config(SYNTH_RECIPE, {"state_dir": str(tmp_path / "state")})

@@ -1,4 +1,4 @@
-"""The OpenChat paper's ablation at laptop scale: `crlft ablation` / `python -m benchmarks.ablation`.
+"""The OpenChat paper's ablation at laptop scale: `crlft ablation` / `python -m jobs.ablation`.
 
     crlft ablation [--seeds 0 1 2] [--steps N] [--variants crlft sft ...] [--suite DIR | --facts] [--out DIR]
                    [--mlflow-uri URI] [--base-model smollm2|DIR|FILE.gguf [--replay both|on|off]
@@ -862,4 +862,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(stage_entrypoint("benchmarks.ablation"))
+    raise SystemExit(stage_entrypoint("jobs.ablation"))
