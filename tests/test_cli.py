@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import tomllib
 from enum import Enum
+from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import pytest
@@ -151,3 +153,10 @@ def test_a_flag_overrides_the_same_key_given_with_set() -> None:
                               "--epochs", "3"])
     cfg = config_from_args(args)
     assert (cfg.train.epochs, cfg.train.lr) == (3, 0.001)
+
+
+def test_every_command_runs_a_module_of_the_installed_packages() -> None:
+    """`pip install .` installs crlft, jobs, services and cluster (pyproject.toml); benchmarks/ stays in the clone."""
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    installed = {pattern.rstrip("*") for pattern in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
+    assert {name: module for name, (module, _) in COMMANDS.items() if module.split(".")[0] not in installed} == {}
