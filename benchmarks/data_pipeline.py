@@ -5,7 +5,7 @@
 1. Generates N conversations in F files (OpenChat JSONL, ShareGPT JSON arrays, OpenAI JSONL; 1% broken records),
    and the same mix at N / scale.
 2. Ray: `build_dataset` on a local Ray started first (its start-up is timed apart).
-3. Baseline: one process reads, validates, tokenizes (crlft.dataset.process_record), packs (pack_conversations) and
+3. Baseline: one process reads, validates, tokenizes (crlft.data.process.process_record), packs (pack_conversations) and
    writes the same shards; like any plain loop it keeps the accepted conversations in memory to group them.
 Each build runs in a fresh interpreter (its memory figures are its own), loop and Ray interleaved (a burst of other
 work on the host then does not land on one engine only); the host's load average is printed with each run.
@@ -35,9 +35,11 @@ from typing import Any
 import psutil
 import pyarrow.parquet as pq
 
-from crlft import dataset as ds
 from crlft.config import Config, load_config
-from crlft.data.stats import SPLITS, DataStats
+from crlft.data.process import RecordResult, RecordSettings, process_record, reject_line
+from crlft.data.readers import input_kind, iter_raw_records
+from crlft.data.shards import group_of, pack_conversations, pack_groups_for, shard_name, shard_table
+from crlft.data.stats import SPLITS, DataStats, Tally
 from crlft.data.template import Template, TemplateTokenizer
 from crlft.model import load_tokenizer
 from crlft.presets import default_corpus, train_tokenizer
@@ -118,16 +120,16 @@ def peak_rss() -> Iterator[dict[str, float]]:
 def single_process(paths: list[str], tokenizer_dir: str, out: Path, cfg: Config) -> dict[str, Any]:
     """The same stage as one plain loop: same functions, same outputs, everything in this process."""
 
-    settings = ds.RecordSettings.from_config(cfg)
+    settings = RecordSettings.from_config(cfg)
     template = Template.from_config(cfg)
     tokenizer = TemplateTokenizer(template, load_tokenizer(tokenizer_dir, cfg.template.end_of_turn))
-    tally = ds.Tally()
-    accepted: dict[str, list[ds.RecordResult]] = defaultdict(list)
-    rejects: list[ds.RecordResult] = []
+    tally = Tally()
+    accepted: dict[str, list[RecordResult]] = defaultdict(list)
+    rejects: list[RecordResult] = []
     for path in paths:
         with open(path, "rb") as stream:
-            for raw in ds.iter_raw_records(ds.input_kind(path), stream):
-                record = ds.process_record(settings, tokenizer, path, raw)
+            for raw in iter_raw_records(input_kind(path), stream):
+                record = process_record(settings, tokenizer, path, raw)
                 tally.add(record)
                 if record["status"] == "accepted":
                     accepted[record["split"]].append(record)
@@ -135,20 +137,20 @@ def single_process(paths: list[str], tokenizer_dir: str, out: Path, cfg: Config)
                     rejects.append(record)
     out.mkdir(parents=True, exist_ok=True)
     rejects.sort(key=lambda r: (r["source"], r["line"]))
-    (out / "rejects.jsonl").write_text("".join(ds.reject_line(r) + "\n" for r in rejects))
+    (out / "rejects.jsonl").write_text("".join(reject_line(r) + "\n" for r in rejects))
     bins: dict[str, int] = {}
     for split in SPLITS:
         if not accepted[split]:
             continue
-        groups = ds.pack_groups_for(len(accepted[split]))
-        members: dict[int, list[ds.RecordResult]] = defaultdict(list)
+        groups = pack_groups_for(len(accepted[split]))
+        members: dict[int, list[RecordResult]] = defaultdict(list)
         for record in accepted[split]:
-            members[ds.group_of(record["key"], groups)].append(record)
+            members[group_of(record["key"], groups)].append(record)
         (out / split).mkdir(exist_ok=True)
         bins[split] = 0
         for group, records in members.items():
-            rows = ds.pack_conversations(records, cfg.data.pack_len)
-            pq.write_table(ds.shard_table(rows), out / split / ds.shard_name(group))
+            rows = pack_conversations(records, cfg.data.pack_len)
+            pq.write_table(shard_table(rows), out / split / shard_name(group))
             bins[split] += len(rows)
     stats = DataStats.from_build(tally, bins, cfg, template, tokenizer_dir, tokenizer.fingerprint(), paths)
     stats.write(out)

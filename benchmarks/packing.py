@@ -21,9 +21,9 @@ from pathlib import Path
 from crlft.commands.init_model import build_default_model
 from crlft.config import Config
 from crlft.data.pack import first_fit_decreasing, packing_efficiency, padding_efficiency
+from crlft.data.readers import iter_file
 from crlft.data.records import ClassRules, Conversation
 from crlft.data.template import Template, TemplateTokenizer
-from crlft.dataset import iter_file
 from crlft.model import load_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

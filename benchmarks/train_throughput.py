@@ -49,9 +49,9 @@ import torch
 from benchmarks.flops import matmul_flops, model_flops_per_token
 from crlft.config import Config, load_config
 from crlft.data.pack import PackedRow, collate, first_fit_decreasing, pack_bin
+from crlft.data.readers import iter_file
 from crlft.data.records import ClassRules, Conversation
 from crlft.data.template import Template, TemplateTokenizer, TokenizedConversation
-from crlft.dataset import iter_file
 from crlft.environ import set_offline_defaults
 from crlft.train.precision import native_bf16
 from crlft.train.schedule import build_optimizer, build_scheduler

@@ -41,22 +41,11 @@ from cluster.session import ray_session
 from crlft.cli import add_config_arguments, config_flag, config_from_args, stage_entrypoint
 from crlft.config import Config
 from crlft.data.output import OutputFolder
-from crlft.data.readers import remote_listing_args, resolve_inputs
+from crlft.data.process import RECORD_SCHEMA, RecordSettings, process_record, reject_line
+from crlft.data.readers import RawRecord, chunked, input_kind, iter_raw_records, remote_listing_args, resolve_inputs
 from crlft.data.replay import ReplayPlan, plan_replay
-from crlft.data.shards import PACK_COLUMNS, pack_and_write, with_group
-from crlft.data.stats import SPLITS, TALLY_COLUMNS, DataStats, nothing_usable, summarize_block
-from crlft.dataset import (
-    RECORD_SCHEMA,
-    RawRecord,
-    RecordSettings,
-    Tally,
-    chunked,
-    input_kind,
-    iter_raw_records,
-    pack_groups_for,
-    process_record,
-    reject_line,
-)
+from crlft.data.shards import PACK_COLUMNS, pack_and_write, pack_groups_for, with_group
+from crlft.data.stats import SPLITS, TALLY_COLUMNS, DataStats, Tally, nothing_usable, summarize_block
 from crlft.environ import set_offline_defaults
 from crlft.errors import CrlftError
 from jobs.replay import REPLAY_FILE, Replay, make_replay

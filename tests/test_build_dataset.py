@@ -18,24 +18,20 @@ import pytest
 from crlft.cli import stage_entrypoint
 from crlft.config import Config, load_config
 from crlft.data.pack import IGNORE_INDEX
-from crlft.data.records import ClassRules, Conversation, Reject, parse_line
-from crlft.data.template import Template, TemplateTokenizer
-from crlft.dataset import (
-    PACK_GROUP_CONVERSATIONS,
+from crlft.data.process import RecordSettings, process_record, record_hashes, split_of
+from crlft.data.readers import (
     RawRecord,
-    RecordSettings,
-    Tally,
     drop_nulls,
     input_kind,
     iter_file,
     iter_json_document,
     iter_json_lines,
     iter_parquet,
-    pack_conversations,
-    process_record,
-    record_hashes,
-    split_of,
 )
+from crlft.data.records import ClassRules, Conversation, Reject, parse_line
+from crlft.data.shards import PACK_GROUP_CONVERSATIONS, pack_conversations
+from crlft.data.stats import Tally
+from crlft.data.template import Template, TemplateTokenizer
 from crlft.errors import CrlftError
 from crlft.model import load_tokenizer
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from crlft.config import ClassSpec, Config, load_config
+from crlft.data.readers import iter_file
 from crlft.data.records import ClassRules, Conversation, Reject, parse_line
-from crlft.dataset import iter_file
 from crlft.errors import CrlftError
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -27,8 +27,8 @@ def test_a_file_with_only_what_training_needs_reads_and_writes_back_the_same(tmp
 
 
 def test_the_built_stats_keep_their_keys_in_order_through_a_write_and_a_read(tmp_path: Path) -> None:
+    from crlft.data.stats import Tally
     from crlft.data.template import Template
-    from crlft.dataset import Tally
 
     cfg = Config()
     tally = Tally()

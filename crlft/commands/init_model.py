@@ -13,9 +13,9 @@ from pathlib import Path
 
 from crlft.cli import add_config_arguments, config_flag, config_from_args, stage_entrypoint
 from crlft.config import Config
+from crlft.data.readers import iter_file
 from crlft.data.records import ClassRules, Conversation
 from crlft.data.template import Template
-from crlft.dataset import iter_file
 from crlft.errors import CrlftError
 
 CONVERSATION_SUFFIXES = {".json", ".jsonl", ".parquet"}

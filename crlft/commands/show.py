@@ -10,9 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from crlft.cli import add_config_arguments, config_flag, config_from_args, stage_entrypoint
+from crlft.data.readers import iter_file
 from crlft.data.records import ClassRules, Reject
 from crlft.data.template import Template, TemplateTokenizer, TokenizedConversation
-from crlft.dataset import iter_file
 
 GREEN, DIM, RESET = "\033[32m", "\033[2m", "\033[0m"
 

@@ -1,16 +1,77 @@
-"""Packing groups into shards: each accepted conversation joins the packing group of its key, and each group is packed
-and written as its own Parquet shard, named by the group (batch functions: jobs/build_dataset.py runs them on Ray
-Data). The same inputs give the same files whatever the shuffle did, and a retried task rewrites the same bytes."""
+"""Packing a split into shards: each accepted conversation joins the packing group of its key; each group is packed in
+(source, line) order, first-fit-decreasing into bins, and written as its own Parquet shard named by the group (the
+batch functions jobs/build_dataset.py runs on Ray Data). The same inputs give the same files whatever order the
+records arrive in, and a retried task rewrites the same bytes."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
 import pyarrow as pa
 
-from crlft.dataset import group_of, pack_conversations, shard_name, shard_table
 from crlft.storage import filesystem_and_path
 
+# Conversations packed together: enough for first-fit-decreasing to fill bins well, small enough for one task.
+PACK_GROUP_CONVERSATIONS = 8192
+
+# The Parquet shard schema: the PackedRow columns (crlft.data.pack) plus where each packed conversation came from.
+SHARD_SCHEMA = pa.schema(
+    [
+        ("input_ids", pa.list_(pa.int32())),
+        ("labels", pa.list_(pa.int32())),
+        ("weights", pa.list_(pa.float32())),
+        ("position_ids", pa.list_(pa.int32())),
+        ("seq_lens", pa.list_(pa.int32())),
+        ("seq_conditions", pa.list_(pa.string())),
+        ("seq_sources", pa.list_(pa.string())),
+        ("seq_lines", pa.list_(pa.int64())),
+    ]
+)
 # The columns an accepted record brings to packing.
 PACK_COLUMNS = ["source", "line", "condition", "input_ids", "weights", "key"]
+
+
+def pack_groups_for(conversations: int) -> int:
+    """How many packing groups a split of this many conversations gets."""
+    return max(1, math.ceil(conversations / PACK_GROUP_CONVERSATIONS))
+
+
+def group_of(key: int, groups: int) -> int:
+    # The key's low bits: independent of the high bits that decided the split.
+    return key % groups
+
+
+class PackInput(Protocol):
+    """What packing needs of an accepted record (a RecordResult or a row of its table)."""
+
+    def __getitem__(self, name: str, /) -> Any: ...
+
+
+def pack_conversations(conversations: Sequence[PackInput], capacity: int) -> list[dict[str, list[Any]]]:
+    """Rows of SHARD_SCHEMA: the conversations in (source, line) order, first-fit-decreasing into bins."""
+    from crlft.data.pack import first_fit_decreasing, pack_bin  # imports torch: only the packing workers pay for it
+
+    ordered = sorted(conversations, key=lambda c: (c["source"], c["line"]))
+    bins = first_fit_decreasing([len(c["input_ids"]) for c in ordered], capacity)
+    rows = []
+    for members in bins:
+        chosen = [ordered[i] for i in members]
+        row: dict[str, list[Any]] = dict(pack_bin([(c["input_ids"], c["weights"], c["condition"]) for c in chosen]))
+        row["seq_sources"] = [c["source"] for c in chosen]
+        row["seq_lines"] = [c["line"] for c in chosen]
+        rows.append(row)
+    return rows
+
+
+def shard_name(group: int) -> str:
+    """A split's shard for one packing group: named by the group, so the same inputs give the same file names."""
+    return f"part-{group:05d}.parquet"
+
+
+def shard_table(rows: Sequence[Mapping[str, list[Any]]]) -> pa.Table:
+    return pa.Table.from_pylist(list(rows), schema=SHARD_SCHEMA)
 
 
 def with_group(batch: pa.Table, groups: int) -> pa.Table:

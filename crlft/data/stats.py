@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
     from crlft.data.template import Template
-    from crlft.dataset import Tally
 
 STATS_FILE = "stats.json"
 SPLITS = ("train", "val")
@@ -190,6 +189,85 @@ class DataStats:
         )
 
 
+@dataclass
+class ClassTally:
+    records: int = 0
+    tokens: int = 0
+    supervised_tokens: int = 0
+    truncated: int = 0
+
+
+@dataclass
+class Tally:
+    """Counts that add up across batches (merge is associative), so workers can send small summaries."""
+
+    records_in: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    filtered: int = 0
+    per_class: dict[str, ClassTally] = field(default_factory=dict)
+    split_records: dict[str, int] = field(default_factory=dict)
+    split_tokens: dict[str, int] = field(default_factory=dict)
+    digest_sum: int = 0
+    digest_xor: int = 0
+
+    def add(self, record: Mapping[str, Any]) -> None:
+        self.records_in += 1
+        self.digest_sum += record["digest"]
+        self.digest_xor ^= record["digest"]
+        status = record["status"]
+        if status == "rejected":
+            self.rejected += 1
+            return
+        if status == "filtered":
+            self.filtered += 1
+            return
+        self.accepted += 1
+        per_class = self.per_class.setdefault(record["condition"], ClassTally())
+        per_class.records += 1
+        per_class.tokens += record["n_tokens"]
+        per_class.supervised_tokens += record["n_supervised"]
+        per_class.truncated += int(record["truncated"])
+        split = record["split"]
+        self.split_records[split] = self.split_records.get(split, 0) + 1
+        self.split_tokens[split] = self.split_tokens.get(split, 0) + record["n_tokens"]
+
+    def merge(self, other: Tally) -> Tally:
+        merged = Tally(
+            records_in=self.records_in + other.records_in,
+            accepted=self.accepted + other.accepted,
+            rejected=self.rejected + other.rejected,
+            filtered=self.filtered + other.filtered,
+            digest_sum=self.digest_sum + other.digest_sum,
+            digest_xor=self.digest_xor ^ other.digest_xor,
+        )
+        for name in {*self.per_class, *other.per_class}:
+            a, b = self.per_class.get(name, ClassTally()), other.per_class.get(name, ClassTally())
+            merged.per_class[name] = ClassTally(
+                a.records + b.records, a.tokens + b.tokens, a.supervised_tokens + b.supervised_tokens,
+                a.truncated + b.truncated,
+            )  # fmt: skip
+        for split in {*self.split_records, *other.split_records}:
+            merged.split_records[split] = self.split_records.get(split, 0) + other.split_records.get(split, 0)
+            merged.split_tokens[split] = self.split_tokens.get(split, 0) + other.split_tokens.get(split, 0)
+        return merged
+
+    def to_json(self) -> str:
+        data = {**self.__dict__, "per_class": {k: v.__dict__ for k, v in self.per_class.items()}}
+        return json.dumps(data, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Tally:
+        data = json.loads(text)
+        data["per_class"] = {k: ClassTally(**v) for k, v in data["per_class"].items()}
+        return cls(**data)
+
+    def inputs_fingerprint(self) -> str:
+        """Of the multiset of record texts: independent of file names, file order and how records are split."""
+        blob = json.dumps([self.records_in, self.digest_sum, self.digest_xor]).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
 # The columns of a processed record that the tally adds up.
 TALLY_COLUMNS = ["status", "condition", "split", "truncated", "n_tokens", "n_supervised", "digest"]
 
@@ -197,8 +275,6 @@ TALLY_COLUMNS = ["status", "condition", "split", "truncated", "n_tokens", "n_sup
 def summarize_block(batch: pa.Table) -> pa.Table:
     """One block's tally as one small row (a few hundred bytes): the blocks' rows add up to the stage's tally."""
     import pyarrow as pa
-
-    from crlft.dataset import Tally
 
     tally = Tally()
     for record in batch.select(TALLY_COLUMNS).to_pylist():

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from crlft.data.readers import iter_file
 from crlft.data.records import ClassRules, Conversation
-from crlft.dataset import iter_file
 from crlft.errors import CrlftError
 from crlft.export import ExportedModel, ModelMeta
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from crlft.config import Config
-from crlft.dataset import chunked
+from crlft.data.readers import chunked
 from crlft.environ import set_offline_defaults
 from crlft.errors import CrlftError
 from crlft.train.attention import set_attention
