@@ -16,17 +16,8 @@ from typing import Any
 import pyarrow as pa
 
 from crlft.config import Config
-from crlft.data.store import (
-    KINDS,
-    FeedbackRules,
-    StoreRecords,
-    check_trainable,
-    is_store,
-    read_store,
-    snapshot,
-    store_records,
-    training_summary,
-)
+from crlft.data.feedback import KINDS, FeedbackRules, StoreRecords, check_trainable, store_records, training_summary
+from crlft.data.store import is_store, read_store, snapshot
 from crlft.errors import CrlftError
 from crlft.storage import location
 

@@ -12,10 +12,9 @@ from typing import Any
 import pytest
 
 from crlft.config import Config, load_config
+from crlft.data.feedback import FeedbackRules, check_trainable, store_records
 from crlft.data.store import (
     MARKER,
-    FeedbackRules,
-    check_trainable,
     id_belongs,
     is_store,
     key_id,
@@ -23,7 +22,6 @@ from crlft.data.store import (
     read_store,
     response_id,
     snapshot,
-    store_records,
     write_completions,
     write_feedback,
 )

@@ -8,14 +8,8 @@ import json
 from typing import Any
 
 from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
-from crlft.data.store import (
-    FeedbackRules,
-    feedback_table,
-    read_store,
-    snapshot,
-    store_records,
-    training_summary,
-)
+from crlft.data.feedback import FeedbackRules, feedback_table, store_records, training_summary
+from crlft.data.store import read_store, snapshot
 from crlft.storage import location
 
 COLUMNS = ("stored", "rated_up", "rated_down", "corrected", "unrated")
