@@ -333,13 +333,14 @@ def import_path_errors(import_path: str, repo: Path) -> list[str]:
 
 
 def defined_flags(tree: ast.Module) -> set[str]:
-    """Option strings of every `*.add_argument("--x", ...)` in the module, plus those of add_config_arguments."""
+    """Option strings of every `*.add_argument("--x", ...)` and `config_flag(parser, "key", "--x")` in the module, plus
+    those of add_config_arguments."""
     flags: set[str] = set()
     for node in ast.walk(tree):
         if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute | ast.Name):
             continue
         name = node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id
-        if name == "add_argument":
+        if name in ("add_argument", "config_flag"):
             flags |= {a.value for a in node.args if isinstance(a, ast.Constant) and str(a.value).startswith("-")}
         elif name == "add_config_arguments":
             flags |= {"--config", "--set"}
