@@ -50,6 +50,13 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def evaluation_fingerprint(train_fp: str, suite: Path | None, heldout: Path | None, cfg: Config) -> str:
+    """What the evaluate stage's figures depend on: the trained model, the suites, the registry settings it records
+    with, and the decoder (serve.engine and serve.precision choose it, as for `crlft serve`)."""
+    return _digest([train_fp, str(suite), str(heldout), cfg.registry.model_dump(), cfg.serve.engine,
+                    cfg.serve.precision])
+
+
 def inputs_fingerprint(inputs: Sequence[str]) -> str:
     """Local files by path, size and modification time (cheap on large data); URIs by name; a completion store by its
     snapshot (its parts and their sizes: new completions or feedback change it)."""
@@ -232,7 +239,7 @@ class _Stages:
                                     tracking_uri=result.tracking_uri, out_dir=result.root / "eval")
             return {"metrics": report["metrics"], "text": report["text"], "plot": report.get("plot")}
 
-        eval_fp = _digest([train_fp, str(result.suite), str(result.heldout), cfg.registry.model_dump()])
+        eval_fp = evaluation_fingerprint(train_fp, result.suite, result.heldout, cfg)
         evaluated = self.log.run("evaluate", eval_fp, (result.root / "eval").is_dir(), do_evaluate, result.skipped)
         result.metrics = evaluated["metrics"]
         print(evaluated.get("text", ""), flush=True)
