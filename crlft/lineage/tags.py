@@ -1,7 +1,7 @@
 """The `crlft.*` tags the product writes on MLflow model versions and runs, and how their keys are made and read.
 
 Tags written on a model version (all strings, MLflow tags):
-    crlft.mode, crlft.base_model, crlft.data_fingerprint, crlft.git_commit, crlft.data.template   lineage
+    crlft.mode, crlft.base_model, crlft.data_fingerprint, crlft.git_commit, crlft.template   lineage
     crlft.eval.suite                              the suite of the latest evaluation
     crlft.eval.<suite>.<metric>                   a recorded figure (float as text)
     crlft.eval.<suite>.run_id / .file             the evaluation run, the suite's file name
