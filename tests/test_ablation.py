@@ -10,31 +10,23 @@ from pathlib import Path
 
 import pytest
 
+from crlft.ablation.plots import plot_table, projection_pair
+from crlft.ablation.summary import RunResult, Stat, base_line, beats, claims, markdown_table, summarize
+from crlft.ablation.variants import (
+    VARIANTS,
+    VARIANTS_BY_NAME,
+    Variant,
+    ablation_variants,
+    choose_variants,
+    data_config,
+    run_config,
+    suite_files,
+    variant_named,
+)
 from crlft.config import REAL_MODEL_SYNTH_RECIPE, SYNTH_RECIPE, Config, Mode, load_config
 from crlft.errors import CrlftError
 from crlft.synth.suite import write_suite
-from jobs.ablation import (
-    VARIANTS,
-    VARIANTS_BY_NAME,
-    RunResult,
-    Scoring,
-    Stat,
-    Variant,
-    ablation_variants,
-    add_arguments,
-    base_line,
-    beats,
-    choose_variants,
-    claims,
-    data_config,
-    markdown_table,
-    plot_table,
-    projection_pair,
-    run_config,
-    suite_files,
-    summarize,
-    variant_named,
-)
+from jobs.ablation import Scoring, add_arguments
 
 
 def result(variant: str, seed: int, expert: float, suboptimal: float, silhouette: float | None = 0.1) -> RunResult:
@@ -265,6 +257,7 @@ def test_a_real_model_ablation_builds_each_data_once_and_records_retention_per_r
     monkeypatch.setattr(ablation_module, "run_one", run_one)
     monkeypatch.setattr(ablation_module, "base_reference", base_reference)
     monkeypatch.setattr(ablation_module, "steps_per_epoch", lambda stats, cfg: 10)
+    monkeypatch.setattr("crlft.ablation.variants.steps_per_epoch", lambda stats, cfg: 10)  # recipe_steps' own
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # setup_mlflow sets it for Ray workers: restored after the test
     cfg = load_config(REAL_MODEL_SYNTH_RECIPE, {"state_dir": str(tmp_path / "state")})
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
