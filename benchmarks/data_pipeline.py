@@ -119,7 +119,6 @@ def peak_rss() -> Iterator[dict[str, float]]:
 
 def single_process(paths: list[str], tokenizer_dir: str, out: Path, cfg: Config) -> dict[str, Any]:
     """The same stage as one plain loop: same functions, same outputs, everything in this process."""
-
     settings = RecordSettings.from_config(cfg)
     template = Template.from_config(cfg)
     tokenizer = TemplateTokenizer(template, load_tokenizer(tokenizer_dir, cfg.template.end_of_turn))
