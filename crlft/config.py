@@ -215,7 +215,7 @@ class ServeConfig(_Strict):
     )
     ingress: Literal["haproxy", "serve-proxy"] = Field(
         "haproxy", description="what takes HTTP in front of the replicas in a Ray that crlft starts: haproxy (Ray "
-        "Serve's HAProxy ingress, in C, straight to the replicas' own ports; 1.7x the tokens/s of Serve's proxy at 32 "
+        "Serve's HAProxy ingress, in C, straight to the replicas' own ports; faster than Serve's proxy under many "
         "streams, benchmarks/RESULTS.md) or serve-proxy (Serve's Python proxy). A running cluster keeps its own: "
         "RAY_SERVE_ENABLE_HA_PROXY=1 on its nodes (k8s/, cluster/cluster.yaml)"
     )

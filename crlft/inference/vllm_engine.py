@@ -38,8 +38,8 @@ GIB = 2**30
 # in the demo's output per engine); its warnings stay. A user's own VLLM_LOGGING_LEVEL wins.
 VLLM_LOG_ENV = {"VLLM_LOGGING_LEVEL": "WARNING"}
 # The model in the engine core's process, as vLLM runs one GPU. vLLM on CPU puts it in a worker process, which its
-# thread pinning needs, and the engine core waits on that worker by spinning: 9-11% of a core under load here, taken
-# from the model's threads. Measured on 2 CPUs (benchmarks/RESULTS.md): SmolLM2-135M in float32, 1.23x the tokens/s.
+# thread pinning needs, and the engine core waits on that worker by spinning, on the cores the model's threads need
+# (the gain is measured in benchmarks/RESULTS.md, "Serving").
 # Named by its class: vLLM's CPU platform turns the name "uni" into its worker process ("mp").
 IN_ENGINE_CORE = {"distributed_executor_backend": "vllm.v1.executor.uniproc_executor.UniProcExecutor"}
 
@@ -61,11 +61,9 @@ def engine_arguments(path: Path, settings: EngineSettings, context_len: int, unp
 
 
 # A float32 model this large waits on its forward passes, not on the replica's Python: its engine gets every CPU of the
-# replica. Measured on 2 CPUs (benchmarks/RESULTS.md): SmolLM2-135M in float32 1.2x the tokens/s of one thread; the
-# tiny 1M model 0.66x, and SmolLM2 in bf16 (AMX matrix units: forward passes 2-3x cheaper) 0.83x in one run, since
-# there the second thread took the core the replica's frontend needed. The cut lies between 1M and 135M, where a
-# token's float32 forward pass (about 0.05 ms per million parameters here) outweighs the frontend's share (about
-# 0.5 ms).
+# replica. A smaller model, or one in bf16 (cheaper forward passes on CPUs with matrix units), leaves one CPU to the
+# replica's frontend, which a second model thread would take. The cut lies where a token's forward pass outweighs the
+# frontend's share of it (benchmarks/RESULTS.md, "Serving": SmolLM2-135M in float32 gains, the tiny model loses).
 FORWARD_BOUND_PARAMETERS = 30_000_000
 
 
