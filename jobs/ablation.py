@@ -50,7 +50,7 @@ from crlft.ablation.variants import (
     variant_named,
     write_facts_suite,
 )
-from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
+from crlft.command_line import add_config_arguments, config_from_args, stage_entrypoint
 from crlft.config import REAL_MODEL_SYNTH_RECIPE, SYNTH_RECIPE, Config
 from crlft.errors import CrlftError
 from jobs.evaluate import OPEN_LIMIT

@@ -38,7 +38,7 @@ import pyarrow as pa
 from ray.data.datasource import FileBasedDatasource
 
 from cluster.session import ray_session
-from crlft.cli import add_config_arguments, config_flag, config_from_args, stage_entrypoint
+from crlft.command_line import add_config_arguments, config_flag, config_from_args, stage_entrypoint
 from crlft.config import Config
 from crlft.data.output import OutputFolder
 from crlft.data.process import RECORD_SCHEMA, RecordSettings, process_record, reject_line

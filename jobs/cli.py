@@ -1,7 +1,7 @@
 """`crlft`: one command whose subcommands mirror the stages (`crlft COMMAND --help` explains each).
 
 The table below says which module runs each command; every module has `add_arguments(parser)` and `run(args) -> int`
-and is also its own `python -m` entrypoint (crlft.cli.stage_entrypoint), which is what `ray job submit` runs.
+and is also its own `python -m` entrypoint (crlft.command_line.stage_entrypoint), which is what `ray job submit` runs.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from crlft.cli import run_guarded
+from crlft.command_line import run_guarded
 from crlft.errors import CrlftError
 
 # command -> (module, one-line help). Modules are imported only when their command runs (Ray is slow to import).

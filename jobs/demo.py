@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from crlft.cli import add_config_arguments, config_flag, config_from_args, stage_entrypoint
+from crlft.command_line import add_config_arguments, config_flag, config_from_args, stage_entrypoint
 from crlft.config import REAL_MODEL_SYNTH_RECIPE, SYNTH_RECIPE, Config, load_config
 
 GENERAL_QUESTION = "What is the capital of France?"

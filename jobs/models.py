@@ -6,7 +6,7 @@ import argparse
 import time
 from collections.abc import Sequence
 
-from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
+from crlft.command_line import add_config_arguments, config_from_args, stage_entrypoint
 from crlft.lineage.tags import PROMOTION_TAG, TAG
 from crlft.lineage.versions import ModelVersionInfo
 

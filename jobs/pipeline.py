@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.session import ray_session
-from crlft.cli import add_config_arguments, config_flag, config_from_args, stage_entrypoint
+from crlft.command_line import add_config_arguments, config_flag, config_from_args, stage_entrypoint
 from crlft.config import Config
 from crlft.environ import set_offline_defaults
 from crlft.errors import CrlftError

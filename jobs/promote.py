@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
+from crlft.command_line import add_config_arguments, config_from_args, stage_entrypoint
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

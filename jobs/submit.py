@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import yaml
 
-from crlft.cli import stage_entrypoint
+from crlft.command_line import stage_entrypoint
 from crlft.errors import CrlftError, first_line
 from jobs.cli import COMMANDS
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from crlft.cli import stage_entrypoint
+from crlft.command_line import stage_entrypoint
 from jobs.submit import add_address_argument, client_call, connect
 
 

@@ -10,7 +10,7 @@
             to register it with --resume once the server answers.
 
 This file is the command and the driver; the pieces are in jobs/training/: `data` (stats.json checked against the
-config and the tokenizer), `runs` (run folders, resume), `tracking` (the MLflow run, the metrics logger), `plan` (what
+config and the tokenizer), `runs` (run folders, resume), `mlflow_run` (the MLflow run, the metrics logger), `plan` (what
 the driver tells every worker), `worker` (`run_worker`, the recipe every worker runs); `crlft.export.export_checkpoint`
 turns the final checkpoint into the exported model.
 
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.session import ray_session
-from crlft.cli import add_config_arguments, config_flag, config_from_args, stage_entrypoint
+from crlft.command_line import add_config_arguments, config_flag, config_from_args, stage_entrypoint
 from crlft.config import Config
 from crlft.environ import set_offline_defaults
 from crlft.errors import CrlftError, first_line
@@ -41,9 +41,9 @@ from crlft.tracking import mark_failed, mlflow_patience_s, wait_reachable
 from crlft.train.lr import LrChoice, choose_lr, supervised_tokens_per_step
 from crlft.train.schedule import StepPlan, plan_steps
 from jobs.training.data import DataDescription, check_tokenizer, describe_data
+from jobs.training.mlflow_run import data_params, flatten, read_unsent, send_metrics, start_run
 from jobs.training.plan import WorkerPlan
 from jobs.training.runs import RunRecord, check_same_plan, find_run_to_resume, run_name, storage_root, write_run_record
-from jobs.training.tracking import data_params, flatten, read_unsent, send_metrics, start_run
 from jobs.training.worker import run_worker
 
 SHUFFLE_BUFFER_TOKENS = 2**22  # bins held per worker for the per-epoch shuffle: ~4M tokens, ~128 MB

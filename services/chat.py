@@ -14,7 +14,7 @@ The replica is put together from:
 - services/api.py: the FastAPI app the routes below join (OpenAI-shaped errors, middleware, the API key check);
 - services/serving.py: one chat completion (admission and the 429 beyond it, generation, plain or streamed answers);
 - services/lifecycle.py: the model over time (the swap to a new version, the restart of a dead engine);
-- services/models.py: which model, and how it is loaded; services/protocol.py: the OpenAI wire format.
+- services/served_model.py: which model, and how it is loaded; services/protocol.py: the OpenAI wire format.
 
 Overload: a replica admits at most `serve.max_ongoing_requests + serve.max_queued_requests` chat requests (being
 generated or waiting for the engine); beyond that it answers at once with an OpenAI-shaped 429 and `Retry-After`,
@@ -56,8 +56,8 @@ from services import protocol
 from services.api import RETRY_AFTER_S, authorize, fastapi_app
 from services.lifecycle import ModelLifecycle
 from services.metrics import metrics
-from services.models import default_watch_s, served_name
 from services.protocol import MAX_FEEDBACK_BYTES
+from services.served_model import default_watch_s, served_name
 from services.serving import ChatServing, admitted_per_replica, check_model_name
 from services.store import CompletionStore, read_limited
 

@@ -24,7 +24,7 @@ from crlft.inference.engine import EngineSettings
 from crlft.storage import folder_revision
 from services.api import unavailable
 from services.metrics import metrics
-from services.models import LoadedModel, load_model, resolve_model_uri
+from services.served_model import LoadedModel, load_model, resolve_model_uri
 
 logger = logging.getLogger("ray.serve")
 

@@ -20,7 +20,7 @@ from crlft.environ import set_offline_defaults
 from crlft.errors import CrlftError
 from crlft.inference.engine import choose_engine
 from services.chat import APP_NAME, chat_application
-from services.models import resolve_model_uri
+from services.served_model import resolve_model_uri
 
 SIGNAL_SPREAD_S = 0.3
 SERVE_STOP_S = 10.0

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from cluster.session import start_ray
-from crlft.cli import add_config_arguments, config_flag, config_from_args, stage_entrypoint
+from crlft.command_line import add_config_arguments, config_flag, config_from_args, stage_entrypoint
 from crlft.lineage.versions import champion_uri
 
 
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from crlft.inference.engine import choose_engine
     from services.chat import api_keys_from_env
     from services.local import check_port_free_for_local_ray, deploy, shutdown, wait_for_interrupt
-    from services.models import resolve_model_uri
+    from services.served_model import resolve_model_uri
 
     cfg = config_from_args(args)
     if args.store is not None:

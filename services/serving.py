@@ -26,8 +26,8 @@ from services import protocol
 from services.api import RETRY_AFTER_S, unavailable
 from services.lifecycle import ModelLifecycle
 from services.metrics import metrics
-from services.models import LoadedModel
 from services.protocol import ApiError, ChatCompletionRequest
+from services.served_model import LoadedModel
 from services.store import CompletionStore, Ticket
 
 STREAM_INTERVAL_S = 0.05  # streamed text is sent in pieces at most this often (the first piece at once) ...

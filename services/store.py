@@ -34,7 +34,7 @@ from services.metrics import metrics
 from services.protocol import ApiError
 
 if TYPE_CHECKING:
-    from services.models import LoadedModel
+    from services.served_model import LoadedModel
 
 logger = logging.getLogger("ray.serve")
 

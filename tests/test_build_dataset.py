@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from crlft.cli import stage_entrypoint
+from crlft.command_line import stage_entrypoint
 from crlft.config import Config, load_config
 from crlft.data.pack import IGNORE_INDEX
 from crlft.data.process import RecordSettings, process_record, record_hashes, split_of

@@ -1,5 +1,5 @@
-"""Every stage flag that stands for a config key is derived from the config's field (crlft.cli.config_flag): it sets
-its key, its help names the key, its choices are the field's; no stage keeps a hand-written flag map."""
+"""Every stage flag that stands for a config key is derived from the config's field (crlft.command_line.config_flag):
+it sets its key, its help names the key, its choices are the field's; no stage keeps a hand-written flag map."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import pytest
 
-from crlft.cli import CONFIG_KEYS, config_field, config_flag, config_from_args
+from crlft.command_line import CONFIG_KEYS, config_field, config_flag, config_from_args
 from crlft.config import Config, Mode
 from jobs.cli import COMMANDS, main
 

@@ -23,7 +23,7 @@ import pytest
 
 from cluster.haproxy_pages import ON_ENDPOINT_HOST, on_endpoint_host
 from cluster.session import SESSION_MARK, Stopped, free_port, marked_processes, stop_on_signals, stop_signal_received
-from crlft.cli import run_guarded
+from crlft.command_line import run_guarded
 from crlft.config import Config
 from crlft.export import ModelMeta, save_exported
 from crlft.model import load_model_and_tokenizer
@@ -145,7 +145,7 @@ def test_a_taken_port_is_one_line_naming_its_holder_and_nothing_starts(model: Pa
 
 @pytest.mark.slow
 def test_any_command_s_local_session_stopped_through_its_process_group_ends_every_process_it_started() -> None:
-    script = ("import time\nfrom crlft.cli import run_guarded\nfrom cluster.session import ray_session\n"
+    script = ("import time\nfrom crlft.command_line import run_guarded\nfrom cluster.session import ray_session\n"
               "def run(_):\n    with ray_session():\n        print('up', flush=True)\n        time.sleep(600)\n"
               "raise SystemExit(run_guarded(run, None))\n")
     process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -148,7 +148,7 @@ def test_while_the_server_is_away_the_sender_only_probes_it_and_sends_the_held_m
 ) -> None:
     import mlflow.tracking
 
-    from jobs.training import tracking
+    from jobs.training import mlflow_run
 
     back, sent, tries, probes = threading.Event(), [], [], []
 
@@ -163,8 +163,8 @@ def test_while_the_server_is_away_the_sender_only_probes_it_and_sends_the_held_m
             sent.extend(metrics)
 
     monkeypatch.setattr(mlflow.tracking, "MlflowClient", Client)
-    monkeypatch.setattr(tracking, "answers", lambda uri: probes.append(uri) or back.is_set())
-    logger = tracking.MetricsLogger("http://127.0.0.1:1", "run", flush_every_s=0.05)
+    monkeypatch.setattr(mlflow_run, "answers", lambda uri: probes.append(uri) or back.is_set())
+    logger = mlflow_run.MetricsLogger("http://127.0.0.1:1", "run", flush_every_s=0.05)
     try:
         logger.log({"loss": 1.0}, step=1)
         deadline = time.monotonic() + 10

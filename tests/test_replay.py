@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from crlft.cli import stage_entrypoint
+from crlft.command_line import stage_entrypoint
 from crlft.config import Config, load_config
 from crlft.data.replay import choose_prompts, complete_answer, plan_replay, replay_model
 from crlft.errors import CrlftError

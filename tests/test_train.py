@@ -587,7 +587,7 @@ def test_resume_without_a_run_to_resume_says_so(datasets: dict[str, Path], tiny_
 def test_the_cli_maps_its_flags_onto_the_config() -> None:
     import argparse
 
-    from crlft.cli import config_from_args
+    from crlft.command_line import config_from_args
     from jobs.train import add_arguments
 
     parser = argparse.ArgumentParser()

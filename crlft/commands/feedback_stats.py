@@ -7,7 +7,7 @@ import argparse
 import json
 from typing import Any
 
-from crlft.cli import add_config_arguments, config_from_args, stage_entrypoint
+from crlft.command_line import add_config_arguments, config_from_args, stage_entrypoint
 from crlft.data.feedback import FeedbackRules, feedback_table, store_records, training_summary
 from crlft.data.store import read_store, snapshot
 from crlft.storage import location

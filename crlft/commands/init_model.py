@@ -11,7 +11,7 @@ import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from crlft.cli import add_config_arguments, config_flag, config_from_args, stage_entrypoint
+from crlft.command_line import add_config_arguments, config_flag, config_from_args, stage_entrypoint
 from crlft.config import Config
 from crlft.data.readers import iter_file
 from crlft.data.records import ClassRules, Conversation

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from crlft.cli import add_config_arguments, config_flag, config_from_args, stage_entrypoint
+from crlft.command_line import add_config_arguments, config_flag, config_from_args, stage_entrypoint
 from crlft.data.readers import iter_file
 from crlft.data.records import ClassRules, Reject
 from crlft.data.template import Template, TemplateTokenizer, TokenizedConversation

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from crlft.cli import stage_entrypoint
+from crlft.command_line import stage_entrypoint
 from crlft.synth.suite import DEFAULT_N_EVAL, DEFAULT_N_EXPERT, DEFAULT_RATIO, DEFAULT_WRONG_RATE
 
 

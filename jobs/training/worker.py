@@ -37,8 +37,8 @@ from crlft.train.rng import restore_rng_state, seed_everything
 from crlft.train.schedule import build_optimizer, build_scheduler
 from crlft.train.step import StepStats, Stopwatch, evaluate, train_step
 from crlft.train.wrap import enable_gradient_checkpointing, shard_fsdp, wrap_lora
+from jobs.training.mlflow_run import MetricsLogger, read_unsent
 from jobs.training.plan import WorkerPlan
-from jobs.training.tracking import MetricsLogger, read_unsent
 
 
 def run_worker(fields: dict[str, Any]) -> None:
