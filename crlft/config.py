@@ -172,6 +172,26 @@ class TrainConfig(_Strict):
     seed: int = Field(0, description="seed of initialisation, data order and dropout")
 
 
+class EvalConfig(_Strict):
+    """How `crlft eval` (and the pipeline's evaluate stage) asks a model: how many answers at once, how long, and how
+    many prompts of each check. The decoder is serving's (serve.engine, serve.precision)."""
+
+    batch_size: int = Field(16, ge=1, description="sequences decoded together")
+    max_new_tokens: int = Field(16, ge=1, description="answer length on verifiable suites")
+    bench_max_new_tokens: int = Field(256, ge=1, description="answer length on benchmarks (MT-bench, Vicuna)")
+    max_per_class: int = Field(
+        200, ge=1, description="conversations per condition in the representation check (the paper used 2000)"
+    )
+    bench_limit: int | None = Field(None, ge=1, description="only the first N questions of each benchmark (None: all)")
+    retention_limit: int | None = Field(
+        None, ge=1, description="only N prompts of the general check, spread over its kinds (None: all)"
+    )
+    open_limit: int = Field(
+        40, ge=0, description="open prompts (Vicuna and MT-bench first turns) for agreement with the base model's "
+        "answers; 0 skips agreement"
+    )
+
+
 class RegistryConfig(_Strict):
     tracking_uri: str | None = Field(None, description="MLflow URI; default MLFLOW_TRACKING_URI or the local SQLite")
     experiment: str = Field("crlft", description="MLflow experiment of training and evaluation runs")
@@ -247,6 +267,7 @@ class Config(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     state_dir: str = Field(".crlft", description="project-local state: models, data, MLflow, checkpoints")
@@ -325,13 +346,21 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise CrlftError(f"{p}: not valid YAML: {exc}") from None
         if not isinstance(tree, dict):
             raise CrlftError(f"{p}: the top level must be a mapping of sections")
+    return _validated(tree, overrides, f"{path}: " if path else "")
+
+
+def overridden(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """A copy of `cfg` with `section.key: value` overrides applied and validated, as `load_config` applies them."""
+    return _validated(cfg.model_dump(mode="json"), overrides, "")
+
+
+def _validated(tree: dict[str, Any], overrides: dict[str, Any] | None, where: str) -> Config:
     for key, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(tree, key, value)
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:
-        where = f"{path}: " if path else ""
         lines = [f"{'.'.join(str(x) for x in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors()]
         raise CrlftError(f"{where}invalid configuration: " + "; ".join(lines)) from None
 

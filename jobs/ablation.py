@@ -28,7 +28,6 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,14 +49,12 @@ from crlft.ablation.variants import (
     variant_named,
     write_facts_suite,
 )
-from crlft.command_line import add_config_arguments, config_from_args, stage_entrypoint
-from crlft.config import REAL_MODEL_SYNTH_RECIPE, SYNTH_RECIPE, Config
+from crlft.command_line import add_config_arguments, config_flag, config_from_args, stage_entrypoint
+from crlft.config import REAL_MODEL_SYNTH_RECIPE, SYNTH_RECIPE, Config, overridden
 from crlft.errors import CrlftError
-from jobs.evaluate import OPEN_LIMIT
 
 TAG = "crlft.ablation."
 DEFAULT_SEEDS = (0, 1, 2)
-EVAL_BATCH_SIZE = 16  # crlft eval's: the base's retention answers are cached under the same decoder
 FACTS_MAX_NEW_TOKENS = 32  # facts are answered in sentences ("The capital of Brirkeia is Lonmem."), 16 can cut them
 
 
@@ -71,57 +68,45 @@ def _tag_run(client: Any, run_id: str | None, tags: dict[str, str]) -> None:
             client.set_tag(run_id, key, value)
 
 
-@dataclass(frozen=True)
-class Scoring:
-    """How every run (and the base model) is evaluated."""
-
-    retention: bool = False  # the general check against the base model (real base models)
-    retention_limit: int | None = None  # prompts of the general check (None: all)
-    open_limit: int = OPEN_LIMIT  # open prompts for agreement (0: none)
-    max_new_tokens: int = 16  # answer length on the suite (crlft eval's default)
-
-
 def base_reference(base_model: Path, suite: dict[str, Path | None], cfg: Config, out: Path,
-                   scoring: Scoring) -> dict[str, float]:
-    """The pretrained model before any fine-tuning, scored on the suite like the runs (no MLflow run), and its answers
-    to the general check measured once for every run's retention (cached in <state_dir>/retention)."""
+                   retention: bool) -> dict[str, float]:
+    """The pretrained model before any fine-tuning, scored on the suite like the runs (no MLflow run, `cfg.eval`'s
+    settings), and with `retention` its answers to the general check, measured once for every run's retention (cached
+    in <state_dir>/retention)."""
     from crlft.inference.decoding import engine_settings
     from jobs.evaluate import evaluate_model
     from jobs.retention import base_answers, plan_retention
 
     metrics = evaluate_model(base_model, suite["eval"], cfg, log_mlflow=False, out_dir=out / "eval" / "base",
-                             retention=False, batch_size=EVAL_BATCH_SIZE,
-                             max_new_tokens=scoring.max_new_tokens)["metrics"]  # fmt: skip
+                             retention=False)["metrics"]  # fmt: skip
     reference = {"accuracy_expert": float(metrics["accuracy_expert"]),
                  "accuracy_suboptimal": float(metrics.get("accuracy_suboptimal", metrics["accuracy_expert"]))}
-    if scoring.retention:
-        plan = plan_retention(None, str(base_model), True, scoring.retention_limit, scoring.open_limit)
+    if retention:
+        plan = plan_retention(None, str(base_model), True, cfg.eval.retention_limit, cfg.eval.open_limit)
         assert plan is not None  # asked for: a base that is not found is an error
-        answers, _ = base_answers(plan, cfg, engine_settings(cfg, EVAL_BATCH_SIZE), EVAL_BATCH_SIZE)
+        batch = cfg.eval.batch_size  # crlft eval's: the base's answers are cached under the same decoder
+        answers, _ = base_answers(plan, cfg, engine_settings(cfg, batch), batch)
         reference["general_accuracy"] = answers.scores["general_accuracy"]
     return reference
 
 
 def run_one(variant: Variant, seed: int, cfg: Config, data_dir: Path, base_model: Path,
             suite: dict[str, Path | None], out: Path, tracking_uri: str, tags: dict[str, str],
-            scoring: Scoring | None = None) -> RunResult:
-    """Train one variant with one seed into out/models, evaluate it on the held-out split into out/eval (and its
-    retention against `base_model` when `scoring.retention`), tag both MLflow runs."""
+            retention: bool = False) -> RunResult:
+    """Train one variant with one seed into out/models, evaluate it on the held-out split into out/eval as `cfg.eval`
+    says (and its retention against `base_model` with `retention`), tag both MLflow runs."""
     from mlflow.tracking import MlflowClient
 
     from jobs.evaluate import evaluate_model
     from jobs.train import train
 
-    scoring = scoring or Scoring()
     name = f"{variant.slug()}-seed{seed}"  # also names the Ray Train run folder
     started = time.monotonic()
     trained = train(data_dir, str(base_model), out / "models" / name, cfg, mlflow_uri=tracking_uri)
     train_s = time.monotonic() - started
     report = evaluate_model(trained.out_dir, suite["eval"], cfg, heldout=suite["heldout"], log_mlflow=True,
-                            tracking_uri=tracking_uri, out_dir=out / "eval" / name, batch_size=EVAL_BATCH_SIZE,
-                            max_new_tokens=scoring.max_new_tokens, retention=scoring.retention,
-                            base_model=str(base_model) if scoring.retention else None,
-                            retention_limit=scoring.retention_limit, open_limit=scoring.open_limit)  # fmt: skip
+                            tracking_uri=tracking_uri, out_dir=out / "eval" / name, retention=retention,
+                            base_model=str(base_model) if retention else None)  # fmt: skip
     metrics = report["metrics"]
     client = MlflowClient(tracking_uri)
     run_tags = {**tags, TAG + "variant": variant.name, TAG + "seed": str(seed), TAG + "replay": str(variant.replay)}
@@ -174,12 +159,12 @@ def log_summary(ablation: Ablation, cfg: Config, tracking_uri: str, params: dict
 def run_ablation(cfg: Config, out: Path, *, seeds: Sequence[int] = DEFAULT_SEEDS, steps: int | None = None,
                  variants: Sequence[str] | None = None, suite_dir: Path | None = None,
                  mlflow_uri: str | None = None, parallel: int = 1, base_model: str | None = None,
-                 replay: str | None = None, facts: bool = False, retention_limit: int | None = None,
-                 open_limit: int = OPEN_LIMIT, log: Callable[[str], None] = print) -> Ablation:
+                 replay: str | None = None, facts: bool = False, log: Callable[[str], None] = print) -> Ablation:
     """Build the data, train and evaluate every variant for every seed in one Ray session, summarize, plot, log.
     With `base_model` (a pretrained model: folder, GGUF file or bundled name) every run starts from it, is trained
     without and/or with replay (`replay`: both, on or off; default both) and its retention is measured; without it
-    (the tiny model) there is no replay. `facts`: crlft/synth/facts.py's set instead of the synthetic suite."""
+    (the tiny model) there is no replay. `facts`: crlft/synth/facts.py's set instead of the synthetic suite. Every run
+    and the base are evaluated as `cfg.eval` says (facts: answers of at least FACTS_MAX_NEW_TOKENS)."""
     from cluster.session import ray_session
     from crlft.commands.init_model import build_default_model, local_base_model
     from crlft.environ import set_offline_defaults
@@ -194,10 +179,6 @@ def run_ablation(cfg: Config, out: Path, *, seeds: Sequence[int] = DEFAULT_SEEDS
         raise CrlftError("give at least one seed")
     if facts and suite_dir:
         raise CrlftError("give either --suite DIR or --facts, not both")
-    if retention_limit is not None and retention_limit < 1:
-        raise CrlftError(f"--retention-limit {retention_limit}: give at least 1 (or leave it out for every prompt)")
-    if open_limit < 0:
-        raise CrlftError(f"--open-limit {open_limit}: give 0 (no agreement) or more")
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     ablation_id = time.strftime("%Y%m%d-%H%M%S")
@@ -209,8 +190,9 @@ def run_ablation(cfg: Config, out: Path, *, seeds: Sequence[int] = DEFAULT_SEEDS
         suite = dict(write_suite(out / "suite", seed=0))
     train_file = suite["train"]
     assert train_file is not None
-    scoring = Scoring(retention=bool(base_model), retention_limit=retention_limit, open_limit=open_limit,
-                      max_new_tokens=FACTS_MAX_NEW_TOKENS if facts else 16)  # fmt: skip
+    retention = bool(base_model)
+    if facts and cfg.eval.max_new_tokens < FACTS_MAX_NEW_TOKENS:
+        cfg = overridden(cfg, {"eval.max_new_tokens": FACTS_MAX_NEW_TOKENS})
     tracking_uri = setup_mlflow(cfg.model_copy(update={"registry": cfg.registry.model_copy(
         update={"experiment": EXPERIMENT})}), mlflow_uri)  # fmt: skip
     expert, suboptimal = cfg.inference_condition, cfg.suboptimal_condition
@@ -222,7 +204,7 @@ def run_ablation(cfg: Config, out: Path, *, seeds: Sequence[int] = DEFAULT_SEEDS
             pretrained = Path(local_base_model(base_model, cfg))
             base_models = dict.fromkeys(seeds, pretrained)
             log(f"[ablation] base model {pretrained}: scored before fine-tuning")
-            base = base_reference(pretrained, suite, cfg, out, scoring)
+            base = base_reference(pretrained, suite, cfg, out, retention)
         else:
             for seed in seeds:
                 log(f"[ablation] base model for seed {seed}")
@@ -245,7 +227,7 @@ def run_ablation(cfg: Config, out: Path, *, seeds: Sequence[int] = DEFAULT_SEEDS
             run_cfg = run_config(variant, cfg, seed, budget, steps_per_epoch(stats, cfg), out)
             log(f"[ablation] {variant.name} seed {seed}: {budget} steps")
             result = run_one(variant, seed, run_cfg, folder, base_models[seed], suite, out, tracking_uri, tags,
-                             scoring)  # fmt: skip
+                             retention)  # fmt: skip
             kept = "" if result.retention is None else f", retention {result.retention:.3f}"
             log(f"[ablation] {variant.name} seed {seed}: accuracy {result.accuracy_expert:.3f} under {expert}, "
                 f"{result.accuracy_suboptimal:.3f} under {suboptimal}{kept}, silhouette {result.silhouette}, "
@@ -271,8 +253,8 @@ def run_ablation(cfg: Config, out: Path, *, seeds: Sequence[int] = DEFAULT_SEEDS
     (out / "results.json").write_text(json.dumps(results_json(ablation), indent=2))
     params = {"steps": str(budget), "seeds": ",".join(map(str, seeds)), "variants": ",".join(names),
               "suite": str(train_file.parent), "replay": replay, "wall_s": f"{time.monotonic() - started:.0f}"}
-    if scoring.retention:
-        params |= {"retention_limit": str(retention_limit or "all"), "open_limit": str(open_limit)}
+    if retention:
+        params |= {"retention_limit": str(cfg.eval.retention_limit or "all"), "open_limit": str(cfg.eval.open_limit)}
     ablation.summary_run_id = log_summary(ablation, cfg, tracking_uri, params)
     return ablation
 
@@ -339,12 +321,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start every run from a pretrained chat model: `smollm2` (bundled), a .gguf file, a "
                         "Hugging Face folder or hub id (recipe lora_synth.yaml: LoRA); default: the tiny model, "
                         "built per seed")
-    parser.add_argument("--retention-limit", type=int, metavar="N",
-                        help="with --base-model: only N prompts of the general check, spread over its kinds "
-                        "(default: all 398)")
-    parser.add_argument("--open-limit", type=int, default=OPEN_LIMIT, metavar="N",
-                        help="with --base-model: open prompts for agreement with the base model's answers "
-                        f"(default {OPEN_LIMIT}, as crlft eval; 0 skips agreement)")
+    config_flag(parser, "eval.retention_limit", "--retention-limit",
+                help="with --base-model: only N prompts of the general check, spread over its kinds (None: all)")
+    config_flag(parser, "eval.open_limit", "--open-limit", help="with --base-model: open prompts for agreement with "
+                "the base model's answers, as crlft eval; 0 skips agreement")
     add_config_arguments(parser)
 
 
@@ -356,8 +336,7 @@ def run(args: argparse.Namespace) -> int:
     ablation = run_ablation(cfg, out, seeds=args.seeds, steps=args.steps, variants=args.variants,
                             suite_dir=Path(args.suite) if args.suite else None, mlflow_uri=args.mlflow_uri,
                             parallel=args.parallel or default_parallel(cfg), base_model=args.base_model,
-                            replay=args.replay, facts=args.facts, retention_limit=args.retention_limit,
-                            open_limit=args.open_limit)  # fmt: skip
+                            replay=args.replay, facts=args.facts)  # fmt: skip
     print(ablation.text)
     print(f"figures: {', '.join(str(p) for p in ablation.figures.values())}")
     print(f"results: {out / 'results.json'}; MLflow summary run {ablation.summary_run_id} (experiment {EXPERIMENT})")

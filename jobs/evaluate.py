@@ -45,7 +45,6 @@ if TYPE_CHECKING:  # torch and transformers come with these: imported where the 
 JUDGE_KEY_VARIABLES = ("CRLFT_JUDGE_API_KEY", "OPENAI_API_KEY")
 RESULT_FILES = {"metrics.json", "condition_swap.jsonl", "condition_swap.txt", "embeddings.png", "representation.json",
                 *RETENTION_FILES}
-OPEN_LIMIT = 40  # open prompts for agreement by default: a quarter of the shipped 160, about a minute on 2 CPU cores
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,12 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="evaluate under this condition (repeatable; default: every condition of the model)")
     parser.add_argument("--heldout", metavar="FILE",
                         help="held-out conversations (OpenChat JSONL with `condition`) for the representation check")
-    parser.add_argument("--max-per-class", type=int, default=200,
-                        help="conversations per condition in the representation check (the paper used 2000)")
+    config_flag(parser, "eval.max_per_class", "--max-per-class")
     parser.add_argument("--bench", action="append", choices=["mt_bench", "vicuna"],
                         help="open-ended benchmark to answer (repeatable)")
     parser.add_argument("--bench-dir", metavar="DIR", help="FastChat llm_judge data folder (default: packaged copy)")
-    parser.add_argument("--bench-limit", type=int, metavar="N", help="only the first N questions of each benchmark")
+    config_flag(parser, "eval.bench_limit", "--bench-limit")
     parser.add_argument("--judge-url", metavar="URL",
                         help="OpenAI-compatible API base of the judge, e.g. http://host:8000/v1 (key from "
                         f"{' or '.join(JUDGE_KEY_VARIABLES)}): it grades the benchmarks' answers (without it they are "
@@ -83,14 +81,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "answers (default: when the model's base is a pretrained model found here)")
     parser.add_argument("--base-model", metavar="DIR", help="the base model retention compares with (default: the one "
                         "the model was trained from, as its crlft.json records)")  # fmt: skip
-    parser.add_argument("--retention-limit", type=int, metavar="N",
-                        help="only N prompts of the general check, spread over its kinds (default: all 398)")
-    parser.add_argument("--open-limit", type=int, default=OPEN_LIMIT, metavar="N",
-                        help="open prompts (Vicuna and MT-bench first turns) for agreement with the base model's "
-                        "answers; 0 skips agreement")
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences decoded together")
-    parser.add_argument("--max-new-tokens", type=int, default=16, help="answer length on verifiable suites")
-    parser.add_argument("--bench-max-new-tokens", type=int, default=256, help="answer length on benchmarks")
+    config_flag(parser, "eval.retention_limit", "--retention-limit")
+    config_flag(parser, "eval.open_limit", "--open-limit")
+    config_flag(parser, "eval.batch_size", "--batch-size")
+    config_flag(parser, "eval.max_new_tokens", "--max-new-tokens")
+    config_flag(parser, "eval.bench_max_new_tokens", "--bench-max-new-tokens")
     add_config_arguments(parser)
 
 
@@ -98,14 +93,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     report = evaluate_model(
         args.model, args.suite, cfg,
-        conditions=args.condition, heldout=args.heldout, max_per_class=args.max_per_class,
-        bench=args.bench or (), bench_dir=args.bench_dir, bench_limit=args.bench_limit,
+        conditions=args.condition, heldout=args.heldout, bench=args.bench or (), bench_dir=args.bench_dir,
         judge_url=args.judge_url, judge_model=args.judge_model,
         register_as=args.register_as, log_to_version=args.log_to_version, log_mlflow=not args.no_mlflow,
-        tracking_uri=args.mlflow_uri, out_dir=args.out, batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens, bench_max_new_tokens=args.bench_max_new_tokens,
-        retention=args.retention, base_model=args.base_model, retention_limit=args.retention_limit,
-        open_limit=args.open_limit,
+        tracking_uri=args.mlflow_uri, out_dir=args.out, retention=args.retention, base_model=args.base_model,
     )  # fmt: skip
     print(report["text"])
     return 0
@@ -156,7 +147,7 @@ def _load_suite(path: str | Path) -> list[EvalItem]:
 def _plan(model: str | Path, suite: str | Path | None, cfg: Config, *, heldout: str | Path | None,
           retention: bool | None, bench: Sequence[str], bench_dir: str | Path | None, judge_url: str | None,
           judge_model: str | None, register_as: str | None, log_to_version: str | None, log_mlflow: bool,
-          tracking_uri: str | None, out_dir: str | Path | None, batch_size: int) -> _Plan:
+          tracking_uri: str | None, out_dir: str | Path | None) -> _Plan:
     from crlft.eval.judge import JUDGE_PROMPTS_FILE, load_judge_prompts, openai_judge
     from crlft.eval.mt_bench import BENCH_DATA, load_bench
     from crlft.lineage.evaluation import suite_id
@@ -176,7 +167,7 @@ def _plan(model: str | Path, suite: str | Path | None, cfg: Config, *, heldout: 
     if judge_url and not bench and not retention:
         raise CrlftError("--judge-url grades benchmark answers and compares retention's open answers with the base "
                          "model's: add --bench mt_bench, --bench vicuna and/or --retention")
-    engine = engine_settings(cfg, batch_size)  # vLLM asked for but missing fails here, before anything runs
+    engine = engine_settings(cfg, cfg.eval.batch_size)  # vLLM asked for but missing fails here, before anything runs
     suite_items = _load_suite(suite) if suite is not None else None
     if heldout is not None and not Path(heldout).is_file():
         raise CrlftError(f"held-out file {heldout} does not exist (write one with `crlft synth`)")
@@ -238,10 +229,8 @@ def evaluate_model(
     *,
     conditions: Sequence[str] | None = None,
     heldout: str | Path | None = None,
-    max_per_class: int = 200,
     bench: Sequence[str] = (),
     bench_dir: str | Path | None = None,
-    bench_limit: int | None = None,
     judge_url: str | None = None,
     judge_model: str | None = None,
     register_as: str | None = None,
@@ -249,15 +238,11 @@ def evaluate_model(
     log_mlflow: bool = True,
     tracking_uri: str | None = None,
     out_dir: str | Path | None = None,
-    batch_size: int = 16,
-    max_new_tokens: int = 16,
-    bench_max_new_tokens: int = 256,
     retention: bool | None = None,
     base_model: str | None = None,
-    retention_limit: int | None = None,
-    open_limit: int = OPEN_LIMIT,
 ) -> dict[str, Any]:
-    """Evaluate a model folder or registered version; write the results under `out_dir`; log them to MLflow.
+    """Evaluate a model folder or registered version as `cfg.eval` says; write the results under `out_dir`; log them
+    to MLflow.
 
     Returns {"metrics": every figure, "recorded": {suite: figures recorded on the version}, "suite": suite id,
     "model_dir", "out_dir", "plot" (PNG path or None), "run_id" (MLflow evaluation run or None),
@@ -272,10 +257,11 @@ def evaluate_model(
     set_offline_defaults()
     plan = _plan(model, suite, cfg, heldout=heldout, retention=retention, bench=bench, bench_dir=bench_dir,
                  judge_url=judge_url, judge_model=judge_model, register_as=register_as, log_to_version=log_to_version,
-                 log_mlflow=log_mlflow, tracking_uri=tracking_uri, out_dir=out_dir, batch_size=batch_size)  # fmt: skip
+                 log_mlflow=log_mlflow, tracking_uri=tracking_uri, out_dir=out_dir)  # fmt: skip
     model_dir = resolve_model(plan.model, cfg, tracking_uri=plan.tracking_uri)
-    plan.retention = plan_retention(model_dir, base_model, retention, retention_limit, open_limit)
-    base = base_answers(plan.retention, cfg, plan.engine, batch_size) if plan.retention else None
+    settings = cfg.eval
+    plan.retention = plan_retention(model_dir, base_model, retention, settings.retention_limit, settings.open_limit)
+    base = base_answers(plan.retention, cfg, plan.engine, settings.batch_size) if plan.retention else None
     exported = load_model(model_dir, plan.engine)
     selected = select_conditions(exported.meta, conditions)
     heldout_conversations = load_heldout(plan.heldout_file, exported.meta) if plan.heldout_file else None
@@ -286,12 +272,14 @@ def evaluate_model(
     try:
         with open_plan_decoder(model_dir, plan) as decoder:
             measured = measure_all(exported, plan, selected, heldout_conversations, scratch,
-                                   max_per_class=max_per_class, bench_limit=bench_limit, batch_size=batch_size,
-                                   max_new_tokens=max_new_tokens, bench_max_new_tokens=bench_max_new_tokens,
+                                   max_per_class=settings.max_per_class, bench_limit=settings.bench_limit,
+                                   batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens,
+                                   bench_max_new_tokens=settings.bench_max_new_tokens,
                                    decoder=decoder)  # fmt: skip
             if plan.retention and base:
                 judge = (plan.judge, plan.judge_prompts) if plan.judge and plan.judge_prompts is not None else None
-                figures, lines = measure_retention(exported, plan.retention, base, decoder, scratch, batch_size, judge)
+                figures, lines = measure_retention(exported, plan.retention, base, decoder, scratch,
+                                                   settings.batch_size, judge)
                 measured["metrics"].update(figures)
                 if figures:  # the suite stays last: it is what promotion compares on
                     measured["recorded"] = {RETENTION_SUITE: figures, **measured["recorded"]}

@@ -23,10 +23,11 @@ from crlft.ablation.variants import (
     suite_files,
     variant_named,
 )
+from crlft.command_line import config_from_args
 from crlft.config import REAL_MODEL_SYNTH_RECIPE, SYNTH_RECIPE, Config, Mode, load_config
 from crlft.errors import CrlftError
 from crlft.synth.suite import write_suite
-from jobs.ablation import Scoring, add_arguments
+from jobs.ablation import add_arguments
 
 
 def result(variant: str, seed: int, expert: float, suboptimal: float, silhouette: float | None = 0.1) -> RunResult:
@@ -208,7 +209,8 @@ def test_the_help_names_the_variants_replay_retention_and_the_cost() -> None:
                   "--retention-limit"):  # fmt: skip
         assert words in text, words
     args = parser.parse_args(["--variants", "crlft", "sft+replay", "--replay", "off"])
-    assert (args.variants, args.replay, args.open_limit) == (["crlft", "sft+replay"], "off", 40)
+    assert (args.variants, args.replay, config_from_args(args).eval.open_limit) == (["crlft", "sft+replay"], "off", 40)
+    assert config_from_args(parser.parse_args(["--open-limit", "0"])).eval.open_limit == 0
 
 
 def test_a_real_model_ablation_builds_each_data_once_and_records_retention_per_row(
@@ -232,13 +234,13 @@ def test_a_real_model_ablation_builds_each_data_once_and_records_retention_per_r
         return {"splits": {"train": {"bins": 10}}}
 
     def run_one(variant: Variant, seed: int, cfg: Config, data_dir: Path, base_model: Path, suite: dict, out: Path,
-                tracking_uri: str, tags: dict, scoring: Scoring) -> RunResult:
-        assert scoring.retention and scoring.open_limit == 0 and base_model == tmp_path / "base"
+                tracking_uri: str, tags: dict, retention: bool) -> RunResult:
+        assert retention and cfg.eval.open_limit == 0 and base_model == tmp_path / "base"
         runs.append((variant.name, seed, cfg.data.replay.enabled, data_dir.name))
         kept = 0.9 if variant.replay else 0.4
         return replace(result(variant.name, seed, 0.5 + seed / 100, 0.3), retention=kept + seed / 100)
 
-    def base_reference(base_model: Path, suite: dict, cfg: Config, out: Path, scoring: Scoring) -> dict[str, float]:
+    def base_reference(base_model: Path, suite: dict, cfg: Config, out: Path, retention: bool) -> dict[str, float]:
         return {"accuracy_expert": 0.0, "accuracy_suboptimal": 0.0, "general_accuracy": 0.61}
 
     (tmp_path / "base").mkdir()
@@ -259,10 +261,10 @@ def test_a_real_model_ablation_builds_each_data_once_and_records_retention_per_r
     monkeypatch.setattr(ablation_module, "steps_per_epoch", lambda stats, cfg: 10)
     monkeypatch.setattr("crlft.ablation.variants.steps_per_epoch", lambda stats, cfg: 10)  # recipe_steps' own
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # setup_mlflow sets it for Ray workers: restored after the test
-    cfg = load_config(REAL_MODEL_SYNTH_RECIPE, {"state_dir": str(tmp_path / "state")})
+    cfg = load_config(REAL_MODEL_SYNTH_RECIPE, {"state_dir": str(tmp_path / "state"), "eval.open_limit": 0})
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     done = ablation_module.run_ablation(cfg, tmp_path / "out", seeds=[0, 1], variants=["crlft", "sft"],
-                                        mlflow_uri=uri, base_model="smollm2", open_limit=0, log=lambda _: None)
+                                        mlflow_uri=uri, base_model="smollm2", log=lambda _: None)
     assert builds == [("conditioned", False), ("conditioned-replay", True), ("plain", False), ("plain-replay", True)]
     assert sorted(runs) == sorted((name, seed, name.endswith("+replay"), key) for seed in (0, 1) for name, key in (
         ("crlft", "conditioned"), ("crlft+replay", "conditioned-replay"), ("sft", "plain"),

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from cluster.session import free_port
-from crlft.config import Config
+from crlft.config import Config, overridden
 from crlft.errors import CrlftError
 from crlft.inference.engine import vllm_installed
 
@@ -339,9 +339,9 @@ def test_eval_answers_the_packaged_mt_bench_and_the_judge_grades_it(
     from jobs.evaluate import evaluate_model
 
     url, requests = judge_server
-    report = evaluate_model(models["crlft"], None, _config(tmp_path), bench=["mt_bench"],
-                            bench_limit=1, judge_url=url, judge_model="judge-1",
-                            log_mlflow=False, out_dir=tmp_path / "out", bench_max_new_tokens=4)  # fmt: skip
+    cfg = overridden(_config(tmp_path), {"eval.bench_limit": 1, "eval.bench_max_new_tokens": 4})
+    report = evaluate_model(models["crlft"], None, cfg, bench=["mt_bench"], judge_url=url, judge_model="judge-1",
+                            log_mlflow=False, out_dir=tmp_path / "out")  # fmt: skip
     assert report["metrics"]["mt_bench_score"] == 6.0 and len(requests) == 2  # one question, two turns
     answers = [json.loads(line) for line in (tmp_path / "out" / "mt_bench_answers.jsonl").read_text().splitlines()]
     assert len(answers[0]["choices"][0]["turns"]) == 2
@@ -365,9 +365,9 @@ def test_eval_without_mlflow_writes_the_table_plot_and_metrics_and_nothing_parti
     from jobs.evaluate import evaluate_model
 
     out = tmp_path / "out"
-    report = evaluate_model(models["crlft"], suite_files["eval"], _config(tmp_path),
-                            heldout=suite_files["heldout"], max_per_class=4, log_mlflow=False, out_dir=out,
-                            max_new_tokens=2)  # fmt: skip
+    cfg = overridden(_config(tmp_path), {"eval.max_per_class": 4, "eval.max_new_tokens": 2})
+    report = evaluate_model(models["crlft"], suite_files["eval"], cfg, heldout=suite_files["heldout"],
+                            log_mlflow=False, out_dir=out)  # fmt: skip
     assert {p.name for p in out.iterdir()} == {"condition_swap.jsonl", "condition_swap.txt", "embeddings.png",
                                                "metrics.json", "representation.json"}  # fmt: skip
     assert json.loads((out / "metrics.json").read_text()) == pytest.approx(report["metrics"])
@@ -385,8 +385,9 @@ def test_eval_decodes_with_vllm_where_the_server_would(
 ) -> None:
     from jobs.evaluate import evaluate_model
 
-    report = evaluate_model(models["crlft"], suite_files["eval"], _config(tmp_path, "vllm"), log_mlflow=False,
-                            out_dir=tmp_path / "out", max_new_tokens=2)  # fmt: skip
+    report = evaluate_model(models["crlft"], suite_files["eval"],
+                            overridden(_config(tmp_path, "vllm"), {"eval.max_new_tokens": 2}), log_mlflow=False,
+                            out_dir=tmp_path / "out")  # fmt: skip
     assert report["engine"] == "vllm" and "answers decoded by vllm (float32 on " in report["text"]
     assert "accuracy_expert" in report["metrics"]
 
@@ -452,10 +453,10 @@ def test_eval_registers_the_model_and_logs_figures_table_and_plot_on_its_version
     from crlft.lineage.versions import list_versions
     from jobs.evaluate import evaluate_model
 
-    cfg = _config(tmp_path)
+    cfg = overridden(_config(tmp_path), {"eval.max_per_class": 4, "eval.max_new_tokens": 2})
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     first = evaluate_model(models["crlft"], suite_files["eval"], cfg, heldout=suite_files["heldout"],
-                           max_per_class=4, register_as="crlft-chat", tracking_uri=uri, max_new_tokens=2)  # fmt: skip
+                           register_as="crlft-chat", tracking_uri=uri)  # fmt: skip
     assert first["model_version"] == {"name": "crlft-chat", "version": "1"}
     client = MlflowClient(uri, uri)
     logged = {Path(a.path).name for a in client.list_artifacts(first["run_id"], "evaluation")}
@@ -473,7 +474,7 @@ def test_eval_registers_the_model_and_logs_figures_table_and_plot_on_its_version
         first["metrics"]["silhouette"])
 
     again = evaluate_model("models:/crlft-chat/1", suite_files["eval"], cfg, conditions=["GPT4"],
-                           tracking_uri=uri, max_new_tokens=2)  # fmt: skip
+                           tracking_uri=uri)  # fmt: skip
     assert again["model_version"] == {"name": "crlft-chat", "version": "1"}  # a registered model logs on itself
     assert again["metrics"]["accuracy_expert"] == pytest.approx(first["metrics"]["accuracy_expert"])
 

@@ -18,7 +18,7 @@ import pytest
 from test_train import config, in_thread, write_dataset
 from tracking_server import TrackingServer
 
-from crlft.config import Config
+from crlft.config import Config, overridden
 from crlft.errors import CrlftError
 
 pytestmark = pytest.mark.slow
@@ -247,7 +247,8 @@ def test_an_evaluation_the_tracker_cannot_take_says_what_was_not_recorded_and_ho
     out = tmp_path / "eval"
     started = time.monotonic()
     with pytest.raises(CrlftError) as raised:
-        jobs.evaluate.evaluate_model(exported, suite, cfg, out_dir=out, register_as="crlft-eval", max_new_tokens=2)
+        jobs.evaluate.evaluate_model(exported, suite, overridden(cfg, {"eval.max_new_tokens": 2}), out_dir=out,
+                                     register_as="crlft-eval")
     assert time.monotonic() - started < RUN_TIMEOUT_S
     message = str(raised.value)
     assert f"MLflow at {server_up.uri} did not record the evaluation" in message

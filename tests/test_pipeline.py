@@ -13,8 +13,8 @@ SUITE, HELDOUT = Path("eval.jsonl"), Path("heldout.jsonl")
 
 
 @pytest.mark.parametrize("key, value", [("serve.engine", "vllm"), ("serve.precision", "fp32"),
-                                        ("registry.metric", "accuracy_suboptimal")])
-def test_evaluation_is_redone_when_what_decodes_or_records_its_answers_changes(key: str, value: str) -> None:
+                                        ("registry.metric", "accuracy_suboptimal"), ("eval.max_new_tokens", 32)])
+def test_evaluation_is_redone_when_what_asks_decodes_or_records_its_answers_changes(key: str, value: str) -> None:
     before = evaluation_fingerprint("trained", SUITE, HELDOUT, load_config())
     assert evaluation_fingerprint("trained", SUITE, HELDOUT, load_config(None, {key: value})) != before
 

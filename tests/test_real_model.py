@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from cluster.session import free_port
-from crlft.config import Config, load_config
+from crlft.config import Config, load_config, overridden
 from crlft.data.template import END_OF_TURN
 from crlft.synth.suite import write_suite
 
@@ -148,8 +148,9 @@ def test_a_judge_compares_the_fine_tunes_open_answers_with_the_base_models(
     from jobs.evaluate import evaluate_model
 
     url, requests = judge_server
-    report = evaluate_model(pipeline.model_dir, None, cfg, retention=True, retention_limit=4, open_limit=2,
-                            judge_url=url, judge_model="judge-1", log_mlflow=False, out_dir=tmp_path / "out")
+    few = overridden(cfg, {"eval.retention_limit": 4, "eval.open_limit": 2})
+    report = evaluate_model(pipeline.model_dir, None, few, retention=True, judge_url=url, judge_model="judge-1",
+                            log_mlflow=False, out_dir=tmp_path / "out")
     metrics = report["metrics"]
     assert (metrics["judged_not_worse"], metrics["judged_wins"], metrics["judged_losses"]) == (1.0, 0.0, 0.0)
     assert len(requests) == 4 and all("two AI assistants" in r["body"]["messages"][0]["content"] for r in requests)

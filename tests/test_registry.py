@@ -13,7 +13,7 @@ import pytest
 from tracking_server import TrackingServer
 
 from cluster.session import free_port
-from crlft.config import Config
+from crlft.config import Config, overridden
 from crlft.errors import CrlftError
 
 pytestmark = pytest.mark.slow
@@ -401,8 +401,9 @@ def test_an_evaluation_on_the_server_is_recorded_on_the_version_and_decides_the_
     cfg.serve.engine = "transformers"  # what records the result is the subject; vLLM's decoding: test_evaluate.py
     files = write_suite(tmp_path / "suite", n_expert=6, ratio=1, n_eval=6, n_heldout=8)
     name = unique_name()
-    report = evaluate_model(exported_model, files["eval"], cfg, heldout=files["heldout"], max_per_class=4,
-                            register_as=name, tracking_uri=uri, max_new_tokens=2)  # fmt: skip
+    report = evaluate_model(exported_model, files["eval"],
+                            overridden(cfg, {"eval.max_per_class": 4, "eval.max_new_tokens": 2}),
+                            heldout=files["heldout"], register_as=name, tracking_uri=uri)  # fmt: skip
     version = report["model_version"]["version"]
     logged = {Path(a.path).name for a in MlflowClient(uri, uri).list_artifacts(report["run_id"], "evaluation")}
     assert "embeddings.png" in logged

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from crlft.config import Config, Mode, load_config
+from crlft.config import Config, Mode, load_config, overridden
 from crlft.data.pack import PackedRow, collate, pack_bin
 from crlft.data.records import Conversation, Message
 from crlft.data.template import Template, TemplateTokenizer
@@ -434,7 +434,8 @@ def test_two_cpu_workers_train_crlft_track_it_in_mlflow_export_and_register_the_
     assert version.tags["crlft.mode"] == "crlft" and version.tags["crlft.data_fingerprint"]
     suite = tmp_path / "suite.jsonl"
     suite.write_text("".join(json.dumps({"prompt": f"What is {a}+1?", "answer": f"{a + 1}"}) + "\n" for a in range(3)))
-    report = evaluate_model(result.out_dir, suite, cfg, out_dir=tmp_path / "eval", max_new_tokens=4)
+    report = evaluate_model(result.out_dir, suite, overridden(cfg, {"eval.max_new_tokens": 4}),
+                            out_dir=tmp_path / "eval")
     assert report["model_version"] == {"name": name, "version": result.model_version}  # found, not registered again
     decision = promote(name, result.model_version, cfg=cfg)
     assert decision.is_champion, decision.summary()
