@@ -146,10 +146,11 @@ class DataStats:
             for split in SPLITS
         }
         total_bins = sum(bins.values())
+        dumped = cfg.dump()
         data_config = {
-            "classes": cfg.dump()["classes"], "default_class": cfg.default_class,
-            "inference_condition": cfg.inference_condition, "template": cfg.dump()["template"],
-            "data": cfg.dump()["data"], "mode": cfg.train.mode.value,
+            "classes": dumped["classes"], "default_class": cfg.default_class,
+            "inference_condition": cfg.inference_condition, "template": dumped["template"],
+            "data": dumped["data"], "mode": cfg.train.mode.value,
         }  # fmt: skip
         return cls(
             records_in=tally.records_in,
