@@ -272,10 +272,7 @@ def evaluate_model(
     try:
         with open_plan_decoder(model_dir, plan) as decoder:
             measured = measure_all(exported, plan, selected, heldout_conversations, scratch,
-                                   max_per_class=settings.max_per_class, bench_limit=settings.bench_limit,
-                                   batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens,
-                                   bench_max_new_tokens=settings.bench_max_new_tokens,
-                                   decoder=decoder)  # fmt: skip
+                                   settings=settings, decoder=decoder)  # fmt: skip
             if plan.retention and base:
                 judge = (plan.judge, plan.judge_prompts) if plan.judge and plan.judge_prompts is not None else None
                 figures, lines = measure_retention(exported, plan.retention, base, decoder, scratch,

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # torch and transformers come with these: imported where the model runs, not for --help
+    from crlft.config import EvalConfig
     from crlft.data.records import Conversation
     from crlft.eval.answers import Decoder
     from crlft.eval.judge import JudgeFn
@@ -56,11 +57,12 @@ def open_plan_decoder(model_dir: Path, plan: Requested) -> Iterator[Decoder | No
 
 
 def measure_all(exported: ExportedModel, plan: Requested, conditions: list[str],
-                heldout_conversations: list[Conversation] | None, out: Path, *, max_per_class: int,
-                bench_limit: int | None, batch_size: int, max_new_tokens: int, bench_max_new_tokens: int,
+                heldout_conversations: list[Conversation] | None, out: Path, *, settings: EvalConfig,
                 decoder: Decoder | None) -> dict[str, Any]:
-    """Run every requested evaluation, write its files into `out`; the figures, grouped by what they were measured
-    on (the groups are recorded on the model version), and the report lines."""
+    """Run every requested evaluation as `settings` (the config's `eval`) says, write its files into `out`; the
+    figures, grouped by what they were measured on (the groups are recorded on the model version), and the report
+    lines."""
+    batch_size = settings.batch_size
     from crlft.eval import mt_bench, suites
     from crlft.eval.representation import representation_check
     from crlft.inference.decoding import dtype_name
@@ -75,7 +77,7 @@ def measure_all(exported: ExportedModel, plan: Requested, conditions: list[str],
         lines.append(f"answers decoded by {engine.kind} ({dtype_name(engine)} on {engine.device}), as `crlft serve` "
                      "would serve them")  # fmt: skip
     if plan.heldout_file and heldout_conversations is not None:
-        result = representation_check(exported, heldout_conversations, out / "embeddings.png", max_per_class,
+        result = representation_check(exported, heldout_conversations, out / "embeddings.png", settings.max_per_class,
                                       batch_size)  # fmt: skip
         counts = ", ".join(f"{c}: {n}" for c, n in result.counts.items())
         shown = "undefined (one condition)" if result.silhouette is None else f"{result.silhouette:.3f}"
@@ -86,8 +88,9 @@ def measure_all(exported: ExportedModel, plan: Requested, conditions: list[str],
             metrics["silhouette"] = result.silhouette
             recorded[suite_id(plan.heldout_file)] = {"silhouette": result.silhouette}
     for bench in plan.benches:
-        questions = mt_bench.load_bench(bench, plan.bench_dir or ".", limit=bench_limit)
-        answers = mt_bench.generate_bench_answers(exported, questions, plan.label, max_new_tokens=bench_max_new_tokens,
+        questions = mt_bench.load_bench(bench, plan.bench_dir or ".", limit=settings.bench_limit)
+        answers = mt_bench.generate_bench_answers(exported, questions, plan.label,
+                                                  max_new_tokens=settings.bench_max_new_tokens,
                                                   batch_size=max(1, batch_size // 2), decoder=decoder)  # fmt: skip
         write_jsonl(out / f"{bench}_answers.jsonl", [a.to_json() for a in answers])
         if plan.judge is None or plan.judge_prompts is None:
@@ -101,7 +104,8 @@ def measure_all(exported: ExportedModel, plan: Requested, conditions: list[str],
         shown = ", ".join(f"{k} {v:.2f}" for k, v in figures.items())
         lines.append(f"{bench}: {len(answers)} questions judged by {plan.judge_model}: {shown}")
     if plan.suite_items is not None and plan.suite is not None:
-        evaluation = suites.evaluate_suite(exported, plan.suite_items, conditions, batch_size, max_new_tokens, decoder)
+        evaluation = suites.evaluate_suite(exported, plan.suite_items, conditions, batch_size, settings.max_new_tokens,
+                                          decoder)
         suite_figures = suites.suite_metrics(evaluation)
         metrics.update(suite_figures)
         # Recorded last: the version's "latest suite" (what promotion compares on) is the verifiable suite.
