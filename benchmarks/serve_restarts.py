@@ -2,7 +2,7 @@
 `kill` and Kubernetes send, and what systemd, `timeout` and a terminal's Ctrl-C do), and count the starts that
 answered and the stops that left nothing behind.
 
-    python -m benchmarks.serve_restarts --runs 20 --port 8000            # the tiny model, serve.engine=auto
+    python -m benchmarks.serve_restarts --runs 20 --port 8000            # the tiny model, inference.engine=auto
     python -m benchmarks.serve_restarts --runs 4 --signal SIGINT --model DIR
 
 A stop is clean when the command exits with 0 or 128 + the signal's number within --stop-timeout seconds, printed no
@@ -90,7 +90,7 @@ def answered(port: int) -> bool:
 
 def one_run(number: int, target: str, signum: int, args: argparse.Namespace, model: Path, state: Path) -> Run:
     command = [sys.executable, "-m", "jobs.cli", "serve", "--model", str(model), "--port", str(args.port),
-               "--set", f"serve.cpus_per_replica={args.cpus_per_replica}", "--set", f"serve.engine={args.engine}",
+               "--set", f"serve.cpus_per_replica={args.cpus_per_replica}", "--set", f"inference.engine={args.engine}",
                "--set", f"state_dir={state}"]
     log = state / f"run{number}.stderr"
     started = time.monotonic()
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8000, help="the one port every run serves on (default 8000)")
     parser.add_argument("--signal", default="SIGTERM", choices=["SIGTERM", "SIGINT"])
     parser.add_argument("--model", type=Path, help="model folder to serve (default: the tiny model, built here)")
-    parser.add_argument("--engine", default="auto", help="serve.engine (default auto: vLLM where installed)")
+    parser.add_argument("--engine", default="auto", help="inference.engine (default auto: vLLM where installed)")
     parser.add_argument("--cpus-per-replica", type=float, default=0.25)
     parser.add_argument("--start-timeout", type=float, default=300.0)
     parser.add_argument("--stop-timeout", type=float, default=60.0)

@@ -172,9 +172,33 @@ class TrainConfig(_Strict):
     seed: int = Field(0, description="seed of initialisation, data order and dropout")
 
 
+class InferenceConfig(_Strict):
+    """The engine that generates and its size, one for every stage that decodes: `crlft serve`'s replicas, `crlft
+    eval` and replay (crlft/inference/decoding.py), so what evaluation measures and replay trains on is what users
+    get. What only the HTTP endpoint has (admission, autoscaling, replicas) is `serve`'s."""
+
+    engine: Literal["auto", "vllm", "transformers"] = Field(
+        "auto", description="what generates: vllm (vLLM's engine; `pip install 'crlft[vllm]'`), transformers "
+        "(crlft's continuous batching over Hugging Face forward passes; starts in seconds), auto: vllm where "
+        "installed for the device (its CPU build on CPUs, where it measured faster too), else transformers"
+    )
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="number type the engine generates in: auto is bf16 on GPUs, fp32 on CPUs"
+    )
+    vllm_kv_cache_gib: float = Field(
+        1.0, gt=0, description="vLLM on CPU: memory for the KV cache per engine (GiB); on GPUs vLLM uses what is free"
+    )
+    max_batch_size: int = Field(
+        16, description="sequences generated together (evaluation decodes eval.batch_size at a time)"
+    )
+    batch_wait_timeout_s: float = Field(
+        0.02, description="crlft's engine: wait for more requests before a batch starts"
+    )
+
+
 class EvalConfig(_Strict):
     """How `crlft eval` (and the pipeline's evaluate stage) asks a model: how many answers at once, how long, and how
-    many prompts of each check. The decoder is serving's (serve.engine, serve.precision)."""
+    many prompts of each check. The decoder is serving's (the `inference` section)."""
 
     batch_size: int = Field(16, ge=1, description="sequences decoded together")
     max_new_tokens: int = Field(16, ge=1, description="answer length on verifiable suites")
@@ -222,17 +246,6 @@ class ServeConfig(_Strict):
     model_name: str | None = Field(None, description="name served at /v1/models (default: the model's own)")
     api_keys: list[str] = Field(default_factory=list, description="accepted API keys (empty: no auth)")
     max_new_tokens: int = Field(256, description="default answer length limit")
-    engine: Literal["auto", "vllm", "transformers"] = Field(
-        "auto", description="what generates: vllm (vLLM's engine; `pip install 'crlft[vllm]'`), transformers "
-        "(crlft's continuous batching over Hugging Face forward passes; starts in seconds), auto: vllm where "
-        "installed for the device (its CPU build on CPUs, where it measured faster too), else transformers"
-    )
-    precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="serving number type: auto is bf16 on GPUs, fp32 on CPUs"
-    )
-    vllm_kv_cache_gib: float = Field(
-        1.0, gt=0, description="vLLM on CPU: memory for the KV cache per replica (GiB); on GPUs vLLM uses what is free"
-    )
     ingress: Literal["haproxy", "serve-proxy"] = Field(
         "haproxy", description="what takes HTTP in front of the replicas in a Ray that crlft starts: haproxy (Ray "
         "Serve's HAProxy ingress, in C, straight to the replicas' own ports; faster than Serve's proxy under many "
@@ -251,8 +264,6 @@ class ServeConfig(_Strict):
     gpus_per_replica: float = Field(0.0, description="GPUs per replica (clusters)")
     max_ongoing_requests: int = Field(32, description="requests a replica takes at once")
     max_queued_requests: int = Field(64, description="requests a replica holds waiting; beyond: 429 + Retry-After")
-    max_batch_size: int = Field(16, description="sequences generated together")
-    batch_wait_timeout_s: float = Field(0.02, description="wait for more requests before a batch starts")
     access_log: bool = Field(True, description="log every request (the demo recipe turns it off to stay readable)")
     store: StoreConfig = Field(default_factory=StoreConfig)
 
@@ -268,6 +279,7 @@ class Config(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     state_dir: str = Field(".crlft", description="project-local state: models, data, MLflow, checkpoints")
@@ -327,6 +339,24 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+# Keys that moved to another section: a config or --set still naming one is told where it went.
+MOVED_KEYS = {
+    "serve.engine": "inference.engine",
+    "serve.precision": "inference.precision",
+    "serve.vllm_kv_cache_gib": "inference.vllm_kv_cache_gib",
+    "serve.max_batch_size": "inference.max_batch_size",
+    "serve.batch_wait_timeout_s": "inference.batch_wait_timeout_s",
+}
+
+
+def _has_dotted(tree: dict[str, Any], dotted: str) -> bool:
+    *parents, leaf = dotted.split(".")
+    node: Any = tree
+    for key in parents:
+        node = node.get(key) if isinstance(node, dict) else None
+    return isinstance(node, dict) and leaf in node
+
+
 # Recipes shipped with the package: the synthetic suite on the tiny model, and on a real --base-model with LoRA.
 RECIPES = Path(__file__).resolve().parent / "recipes"
 SYNTH_RECIPE = RECIPES / "tiny_synth.yaml"
@@ -358,6 +388,9 @@ def _validated(tree: dict[str, Any], overrides: dict[str, Any] | None, where: st
     for key, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(tree, key, value)
+    moved = [f"{old} moved to {new}" for old, new in MOVED_KEYS.items() if _has_dotted(tree, old)]
+    if moved:
+        raise CrlftError(f"{where}invalid configuration: " + "; ".join(moved))
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:

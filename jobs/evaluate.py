@@ -5,9 +5,9 @@
                [--register-as NAME | --log-to-version NAME/VERSION] [--mlflow-uri URI]
                [--engine auto|vllm|transformers] [--batch-size N]
 
-Suite and benchmark answers are decoded by the engine `crlft serve` would serve with here (serve.engine, auto: vLLM
-where installed for the device, else crlft's own; serve.precision; this machine's GPU if it has one), so the accuracy
-that gates promotion is what users get.
+Suite and benchmark answers are decoded by the engine `crlft serve` would serve with here (inference.engine, auto:
+vLLM where installed for the device, else crlft's own; inference.precision; this machine's GPU if it has one), so the
+accuracy that gates promotion is what users get.
 
 Everything that can be wrong with the input (suite lines, held-out lines, the model URI, the tracking server, the
 benchmark files, the engine) is checked before the model runs, and MLflow is written only once every figure is
@@ -74,8 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow (only print and write files)")
     parser.add_argument("--mlflow-uri", metavar="URI", help="MLflow tracking URI (default: config, env, local SQLite)")
     parser.add_argument("--out", metavar="DIR", help="where to write the results (default: <state_dir>/eval/...)")
-    config_flag(parser, "serve.engine", "--engine", help="what decodes suite and benchmark answers, as `crlft serve` "
-                "would (auto: vLLM where installed for the device, else crlft's own engine)")
+    config_flag(parser, "inference.engine", "--engine", help="what decodes suite and benchmark answers, as `crlft "
+                "serve` would (auto: vLLM where installed for the device, else crlft's own engine)")
     parser.add_argument("--retention", action=argparse.BooleanOptionalAction,
                         help="measure retention: the general check (crlft/assets/general) against the base model's "
                         "answers (default: when the model's base is a pretrained model found here)")

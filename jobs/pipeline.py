@@ -52,9 +52,10 @@ def _digest(value: Any) -> str:
 
 def evaluation_fingerprint(train_fp: str, suite: Path | None, heldout: Path | None, cfg: Config) -> str:
     """What the evaluate stage's figures depend on: the trained model, the suites, how it asks (eval), the registry
-    settings it records with, and the decoder (serve.engine and serve.precision choose it, as for `crlft serve`)."""
+    settings it records with, and the decoder (inference.engine and inference.precision choose it, as for `crlft
+    serve`)."""
     return _digest([train_fp, str(suite), str(heldout), cfg.eval.model_dump(), cfg.registry.model_dump(),
-                    cfg.serve.engine, cfg.serve.precision])
+                    cfg.inference.engine, cfg.inference.precision])
 
 
 def inputs_fingerprint(inputs: Sequence[str]) -> str:

@@ -7,7 +7,8 @@ conversations of a known class (crlft.data.replay says which prompts and why).
       -> answers cut at the limit back to their last sentence, empty ones dropped
       -> conversations of the replay class -> <state_dir>/replay/<fingerprint>.jsonl (the cache) -> <out>/replay.jsonl
 
-The engine is the one `crlft serve` would serve with here (crlft/inference/decoding.py: serve.engine, serve.precision):
+The engine is the one `crlft serve` would serve with here (crlft/inference/decoding.py: inference.engine,
+inference.precision):
 - vLLM: `ray.data.llm` (vLLMEngineProcessorConfig, build_processor), which runs on CPUs too with vLLM's CPU build:
   its engine stage asks Ray for GPUs only by default, so on CPUs it gets a placement group of CPU bundles instead.
   It takes prompt ids and gives token ids (vLLM's tokenizer is not loaded), with the replica's engine arguments
@@ -66,7 +67,7 @@ def make_replay(cfg: Config, plan: ReplayPlan | None, template_tokenizer: Templa
     if wanted > len(chosen):
         _log(f"{wanted} replay conversations wanted ({settings.ratio} x {accepted}), capped at the {len(prompts)} "
              f"prompts of {path}")
-    engine = engine_settings(cfg, cfg.serve.max_batch_size)
+    engine = engine_settings(cfg, cfg.inference.max_batch_size)
     fingerprint = _fingerprint(cfg, model, path, chosen, template_tokenizer, engine)
     cache = Path(cfg.state_dir).resolve() / "replay" / f"{fingerprint}.jsonl"
     cached = cache.is_file()

@@ -255,7 +255,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     """Application builder for Serve configs and KubeRay serveConfigV2 (`import_path: services.chat:build_app`).
 
     args (all optional): model (folder or models:/ URI; default $CRLFT_MODEL, else the config's champion),
-    config (crlft YAML; default $CRLFT_CONFIG), overrides ({"serve.max_replicas": 4, "serve.engine": "vllm", ...}),
+    config (crlft YAML; default $CRLFT_CONFIG), overrides ({"serve.max_replicas": 4, "inference.engine": "vllm", ...}),
     model_name, api_keys (prefer $CRLFT_API_KEYS from a secret), watch_s, tracking_uri (default
     $MLFLOW_TRACKING_URI / the config)."""
     args = dict(args or {})

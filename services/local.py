@@ -56,7 +56,7 @@ def deploy(model: str, cfg: Config | None = None, blocking: bool = False, *, api
     set_offline_defaults()
     # Fail here, with a clear message, not in a replica's retry loop.
     resolve_model_uri(model, cfg, tracking_uri)
-    choose_engine(cfg.serve.engine, "cpu")  # vLLM asked for and missing
+    choose_engine(cfg.inference.engine, "cpu")  # vLLM asked for and missing
     check_port_free_for_local_ray(cfg, address)
     started_ray, _ = start_ray(cfg, address)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})

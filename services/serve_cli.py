@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(POST /v1/feedback), in a completion store at URI, a folder or s3:// / gs:// URI (default "
                         "<state_dir>/completions; serve.store.uri): the data `crlft data build` trains on next")
     parser.add_argument("--address", help="Ray cluster to deploy on (default: $RAY_ADDRESS, else a local Ray)")
-    config_flag(parser, "serve.engine", "--engine")
+    config_flag(parser, "inference.engine", "--engine")
     add_config_arguments(parser)
 
 
@@ -52,9 +52,9 @@ def run(args: argparse.Namespace) -> int:
     model = args.model or champion_uri(cfg)
     keys = [*args.api_keys, *api_keys_from_env()]
     resolve_model_uri(model, cfg, args.mlflow_uri)  # a wrong --model fails now, not after Ray has started
-    choose_engine(cfg.serve.engine, "cpu")  # vLLM asked for and missing: one line now, not after Ray has started
+    choose_engine(cfg.inference.engine, "cpu")  # vLLM asked for and missing: one line now, not after Ray has started
     check_port_free_for_local_ray(cfg, args.address)  # taken: one line now, not HAProxy's after Ray has started
-    print(f"starting Ray Serve for {model} (serve.engine={cfg.serve.engine}) ...", file=sys.stderr, flush=True)
+    print(f"starting Ray Serve for {model} (inference.engine={cfg.inference.engine}) ...", file=sys.stderr, flush=True)
     started_ray, _ = start_ray(cfg, args.address)
     try:
         url = deploy(model, cfg, api_keys=keys, watch_s=args.watch_s, tracking_uri=args.mlflow_uri)

@@ -9,7 +9,8 @@
   rules (x-kubernetes-validations).
 - `builtin_errors(obj)`: a built-in kind with kubernetes-validate's bundled, strict schemas.
 - `serve_config_errors(text, repo)`: serveConfigV2 against Ray's ServeDeploySchema, with unknown keys refused too
-  (Ray's schema tolerates them), the import path and builder args checked in the source (AST, no import).
+  (Ray's schema tolerates them), the import path and builder args checked in the source (AST, no import), the
+  builder's config `overrides` against crlft's config (a key it lacks, or one that moved, is an error).
 - `entrypoint_errors(cmd, repo)`: `python -m MODULE FLAGS` names a module of the repository that is runnable and
   defines every flag used (AST of its add_arguments).
 """
@@ -425,12 +426,25 @@ def builder_errors(app: Obj, repo: Path, where: str) -> list[str]:
     if build_args is not None:
         unknown = sorted(set(app.get("args") or {}) - set(build_args))
         errors += [f"{where}: args {unknown} are not among {module}.BUILD_ARGS {list(build_args)}"] if unknown else []
+    errors += [f"{where}: overrides: {e}" for e in config_override_errors((app.get("args") or {}).get("overrides"))]
     deployment_name = literal_constant(tree, "DEPLOYMENT_NAME")
     if deployment_name is not None:
         for deployment in app.get("deployments", []):
             if deployment.get("name") != deployment_name:
                 errors.append(f"{where}: deployment {deployment.get('name')!r} is not {module}'s {deployment_name!r}")
     return errors
+
+
+def config_override_errors(overrides: Obj | None) -> list[str]:
+    """`section.key: value` overrides as crlft's config applies them (crlft.config.load_config, pydantic only)."""
+    from crlft.config import load_config
+    from crlft.errors import CrlftError
+
+    try:
+        load_config(None, overrides or {})
+    except CrlftError as error:
+        return [str(error)]
+    return []
 
 
 # ---------------------------------------------------------------------------------------------------------------------

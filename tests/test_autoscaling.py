@@ -36,7 +36,7 @@ def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     model, tokenizer = load_model_and_tokenizer(str(init_model(root / "base", seed=0)))
     folder = save_exported(model, tokenizer, root / "exported", ModelMeta.from_config(Config(), seed=0))
     cfg = load_config(None, {
-        "state_dir": str(root / "state"), "serve.port": free_port(), "serve.engine": "transformers",
+        "state_dir": str(root / "state"), "serve.port": free_port(), "inference.engine": "transformers",
         "serve.cpus_per_replica": 0.25, "serve.min_replicas": 1, "serve.max_replicas": 2,
         "serve.target_ongoing_requests": 1, "serve.upscale_delay_s": 0.5, "serve.downscale_delay_s": 3,
         "serve.autoscaling_window_s": 2, "serve.model_name": APP,

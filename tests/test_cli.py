@@ -14,7 +14,8 @@ from typing import Any, Literal, get_args, get_origin
 import pytest
 
 from crlft.command_line import CONFIG_KEYS, config_field, config_flag, config_from_args
-from crlft.config import Config, Mode
+from crlft.config import MOVED_KEYS, Config, Mode, load_config
+from crlft.errors import CrlftError
 from jobs.cli import COMMANDS, main
 
 
@@ -153,6 +154,27 @@ def test_a_flag_overrides_the_same_key_given_with_set() -> None:
                               "--epochs", "3"])
     cfg = config_from_args(args)
     assert (cfg.train.epochs, cfg.train.lr) == (3, 0.001)
+
+
+def test_a_moved_key_in_a_config_file_or_set_names_its_new_place(tmp_path: Path) -> None:
+    """The engine's settings moved from serve.* to inference.*: an old config or --set is told where, not pydantic's
+    "extra inputs are not permitted"; the flags kept their names and set the new keys."""
+    old = tmp_path / "old.yaml"
+    old.write_text("serve:\n  port: 9\n  engine: vllm\n  max_batch_size: 8\n")
+    with pytest.raises(CrlftError) as raised:
+        load_config(old)
+    message = str(raised.value)
+    assert "serve.engine moved to inference.engine" in message, message
+    assert "serve.max_batch_size moved to inference.max_batch_size" in message and "not permitted" not in message
+    parser = stage_parser("serve")
+    for key in MOVED_KEYS:
+        with pytest.raises(CrlftError, match=rf"{key} moved to {MOVED_KEYS[key]}"):
+            config_from_args(parser.parse_args([*required_argv(parser), "--set", f"{key}=1"]))
+    for command in ("serve", "eval"):
+        parser = stage_parser(command)
+        cfg = config_from_args(parser.parse_args([*required_argv(parser), "--engine", "transformers"]))
+        assert cfg.inference.engine == "transformers", command
+    assert load_config(None, {"inference.engine": "vllm"}).inference.engine == "vllm"
 
 
 def test_every_command_runs_a_module_of_the_installed_packages() -> None:

@@ -116,7 +116,7 @@ def reference_answers(exported: Any, suite_prompts: list[list[int]]) -> list[str
 
 
 def test_evaluation_decodes_with_the_serving_transformers_engine(exported: Any, suite_prompts: list[list[int]]) -> None:
-    """The default decoder is the engine `crlft serve` runs with serve.engine=transformers: built as
+    """The default decoder is the engine `crlft serve` runs with inference.engine=transformers: built as
     crlft.inference.engines.TransformersEngine builds it, the same answers, as the endpoint's text."""
     from crlft.eval.answers import generate
     from crlft.inference.generate import BatchGenerator, GenerationRequest
@@ -141,7 +141,8 @@ def test_the_serving_engine_answers_what_the_model_says(
 
 @pytest.fixture(scope="module")
 def vllm_decoder(models: dict[str, Path]) -> Iterator[Any]:
-    """vLLM on the CPU in float32, as `crlft eval` builds it where serve.engine is vllm (started once: ~40 s here)."""
+    """vLLM on the CPU in float32, as `crlft eval` builds it where inference.engine is vllm (started once: ~40 s
+    here)."""
     import torch
 
     from crlft.inference.engine import EngineSettings
@@ -355,8 +356,8 @@ def test_eval_answers_the_packaged_mt_bench_and_the_judge_grades_it(
 def _config(tmp_path: Path, engine: str = "transformers") -> Config:
     """State under tmp_path; crlft's engine decodes unless a test is about vLLM (each vLLM start costs ~40 s here), in
     float32 on any machine."""
-    serve = {"engine": engine, "precision": "fp32", "vllm_kv_cache_gib": 0.25}
-    return Config.model_validate({"state_dir": str(tmp_path / "state"), "serve": serve})
+    inference = {"engine": engine, "precision": "fp32", "vllm_kv_cache_gib": 0.25}
+    return Config.model_validate({"state_dir": str(tmp_path / "state"), "inference": inference})
 
 
 def test_eval_without_mlflow_writes_the_table_plot_and_metrics_and_nothing_partial(
@@ -402,7 +403,7 @@ def test_vllm_asked_for_where_it_is_missing_is_one_line_error_before_the_model_r
     monkeypatch.setattr("crlft.inference.engine.vllm_installed", lambda: False)
     code, err = run_cli(["eval", "--model", str(models["crlft"]), "--suite", str(suite_files["eval"]), "--engine",
                          "vllm", "--out", str(tmp_path / "out"), "--no-mlflow"], capsys)  # fmt: skip
-    assert code == 2 and err.count("\n") == 1 and "serve.engine=vllm, but vLLM is not installed" in err
+    assert code == 2 and err.count("\n") == 1 and "inference.engine=vllm, but vLLM is not installed" in err
     assert not (tmp_path / "out").exists()
 
 

@@ -73,8 +73,8 @@ def _config_folder(haproxy: psutil.Process) -> Path:
 def _serving(model: Path, port: int, state: Path, engine: str) -> Iterator[subprocess.Popen[str]]:
     """`crlft serve` in a session of its own, stderr in state/stderr.log; killed with its group if a test leaves it."""
     command = [sys.executable, "-m", "jobs.cli", "serve", "--model", str(model), "--port", str(port),
-               "--set", "serve.cpus_per_replica=0.25", "--set", f"serve.engine={engine}",
-               "--set", "serve.vllm_kv_cache_gib=0.25", "--set", f"state_dir={state}"]
+               "--set", "serve.cpus_per_replica=0.25", "--set", f"inference.engine={engine}",
+               "--set", "inference.vllm_kv_cache_gib=0.25", "--set", f"state_dir={state}"]
     with (state / "stderr.log").open("w") as stderr:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=REPO,
                                    start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})

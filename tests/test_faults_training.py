@@ -233,7 +233,7 @@ def test_an_evaluation_the_tracker_cannot_take_says_what_was_not_recorded_and_ho
     for key, value in BRIEF_RETRIES.items():
         monkeypatch.setenv(key, value)
     model, tokenizer = load_model_and_tokenizer(str(tiny_model))
-    cfg = config(tmp_path, **{"registry.tracking_uri": server_up.uri, "serve.engine": "transformers"})
+    cfg = config(tmp_path, **{"registry.tracking_uri": server_up.uri, "inference.engine": "transformers"})
     exported = save_exported(model, tokenizer, tmp_path / "exported", ModelMeta.from_config(cfg))
     suite = tmp_path / "suite.jsonl"
     suite.write_text("".join(json.dumps({"prompt": f"What is {a}+1?", "answer": f"{a + 1}"}) + "\n" for a in range(2)))

@@ -54,7 +54,7 @@ def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         "registry.model_name": NAME,
         "serve.port": free_port(),
         "serve.cpus_per_replica": 0.25,
-        "serve.vllm_kv_cache_gib": 0.25,
+        "inference.vllm_kv_cache_gib": 0.25,
         "serve.store.uri": str(root / "store"),
         "serve.store.flush_s": 0.5,
         "serve.api_keys": [KEY],

@@ -141,7 +141,7 @@ def test_gpu_overlay_adds_gpu_groups_that_ask_for_gpus_tolerate_their_taint_and_
         assert groups["gpu"]["maxReplicas"] >= 1
     serve = yaml.safe_load(one(rendered["gpu"], "RayService")["spec"]["serveConfigV2"])
     assert serve["applications"][0]["deployments"][0]["ray_actor_options"]["num_gpus"] == 1
-    assert serve["applications"][0]["args"]["overrides"]["serve.engine"] == "vllm"  # the image's CUDA vLLM
+    assert serve["applications"][0]["args"]["overrides"]["inference.engine"] == "vllm"  # the image's CUDA vLLM
     assert "--gpu" in one(rendered["gpu"], "RayJob")["spec"]["entrypoint"].split()
     for kind in ("RayJob", "RayService"):
         assert [g["groupName"] for g in worker_groups(one(rendered["cpu"], kind))] == ["cpu"]
@@ -269,6 +269,8 @@ def _serve_config(service: dict[str, Any]) -> dict[str, Any]:
         (lambda app: app["deployments"][0]["autoscaling_config"].update(min_replicas="x"), "min_replicas"),
         (lambda app: app["deployments"][0]["ray_actor_options"].update(num_cpu=1), "['num_cpu']"),
         (lambda app: app.update(route_prefix=5), "route_prefix"),
+        (lambda app: app["args"]["overrides"].update({"serve.engine": "vllm"}), "serve.engine moved to inference."),
+        (lambda app: app["args"]["overrides"].update({"serve.max_replica": 2}), "serve.max_replica"),
     ],
     ids=[
         "missing-module",
@@ -279,6 +281,8 @@ def _serve_config(service: dict[str, Any]) -> dict[str, Any]:
         "autoscaling-wrong-type",
         "unknown-actor-option",
         "wrong-type",
+        "moved-config-key",
+        "unknown-config-key",
     ],
 )
 def test_a_mistake_in_the_serve_config_is_an_error(service, mistake, expected):

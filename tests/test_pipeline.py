@@ -12,7 +12,7 @@ from jobs.pipeline import evaluation_fingerprint
 SUITE, HELDOUT = Path("eval.jsonl"), Path("heldout.jsonl")
 
 
-@pytest.mark.parametrize("key, value", [("serve.engine", "vllm"), ("serve.precision", "fp32"),
+@pytest.mark.parametrize("key, value", [("inference.engine", "vllm"), ("inference.precision", "fp32"),
                                         ("registry.metric", "accuracy_suboptimal"), ("eval.max_new_tokens", 32)])
 def test_evaluation_is_redone_when_what_asks_decodes_or_records_its_answers_changes(key: str, value: str) -> None:
     before = evaluation_fingerprint("trained", SUITE, HELDOUT, load_config())

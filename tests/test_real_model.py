@@ -79,7 +79,7 @@ def endpoint(pipeline: Any, cfg: Config) -> Iterator[str]:
     from services.local import deploy, shutdown
 
     served = cfg.model_copy(deep=True)
-    served.serve.engine = "vllm" if vllm_installed() else "transformers"
+    served.inference.engine = "vllm" if vllm_installed() else "transformers"
     url = deploy(champion_uri(served), served)
     try:
         yield url

@@ -398,7 +398,7 @@ def test_an_evaluation_on_the_server_is_recorded_on_the_version_and_decides_the_
     from jobs.evaluate import evaluate_model
 
     cfg, uri = server_store
-    cfg.serve.engine = "transformers"  # what records the result is the subject; vLLM's decoding: test_evaluate.py
+    cfg.inference.engine = "transformers"  # what records the result is the subject; vLLM's decoding: test_evaluate.py
     files = write_suite(tmp_path / "suite", n_expert=6, ratio=1, n_eval=6, n_heldout=8)
     name = unique_name()
     report = evaluate_model(exported_model, files["eval"],

@@ -82,7 +82,7 @@ def prompts(root: Path) -> Path:
 
 def _config(root: Path, prompts: Path, **overrides: Any) -> Config:
     return load_config(None, {
-        "state_dir": str(root / "state"), "serve.engine": "transformers", "data.replay.enabled": True,
+        "state_dir": str(root / "state"), "inference.engine": "transformers", "data.replay.enabled": True,
         "data.replay.prompts": str(prompts), "data.replay.ratio": RATIO, "data.replay.max_new_tokens": MAX_NEW_TOKENS,
         **overrides,
     })  # fmt: skip
@@ -226,6 +226,6 @@ def test_vllm_under_ray_data_llm_gives_the_transformers_engines_answers(built: t
     if not vllm_installed():
         pytest.skip("vLLM is not installed")
     out, _ = built
-    stats = build_dataset(inputs, tiny, root / "vllm", _config(root, prompts, **{"serve.engine": "vllm"}))
+    stats = build_dataset(inputs, tiny, root / "vllm", _config(root, prompts, **{"inference.engine": "vllm"}))
     assert stats["replay"]["engine"] == "vllm" and not stats["replay"]["cached"]
     assert _answers(root / "vllm") == _answers(out)

@@ -229,7 +229,7 @@ def test_auto_serves_with_the_vllm_build_for_the_device_where_installed_and_else
     assert [engine.choose_engine("auto", d) for d in ("cpu", "cuda")] == ["transformers", "vllm"]
     monkeypatch.setattr(engine, "vllm_installed", lambda: False)
     assert [engine.choose_engine("auto", d) for d in ("cpu", "cuda")] == ["transformers", "transformers"]
-    with pytest.raises(CrlftError, match=r"serve.engine=vllm, but vLLM is not installed: .*crlft\[vllm\]"):
+    with pytest.raises(CrlftError, match=r"inference.engine=vllm, but vLLM is not installed: .*crlft\[vllm\]"):
         engine.choose_engine("vllm", "cuda")
 
 
@@ -297,9 +297,9 @@ def stack(request: pytest.FixtureRequest, models: dict[str, Path],
         "serve.port": free_port(),
         "serve.cpus_per_replica": 0.25,
         "serve.max_replicas": 1,
-        "serve.max_batch_size": 8,
-        "serve.engine": request.param,
-        "serve.vllm_kv_cache_gib": 0.25,
+        "inference.max_batch_size": 8,
+        "inference.engine": request.param,
+        "inference.vllm_kv_cache_gib": 0.25,
     }
     cfg = load_config(None, overrides)
     version = register_model(models["a"], cfg)

@@ -105,7 +105,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     folder = save_exported(model, tokenizer, root / "exported", ModelMeta.from_config(Config()))
     base = {"state_dir": str(root / "state"), "registry.tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
             "registry.model_name": REGISTERED, "serve.port": free_port(), "serve.cpus_per_replica": 0.25,
-            "serve.max_replicas": 1, "serve.engine": "transformers"}
+            "serve.max_replicas": 1, "inference.engine": "transformers"}
     cfg = load_config(None, {**base, "serve.store.uri": str(root / "main"), "serve.store.flush_s": 0.2})
     promote(REGISTERED, register_model(folder, cfg), force=True, cfg=cfg)
     broken = load_config(None, {**base, "serve.store.uri": str(root / "broken"), "serve.store.by_default": True,

@@ -1,5 +1,6 @@
-"""The decoder a stage answers prompts with: the engine `crlft serve` would serve with on this machine (serve.engine,
-auto: vLLM where installed for the device, else crlft's own; serve.precision; this machine's GPU if it has one).
+"""The decoder a stage answers prompts with: the engine `crlft serve` would serve with on this machine (the `inference`
+section: inference.engine, auto: vLLM where installed for the device, else crlft's own; inference.precision; this
+machine's GPU if it has one).
 Evaluation, retention and replay all decode through here, so what they measure or train on is what users get."""
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ from crlft.inference.sampling import Completion, SamplingParams
 
 EngineKind = Literal["transformers", "vllm"]
 Event = tuple[int, str | Completion]  # (choice index, a new piece of text or the choice's end)
-VLLM_INSTALL_HINT = "install it with `pip install 'crlft[vllm]'` (see the README), or set serve.engine=transformers"
+VLLM_INSTALL_HINT = "install it with `pip install 'crlft[vllm]'` (see the README), or set inference.engine=transformers"
 
 
 class Generation:
@@ -138,7 +138,7 @@ class EngineSettings:
 
     @classmethod
     def for_replica(cls, cfg: Config, device: str) -> EngineSettings:
-        s = cfg.serve
+        s = cfg.inference
         return cls(choose_engine(s.engine, device), device, serving_dtype(s.precision, device), s.max_batch_size,
                    s.batch_wait_timeout_s, s.vllm_kv_cache_gib)
 
@@ -161,7 +161,7 @@ def choose_engine(requested: str, device: str) -> EngineKind:
     SmolLM2-135M in float32 2.02x crlft's engine (benchmarks/RESULTS.md), for a slower start (about 40 s here against
     seconds). Asking for vLLM where it is missing is an error that says how to install it."""
     if requested == "vllm" and not vllm_installed():
-        raise CrlftError(f"serve.engine=vllm, but vLLM is not installed: {VLLM_INSTALL_HINT}")
+        raise CrlftError(f"inference.engine=vllm, but vLLM is not installed: {VLLM_INSTALL_HINT}")
     if requested == "auto":
         fits = vllm_installed() and (device.startswith("cuda") or vllm_is_cpu_build())
         return "vllm" if fits else "transformers"

@@ -1,4 +1,4 @@
-"""vLLM as evaluation's decoder: the engine `crlft serve` runs with serve.engine=vllm, offline and batched.
+"""vLLM as evaluation's decoder: the engine `crlft serve` runs with inference.engine=vllm, offline and batched.
 
 The serving replica (crlft/inference/vllm_engine.py) holds vLLM's async engine; evaluation has all its prompts at
 once, so it uses vLLM's offline `LLM` with the replica's settings: prompt ids in and token ids out (vLLM's
