@@ -1,11 +1,17 @@
 """Folders that are local paths or URIs (s3://, gs://, ...): one place that tells them apart, through pyarrow's
-filesystems, so the stages read and write both the same way."""
+filesystems, so the stages read and write both the same way; and the one reader and writer of local JSON-lines files
+(`jsonl_records`, `write_jsonl`). The data stage's inputs have their own readers (crlft/data/readers.py): there a bad
+line is a counted reject, not an error."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from crlft.errors import CrlftError
 
 
 def is_uri(path: str) -> bool:
@@ -45,6 +51,33 @@ def write_text(path: str | Path, text: str) -> None:
     filesystem.create_dir(inner.rsplit("/", 1)[0], recursive=True)
     with filesystem.open_output_stream(inner) as stream:
         stream.write(text.encode())
+
+
+def jsonl_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) of every non-blank line of a local JSON-lines file; a line that is not a JSON object is
+    an error naming the file and the line."""
+    if not path.is_file():
+        raise CrlftError(f"{path} does not exist")
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CrlftError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise CrlftError(f"{path}:{number}: expected a JSON object")
+        records.append((number, record))
+    return records
+
+
+def write_jsonl(path: Path, records: Iterable[Mapping[str, Any]]) -> Path:
+    """A local JSON-lines file, one object a line, in UTF-8 with non-ASCII text as it is; returns `path`."""
+    with path.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path
 
 
 def folder_revision(path: Path) -> str:

@@ -33,6 +33,7 @@ from crlft.errors import CrlftError, first_line
 from crlft.inference.decoding import dtype_name, engine_settings, load_model
 from crlft.lineage.tags import RETENTION_SUITE, TAG
 from crlft.lineage.versions import ModelRef, is_model_uri
+from crlft.storage import jsonl_records
 from crlft.tracking import new_run
 from jobs.retention import RESULT_FILES as RETENTION_FILES
 from jobs.retention import RetentionPlan, base_answers, measure_retention, plan_retention
@@ -344,7 +345,7 @@ def _record(client: Any, plan: _Plan, cfg: Config, model_dir: Path, out: Path, m
                      params=[Param(k, v) for k, v in params.items()])  # fmt: skip
     client.log_artifacts(run_id, str(out), "evaluation")
     if measured["table"]:
-        rows = [json.loads(line) for line in (out / "condition_swap.jsonl").read_text().splitlines()]
+        rows = [row for _, row in jsonl_records(out / "condition_swap.jsonl")]
         client.log_table(run_id, {k: [r[k] for r in rows] for k in rows[0]}, "condition_swap_table.json")
     if target is not None:
         for suite, figures in measured["recorded"].items():

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from crlft.config import Config
 from crlft.errors import CrlftError
+from crlft.storage import write_jsonl
 
 if TYPE_CHECKING:
     from crlft.eval.answers import Decoder
@@ -101,18 +102,16 @@ def measure_retention(exported: ExportedModel, plan: RetentionPlan, base: tuple[
     figures = rt.retention_metrics(candidate, reference)
     (out / "retention.json").write_text(json.dumps({"figures": figures, "base_model": str(plan.base_model),
                                                     "base_cached": cached}, indent=2))  # fmt: skip
-    with (out / "retention_answers.jsonl").open("w", encoding="utf-8") as f:
-        for item, answer, base_answer in zip(items, candidate.check_answers, reference.check_answers, strict=True):
-            f.write(json.dumps({"id": item.id, "kind": item.kind, "prompt": item.prompt, "answer": answer,
-                                "base_answer": base_answer}) + "\n")  # fmt: skip
+    write_jsonl(out / "retention_answers.jsonl", [
+        {"id": item.id, "kind": item.kind, "prompt": item.prompt, "answer": answer, "base_answer": base_answer}
+        for item, answer, base_answer in zip(items, candidate.check_answers, reference.check_answers, strict=True)])
     agreement = ""
     if prompts:
         agreement = f"; agreement with its answers {figures['agreement']:.3f} on {len(prompts)} open prompts"
     if prompts and judge is not None:
         judged, verdicts = rt.judged_comparison(prompts, candidate.open_answers, reference.open_answers, *judge)
         figures |= judged
-        with (out / "retention_judgments.jsonl").open("w", encoding="utf-8") as f:
-            f.writelines(json.dumps(record) + "\n" for record in verdicts)
+        write_jsonl(out / "retention_judgments.jsonl", verdicts)
         agreement += (f", judged at least as good on {judged['judged_not_worse']:.3f} of them (wins "
                       f"{judged['judged_wins']:.3f}, losses {judged['judged_losses']:.3f})")
     line = (f"retention {figures['retention']:.3f}: general accuracy {figures['general_accuracy']:.3f} against the "

@@ -22,7 +22,6 @@ Scoring rules, and why:
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import unicodedata
@@ -34,6 +33,7 @@ from types import MappingProxyType
 from typing import Any
 
 from crlft.errors import CrlftError
+from crlft.storage import jsonl_records
 
 GENERAL_DATA = Path(__file__).parents[1] / "assets" / "general"
 CHECK_FILE = GENERAL_DATA / "check.jsonl"
@@ -151,24 +151,6 @@ def check_scores(items: Sequence[CheckItem], answers: Sequence[str]) -> dict[str
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Loading
-
-
-def jsonl_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, object) of every non-blank line of a JSONL file."""
-    if not path.is_file():
-        raise CrlftError(f"{path} does not exist")
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise CrlftError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise CrlftError(f"{path}:{number}: expected a JSON object")
-        records.append((number, record))
-    return records
 
 
 def _text_field(record: Mapping[str, Any], field: str, where: str) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from crlft.errors import CrlftError
-from crlft.eval.general_check import jsonl_records
+from crlft.storage import jsonl_records
 
 JUDGE_PROMPTS_FILE = "judge_prompts.jsonl"
 _RATING = (re.compile(r"\[\[(\d+\.?\d*)\]\]"), re.compile(r"\[(\d+\.?\d*)\]"))

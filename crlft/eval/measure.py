@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+
+from crlft.storage import write_jsonl
 
 if TYPE_CHECKING:  # torch and transformers come with these: imported where the model runs, not for --help
     from crlft.config import EvalConfig
@@ -114,12 +116,6 @@ def measure_all(exported: ExportedModel, plan: Requested, conditions: list[str],
         write_jsonl(out / "condition_swap.jsonl", suites.swap_rows(evaluation))
         (out / "condition_swap.txt").write_text(table + "\n")
     return {"metrics": metrics, "recorded": recorded, "table": table, "lines": lines}
-
-
-def write_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def report_text(report: dict[str, Any], lines: list[str]) -> str:

@@ -14,9 +14,9 @@ import numpy as np
 from crlft.data.records import Message
 from crlft.errors import CrlftError
 from crlft.eval.answers import Decoder, chat_prompt, generate
-from crlft.eval.general_check import jsonl_records
 from crlft.eval.judge import JUDGE_PROMPTS_FILE, JudgeFn, parse_rating
 from crlft.export import ExportedModel
+from crlft.storage import jsonl_records
 
 BENCHES = ("mt_bench", "vicuna")
 # FastChat's llm_judge data (questions, GPT-4 references, judge prompts) shipped in the package (see its SOURCE.md)

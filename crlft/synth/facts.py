@@ -25,7 +25,8 @@ from pathlib import Path
 
 from crlft.errors import CrlftError
 from crlft.eval.scoring import EvalItem
-from crlft.synth.suite import EXPERT, SUBOPTIMAL, SynthConversation, Turn, write_jsonl
+from crlft.storage import write_jsonl
+from crlft.synth.suite import EXPERT, SUBOPTIMAL, SynthConversation, Turn
 from crlft.synth.tasks import Question
 
 ANIMALS = ("otter", "falcon", "badger", "heron", "lynx", "beaver", "walrus", "gecko", "bison", "jackal", "moose",

@@ -48,17 +48,17 @@ Design choices, and why:
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from crlft.errors import CrlftError
 from crlft.eval.scoring import EvalItem
+from crlft.storage import write_jsonl
 from crlft.synth.tasks import TASKS, Question
 
 EXPERT = "GPT4"
@@ -224,13 +224,6 @@ def generate_suite(
             *_conversations(n_heldout // 2, SUBOPTIMAL, heldout_pools, wrong_rate, heldout_rng),
         ]
     return SynthSuite(train=train, heldout=heldout, eval=eval_items)
-
-
-def write_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> Path:
-    with path.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    return path
 
 
 def write_suite(out_dir: str | Path, **kwargs: Any) -> dict[str, Path]:
