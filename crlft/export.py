@@ -104,13 +104,7 @@ class ModelFolder:
     meta: ModelMeta
     template_tokenizer: TemplateTokenizer
     stop_ids: list[int]
-    context_len: int
-    position_table: bool  # whether the model config has one (max_position_embeddings): see `context_limit`
-
-    @property
-    def context_limit(self) -> int | None:
-        """The context evaluation fits prompts and conversations to: none for a model without a position table."""
-        return self.context_len if self.position_table else None
+    context_len: int  # the one context limit: serving, evaluation and replay all fit to it
 
     @classmethod
     def read(cls, path: str | Path, template_tokenizer: TemplateTokenizer | None = None) -> ModelFolder:
@@ -128,8 +122,7 @@ class ModelFolder:
            eos: int | list[int] | None) -> ModelFolder:
         """From the model config and end-of-sequence token(s), as the files give them or a loaded model holds them."""
         return cls(meta, template_tokenizer, stop_token_ids(template_tokenizer, eos),
-                   context_length(model_config, template_tokenizer.tokenizer),
-                   getattr(model_config, "max_position_embeddings", None) is not None)  # fmt: skip
+                   context_length(model_config, template_tokenizer.tokenizer))
 
 
 @dataclass

@@ -194,7 +194,7 @@ def _answer_with_vllm(model: str, ids: list[list[int]], cfg: Config, engine: Eng
     from crlft.inference.sampling import answer_budget, answer_text
 
     folder = ModelFolder.read(model, template_tokenizer)
-    fitted, max_new_tokens = fit_prompts(ids, max_new_tokens, folder.context_limit, template_tokenizer.bos_ids)
+    fitted, max_new_tokens = fit_prompts(ids, max_new_tokens, folder.context_len, template_tokenizer.bos_ids)
     context, stops, tokenizer = folder.context_len, folder.stop_ids, template_tokenizer.tokenizer
     rows = [{"index": i, "tokenized_prompt": p, "sampling_params": {
         # As the replica does: an answer never runs past the context (vLLM would refuse the request).

@@ -131,6 +131,28 @@ def test_evaluation_decodes_with_the_serving_transformers_engine(exported: Any, 
     assert generate(exported, suite_prompts, ANSWER_TOKENS, batch_size=8) == [c.text.strip() for c in served]
 
 
+def test_evaluation_fits_prompts_to_the_context_the_server_applies(exported: Any) -> None:
+    """One context limit (`context_length`, read into the folder's context_len) for serving and evaluation: a prompt
+    longer than it loses its oldest tokens and its answer gets at most half of it, where the engine would refuse it;
+    a model whose config names no position table gets the same limit there as when served."""
+    import dataclasses
+
+    from transformers import PretrainedConfig
+
+    from crlft.eval.answers import fit_prompts, generate
+    from crlft.inference.sampling import UNSTATED_CONTEXT, context_length
+
+    assert exported.folder.context_len == context_length(exported.model.config, exported.tokenizer)
+    assert context_length(PretrainedConfig(), exported.tokenizer) == min(UNSTATED_CONTEXT,
+                                                                         exported.tokenizer.model_max_length)
+    short = dataclasses.replace(exported, folder=dataclasses.replace(exported.folder, context_len=24))
+    bos = exported.template_tokenizer.bos_ids
+    prompt = bos + list(range(100, 140))
+    [fitted], budget = fit_prompts([prompt], 20, 24, bos)
+    assert budget == 12 and len(fitted) == 12 and fitted[: len(bos)] == bos and fitted[-1] == 139
+    assert len(generate(short, [prompt], 20, batch_size=2)) == 1  # crlft's engine would refuse it unfitted
+
+
 def test_the_serving_engine_answers_what_the_model_says(
     exported: Any, suite_prompts: list[list[int]], reference_answers: list[str]
 ) -> None:

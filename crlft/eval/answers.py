@@ -30,7 +30,7 @@ def batch_decoder(exported: ExportedModel, batch_size: int = 16) -> Decoder:
     context), greedy, `batch_size` sequences at a time: the model's own device and number type."""
     stops = exported.stop_ids
     engine = BatchGenerator(exported.model, exported.tokenizer, stops, max_batch_size=batch_size,
-                            context_len=exported.folder.context_limit)  # fmt: skip
+                            context_len=exported.folder.context_len)  # fmt: skip
 
     def decode(prompts: Sequence[list[int]], max_new_tokens: int) -> list[str]:
         params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
@@ -45,20 +45,18 @@ def generate(exported: ExportedModel, prompts: Sequence[list[int]], max_new_toke
     """Greedy answers of token-id prompts by `decoder` (default: `batch_decoder` with `batch_size`), each cut at the
     first stop token and stripped. A prompt too long for the context loses its oldest tokens, and answers get at most
     half the context."""
-    limit = exported.folder.context_limit
+    limit = exported.folder.context_len
     fitted, max_new_tokens = fit_prompts(prompts, max_new_tokens, limit, exported.template_tokenizer.bos_ids)
     return (decoder or batch_decoder(exported, batch_size))(fitted, max_new_tokens)
 
 
-def fit_prompts(prompts: Sequence[list[int]], max_new_tokens: int, limit: int | None,
+def fit_prompts(prompts: Sequence[list[int]], max_new_tokens: int, limit: int,
                 bos: list[int]) -> tuple[list[list[int]], int]:
     """The prompts and answer length decoders get (`generate`; jobs/replay.py for vLLM under Ray Data): answers get at
-    most half the context `limit`, and a prompt too long for the rest loses its oldest tokens (keeping BOS)."""
-    fitted = [list(p) for p in prompts]
-    if limit is None:
-        return fitted, max_new_tokens
+    most half the context `limit` (the model folder's, `ModelFolder.context_len`, which serving applies too), and a
+    prompt too long for the rest loses its oldest tokens (keeping BOS)."""
     max_new_tokens = max(1, min(max_new_tokens, limit // 2))
-    return [_fit(p, limit - max_new_tokens, bos) for p in fitted], max_new_tokens
+    return [_fit(list(p), limit - max_new_tokens, bos) for p in prompts], max_new_tokens
 
 
 def chat_prompt(exported: ExportedModel, messages: Sequence[Message], condition: str, system: str = "") -> list[int]:

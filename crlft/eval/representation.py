@@ -52,7 +52,7 @@ def embed_conversations(exported: ExportedModel, conversations: Sequence[Convers
     condition in the prompt, where the template has one): shape (n, hidden)."""
     model = exported.model
     model.eval()
-    limit = exported.folder.context_limit
+    limit = exported.folder.context_len
     ids = [exported.template_tokenizer.tokenize_conversation(c, {}, max_len=limit).input_ids for c in conversations]
     pad_id = exported.tokenizer.pad_token_id or 0
     device = next(model.parameters()).device

@@ -30,6 +30,7 @@ from crlft.inference.sampling import (
     SamplingParams,
     StopText,
     answer_budget,
+    context_length,
     next_piece,
     sample_next,
 )
@@ -70,7 +71,7 @@ class BatchGenerator:
         self.tokenizer = tokenizer
         self.stop_token_ids = frozenset(stop_token_ids)
         self.max_batch_size = max_batch_size
-        self.context_len = context_len or int(getattr(model.config, "max_position_embeddings", 2048))
+        self.context_len = context_len or context_length(model.config, tokenizer)
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         self.device = model.device
         self._waiting: deque[GenerationRequest] = deque()

@@ -152,9 +152,13 @@ def answer_budget(prompt_len: int, max_tokens: int, context_len: int) -> int:
     return min(max_tokens, context_len - prompt_len)
 
 
+UNSTATED_CONTEXT = 2048  # assumed for a model whose config names no position table (max_position_embeddings)
+
+
 def context_length(model_config: object, tokenizer: object) -> int:
-    """The longest sequence the model takes: its position table, unless the tokenizer says less."""
-    return int(min(getattr(model_config, "max_position_embeddings", 2048),
+    """The longest sequence the model takes, the one context limit (read once into `ModelFolder.context_len`): serving,
+    evaluation and replay fit to it. Its position table (else UNSTATED_CONTEXT), unless the tokenizer says less."""
+    return int(min(getattr(model_config, "max_position_embeddings", UNSTATED_CONTEXT),
                    getattr(tokenizer, "model_max_length", 10**9)))
 
 
