@@ -49,6 +49,7 @@ from typing import Any
 
 import httpx
 
+from cluster.haproxy_pages import fallback_proxy_port
 from cluster.session import free_port, ingress_env
 from crlft.config import Config, load_config
 from crlft.data.template import Template
@@ -415,11 +416,11 @@ def main(argv: list[str] | None = None) -> int:
         args.load = [os.getloadavg()[0]]
         count = TokenCounter(model_dir)
         servers = []
-        with environment(ingress_env(Config())) as ingress:  # HAProxy, as `crlft serve` starts it
+        with environment(ingress_env(Config())):  # HAProxy, as `crlft serve` starts it
             ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
         stack.callback(shutdown)
         crlft = crlft_servers(args.servers, model_dir, args.precision, Path(scratch) / "state", args.kv_cache_gib)
-        crlft += [through_serve_proxy(s, int(ingress["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"]))
+        crlft += [through_serve_proxy(s, fallback_proxy_port())
                   for s in crlft if s.name == "crlft-vllm"]
         servers += [s for s in crlft if s.name in args.servers]
         if "vllm" in args.servers:

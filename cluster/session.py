@@ -14,10 +14,8 @@ import contextlib
 import logging
 import math
 import os
-import random
 import shutil
 import signal
-import socket
 import sys
 import uuid
 from collections.abc import Iterator
@@ -25,6 +23,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from cluster.ports import free_port
 from crlft.config import Config
 from crlft.environ import environment
 
@@ -42,7 +41,6 @@ _local_mark: str | None = None  # this process's local session, while it runs
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _handlers_before: dict[int, Any] = {}  # while stop_on_signals' handler is installed: what it replaced
 _received: int | None = None  # the stop signal that handler took, until `restore_signals`
-PORT_BAND = range(20000, 30000)
 
 
 class Stopped(KeyboardInterrupt):
@@ -53,41 +51,18 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
-def free_port() -> int:
-    """A port free now, for a listener another process starts later and that cannot choose its own (HAProxy's pages,
-    Serve's fallback proxy: their ports are settings Serve reads at start): drawn from `PORT_BAND` less the kernel's
-    ephemeral range, ports no process binds by chance (Ray's processes bind port 0 and connect from the ephemeral
-    range, its workers bind 10002-19999, Serve's replicas 30000 and up), so that it is still free when that process
-    binds it."""
-    ephemeral = ephemeral_ports()
-    candidates = [port for port in PORT_BAND if port not in ephemeral]
-    for port in random.sample(candidates, min(len(candidates), 100)):
-        with socket.socket() as probe, contextlib.suppress(OSError):
-            probe.bind(("127.0.0.1", port))
-            return port
-    with socket.socket() as probe:  # the band is full or inside the ephemeral range: any port
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def ephemeral_ports() -> range:
-    try:
-        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-    except (OSError, ValueError):  # not Linux: the IANA range
-        low, high = 49152, 65535
-    return range(low, high + 1)
-
-
 def local_cpus(cfg: Config) -> int:
     needed = math.ceil(cfg.train.workers * cfg.train.cpus_per_worker)
     return max(os.cpu_count() or 1, needed) + LOCAL_SPARE_CPUS
 
 
 def ingress_env(cfg: Config) -> dict[str, str]:
-    """The environment a local Ray needs at start for `serve.ingress`. For HAProxy: HAProxy's own pages and Serve's
-    fallback proxy get free ports, not Ray's fixed ones, so that local sessions can run side by side, and the pages
-    listen on the endpoint's host only (cluster/haproxy_pages.py); a replica leaving holds on 3 s, not 30, for HAProxy
-    on the same machine to let go of it. Serve's proxy needs nothing."""
+    """The environment a local Ray needs at start for `serve.ingress`. For HAProxy: HAProxy's own pages get free
+    ports, not Ray's fixed ones, so that local sessions can run side by side (a start that finds one taken all the
+    same starts again on a fresh one), the pages listen on the endpoint's host only, and Serve's fallback proxy binds
+    a port of its own unless RAY_SERVE_FALLBACK_PROXY_HTTP_PORT is set (all three: cluster/haproxy_pages.py); a
+    replica leaving holds on 3 s, not 30, for HAProxy on the same machine to let go of it. Serve's proxy needs
+    nothing."""
     if cfg.serve.ingress != "haproxy":
         return {}
     from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
@@ -98,7 +73,6 @@ def ingress_env(cfg: Config) -> dict[str, str]:
             # that reached a replica as it died, and got nothing back, is sent to another (Serve retries only refused
             # connections): a chat completion has no side effect to repeat.
             "RAY_SERVE_HAPROXY_OBSERVE_ERROR_LIMIT": "1", "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
-            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
             "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
             # What ray.init(runtime_env={"worker_process_setup_hook": ...}) sets, here inherited by every worker of
             # the session, the Serve actors that start HAProxy included.

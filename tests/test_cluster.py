@@ -171,16 +171,17 @@ def test_an_explicit_address_wins_over_ray_address(monkeypatch):
 
 
 def test_a_local_ray_gets_the_ingress_environment_only_while_it_starts_and_the_users_values_win(monkeypatch):
-    monkeypatch.setenv("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "8555")
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "8555")
     monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY", raising=False)
     with environment(ingress_env(Config())) as in_effect:
         assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
-        assert in_effect["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"] == "8555"
-        # Free ports for HAProxy's pages, not Ray's fixed 8404 and 9101: local sessions run side by side.
-        assert in_effect["RAY_SERVE_HAPROXY_STATS_PORT"] != "8404"
+        assert in_effect["RAY_SERVE_HAPROXY_STATS_PORT"] == "8555"
+        # A free port for HAProxy's metrics page, not Ray's fixed 9101: local sessions run side by side. The fallback
+        # proxy binds a port of its own (cluster/haproxy_pages.py): nothing to set.
         assert in_effect["RAY_SERVE_HAPROXY_METRICS_PORT"] != "9101"
+        assert "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT" not in in_effect
     assert "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ
-    assert os.environ["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"] == "8555"
+    assert os.environ["RAY_SERVE_HAPROXY_STATS_PORT"] == "8555"
     assert ingress_env(load_config(None, {"serve.ingress": "serve-proxy"})) == {}
 
 

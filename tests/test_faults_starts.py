@@ -6,6 +6,7 @@ signalled by pid or by process group (what `kill`/Kubernetes and systemd/`timeou
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -15,13 +16,22 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
-from cluster.haproxy_pages import ON_ENDPOINT_HOST, on_endpoint_host
+from cluster.haproxy_pages import (
+    ON_ENDPOINT_HOST,
+    fallback_binds_its_own_port,
+    fallback_target_on_its_port,
+    on_endpoint_host,
+    retry_taken_pages,
+)
+from cluster.ports import ephemeral_ports
 from cluster.session import SESSION_MARK, Stopped, free_port, marked_processes, stop_on_signals, stop_signal_received
 from crlft.command_line import run_guarded
 from crlft.config import Config
@@ -204,3 +214,140 @@ def test_serve_s_haproxy_template_binds_its_pages_on_the_endpoint_s_host() -> No
     rebound = on_endpoint_host(HAPROXY_CONFIG_TEMPLATE)
     assert all(line not in rebound for line in ON_ENDPOINT_HOST)
     assert rebound.count("bind {{ config.frontend_host }}:") == 3  # the endpoint, the stats page, the metrics page
+
+
+def _held_ports(count: int) -> list[socket.socket]:
+    """`count` ports on the serving host, bound and listening until closed: taken, as another process may take them."""
+    holders = []
+    for _ in range(count):
+        holder = socket.socket()
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        holders.append(holder)
+    return holders
+
+
+def _answers(url: str) -> int:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.status
+
+
+def _haproxy(folder: Path, endpoint: int, stats: int, metrics: int, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Serve's HAProxyApi as Serve's HAProxyManager makes it, patched as the setup hook patches it, files in `folder`:
+    a real HAProxy without Ray."""
+    from ray.serve._private import haproxy
+    from ray.serve.config import HTTPOptions
+
+    monkeypatch.setattr(haproxy, "HAPROXY_CONFIG_TEMPLATE", on_endpoint_host(haproxy.HAPROXY_CONFIG_TEMPLATE))
+    monkeypatch.setattr(haproxy.HAProxyApi, "start", haproxy.HAProxyApi.start)  # put back after the test
+    retry_taken_pages(haproxy)
+    config = haproxy.HAProxyConfig(
+        http_options=HTTPOptions(host="127.0.0.1", port=endpoint), stats_port=stats, metrics_port=metrics,
+        socket_path=f"{folder}/admin.sock", server_state_base=str(folder), server_state_file=f"{folder}/server-state",
+        metrics_socket_path=f"{folder}/metrics.sock")
+    return haproxy.HAProxyApi(cfg=config, config_file_path=f"{folder}/haproxy.cfg")
+
+
+def test_haproxy_whose_pages_ports_are_taken_starts_again_on_fresh_ones_its_pages_answering_on_the_serving_host(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    holders = _held_ports(2)
+    taken = [holder.getsockname()[1] for holder in holders]
+    endpoint = free_port()
+    api = _haproxy(tmp_path, endpoint, taken[0], taken[1], monkeypatch)
+
+    async def start_and_ask() -> tuple[list[tuple[str, int]], int, int]:
+        await asyncio.wait_for(api.start(), timeout=60)
+        try:
+            return (_listeners(api._proc.pid), _answers(f"http://127.0.0.1:{api.cfg.stats_port}/stats"),
+                    _answers(f"http://127.0.0.1:{api.cfg.metrics_port}/metrics"))
+        finally:
+            await api.stop()
+
+    try:
+        listeners, stats, metrics = asyncio.run(start_and_ask())
+    finally:
+        for holder in holders:
+            holder.close()
+    pages = {api.cfg.stats_port, api.cfg.metrics_port}
+    assert len(pages) == 2 and not pages & set(taken)
+    assert sorted(listeners) == sorted(("127.0.0.1", p) for p in (endpoint, *pages))
+    assert (stats, metrics) == (200, 200)
+    assert f"127.0.0.1:{api.cfg.stats_port}" in (tmp_path / "haproxy.cfg").read_text()  # what it got, read back
+
+
+def test_haproxy_whose_endpoint_port_is_taken_fails_at_once_its_pages_not_moved(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The endpoint's port is the user's: crlft names its holder before Serve starts; nothing moves it elsewhere."""
+    holders = _held_ports(2)
+    endpoint, stats = (holder.getsockname()[1] for holder in holders)
+    metrics = free_port()
+    api = _haproxy(tmp_path, endpoint, stats, metrics, monkeypatch)
+    try:
+        with pytest.raises(RuntimeError, match=rf"Address already in use\) for \[127.0.0.1:{endpoint}\]"):
+            asyncio.run(asyncio.wait_for(api.start(), timeout=60))
+    finally:
+        for holder in holders:
+            holder.close()
+    assert (api.cfg.stats_port, api.cfg.metrics_port, api._spawn_seq) == (stats, metrics, 1)
+
+
+def test_what_the_setup_hook_patches_is_in_the_installed_serve(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each patch checks what it patches and fails loudly after a Ray upgrade that moved it: none fails on this Ray."""
+    from ray.serve._private import haproxy, proxy, proxy_state
+
+    monkeypatch.setattr(haproxy.HAProxyApi, "start", haproxy.HAProxyApi.start)  # each put back after the test
+    monkeypatch.setattr(proxy, "start_asgi_http_server", proxy.start_asgi_http_server)
+    monkeypatch.setattr(proxy_state.ProxyStateManager, "get_fallback_proxy_targets",
+                        proxy_state.ProxyStateManager.get_fallback_proxy_targets)
+    for module, patch in ((haproxy, retry_taken_pages), (proxy, fallback_binds_its_own_port),
+                          (proxy_state, fallback_target_on_its_port)):
+        patch(module)
+        patch(module)  # once only
+    assert proxy.start_asgi_http_server._crlft and proxy_state.ProxyStateManager.get_fallback_proxy_targets._crlft
+
+
+@pytest.mark.slow
+def test_crlft_serve_whose_pages_ports_are_taken_comes_up_on_fresh_ones_on_the_serving_host_its_fallback_on_its_own(
+        model: Path, port: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ports for HAProxy's pages taken before HAProxy binds them (set as a user would: the user's values win over
+    crlft's draw): the stack still serves, its pages on fresh ports, all on the serving host; Serve's fallback proxy
+    binds a port of its own (the kernel's choice: the ephemeral range, where crlft's draws never fall) and HAProxy's
+    backup server is that port."""
+    holders = _held_ports(2)
+    taken = {holder.getsockname()[1] for holder in holders}
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", str(holders[0].getsockname()[1]))
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_METRICS_PORT", str(holders[1].getsockname()[1]))
+    monkeypatch.delenv("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", raising=False)
+    try:
+        with _serving(model, port, tmp_path, "transformers") as process:
+            assert process.stdout is not None
+            line = next((line for line in process.stdout if line.startswith("serving ")), "")
+            assert f"http://127.0.0.1:{port}/v1" in line, f"not served; exit status {process.poll()}, stderr:\n" + \
+                (tmp_path / "stderr.log").read_text()[-3000:]
+            mark = _session_mark_of(process.pid)
+            assert mark
+            haproxy = [p for p in marked_processes(mark) if p.name() == "haproxy"]
+            listeners = {listener for p in haproxy for listener in _listeners(p.pid)}
+            assert {ip for ip, _ in listeners} == {"127.0.0.1"}
+            config = _config_folder(haproxy[0]) / "haproxy.cfg"
+            pages = {name: int(re.search(rf"{frontend}\s+bind 127\.0\.0\.1:(\d+)", config.read_text())[1])
+                     for name, frontend in (("stats", "listen stats"), ("metrics", "frontend prometheus"))}
+            assert {("127.0.0.1", page) for page in pages.values()} <= listeners and not set(pages.values()) & taken
+            assert _answers(f"http://127.0.0.1:{pages['stats']}/stats") == 200
+            assert _answers(f"http://127.0.0.1:{pages['metrics']}/metrics") == 200
+            fallback = None
+            deadline = time.monotonic() + 60
+            while fallback is None and time.monotonic() < deadline:  # HAProxy is told of it once it is ready
+                fallback = re.search(r"server \S+ ([\d.]+):(\d+) check backup", config.read_text())
+                time.sleep(0.5)
+            assert fallback, "HAProxy was never given the fallback proxy"
+            assert int(fallback[2]) in ephemeral_ports()
+            assert _answers(f"http://{fallback[1]}:{fallback[2]}/-/routes") == 200
+            assert _answers(f"http://127.0.0.1:{port}/v1/models") == 200
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=STOP_LIMIT_S) in (0, 128 + signal.SIGTERM)
+        time.sleep(1.0)
+        assert marked_processes(mark) == []
+    finally:
+        for holder in holders:
+            holder.close()
