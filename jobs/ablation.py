@@ -73,9 +73,9 @@ def base_reference(base_model: Path, suite: dict[str, Path | None], cfg: Config,
     """The pretrained model before any fine-tuning, scored on the suite like the runs (no MLflow run, `cfg.eval`'s
     settings), and with `retention` its answers to the general check, measured once for every run's retention (cached
     in <state_dir>/retention)."""
+    from crlft.eval.measure import base_answers, plan_retention
     from crlft.inference.decoding import engine_settings
     from jobs.evaluate import evaluate_model
-    from jobs.retention import base_answers, plan_retention
 
     metrics = evaluate_model(base_model, suite["eval"], cfg, log_mlflow=False, out_dir=out / "eval" / "base",
                              retention=False)["metrics"]  # fmt: skip

@@ -30,13 +30,21 @@ from crlft.command_line import add_config_arguments, config_flag, config_from_ar
 from crlft.config import Config
 from crlft.environ import set_offline_defaults
 from crlft.errors import CrlftError, first_line
+from crlft.eval.measure import (
+    RETENTION_FILES,
+    RetentionPlan,
+    base_answers,
+    measure_all,
+    measure_retention,
+    open_plan_decoder,
+    plan_retention,
+    report_text,
+)
 from crlft.inference.decoding import dtype_name, engine_settings, load_model
 from crlft.lineage.tags import RETENTION_SUITE, TAG
 from crlft.lineage.versions import ModelRef, is_model_uri
 from crlft.storage import jsonl_records
 from crlft.tracking import new_run
-from jobs.retention import RESULT_FILES as RETENTION_FILES
-from jobs.retention import RetentionPlan, base_answers, measure_retention, plan_retention
 
 if TYPE_CHECKING:  # torch and transformers come with these: imported where the model runs, not for --help
     from crlft.eval.judge import JudgeFn
@@ -250,7 +258,6 @@ def evaluate_model(
     "model_version": {"name", "version"} or None, "table": the condition swap table, "engine": what decoded the
     answers ("vllm" or "transformers"), "text": the printed report}.
     """
-    from crlft.eval.measure import measure_all, open_plan_decoder, report_text
     from crlft.eval.representation import load_heldout
     from crlft.eval.suites import select_conditions
     from crlft.lineage.cache import resolve_model

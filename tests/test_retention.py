@@ -95,3 +95,26 @@ def test_a_judge_compares_each_open_answer_with_the_base_models_in_both_orders_a
 def test_a_judge_without_the_pairwise_prompt_is_refused() -> None:
     with pytest.raises(CrlftError, match="no 'pair-v2'"):
         judged_comparison(["q"], ["a"], ["b"], lambda s, u: "[[A]]", {})
+
+
+def test_retention_is_planned_for_a_pretrained_base_and_asked_for_without_one_is_an_error(tmp_path: Path) -> None:
+    """`crlft eval`'s plan (crlft.eval.measure.plan_retention): auto measures only against a pretrained base found here,
+    --no-retention never, --retention without a base is one error naming the flag."""
+    import json
+
+    from crlft.eval.measure import plan_retention
+    from crlft.presets import PRESETS
+
+    pretrained, preset = tmp_path / "pretrained", tmp_path / "preset"
+    for folder, shape in ((pretrained, {"hidden_size": 7}), (preset, next(iter(PRESETS.values())))):
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(shape))
+    plan = plan_retention(None, str(pretrained), None, 12, 3)
+    assert plan is not None and plan.base_model == pretrained and len(plan.items) == 12 and len(plan.prompts) == 3
+    assert not plan.asked
+    assert plan_retention(None, str(preset), None, 12, 3) is None  # the embedded default knows nothing to keep
+    assert plan_retention(None, str(pretrained), False, 12, 3) is None
+    assert plan_retention(None, str(preset), True, 12, 3).asked
+    with pytest.raises(CrlftError, match="retention needs the base model .* --base-model"):
+        plan_retention(None, str(tmp_path / "absent"), True, 12, 3)
+    assert plan_retention(None, None, None, 12, 3) is None

@@ -9,5 +9,5 @@
 - general_check.py: the general-capability check shipped with the package (its prompts and their scorer)
 - retention.py: a fine-tune's general answers against its base model's (retention, agreement, the judged comparison)
 - measure.py: every evaluation a plan asks for, run on a loaded model, its files written into the results folder,
-  and the printed report
+  and the printed report; retention's plan and its base model's answers, measured once and cached
 """

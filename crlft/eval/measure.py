@@ -1,23 +1,33 @@
 """Every evaluation a plan asks for, run on a loaded model: each writes its files into the results folder, and the
 figures come back grouped by what they were measured on (the groups are recorded on the model version) with the
 report lines (`report_text`: the printed report). `crlft eval` (jobs/evaluate.py) checks every input before and
-records the figures in MLflow after."""
+records the figures in MLflow after.
+
+Retention (crlft/eval/retention.py says what is measured and why) runs here too: `plan_retention` decides whether
+and against which base model, `base_answers` measures the base once per base model, check and decoder and reads it
+from `<state_dir>/retention/<key>.json` after, and `measure_retention` writes both answer sets beside the other
+results."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from crlft.storage import write_jsonl
+from crlft.errors import CrlftError
+from crlft.storage import folder_revision, write_jsonl
 
 if TYPE_CHECKING:  # torch and transformers come with these: imported where the model runs, not for --help
-    from crlft.config import EvalConfig
+    from crlft.config import Config, EvalConfig
     from crlft.data.records import Conversation
     from crlft.eval.answers import Decoder
+    from crlft.eval.general_check import CheckItem
     from crlft.eval.judge import JudgeFn
+    from crlft.eval.retention import GeneralAnswers
     from crlft.eval.scoring import EvalItem
     from crlft.export import ExportedModel
     from crlft.inference.engine import EngineSettings
@@ -38,7 +48,7 @@ class Requested(Protocol):
     engine: EngineSettings  # what decodes the answers
 
     @property
-    def retention(self) -> object | None: ...  # the retention to measure (jobs/retention.py), with the same decoder
+    def retention(self) -> RetentionPlan | None: ...  # the retention to measure, with the same decoder
 
 
 def decodes(plan: Requested) -> bool:
@@ -128,3 +138,100 @@ def report_text(report: dict[str, Any], lines: list[str]) -> str:
         on = f" and recorded on {where['name']} v{where['version']}" if where else ""
         parts.append(f"MLflow: evaluation run {report['run_id']}{on}")
     return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Retention: the candidate's general answers against its base model's
+
+
+RETENTION_FILES = {"retention.json", "retention_answers.jsonl", "retention_judgments.jsonl"}
+
+
+@dataclass(frozen=True)
+class RetentionPlan:
+    """The retention `crlft eval` measures (crlft/eval/retention.py says what is measured and why)."""
+
+    base_model: Path  # the reference: the model the candidate was fine-tuned from
+    items: list[CheckItem]  # the general check (a sample spread over the kinds when limited)
+    prompts: list[str]  # open prompts for agreement
+    asked: bool  # --retention given: a base that knows nothing is an error, not a skipped figure
+
+
+def plan_retention(model_dir: Path | None, base_model: str | None, wanted: bool | None, check_limit: int | None,
+                   open_limit: int) -> RetentionPlan | None:
+    """The retention to measure, or None. `wanted` None is auto: measured when the model's base is a pretrained model
+    found here (the tiny default knows nothing to keep). Asked for (`wanted` True) without a base found: an error."""
+    from crlft.eval.general_check import load_check
+    from crlft.eval.retention import open_prompts
+    from crlft.export import read_meta
+    from crlft.model import is_pretrained
+
+    if wanted is False:
+        return None
+    base = base_model or (read_meta(model_dir).extra.get("base_model") if model_dir else None)
+    if base is None or not Path(str(base)).expanduser().is_dir():
+        if wanted:
+            where = f"{base} does not exist here" if base else "the model names no base model"
+            raise CrlftError(f"retention needs the base model ({where}): give it with --base-model DIR")
+        return None
+    if wanted is None and not is_pretrained(str(base)):
+        return None
+    return RetentionPlan(Path(str(base)).expanduser(), load_check(limit=check_limit), open_prompts(open_limit),
+                         bool(wanted))
+
+
+def base_answers(plan: RetentionPlan, cfg: Config, engine: EngineSettings,
+                 batch_size: int) -> tuple[GeneralAnswers, bool]:
+    """The base model's answers and whether they came from the cache (`<state_dir>/retention/<key>.json`); measured
+    with the candidate's decoder settings and cached otherwise. Run before the candidate's decoder starts: one engine
+    at a time."""
+    from crlft.eval import retention as rt
+    from crlft.inference.decoding import dtype_name, load_model, open_decoder
+
+    decoder_name = f"{engine.kind}:{dtype_name(engine)}"
+    key = rt.base_cache_key(folder_revision(plan.base_model), plan.items, plan.prompts, decoder_name)
+    cache = Path(cfg.state_dir).resolve() / "retention" / f"{key}.json"
+    found = rt.read_cached(cache)
+    if found is not None:
+        return found, True
+    base = load_model(plan.base_model, engine)
+    with open_decoder(plan.base_model, engine) as decoder:
+        answers = rt.answer_general(base, plan.items, plan.prompts, decoder, batch_size)
+    rt.write_cached(cache, answers)
+    return answers, False
+
+
+def measure_retention(exported: ExportedModel, plan: RetentionPlan, base: tuple[GeneralAnswers, bool],
+                      decoder: Decoder | None, out: Path, batch_size: int,
+                      judge: tuple[JudgeFn, dict[str, dict[str, Any]]] | None = None,
+                      ) -> tuple[dict[str, float], list[str]]:
+    """The candidate's answers (by `decoder`) against the base's: the figures, written to `out`, and the report line.
+    With a judge (and its prompts), the open answers are also compared by it
+    (crlft.eval.retention.judged_comparison)."""
+    from crlft.eval import retention as rt
+
+    started = time.monotonic()
+    items, prompts = plan.items, plan.prompts
+    reference, cached = base
+    if reference.scores["general_accuracy"] <= 0 and not plan.asked:
+        return {}, [f"retention: not measured, {plan.base_model} answers none of the general check right"]
+    candidate = rt.answer_general(exported, items, prompts, decoder, batch_size)
+    figures = rt.retention_metrics(candidate, reference)
+    (out / "retention.json").write_text(json.dumps({"figures": figures, "base_model": str(plan.base_model),
+                                                    "base_cached": cached}, indent=2))  # fmt: skip
+    write_jsonl(out / "retention_answers.jsonl", [
+        {"id": item.id, "kind": item.kind, "prompt": item.prompt, "answer": answer, "base_answer": base_answer}
+        for item, answer, base_answer in zip(items, candidate.check_answers, reference.check_answers, strict=True)])
+    agreement = ""
+    if prompts:
+        agreement = f"; agreement with its answers {figures['agreement']:.3f} on {len(prompts)} open prompts"
+    if prompts and judge is not None:
+        judged, verdicts = rt.judged_comparison(prompts, candidate.open_answers, reference.open_answers, *judge)
+        figures |= judged
+        write_jsonl(out / "retention_judgments.jsonl", verdicts)
+        agreement += (f", judged at least as good on {judged['judged_not_worse']:.3f} of them (wins "
+                      f"{judged['judged_wins']:.3f}, losses {judged['judged_losses']:.3f})")
+    line = (f"retention {figures['retention']:.3f}: general accuracy {figures['general_accuracy']:.3f} against the "
+            f"base model's {figures['base_general_accuracy']:.3f} ({len(items)} prompts{agreement}; base "
+            f"{'from cache' if cached else 'measured'}; {time.monotonic() - started:.0f} s)")
+    return figures, [line]
