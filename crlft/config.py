@@ -172,6 +172,9 @@ class TrainConfig(_Strict):
     seed: int = Field(0, description="seed of initialisation, data order and dropout")
 
 
+LoraRank = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]  # the adapter ranks vLLM sizes its adapter slots to
+
+
 class InferenceConfig(_Strict):
     """The engine that generates and its size, one for every stage that decodes: `crlft serve`'s replicas, `crlft
     eval` and replay (crlft/inference/decoding.py), so what evaluation measures and replay trains on is what users
@@ -193,6 +196,12 @@ class InferenceConfig(_Strict):
     )
     batch_wait_timeout_s: float = Field(
         0.02, description="crlft's engine: wait for more requests before a batch starts"
+    )
+    max_loras: int = Field(
+        4, ge=1, description="vLLM serving adapters (serve.adapters): adapters in one batch, and in the engine at once"
+    )
+    max_lora_rank: LoraRank = Field(
+        16, description="vLLM serving adapters: the highest adapter rank it takes (one of vLLM's sizes)"
     )
 
 
@@ -220,6 +229,10 @@ class RegistryConfig(_Strict):
     tracking_uri: str | None = Field(None, description="MLflow URI; default MLFLOW_TRACKING_URI or the local SQLite")
     experiment: str = Field("crlft", description="MLflow experiment of training and evaluation runs")
     model_name: str = Field("crlft-chat", description="registered model name")
+    base_model_name: str = Field(
+        "crlft-base", description="registered model holding the crlft bases of adapters (train.lora.merge false): "
+        "each base registered once, found by its fingerprint"
+    )
     alias: str = Field("champion", description="alias of the model to serve")
     metric: str = Field("accuracy_expert", description="metric promotion compares (higher is better)")
     min_retention: float = Field(
@@ -246,6 +259,10 @@ class ServeConfig(_Strict):
     model_name: str | None = Field(None, description="name served at /v1/models (default: the model's own)")
     api_keys: list[str] = Field(default_factory=list, description="accepted API keys (empty: no auth)")
     max_new_tokens: int = Field(256, description="default answer length limit")
+    adapters: list[str] = Field(
+        default_factory=list, description="adapters served beside the model, on its base, each under its own name: "
+        "registered names (their champion, followed as it moves), models:/ URIs or adapter folders (vLLM only)"
+    )
     ingress: Literal["haproxy", "serve-proxy"] = Field(
         "haproxy", description="what takes HTTP in front of the replicas in a Ray that crlft starts: haproxy (Ray "
         "Serve's HAProxy ingress, in C, straight to the replicas' own ports; faster than Serve's proxy under many "

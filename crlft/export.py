@@ -3,11 +3,21 @@ is the training template, and `crlft.json` naming the conditions, the inference 
 Plain `transformers` (and vLLM) load it without this project; `ModelFolder` holds what crlft itself reads from it
 (the template it was trained with, the tokens that end an answer, the context), for every engine and decoder, and
 `load_exported` adds the loaded model.
+
+An adapter (`train.lora.merge: false`) is exported as a PEFT adapter folder instead: the adapter's weights, the
+tokenizer and crlft.json as above, and its base's config.json and generation_config.json (what crlft and vLLM read of
+the model it runs on). Its base is the "crlft base": the pretrained model with the end-of-turn token added, written
+once per content under <state_dir>/models/bases/<fingerprint> (`write_base`) and shared by every adapter trained on
+it, since vLLM serves adapters only on their base's vocabulary. crlft.json names it (`AdapterBase`);
+crlft/lineage/bases.py finds it, on disk or in the registry.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
+import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -21,6 +31,8 @@ from crlft.errors import CrlftError
 from crlft.inference.sampling import context_length, stop_token_ids
 
 META_FILE = "crlft.json"
+ADAPTER_FILE = "adapter_config.json"  # PEFT's: the folder holds an adapter, not a whole model
+BASE_FILES = ("config.json", "generation_config.json")  # an adapter folder's copy of what its base's config says
 
 
 @dataclass(frozen=True)
@@ -66,6 +78,47 @@ class ModelMeta:
         )
 
 
+@dataclass(frozen=True)
+class AdapterBase:
+    """The crlft base an adapter was trained on: its content's fingerprint, and where it was written."""
+
+    fingerprint: str
+    path: str
+
+    @classmethod
+    def of(cls, meta: ModelMeta) -> AdapterBase | None:
+        base = meta.extra.get("adapter_base")
+        return cls(str(base["fingerprint"]), str(base["path"])) if isinstance(base, dict) else None
+
+    def folder(self, state_dir: str | Path | None = None) -> Path:
+        """The base's folder on this machine: where it was written, or under `state_dir`'s bases. An adapter from the
+        registry names the base its download cache fetched with it (crlft/lineage/cache.py)."""
+        places = [Path(self.path)] + ([Path(state_dir).resolve() / "models" / "bases" / self.fingerprint]
+                                      if state_dir else [])
+        for place in places:
+            if (place / "config.json").is_file():
+                return place
+        raise CrlftError(f"the base {self.fingerprint} of this adapter is not at {' nor '.join(map(str, places))}: "
+                         "register the adapter where it was trained (its base is registered with it) and load it as "
+                         "models:/NAME@ALIAS, which fetches both")
+
+
+def adapter_base(adapter_dir: str | Path) -> AdapterBase:
+    base = AdapterBase.of(read_meta(adapter_dir))
+    if base is None:
+        raise CrlftError(f"{adapter_dir}: an adapter folder whose crlft.json names no base; export it with crlft train")
+    return base
+
+
+def is_adapter(model_dir: str | Path) -> bool:
+    return (Path(model_dir) / ADAPTER_FILE).is_file()
+
+
+def is_model_folder(model_dir: str | Path) -> bool:
+    """A whole model or an adapter folder: both carry config.json (an adapter its base's)."""
+    return (Path(model_dir) / "config.json").is_file()
+
+
 def save_exported(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path,
                   meta: ModelMeta) -> Path:
     out = Path(out_dir)
@@ -73,6 +126,59 @@ def save_exported(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ou
     tokenizer.chat_template = meta.template.chat_template()
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    (out / META_FILE).write_text(json.dumps(meta.to_json(), indent=2, sort_keys=True))
+    return out
+
+
+def content_fingerprint(folder: Path) -> str:
+    """What a model folder holds, weights and tokenizer, as a hash of its files' bytes (crlft.json, which records the
+    run that wrote it, left out)."""
+    digest = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and f.name != META_FILE:
+            digest.update(f.name.encode())
+            with f.open("rb") as data:
+                for block in iter(lambda: data.read(1 << 24), b""):
+                    digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def write_base(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: Config) -> Path:
+    """The crlft base of `model` (the pretrained model with the end-of-turn token, before any adapter) at
+    <state_dir>/models/bases/<fingerprint>: written once, the same folder for every adapter trained on it."""
+    bases = Path(cfg.state_dir).resolve() / "models" / "bases"
+    bases.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".base-", dir=bases))
+    try:
+        save_exported(model, tokenizer, scratch, ModelMeta.from_config(cfg, crlft_base=True))
+        target = bases / content_fingerprint(scratch)
+        if not target.is_dir():
+            try:
+                scratch.rename(target)
+            except OSError:
+                if not target.is_dir():  # not simply "another export wrote it first"
+                    raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+def save_adapter(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path, meta: ModelMeta,
+                 base_dir: Path) -> Path:
+    """A PEFT model's adapter as an exported adapter folder on the crlft base at `base_dir` (see the module's note);
+    plain `transformers` with `peft` loads it while that folder exists."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.chat_template = meta.template.chat_template()
+    for adapter in model.peft_config.values():
+        adapter.base_model_name_or_path = str(base_dir)
+    model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False)
+    tokenizer.save_pretrained(out)
+    for name in BASE_FILES:
+        if (base_dir / name).is_file():
+            shutil.copyfile(base_dir / name, out / name)
+    base = AdapterBase(base_dir.name, str(base_dir))
+    meta = replace(meta, extra={**meta.extra, "adapter_base": asdict(base)})
     (out / META_FILE).write_text(json.dumps(meta.to_json(), indent=2, sort_keys=True))
     return out
 
@@ -162,7 +268,13 @@ def load_exported(model_dir: str | Path, **load_kwargs: Any) -> ExportedModel:
     from crlft.model import load_model_and_tokenizer
 
     meta = read_meta(model_dir)
-    model, tokenizer = load_model_and_tokenizer(str(model_dir), end_of_turn=meta.template.end_of_turn, **load_kwargs)
+    adapter = is_adapter(model_dir)
+    weights = adapter_base(model_dir).folder() if adapter else model_dir
+    model, tokenizer = load_model_and_tokenizer(str(weights), end_of_turn=meta.template.end_of_turn, **load_kwargs)
+    if adapter:  # folded into its base's weights: the model vLLM's adapter applies
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(model_dir)).merge_and_unload()
     return ExportedModel(model, _loaded_folder(model, meta, TemplateTokenizer(meta.template, tokenizer)),
                          Path(model_dir))
 
@@ -170,15 +282,20 @@ def load_exported(model_dir: str | Path, **load_kwargs: Any) -> ExportedModel:
 def export_checkpoint(checkpoint_dir: str | Path, base_model: str, out_dir: str | Path, cfg: Config,
                       meta_extra: Mapping[str, Any] | None = None) -> Path:
     """The model of a training checkpoint as an exported model folder: the base model, LoRA applied if the run used
-    it (merged or kept as an adapter, as train.lora.merge says), the trained weights loaded."""
+    it (merged or kept as an adapter on its crlft base, as train.lora.merge says), the trained weights loaded."""
     from crlft.model import load_model_and_tokenizer
     from crlft.train.checkpoint import load_model_weights
     from crlft.train.wrap import merge_lora, wrap_lora
 
+    lora = cfg.train.lora
+    meta = ModelMeta.from_config(cfg, **dict(meta_extra or {}))
     model, tokenizer = load_model_and_tokenizer(base_model, cfg.template.end_of_turn, cfg.model.trust_remote_code)
-    if cfg.train.lora.enabled:
-        model = wrap_lora(model, cfg.train.lora, [tokenizer.convert_tokens_to_ids(cfg.template.end_of_turn)])
+    base_dir = write_base(model, tokenizer, cfg) if lora.enabled and not lora.merge else None
+    if lora.enabled:
+        model = wrap_lora(model, lora, [tokenizer.convert_tokens_to_ids(cfg.template.end_of_turn)])
     load_model_weights(checkpoint_dir, model)
-    if cfg.train.lora.enabled and cfg.train.lora.merge:
+    if base_dir is not None:
+        return save_adapter(model, tokenizer, out_dir, meta, base_dir)
+    if lora.enabled:
         model = merge_lora(model)
-    return save_exported(model, tokenizer, out_dir, ModelMeta.from_config(cfg, **dict(meta_extra or {})))
+    return save_exported(model, tokenizer, out_dir, meta)

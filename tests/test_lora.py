@@ -4,6 +4,7 @@ carries them."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ import torch
 
 from crlft.config import load_config
 from crlft.data.template import END_OF_TURN
+from crlft.errors import CrlftError
+from crlft.export import AdapterBase, adapter_base, export_checkpoint, is_adapter, load_exported, read_meta
 from crlft.model import load_model_and_tokenizer
 from crlft.presets import init_model
 from crlft.train.checkpoint import TrainingPosition, load_model_weights, save_training_state
@@ -82,3 +85,57 @@ def test_a_checkpoint_restores_the_end_of_turn_rows_into_a_fresh_lora_model(tiny
     expected, actual = merge_lora(model).state_dict(), merge_lora(restored).state_dict()
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         torch.testing.assert_close(actual[name], expected[name])
+
+
+ADAPTER = load_config(None, {"train.lora.enabled": True, "train.lora.merge": False})
+
+
+def _adapter_checkpoint(tiny_model: Path, folder: Path) -> Path:
+    """A checkpoint of an adapter trained a few steps (train.lora.merge false: no embedding rows)."""
+    model, tokenizer = load_model_and_tokenizer(str(tiny_model))
+    end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    model = wrap_lora(model, ADAPTER.train.lora, [end_of_turn])
+    _train(model, end_of_turn)
+    optimizer = build_optimizer(model, ADAPTER.train, lr=1e-2)
+    save_training_state(folder, model, optimizer, build_scheduler(optimizer, 2, ADAPTER.train), TrainingPosition())
+    return folder
+
+
+def test_an_adapter_kept_as_such_trains_no_embedding_rows_which_vllm_refuses(tiny_model: Path) -> None:
+    model, tokenizer = load_model_and_tokenizer(str(tiny_model))
+    wrapped = wrap_lora(model, ADAPTER.train.lora, [tokenizer.convert_tokens_to_ids(END_OF_TURN)])
+    trainable = [name for name, p in wrapped.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+
+
+def test_an_adapter_is_exported_on_a_crlft_base_written_once_and_loads_as_its_merged_model(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    cfg = load_config(None, {"train.lora.enabled": True, "train.lora.merge": False, "state_dir": str(tmp_path)})
+    checkpoint = _adapter_checkpoint(tiny_model, tmp_path / "checkpoint")
+    first = export_checkpoint(checkpoint, str(tiny_model), tmp_path / "a", cfg)
+    second = export_checkpoint(checkpoint, str(tiny_model), tmp_path / "b", cfg)
+
+    assert is_adapter(first) and not (first / "model.safetensors").exists()
+    base = AdapterBase.of(read_meta(first))
+    assert base is not None and Path(base.path) == tmp_path / "models" / "bases" / base.fingerprint
+    assert [p.name for p in (tmp_path / "models" / "bases").iterdir()] == [base.fingerprint]  # one base, shared
+    assert AdapterBase.of(read_meta(second)) == base
+    assert adapter_base(first).folder() == Path(base.path)
+
+    merged = export_checkpoint(checkpoint, str(tiny_model), tmp_path / "merged",
+                               load_config(None, {"train.lora.enabled": True, "state_dir": str(tmp_path)}))
+    ids = torch.tensor([[5, 9, 11, 7, 13]])
+    with torch.no_grad():
+        torch.testing.assert_close(load_exported(first).model(ids).logits, load_exported(merged).model(ids).logits)
+
+
+def test_an_adapter_without_its_base_says_where_it_looked_and_how_to_fetch_it(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    cfg = load_config(None, {"train.lora.enabled": True, "train.lora.merge": False, "state_dir": str(tmp_path / "s")})
+    adapter = export_checkpoint(_adapter_checkpoint(tiny_model, tmp_path / "checkpoint"), str(tiny_model),
+                                tmp_path / "a", cfg)
+    shutil.rmtree(AdapterBase.of(read_meta(adapter)).path)
+    with pytest.raises(CrlftError, match="is not at .* nor .*elsewhere.*: register the adapter where it was trained"):
+        adapter_base(adapter).folder(tmp_path / "elsewhere")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import importlib.metadata
 import importlib.util
@@ -25,6 +26,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Protocol
 
 import torch
@@ -110,8 +112,10 @@ class Engine(Protocol):
     template_tokenizer: TemplateTokenizer
     context_len: int
 
-    def submit(self, prompt: Sequence[int], params: Sequence[SamplingParams], stream: bool) -> Generation:
-        """Start generating every choice; with `stream`, text is posted as it comes, else only the completions."""
+    def submit(self, prompt: Sequence[int], params: Sequence[SamplingParams], stream: bool,
+               adapter: Adapter | None = None) -> Generation:
+        """Start generating every choice (with `adapter` on the model, if given); with `stream`, text is posted as it
+        comes, else only the completions."""
         ...
 
     def counts(self) -> tuple[int, int]:
@@ -135,12 +139,31 @@ class EngineSettings:
     max_batch_size: int
     batch_wait_s: float
     kv_cache_gib: float  # vLLM on CPU: the KV cache's size (on GPUs vLLM sizes it from the free memory)
+    max_loras: int = 0  # adapters served at once on the model (vLLM); 0: none
+    max_lora_rank: int = 16
 
     @classmethod
     def for_replica(cls, cfg: Config, device: str) -> EngineSettings:
         s = cfg.inference
         return cls(choose_engine(s.engine, device), device, serving_dtype(s.precision, device), s.max_batch_size,
-                   s.batch_wait_timeout_s, s.vllm_kv_cache_gib)
+                   s.batch_wait_timeout_s, s.vllm_kv_cache_gib, max_lora_rank=s.max_lora_rank)
+
+    def with_adapters(self, max_loras: int) -> EngineSettings:
+        """These settings for a model that serves adapters: vLLM only (crlft's engine has no per-request adapters)."""
+        if self.kind != "vllm":
+            raise CrlftError("serving adapters needs vLLM, which applies each request's adapter to the shared base: "
+                             "set inference.engine=vllm (vLLM installs with `pip install 'crlft[vllm]'`)")
+        return dataclasses.replace(self, max_loras=max_loras)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """An adapter a request is generated with, on the engine's model (its base): vLLM loads it on first use and keeps
+    it while it is used; a new `lora_id` (a new version of the adapter) is loaded anew."""
+
+    name: str
+    lora_id: int
+    path: Path
 
 
 def vllm_installed() -> bool:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from crlft.export import load_exported
-from crlft.inference.engine import Engine, EngineKind, EngineSettings, Generation
+from crlft.inference.engine import Adapter, Engine, EngineKind, EngineSettings, Generation
 from crlft.inference.generate import BatchGenerator, EngineLoop, GenerationRequest
 from crlft.inference.sampling import SamplingParams
 
@@ -35,7 +35,10 @@ class TransformersEngine:
                                 context_len=self.context_len)
         self.loop = EngineLoop(engine, batch_wait_s=settings.batch_wait_s)
 
-    def submit(self, prompt: Sequence[int], params: Sequence[SamplingParams], stream: bool) -> Generation:
+    def submit(self, prompt: Sequence[int], params: Sequence[SamplingParams], stream: bool,
+               adapter: Adapter | None = None) -> Generation:
+        if adapter is not None:  # EngineSettings.with_adapters refuses this engine before any request
+            raise ValueError("crlft's engine serves no adapters")
         generation = Generation(len(params), len(prompt))
         requests = [
             GenerationRequest(

@@ -11,15 +11,18 @@ one needs an `if __name__ == "__main__":` guard.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
-from crlft.export import ModelFolder
-from crlft.inference.engine import EngineSettings
+from crlft.config import LoraRank
+from crlft.export import ADAPTER_FILE, ModelFolder, adapter_base, is_adapter
+from crlft.inference.engine import Adapter, EngineSettings
 from crlft.inference.sampling import answer_budget, answer_text
-from crlft.inference.vllm_engine import engine_arguments, starting_vllm
+from crlft.inference.vllm_engine import engine_arguments, lora_request, starting_vllm
 
 
 def not_the_template_warmup(record: logging.LogRecord) -> bool:
@@ -33,11 +36,17 @@ class VllmDecoder:
 
     def __init__(self, path: Path, settings: EngineSettings) -> None:
         self.folder = ModelFolder.read(path)
-        with starting_vllm(path, settings) as unpinned:
+        self.adapter, weights = None, path
+        if is_adapter(path):  # its base in the engine, the adapter on every request, as a replica serves it
+            weights, self.adapter = adapter_base(path).folder(), Adapter(path.name, 1, path)
+            rank = int(json.loads((path / ADAPTER_FILE).read_text())["r"])
+            settings = dataclasses.replace(settings, max_loras=1,
+                                           max_lora_rank=min(r for r in get_args(LoraRank) if r >= rank))
+        with starting_vllm(weights, settings) as unpinned:
             from vllm import LLM
 
             logging.getLogger("vllm.renderers.base").addFilter(not_the_template_warmup)  # vLLM resets levels only
-            self._llm: Any = LLM(**engine_arguments(path, settings, self.folder.context_len, unpinned))
+            self._llm: Any = LLM(**engine_arguments(weights, settings, self.folder.context_len, unpinned))
 
     def __call__(self, prompts: Sequence[list[int]], max_new_tokens: int) -> list[str]:
         from vllm import SamplingParams
@@ -46,7 +55,8 @@ class VllmDecoder:
         # As the replica does: an answer never runs past the context (vLLM would refuse the request).
         params = [SamplingParams(temperature=0.0, max_tokens=answer_budget(len(p), max_new_tokens, folder.context_len),
                                  stop_token_ids=folder.stop_ids, detokenize=False) for p in prompts]  # fmt: skip
-        outputs = self._llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        outputs = self._llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False,
+                                     lora_request=lora_request(self.adapter))
         tokenizer = folder.template_tokenizer.tokenizer
         return [answer_text(tokenizer, output.outputs[0].token_ids, folder.stop_ids) for output in outputs]
 

@@ -28,7 +28,7 @@ import torch
 
 from crlft.environ import environment
 from crlft.export import ModelFolder
-from crlft.inference.engine import EngineKind, EngineSettings, Generation
+from crlft.inference.engine import Adapter, EngineKind, EngineSettings, Generation
 from crlft.inference.sampling import Completion, SamplingParams, StopText, answer_budget, next_piece
 from crlft.model import parameter_count
 
@@ -57,7 +57,23 @@ def engine_arguments(path: Path, settings: EngineSettings, context_len: int, unp
         "kv_cache_memory_bytes": int(settings.kv_cache_gib * GIB) if on_cpu else None,
         "enforce_eager": on_cpu,  # torch.compile on CPU costs minutes at start for little at these sizes
         "seed": 0,
-    }
+    } | lora_arguments(settings)
+
+
+def lora_arguments(settings: EngineSettings) -> dict[str, Any]:
+    """Adapters per request (vLLM's LoRA): up to `max_loras` in a batch, as many kept loaded in memory."""
+    if not settings.max_loras:
+        return {}
+    return {"enable_lora": True, "max_loras": settings.max_loras, "max_cpu_loras": settings.max_loras,
+            "max_lora_rank": settings.max_lora_rank}
+
+
+def lora_request(adapter: Adapter | None) -> Any:
+    if adapter is None:
+        return None
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(adapter.name, adapter.lora_id, str(adapter.path))
 
 
 # A float32 model this large waits on its forward passes, not on the replica's Python: its engine gets every CPU of the
@@ -118,12 +134,15 @@ class VllmEngine:
         self._draining = False
         self._closed = False
 
-    def submit(self, prompt: Sequence[int], params: Sequence[SamplingParams], stream: bool) -> Generation:
+    def submit(self, prompt: Sequence[int], params: Sequence[SamplingParams], stream: bool,
+               adapter: Adapter | None = None) -> Generation:
         if self._draining:
             raise RuntimeError("the engine is shutting down")
         generation = Generation(len(params), len(prompt))
         loop = asyncio.get_running_loop()
-        tasks = [loop.create_task(self._choice(generation, i, list(prompt), p, stream)) for i, p in enumerate(params)]
+        lora = lora_request(adapter)
+        tasks = [loop.create_task(self._choice(generation, i, list(prompt), p, stream, lora))
+                 for i, p in enumerate(params)]
         self._in_flight.update(tasks)
         for task in tasks:
             task.add_done_callback(self._in_flight.discard)
@@ -131,7 +150,7 @@ class VllmEngine:
         return generation
 
     async def _choice(self, generation: Generation, index: int, prompt: list[int], params: SamplingParams,
-                      stream: bool) -> None:
+                      stream: bool, lora: Any) -> None:
         from vllm import SamplingParams as VllmParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -148,7 +167,8 @@ class VllmEngine:
         )
         reason = None
         try:
-            outputs = self._llm.generate({"prompt_token_ids": prompt}, vllm_params, request_id=uuid.uuid4().hex)
+            outputs = self._llm.generate({"prompt_token_ids": prompt}, vllm_params, request_id=uuid.uuid4().hex,
+                                         lora_request=lora)
             async with contextlib.aclosing(outputs):  # leaving early (a stop string) aborts the vLLM request
                 async for output in outputs:
                     piece, reason = self._take(text, ids, output.outputs[0].token_ids)

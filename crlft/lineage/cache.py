@@ -4,13 +4,15 @@ folder `transformers` (and serving) can load, downloaded once under cfg.state_di
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 from crlft.config import Config
 from crlft.errors import CrlftError
-from crlft.lineage.tags import tag_key_part
+from crlft.lineage.tags import ADAPTER_OF_TAG, tag_key_part
 from crlft.lineage.versions import ModelRef, get_version, is_model_uri, parse_model_uri
 from crlft.tracking import client_for, mlflow_error
 
@@ -34,7 +36,9 @@ def resolve_model(uri_or_dir: str | Path, cfg: Config | None = None, *, tracking
     target = _cache_dir(cfg, uri, ref.name, str(version.version))
     if (target / "config.json").is_file():
         return target
-    return _download(version.source, target, uri, ref)
+    base = version.tags.get(ADAPTER_OF_TAG)  # an adapter: its base is fetched first, and the adapter names it
+    base_dir = resolve_model(base, cfg, tracking_uri=uri) if base else None
+    return _download(version.source, target, uri, ref, base_dir)
 
 
 def registered_version(uri: str, path: Path) -> str | None:
@@ -51,9 +55,9 @@ def _cache_dir(cfg: Config, uri: str, name: str, version: str) -> Path:
     return Path(cfg.state_dir).resolve() / "models" / "registry" / store / tag_key_part(name) / str(version)
 
 
-def _download(source: str, target: Path, uri: str, ref: ModelRef) -> Path:
+def _download(source: str, target: Path, uri: str, ref: ModelRef, base_dir: Path | None) -> Path:
     """Download into a temporary sibling, then rename: a reader never sees half a model, and two processes
-    downloading the same version both end with one complete copy."""
+    downloading the same version both end with one complete copy. An adapter's copy names `base_dir`, its base's."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -63,6 +67,8 @@ def _download(source: str, target: Path, uri: str, ref: ModelRef) -> Path:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(scratch), tracking_uri=uri))
         if not (local / "config.json").is_file():
             raise CrlftError(f"{ref.uri} (source {source}) holds no model folder (no config.json): re-register it")
+        if base_dir is not None:
+            _name_base(local, base_dir)
         try:
             local.rename(target)
         except OSError:
@@ -73,3 +79,14 @@ def _download(source: str, target: Path, uri: str, ref: ModelRef) -> Path:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return target
+
+
+def _name_base(adapter_dir: Path, base_dir: Path) -> None:
+    """Point a downloaded adapter's crlft.json at its base's folder in this cache (where it was trained, it named
+    the base's folder there)."""
+    from crlft.export import META_FILE, AdapterBase, adapter_base
+
+    meta_file = adapter_dir / META_FILE
+    meta = json.loads(meta_file.read_text())
+    meta["extra"]["adapter_base"] = asdict(AdapterBase(adapter_base(adapter_dir).fingerprint, str(base_dir)))
+    meta_file.write_text(json.dumps(meta, indent=2, sort_keys=True))

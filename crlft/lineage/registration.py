@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from crlft.config import Config
 from crlft.errors import CrlftError
-from crlft.lineage.tags import TAG
+from crlft.lineage.tags import ADAPTER_OF_TAG, BASE_FINGERPRINT_TAG, TAG
 from crlft.tracking import client_for, mlflow_error, new_run
 
 if TYPE_CHECKING:
@@ -51,10 +51,15 @@ def register_model(
     this store has it). The version is created from the run's artifacts `model/` (MLflow 3 cannot register a plain
     folder through `runs:/`, only with create_model_version(source=<artifact uri>)): the trainer logs its export
     there; if the run has none, the folder is logged there now. Without a training run, a registration run is made to
-    hold the folder. Lineage tags come from the model's crlft.json; `tags` add to or override them."""
+    hold the folder. Lineage tags come from the model's crlft.json; `tags` add to or override them. An adapter's base is
+    registered with it (crlft/lineage/bases.py)."""
+    from crlft.export import is_adapter
+
     model_dir = Path(model_dir)
     _check_model_dir(model_dir)
     version_tags = {**lineage_tags(model_dir, cfg), **dict(tags or {})}
+    if is_adapter(model_dir):  # its base first, once: every adapter version names the base it runs on
+        version_tags |= _register_base(model_dir, cfg, tracking_uri)
     name = name or cfg.registry.model_name
     client, _ = client_for(cfg, tracking_uri)
     from mlflow.exceptions import MlflowException
@@ -84,6 +89,20 @@ def register_model(
     if own_run:
         client.set_terminated(run_id)
     return str(version.version)
+
+
+def _register_base(adapter_dir: Path, cfg: Config, tracking_uri: str | None = None) -> dict[str, str]:
+    """Register an adapter's base unless its fingerprint already is; the tags that link the adapter's version to it."""
+    from crlft.export import adapter_base
+    from crlft.lineage.bases import registered_base
+
+    base = adapter_base(adapter_dir)
+    version = registered_base(base.fingerprint, cfg, tracking_uri)
+    if version is None:
+        version = register_model(base.folder(cfg.state_dir), cfg,
+                                 tags={BASE_FINGERPRINT_TAG: base.fingerprint}, name=cfg.registry.base_model_name,
+                                 tracking_uri=tracking_uri)  # fmt: skip
+    return {ADAPTER_OF_TAG: f"models:/{cfg.registry.base_model_name}/{version}", BASE_FINGERPRINT_TAG: base.fingerprint}
 
 
 def _git_commit() -> str:

@@ -6,6 +6,8 @@ Tags written on a model version (all strings, MLflow tags):
     crlft.eval.<suite>.<metric>                   a recorded figure (float as text)
     crlft.eval.<suite>.run_id / .file             the evaluation run, the suite's file name
     crlft.promotion.*                             the latest promotion decision and both figures
+    crlft.adapter_of                              an adapter's base version (models:/NAME/VERSION)
+    crlft.base_fingerprint                        a crlft base's content, on the base and on every adapter on it
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from collections.abc import Mapping
 TAG = "crlft."
 EVAL_TAG = TAG + "eval."
 PROMOTION_TAG = TAG + "promotion."
+ADAPTER_OF_TAG = TAG + "adapter_of"
+BASE_FINGERPRINT_TAG = TAG + "base_fingerprint"
 RETENTION_SUITE = "retention"  # where retention figures are recorded: crlft.eval.retention.<figure>
 
 # What MLflow accepts in tag keys (mlflow.utils.validation): anything else in a suite or metric name becomes "_".

@@ -16,11 +16,15 @@ if TYPE_CHECKING:  # only annotations: crlft.config needs pydantic, which the GP
 
 
 def wrap_lora(model: nn.Module, lora: LoraConfig, token_ids: Sequence[int]) -> nn.Module:
-    """The model with LoRA adapters on `lora.target_modules`; only the adapters train, and the input and output
-    embedding rows of `token_ids` (C-RLFT's end-of-turn token: a new token starts at the mean embedding, and without
-    its own rows the model never learns to stop)."""
+    """The model with LoRA adapters on `lora.target_modules`; only the adapters train, and, for a model exported merged,
+    the input and output embedding rows of `token_ids` (C-RLFT's end-of-turn token: without its own rows a token that
+    started at the mean embedding is never learned). An adapter kept as such (`lora.merge` false) trains no rows: vLLM
+    serves adapters on a shared vocabulary and refuses embedding rows in them, so the token keeps the rows of its
+    base (copied from the base's own end of sequence by `crlft.model.add_end_of_turn`)."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
+
+    token_ids = token_ids if lora.merge else ()
 
     peft_config = PeftLoraConfig(
         r=lora.r,
