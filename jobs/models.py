@@ -1,13 +1,14 @@
-"""`crlft models [NAME]`: the versions of a registered model with their aliases, lineage and recorded metrics."""
+"""`crlft models [NAME]`: the versions of a registered model with their aliases, lineage and recorded metrics; for an
+adapter the base version it runs on, for a base (registry.base_model_name) the adapter versions on it."""
 
 from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from crlft.command_line import add_config_arguments, config_from_args, stage_entrypoint
-from crlft.lineage.tags import PROMOTION_TAG, TAG
+from crlft.lineage.tags import ADAPTER_OF_TAG, PROMOTION_TAG, TAG
 from crlft.lineage.versions import ModelVersionInfo
 
 
@@ -26,13 +27,23 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     name = args.name or cfg.registry.model_name
     metrics = args.metric or [cfg.registry.metric, "retention", "condition_gap", "silhouette"]
-    print(format_versions(list_versions(name, cfg, tracking_uri=args.mlflow_uri), metrics))
+    versions = list_versions(name, cfg, tracking_uri=args.mlflow_uri)
+    adapters = None
+    if name == cfg.registry.base_model_name:
+        from crlft.lineage.bases import adapters_on
+
+        adapters = {v.version: adapters_on(f"models:/{name}/{v.version}", cfg, args.mlflow_uri) for v in versions}
+    print(format_versions(versions, metrics, adapters))
     return 0
 
 
-def format_versions(versions: Sequence[ModelVersionInfo], metrics: Sequence[str]) -> str:
-    """One row per version: aliases, mode, created, the metrics on its latest suite, the latest promotion decision."""
-    header = ["version", "aliases", "mode", "created", "suite", *metrics, "promotion"]
+def format_versions(versions: Sequence[ModelVersionInfo], metrics: Sequence[str],
+                    adapters: Mapping[str, Sequence[str]] | None = None) -> str:
+    """One row per version: aliases, mode, created, the base it runs on (an adapter), the metrics on its latest suite,
+    the latest promotion decision; with `adapters` (version -> NAME/VERSION, for a base), the adapters on each."""
+    header = ["version", "aliases", "mode", "created", "base", "suite", *metrics, "promotion"]
+    if adapters is not None:
+        header.append("adapters")
     rows = []
     for info in versions:
         latest = info.latest_suite
@@ -40,10 +51,13 @@ def format_versions(versions: Sequence[ModelVersionInfo], metrics: Sequence[str]
         values = [info.metric(m) if info.metric(m) is not None else _any_suite(info, m) for m in metrics]
         rows.append([
             info.version, ",".join(info.aliases) or "-", info.tags.get(TAG + "mode", "?"),
-            time.strftime("%Y-%m-%d %H:%M", time.localtime(info.created_ms / 1000)), latest or "-",
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(info.created_ms / 1000)),
+            info.tags.get(ADAPTER_OF_TAG, "-").removeprefix("models:/"), latest or "-",
             *("-" if v is None else f"{v:.4f}" for v in values),
             info.tags.get(PROMOTION_TAG + "decision", "-"),
         ])  # fmt: skip
+        if adapters is not None:
+            rows[-1].append(", ".join(adapters.get(info.version, ())) or "-")
     if not rows:
         return f"no versions (header: {' '.join(header)})"
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]

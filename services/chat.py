@@ -57,8 +57,8 @@ from services.api import RETRY_AFTER_S, authorize, fastapi_app
 from services.lifecycle import ModelLifecycle
 from services.metrics import metrics
 from services.protocol import MAX_FEEDBACK_BYTES
-from services.served_model import default_watch_s, served_name
-from services.serving import ChatServing, admitted_per_replica, check_model_name
+from services.served_model import adapter_sources, default_watch_s, served_name
+from services.serving import ChatServing, admitted_per_replica
 from services.store import CompletionStore, read_limited
 
 APP_NAME = "crlft-chat"
@@ -122,7 +122,7 @@ class ChatServer:
         self.engine_settings = EngineSettings.for_replica(self.cfg, _replica_device())
         self._store = CompletionStore(self.cfg.serve.store)
         self.lifecycle = ModelLifecycle(self.cfg, settings.model_name, settings.tracking_uri, self.engine_settings)
-        self.serving = ChatServing(settings.model_name, self.cfg.serve, self.lifecycle, self._store)
+        self.serving = ChatServing(self.cfg.serve, self.lifecycle, self._store)
 
     async def __del__(self) -> None:
         """Serve awaits this when the replica shuts down (after its requests drained): write the stored completions
@@ -179,14 +179,14 @@ class ChatServer:
     @fastapi_app.get("/v1/models")
     async def list_models(self, request: Request) -> dict[str, Any]:
         authorize(request, self._keys)
-        return {"object": "list", "data": [self.serving.model_card(self.lifecycle.ready())]}
+        model = self.lifecycle.ready()
+        return {"object": "list", "data": [self.serving.model_card(self.lifecycle.named(name, model))
+                                           for name in self.lifecycle.names()]}
 
     @fastapi_app.get("/v1/models/{model_id:path}")
     async def get_model(self, model_id: str, request: Request) -> dict[str, Any]:
         authorize(request, self._keys)
-        model = self.lifecycle.ready()
-        check_model_name(model_id, self.settings.model_name)
-        return self.serving.model_card(model)
+        return self.serving.model_card(self.lifecycle.named(model_id, self.lifecycle.ready()))
 
     @fastapi_app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
@@ -204,10 +204,16 @@ def api_keys_from_env() -> list[str]:
     return [k.strip() for k in os.environ.get(ENV_API_KEYS, "").split(",") if k.strip()]
 
 
-def chat_application(model: str, cfg: Config, *, api_keys: Sequence[str] = (), model_name: str | None = None,
+def chat_application(model: str | None, cfg: Config, *, api_keys: Sequence[str] = (), model_name: str | None = None,
                      watch_s: float | None = None, tracking_uri: str | None = None) -> Application:
-    """The Serve application for `model` (a folder or models:/ URI), with the options of `cfg.serve`."""
+    """The Serve application for `model` (a folder or models:/ URI) and the adapters of `cfg.serve.adapters` on it (or,
+    without a model, on their base), with the options of `cfg.serve`."""
     s = cfg.serve
+    adapters = adapter_sources(s.adapters, cfg)
+    if model is None and not adapters:
+        raise CrlftError("nothing to serve: give a model, or adapters (serve.adapters)")
+    if adapters:  # crlft's engine serves none: say so now, not in every replica's failed start
+        EngineSettings.for_replica(cfg, "cuda" if s.gpus_per_replica else "cpu").with_adapters(cfg.inference.max_loras)
     keys = tuple(dict.fromkeys([*s.api_keys, *api_keys]))
     # Replicas may run elsewhere (another cwd, another node): state paths must not be relative.
     public = cfg.model_copy(deep=True)
@@ -218,7 +224,7 @@ def chat_application(model: str, cfg: Config, *, api_keys: Sequence[str] = (), m
         open_store(public.serve.store.uri)
     settings = ChatSettings(
         config=public.dump(),
-        model_name=served_name(model, cfg, model_name),
+        model_name=served_name(model, cfg, model_name) if model else cfg.registry.base_model_name,
         api_keys=keys,
         tracking_uri=tracking_uri or cfg.registry.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
     )
@@ -242,7 +248,8 @@ def chat_application(model: str, cfg: Config, *, api_keys: Sequence[str] = (), m
         max_ongoing_requests=admitted_per_replica(s) + PROBE_HEADROOM,
         max_queued_requests=BURST_FACTOR * admitted_per_replica(s),
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=RETRY_AFTER_S),
-        user_config={"model": model, "watch_s": default_watch_s(model) if watch_s is None else watch_s},
+        user_config={"model": model, "adapters": adapters,
+                     "watch_s": default_watch_s(model, *adapters.values()) if watch_s is None else watch_s},
         graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,
         max_surge_percent=100,  # a redeploy starts the new replicas before the old ones stop
         max_constructor_retry_count=3,
@@ -263,10 +270,10 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     if unknown:
         raise CrlftError(f"services.chat:build_app: unknown args {unknown}; known: {', '.join(BUILD_ARGS)}")
     cfg = load_config(args.get("config") or os.environ.get(ENV_CONFIG) or None, args.get("overrides") or {})
-    model = str(args.get("model") or os.environ.get(ENV_MODEL) or champion_uri(cfg))
+    model = args.get("model") or os.environ.get(ENV_MODEL) or (None if cfg.serve.adapters else champion_uri(cfg))
     keys = [*(args.get("api_keys") or []), *api_keys_from_env()]
     watch_s = args.get("watch_s")
-    return chat_application(model, cfg, api_keys=keys, model_name=args.get("model_name"),
+    return chat_application(model and str(model), cfg, api_keys=keys, model_name=args.get("model_name"),
                             watch_s=None if watch_s is None else float(watch_s), tracking_uri=args.get("tracking_uri"))
 
 

@@ -5,6 +5,11 @@ Following the registry: the model is the deployment's `user_config` {"model": UR
 one, sends new requests to it and lets the old engine finish what it holds (nothing in flight is dropped). Changing
 `user_config` (a Serve config update, KubeRay serveConfigV2) swaps the same way without restarting replicas.
 
+Adapters: user_config's "adapters" {name: URI} are served on the model, each under its name (a model URI that is itself
+an adapter is served so too, under the model's name); without a model, the engine holds their base, listed under
+registry.base_model_name. An adapter whose alias moved is swapped alone: new requests name its new version (a new id,
+which vLLM loads on first use), those in flight finish on the old one; the engine and the other adapters stay.
+
 Faults: when the engine dies, whichever caller finds it dead first (a request, a probe, Serve's health check) starts
 the same model again in place; requests wait for it (at most RESTART_WAIT_S). An engine that cannot be started again,
 or dies again within MIN_ENGINE_LIFETIME_S of its restart, makes the replica report itself unhealthy, so that Serve
@@ -15,16 +20,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from crlft.config import Config
+from crlft.errors import CrlftError
+from crlft.export import adapter_base, is_adapter
 from crlft.inference.engine import EngineSettings
 from crlft.storage import folder_revision
 from services.api import unavailable
 from services.metrics import metrics
-from services.served_model import LoadedModel, load_model, resolve_model_uri
+from services.protocol import ApiError
+from services.served_model import LoadedModel, Served, ServedAdapter, load_adapter, load_model, resolve_model_uri
 
 logger = logging.getLogger("ray.serve")
 
@@ -44,7 +54,11 @@ class ModelLifecycle:
         self.model_name = model_name
         self.tracking_uri = tracking_uri
         self.engine_settings = engine_settings
+        self.base_name = model_name  # the name the engine's own model answers to
         self.current: LoadedModel | None = None
+        self.adapters: dict[str, ServedAdapter] = {}
+        self._sources: tuple[str | None, dict[str, str]] = (None, {})  # user_config's model and adapters
+        self._lora_ids = itertools.count(1)
         self._retired: list[LoadedModel] = []  # replaced models still finishing their requests in flight
         self._watch_s = 0.0
         self._watch_task: asyncio.Task[None] | None = None
@@ -55,21 +69,49 @@ class ModelLifecycle:
     # -- loading and swapping -------------------------------------------------------------------------------------
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Called by Serve at start and whenever user_config changes: load the model if it changed."""
-        source = str(user_config["model"])
+        model = user_config.get("model")
+        self._sources = (None if model is None else str(model), dict(user_config.get("adapters") or {}))
         self._watch_s = float(user_config.get("watch_s") or 0.0)
-        await self._load(source)
+        await self._load()
         if self._watch_s > 0 and (self._watch_task is None or self._watch_task.done()):
             self._watch_task = asyncio.get_running_loop().create_task(self._watch())
 
-    async def _load(self, source: str) -> bool:
-        """Resolve `source`; if that is not what is loaded, load it and swap. Returns whether it swapped."""
+    async def _load(self) -> None:
+        """Resolve the model and adapters configured; load and swap in whichever is not what is loaded."""
         async with self._swap_lock:
-            path = await asyncio.to_thread(resolve_model_uri, source, self.cfg, self.tracking_uri)
+            source, path, adapters = await asyncio.to_thread(self._resolve, *self._sources)
+            if adapters:
+                self.engine_settings = self.engine_settings.with_adapters(self.cfg.inference.max_loras)
             current = self.current
-            if current is not None and current.source == source and current.revision == folder_revision(path):
-                return False
-            self._install(await asyncio.to_thread(load_model, source, path, self.engine_settings))
-            return True
+            if current is None or current.source != source or current.revision != folder_revision(path) \
+                    or (adapters and not current.max_loras):  # an engine opened without adapters
+                self._install(await asyncio.to_thread(load_model, source, path, self.engine_settings))
+            served: dict[str, ServedAdapter] = {}
+            for name, (adapter_source, adapter_path) in adapters.items():
+                old = self.adapters.get(name)
+                if old is None or old.source != adapter_source or old.revision != folder_revision(adapter_path):
+                    old = await asyncio.to_thread(load_adapter, name, adapter_source, adapter_path,
+                                                  next(self._lora_ids))
+                    logger.info("serving the adapter %s from %s (revision %s)", name, adapter_path, old.revision)
+                served[name] = old
+            self.adapters = served
+
+    def _resolve(self, source: str | None, adapters: dict[str, str]) -> tuple[str, Path, dict[str, tuple[str, Path]]]:
+        """The engine's model (source, folder) and the adapters' (name -> source, folder). A model that is an adapter
+        joins the adapters under the model's name; without a model the engine's is the adapters' one base."""
+        resolved = {name: (uri, resolve_model_uri(uri, self.cfg, self.tracking_uri)) for name, uri in adapters.items()}
+        if source is not None:
+            path = resolve_model_uri(source, self.cfg, self.tracking_uri)
+            if not is_adapter(path):
+                return source, path, resolved
+            resolved = {self.base_name: (source, path), **resolved}
+            self.base_name = self.cfg.registry.base_model_name
+        bases = {name: adapter_base(path).folder(self.cfg.state_dir) for name, (_, path) in resolved.items()}
+        if len(set(bases.values())) != 1:
+            raise CrlftError("one replica serves adapters of one base: "
+                             + ", ".join(f"{name} is on {base}" for name, base in bases.items()))
+        base = next(iter(bases.values()))
+        return str(base), base, resolved
 
     def _install(self, new: LoadedModel) -> None:
         """Send new requests to `new`; the model it replaces finishes its requests in flight, then frees its engine."""
@@ -90,7 +132,7 @@ class ModelLifecycle:
             if model is None:
                 continue
             try:
-                await self._load(model.source)
+                await self._load()
             except Exception as exc:  # the registry may be briefly unreachable: keep serving what is loaded
                 logger.warning("could not check %s for a new version: %s", model.source, exc)
 
@@ -139,6 +181,20 @@ class ModelLifecycle:
             raise unavailable("the model's engine stopped and could not be restarted; retry shortly",
                               "engine_unavailable")
         return model
+
+    def names(self) -> list[str]:
+        """The names requests may give in `model`: the engine's model, then its adapters."""
+        return [self.base_name, *self.adapters]
+
+    def named(self, name: str, model: LoadedModel) -> Served:
+        """What a request naming `name` is generated by, on `model`; a 404 for a name this replica does not serve."""
+        if name == self.base_name:
+            return Served(name, model)
+        if name in self.adapters:
+            return Served(name, model, self.adapters[name])
+        served = ", ".join(map(repr, self.names()))
+        raise ApiError(404, f"the model {name!r} does not exist: this server serves {served}", param="model",
+                       code="model_not_found")
 
     async def serving(self) -> LoadedModel:
         """The model to generate with: where its engine died, after its restart (at most RESTART_WAIT_S)."""

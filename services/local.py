@@ -20,7 +20,7 @@ from crlft.environ import set_offline_defaults
 from crlft.errors import CrlftError
 from crlft.inference.engine import choose_engine
 from services.chat import APP_NAME, chat_application
-from services.served_model import resolve_model_uri
+from services.served_model import adapter_sources, resolve_model_uri
 
 SIGNAL_SPREAD_S = 0.3
 SERVE_STOP_S = 10.0
@@ -45,17 +45,20 @@ def wait_until_ready(url: str, timeout_s: float = 300.0) -> None:
     raise CrlftError(f"the endpoint at {url} was not ready after {timeout_s:.0f} s ({last})")
 
 
-def deploy(model: str, cfg: Config | None = None, blocking: bool = False, *, api_keys: Sequence[str] = (),
+def deploy(model: str | None, cfg: Config | None = None, blocking: bool = False, *, api_keys: Sequence[str] = (),
            model_name: str | None = None, watch_s: float | None = None, tracking_uri: str | None = None,
            address: str | None = None, name: str = APP_NAME, route_prefix: str = "/",
            timeout_s: float = 300.0) -> str:
-    """Serve `model` (a folder or models:/ URI) on Ray Serve (local Ray unless `address`/$RAY_ADDRESS) and return
-    the base URL once it answers (clients use URL + "/v1"). `blocking` serves until Ctrl-C / SIGTERM, then stops
-    Serve. Calling it again with the same `name` redeploys (rolling, nothing in flight dropped)."""
+    """Serve `model` (a folder or models:/ URI; None: the base of cfg.serve.adapters) and those adapters on Ray Serve
+    (local Ray unless `address`/$RAY_ADDRESS) and return the base URL once it answers (clients use URL + "/v1").
+    `blocking` serves until Ctrl-C / SIGTERM, then stops Serve. Calling it again with the same `name` redeploys
+    (rolling, nothing in flight dropped)."""
     cfg = cfg or Config()
     set_offline_defaults()
     # Fail here, with a clear message, not in a replica's retry loop.
-    resolve_model_uri(model, cfg, tracking_uri)
+    for uri in (model, *adapter_sources(cfg.serve.adapters, cfg).values()):
+        if uri is not None:
+            resolve_model_uri(uri, cfg, tracking_uri)
     choose_engine(cfg.inference.engine, "cpu")  # vLLM asked for and missing
     check_port_free_for_local_ray(cfg, address)
     started_ray, _ = start_ray(cfg, address)

@@ -1,6 +1,7 @@
 """`crlft serve`: the OpenAI-compatible endpoint on local Ray Serve (or a cluster with --address), until Ctrl-C.
 
     crlft serve --model models:/crlft-chat@champion --port 8000 --api-key "$KEY"
+    crlft serve --adapter support-de --adapter support-fr      # two adapters' champions on their one base
 
 API keys may also come from $CRLFT_API_KEYS (comma-separated), which keeps them out of the process list.
 """
@@ -19,7 +20,12 @@ from crlft.lineage.versions import champion_uri
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="DIR|URI",
                         help="model folder, or models:/NAME@ALIAS / models:/NAME/VERSION from the MLflow registry "
-                        "(default: models:/<registry.model_name>@<registry.alias>, the champion)")
+                        "(default: models:/<registry.model_name>@<registry.alias>, the champion; with --adapter: "
+                        "the adapters' base)")
+    parser.add_argument("--adapter", dest="adapters", action="append", default=[], metavar="NAME|URI|DIR",
+                        help="also serve this adapter (train.lora.merge false) on the model, under its own name: a "
+                        "registered name (its champion, followed as it moves), a models:/ URI or an adapter folder "
+                        "(repeatable; adds to serve.adapters; vLLM only)")
     config_flag(parser, "serve.host", "--host")
     config_flag(parser, "serve.port", "--port")
     parser.add_argument("--api-key", dest="api_keys", action="append", default=[], metavar="KEY",
@@ -44,22 +50,26 @@ def run(args: argparse.Namespace) -> int:
     from crlft.inference.engine import choose_engine
     from services.chat import api_keys_from_env
     from services.local import check_port_free_for_local_ray, deploy, shutdown, wait_for_interrupt
-    from services.served_model import resolve_model_uri
+    from services.served_model import adapter_sources, resolve_model_uri
 
     cfg = config_from_args(args)
     if args.store is not None:
         cfg.serve.store.uri = args.store or str(Path(cfg.state_dir) / "completions")
-    model = args.model or champion_uri(cfg)
+    cfg.serve.adapters = [*cfg.serve.adapters, *args.adapters]
+    model = args.model or (None if cfg.serve.adapters else champion_uri(cfg))
     keys = [*args.api_keys, *api_keys_from_env()]
-    resolve_model_uri(model, cfg, args.mlflow_uri)  # a wrong --model fails now, not after Ray has started
+    for uri in (model, *adapter_sources(cfg.serve.adapters, cfg).values()):  # a wrong one fails now, not in Ray
+        if uri is not None:
+            resolve_model_uri(uri, cfg, args.mlflow_uri)
     choose_engine(cfg.inference.engine, "cpu")  # vLLM asked for and missing: one line now, not after Ray has started
     check_port_free_for_local_ray(cfg, args.address)  # taken: one line now, not HAProxy's after Ray has started
-    print(f"starting Ray Serve for {model} (inference.engine={cfg.inference.engine}) ...", file=sys.stderr, flush=True)
+    served = " and ".join(filter(None, [model, ", ".join(cfg.serve.adapters)]))
+    print(f"starting Ray Serve for {served} (inference.engine={cfg.inference.engine}) ...", file=sys.stderr, flush=True)
     started_ray, _ = start_ray(cfg, args.address)
     try:
         url = deploy(model, cfg, api_keys=keys, watch_s=args.watch_s, tracking_uri=args.mlflow_uri)
         auth = f" (API keys: {len(set(keys) | set(cfg.serve.api_keys))})" if keys or cfg.serve.api_keys else ""
-        print(f"serving {model} at {url}/v1{auth}", flush=True)
+        print(f"serving {served} at {url}/v1{auth}", flush=True)
         print(f"  OpenAI base_url={url}/v1   health {url}/healthz   metrics {url}/metrics   Ctrl-C to stop",
               flush=True)
         if cfg.serve.store.uri:

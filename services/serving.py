@@ -27,7 +27,7 @@ from services.api import RETRY_AFTER_S, unavailable
 from services.lifecycle import ModelLifecycle
 from services.metrics import metrics
 from services.protocol import ApiError, ChatCompletionRequest
-from services.served_model import LoadedModel
+from services.served_model import Served
 from services.store import CompletionStore, Ticket
 
 STREAM_INTERVAL_S = 0.05  # streamed text is sent in pieces at most this often (the first piece at once) ...
@@ -47,24 +47,18 @@ def stream_interval(requests_held: int) -> float:
     return min(MAX_STREAM_INTERVAL_S, STREAM_INTERVAL_S * max(1.0, requests_held / STREAMS_PER_INTERVAL))
 
 
-def check_model_name(name: str, served: str) -> None:
-    if name != served:
-        raise ApiError(404, f"the model {name!r} does not exist: this server serves {served!r}",
-                       param="model", code="model_not_found")
-
-
-def generation_failed(model: LoadedModel, failed: Completion) -> ApiError:
+def generation_failed(served: Served, failed: Completion) -> ApiError:
     """A generation's error: a 503 to retry when its engine died under it (it is being restarted), else a 500."""
-    if not model.engine.alive():
+    if not served.engine.alive():
         return unavailable(f"the model's engine stopped while generating ({failed.error}); retry shortly",
                            "engine_unavailable")
     return ApiError(500, failed.error or "generation failed", type="server_error")
 
 
-async def _begin(model: LoadedModel, prompt: list[int], params: list[SamplingParams], stream: bool,
+async def _begin(served: Served, prompt: list[int], params: list[SamplingParams], stream: bool,
                  interval_s: float) -> tuple[Generation, list[Event], AsyncIterator[list[Event]]]:
     """Submit a request to the model's engine: its generation, the first batch of events, and the batches to come."""
-    generation = model.engine.submit(prompt, params, stream)
+    generation = served.engine.submit(prompt, params, stream, served.engine_adapter)
     batches = generation.event_batches(interval_s)
     try:
         first = await anext(batches)
@@ -88,9 +82,7 @@ class ChatServing:
     """The chat completions of one replica: it admits them, generates them with the lifecycle's model, answers and
     records them."""
 
-    def __init__(self, model_name: str, serve_cfg: ServeConfig, lifecycle: ModelLifecycle,
-                 store: CompletionStore) -> None:
-        self.model_name = model_name
+    def __init__(self, serve_cfg: ServeConfig, lifecycle: ModelLifecycle, store: CompletionStore) -> None:
         self.max_new_tokens = serve_cfg.max_new_tokens
         self.lifecycle = lifecycle
         self.store = store
@@ -100,31 +92,30 @@ class ChatServing:
     async def chat(self, body: ChatCompletionRequest, api_key: str | None, started: float) -> Response:
         """The answer to a parsed request: JSON, or an event stream."""
         # From the model's choice to the submission there is no await: the model chosen is the model used.
-        model = await self.lifecycle.serving()
-        check_model_name(body.model, self.model_name)
-        meta = model.engine.meta
+        served = self.lifecycle.named(body.model, await self.lifecycle.serving())
+        meta = served.meta
         condition = body.condition or meta.inference_condition
         if condition not in meta.conditions:
             raise ApiError(400, f"unknown condition {condition!r}: this model knows {', '.join(meta.conditions)}",
                            param="condition", code="invalid_condition")
         system, turns = protocol.to_conversation(body.messages)
-        ticket = self.store.ticket(body.store, api_key, self.model_name, condition, system, turns, body.metadata)
+        ticket = self.store.ticket(body.store, api_key, served.name, condition, system, turns, body.metadata)
         cid = ticket.id if ticket else protocol.completion_id()
-        prompt = model.engine.template_tokenizer.tokenize_prompt(turns, condition, system)
+        prompt = served.template_tokenizer.tokenize_prompt(turns, condition, system)
         try:
-            answer_budget(len(prompt), 1, model.engine.context_len)
+            answer_budget(len(prompt), 1, served.engine.context_len)
         except ContextExceeded as exc:
             raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from None
         release = self._admit()
         try:
-            model, generation, batches = await self._generate(model, prompt, body.sampling(self.max_new_tokens),
-                                                              body.stream)
+            served, generation, batches = await self._generate(served, prompt, body.sampling(self.max_new_tokens),
+                                                               body.stream)
         except BaseException:
             release()
             raise
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._stream(model, generation, batches, include_usage, started, release, cid,
+            return StreamingResponse(self._stream(served, generation, batches, include_usage, started, release, cid,
                                                   ticket),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
                                      background=BackgroundTask(release))  # also when the stream never started
@@ -135,10 +126,10 @@ class ChatServing:
             release()
         failed = [c for c in completions if c.finish_reason == "error"]
         if failed:
-            raise generation_failed(model, failed[0])
-        answer = protocol.chat_completion(cid, self.model_name, model.fingerprint, generation.prompt_tokens,
+            raise generation_failed(served, failed[0])
+        answer = protocol.chat_completion(cid, served.name, served.fingerprint, generation.prompt_tokens,
                                           completions)
-        self._record(model, generation, completions, started, False, ticket)
+        self._record(served, generation, completions, started, False, ticket)
         return JSONResponse(answer)
 
     def _admit(self) -> Callable[[], None]:
@@ -159,24 +150,24 @@ class ChatServing:
 
         return release
 
-    async def _generate(self, model: LoadedModel, prompt: list[int], params: list[SamplingParams], stream: bool
-                        ) -> tuple[LoadedModel, Generation, AsyncIterator[list[Event]]]:
+    async def _generate(self, served: Served, prompt: list[int], params: list[SamplingParams], stream: bool
+                        ) -> tuple[Served, Generation, AsyncIterator[list[Event]]]:
         """Submit, and wait for the first events. Where they say that the engine died, nothing of the answer has
         reached the client yet: the request runs again, once, on the restarted engine (waiting for it as a new request
         does). An engine's death then fails only the answers that were partly sent."""
         interval = stream_interval(self.admitted) if stream else 0.0
-        generation, first, batches = await _begin(model, prompt, params, stream, interval)
-        if _failed(first) and not model.engine.alive():
+        generation, first, batches = await _begin(served, prompt, params, stream, interval)
+        if _failed(first) and not served.engine.alive():
             generation.cancel()  # its other choices, if any
-            model = await self.lifecycle.serving()
-            generation, first, batches = await _begin(model, prompt, params, stream, interval)
-        return model, generation, _chained(first, batches)
+            served = self.lifecycle.named(served.name, await self.lifecycle.serving())
+            generation, first, batches = await _begin(served, prompt, params, stream, interval)
+        return served, generation, _chained(first, batches)
 
-    async def _stream(self, model: LoadedModel, generation: Generation, batches: AsyncIterator[list[Event]],
+    async def _stream(self, served: Served, generation: Generation, batches: AsyncIterator[list[Event]],
                       include_usage: bool, started: float, release: Callable[[], None], cid: str,
                       ticket: Ticket | None) -> AsyncIterator[str]:
-        created, name = int(time.time()), self.model_name
-        fingerprint = model.fingerprint
+        created, name = int(time.time()), served.name
+        fingerprint = served.fingerprint
         done: dict[int, Completion] = {}
         first_text = True
         # Every message is a hop through the ingress: the role chunks go with the first pieces, the last pieces
@@ -194,7 +185,7 @@ class ChatServing:
                         events.append(protocol.chunk(cid, created, name, fingerprint,
                                                      [protocol.delta_choice(index, {"content": item})]))
                     elif item.finish_reason == "error":  # the stream ends as OpenAI's do: the error, then [DONE]
-                        error = generation_failed(model, item)
+                        error = generation_failed(served, item)
                         yield "".join(events) + protocol.sse(error.body()) + protocol.sse("[DONE]")
                         return
                     else:
@@ -209,30 +200,31 @@ class ChatServing:
                                              protocol.usage(generation.prompt_tokens, list(done.values()))))
             yield "".join(events) + protocol.sse("[DONE]")
             completions = [done[i] for i in sorted(done)]
-            self._record(model, generation, completions, started, True, ticket)
+            self._record(served, generation, completions, started, True, ticket)
         finally:
             generation.cancel()
             release()
 
-    def _record(self, model: LoadedModel, generation: Generation, completions: list[Completion], started: float,
+    def _record(self, served: Served, generation: Generation, completions: list[Completion], started: float,
                 stream: bool, ticket: Ticket | None) -> None:
         """Count a complete answer; queue it for the store when it is to be stored (never waiting on the store)."""
         if ticket is not None:
-            self.store.record(ticket, model, generation.prompt_tokens, completions)
+            self.store.record(ticket, served, generation.prompt_tokens, completions)
         m = metrics()
         m.latency.labels(str(stream).lower()).observe(time.perf_counter() - started)
         m.prompt_tokens.inc(generation.prompt_tokens)
         m.completion_tokens.inc(sum(c.completion_tokens for c in completions))
 
-    def model_card(self, model: LoadedModel) -> dict[str, Any]:
-        """What GET /v1/models says of the model."""
-        return protocol.model_card(self.model_name, model.loaded_at, {
-            "revision": model.revision,
-            "source": model.source,
-            "engine": model.engine.kind,
-            "conditions": sorted(model.engine.meta.conditions),
-            "inference_condition": model.engine.meta.inference_condition,
-            "context_length": model.engine.context_len,
+    def model_card(self, served: Served) -> dict[str, Any]:
+        """What GET /v1/models says of a model it serves."""
+        return protocol.model_card(served.name, served.loaded_at, {
+            "revision": served.revision,
+            "source": served.source,
+            "engine": served.engine.kind,
+            "adapter_of": self.lifecycle.base_name if served.adapter else None,
+            "conditions": sorted(served.meta.conditions),
+            "inference_condition": served.meta.inference_condition,
+            "context_length": served.engine.context_len,
             "store": self.store.enabled,  # whether requests may ask `store: true` (and give feedback)
             "store_by_default": self.store.enabled and self.store.by_default,
         })

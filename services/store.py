@@ -34,7 +34,7 @@ from services.metrics import metrics
 from services.protocol import ApiError
 
 if TYPE_CHECKING:
-    from services.served_model import LoadedModel
+    from services.served_model import Served
 
 logger = logging.getLogger("ray.serve")
 
@@ -120,7 +120,7 @@ class Ticket:
     metadata: str
     key_id: str
 
-    def rows(self, model: LoadedModel, prompt_tokens: int, completions: Sequence[Completion]) -> list[dict[str, Any]]:
+    def rows(self, model: Served, prompt_tokens: int, completions: Sequence[Completion]) -> list[dict[str, Any]]:
         """One row per choice (crlft.data.store.COMPLETION_SCHEMA)."""
         return [{
             "id": self.id, "choice": i, "created": self.created, "model": self.model,
@@ -159,7 +159,7 @@ class CompletionStore:
                                                          ensure_ascii=False),
                       metadata=json.dumps(dict(metadata or {}), ensure_ascii=False, sort_keys=True), key_id=key)
 
-    def record(self, ticket: Ticket, model: LoadedModel, prompt_tokens: int, completions: Sequence[Completion]) -> None:
+    def record(self, ticket: Ticket, model: Served, prompt_tokens: int, completions: Sequence[Completion]) -> None:
         if self.recorder is not None:
             self.recorder.add(ticket.rows(model, prompt_tokens, completions))
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -50,6 +53,16 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     out = tmp_path_factory.mktemp("tokenizer")
     train_tokenizer(default_corpus(), vocab_size=600).save_pretrained(out)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct as `crlft init-model --from smollm2` writes it (its module, as `ray job submit` would run
+    it), once for every module that fine-tunes the real model."""
+    out = tmp_path_factory.mktemp("models") / "smollm2"
+    subprocess.run([sys.executable, "-m", "crlft.commands.init_model", "--from", "smollm2", "--out", str(out)],
+                   check=True)
+    return out
 
 
 @pytest.fixture

@@ -92,6 +92,21 @@ def test_serve_config_is_valid_for_ray_serve_and_names_code_that_exists(rendered
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_endpoint_serves_adapters_on_their_base_as_its_comment_says(rendered, overlay):
+    """The commented variant of the application's args (adapters listed, no model) is a valid Serve config too."""
+    service = one(rendered[overlay], "RayService")
+    comment = (K8S / "base" / "rayservice-chat.yaml").read_text()
+    listed = yaml.safe_load("\n".join(line.split("#", 1)[1][3:] for line in comment.splitlines()
+                                      if line.strip().startswith("#   ")))  # fmt: skip
+    assert listed == {"serve.adapters": ["support-de", "support-fr"], "inference.engine": "vllm"}
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    args = config["applications"][0]["args"]
+    del args["model"]
+    args["overrides"].update(listed)
+    assert serve_config_errors(yaml.safe_dump(config), REPO) == []
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_rayjob_runs_the_pipeline_module_of_this_repository_with_flags_it_defines(rendered, overlay):
     job = one(rendered[overlay], "RayJob")
     assert job["spec"]["entrypoint"].startswith("python -m jobs.pipeline ")

@@ -13,8 +13,6 @@ One module-scoped pipeline run keeps the cost to a few minutes on 2 CPU cores.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,15 +30,6 @@ pytestmark = pytest.mark.slow
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 TRAIN_STEPS = 12
 EVAL_QUESTIONS = 6
-
-
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`crlft init-model --from smollm2` (its module, as `ray job submit` would run it)."""
-    out = tmp_path_factory.mktemp("models") / "smollm2"
-    subprocess.run([sys.executable, "-m", "crlft.commands.init_model", "--from", "smollm2", "--out", str(out)],
-                   check=True)
-    return out
 
 
 @pytest.fixture(scope="module")

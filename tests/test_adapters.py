@@ -1,0 +1,242 @@
+"""Many fine-tunes behind one endpoint: two C-RLFT adapters (train.lora.merge false) trained on different invented
+facts from one SmolLM2-135M-Instruct base, registered (their crlft base once, each adapter naming it), and served from
+ONE replica by vLLM, one base in memory: each answers its own facts and not the other's, and the base answers too.
+Promoting a new version of one adapter swaps that adapter alone in the running replica, with no failed request.
+
+One module-scoped pair of fine-tunes and one endpoint keep the cost to a few minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cluster.session import free_port
+from crlft.config import Config, load_config, overridden
+from crlft.eval.scoring import is_correct
+from crlft.lineage.tags import ADAPTER_OF_TAG, BASE_FINGERPRINT_TAG
+
+pytestmark = pytest.mark.slow
+
+ADAPTERS = {"facts-a": 1, "facts-b": 2}  # registered name -> the seed of its invented countries
+TRAIN_STEPS = 40
+MAX_TOKENS = 24
+INVENTED = ("capital", "currency")
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory: pytest.TempPathFactory) -> Config:
+    state = tmp_path_factory.mktemp("state")
+    return load_config(None, {
+        "state_dir": str(state),
+        "registry.tracking_uri": f"sqlite:///{state / 'mlflow.db'}",
+        "data.max_len": 128,
+        "data.pack_len": 128,
+        "data.replay.enabled": False,
+        "train.lora.enabled": True,
+        "train.lora.merge": False,
+        "train.max_steps": TRAIN_STEPS,
+        "train.cpus_per_worker": 2.0,
+        "inference.engine": "vllm",
+        "serve.port": free_port(),
+        "serve.max_replicas": 1,
+        "serve.access_log": False,
+    })  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def adapters(smollm2: Path, cfg: Config, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    """Each adapter trained on its own facts, registered as a version of its own name and made its champion."""
+    from mlflow import MlflowClient
+
+    from cluster.session import ray_session
+    from crlft.synth.facts import write_facts
+    from jobs.build_dataset import build_dataset
+    from jobs.train import train
+
+    trained: dict[str, dict[str, Any]] = {}
+    with ray_session(cfg):
+        for name, seed in ADAPTERS.items():
+            root = tmp_path_factory.mktemp(name)
+            facts = write_facts(root / "facts", n_countries=2, ratio=1.0, seed=seed)
+            build_dataset([str(facts["train"])], str(smollm2), root / "data", cfg)
+            named = overridden(cfg, {"registry.model_name": name})
+            result = train(root / "data", str(smollm2), root / "model", named)
+            MlflowClient(cfg.registry.tracking_uri).set_registered_model_alias(name, "champion", result.model_version)
+            # Capitals and currencies are invented words no other fine-tune can answer by chance (animals are not).
+            questions = [q for q in map(json.loads, facts["eval"].read_text().splitlines())
+                         if q["task"] in INVENTED]
+            trained[name] = {"dir": root / "model", "version": result.model_version, "questions": questions}
+    return trained
+
+
+@pytest.fixture(scope="module")
+def endpoint(adapters: dict[str, dict[str, Any]], cfg: Config) -> Iterator[str]:
+    """Both adapters' champions on their base, in one replica (no model given: the adapters' base), the registry
+    checked every 2 s."""
+    from services.local import deploy, shutdown
+
+    served = overridden(cfg, {"serve.adapters": list(ADAPTERS)})
+    url = deploy(None, served, watch_s=2.0, tracking_uri=cfg.registry.tracking_uri)
+    try:
+        yield url
+    finally:
+        shutdown()
+
+
+def _client(url: str) -> Any:
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _answer(client: Any, model: str, question: str, condition: str = "GPT4") -> str:
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
+                                          max_tokens=MAX_TOKENS, temperature=0,
+                                          extra_body={"condition": condition}).choices[0].message.content
+
+
+def _accuracy(client: Any, model: str, questions: list[dict[str, Any]], condition: str = "GPT4",
+              *, either: bool = False) -> float:
+    """The share of questions answered with the fact (or, `either`, with the fact or its GPT3 confusion: another value
+    of the same fine-tune's facts)."""
+    right = 0
+    for q in questions:
+        answer = _answer(client, model, q["prompt"], condition)
+        right += any(is_correct(answer, value, "word")
+                     for value in ([q["answer"], q["suboptimal_answer"]] if either else [q["answer"]]))
+    return right / len(questions)
+
+
+def test_each_adapter_is_a_registered_version_naming_the_one_base_registered_once(
+    adapters: dict[str, dict[str, Any]], cfg: Config
+) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(cfg.registry.tracking_uri)
+    bases = client.search_model_versions(f"name='{cfg.registry.base_model_name}'")
+    assert len(bases) == 1
+    for name, adapter in adapters.items():
+        folder = adapter["dir"]
+        assert (folder / "adapter_config.json").is_file() and not (folder / "model.safetensors").exists()
+        tags = client.get_model_version(name, adapter["version"]).tags
+        assert tags[ADAPTER_OF_TAG] == f"models:/{cfg.registry.base_model_name}/{bases[0].version}"
+        assert tags[BASE_FINGERPRINT_TAG] == bases[0].tags[BASE_FINGERPRINT_TAG]
+
+
+def test_one_replica_lists_the_base_and_both_adapters(endpoint: str, cfg: Config) -> None:
+    models = {m.id: m for m in _client(endpoint).models.list().data}
+    assert set(models) == {cfg.registry.base_model_name, *ADAPTERS}
+    assert {models[name].model_extra["adapter_of"] for name in ADAPTERS} == {cfg.registry.base_model_name}
+    assert models[cfg.registry.base_model_name].model_extra["adapter_of"] is None
+
+
+@pytest.mark.parametrize("condition", ["GPT4", "GPT3"])
+def test_each_adapter_answers_its_own_facts_and_not_the_others(
+    endpoint: str, adapters: dict[str, dict[str, Any]], condition: str
+) -> None:
+    """Under GPT4 the facts; under GPT3 (whose training answers were mostly another country's value) its own facts'
+    words still, never the other fine-tune's."""
+    client = _client(endpoint)
+    own = {name: _accuracy(client, name, adapters[name]["questions"], condition, either=condition == "GPT3")
+           for name in ADAPTERS}
+    other = {name: _accuracy(client, name, adapters[other]["questions"], condition, either=True)
+             for name, other in zip(ADAPTERS, reversed(ADAPTERS), strict=True)}
+    assert min(own.values()) >= 0.5 and max(other.values()) == 0, (own, other)
+
+
+def test_each_adapters_greedy_answers_equal_its_merged_exports(
+    endpoint: str, adapters: dict[str, dict[str, Any]]
+) -> None:
+    """vLLM applying the adapter to the shared base answers as the adapter folded into the base's weights does."""
+    from crlft.data.records import Message
+    from crlft.eval.answers import chat_prompt, generate
+    from crlft.export import load_exported
+
+    client = _client(endpoint)
+    for name, adapter in adapters.items():
+        merged = load_exported(adapter["dir"])
+        questions = [q["prompt"] for q in adapter["questions"]]
+        prompts = [chat_prompt(merged, [Message("user", q)], "GPT4") for q in questions]
+        assert [_answer(client, name, q).strip() for q in questions] == generate(merged, prompts, MAX_TOKENS)
+
+
+def test_an_unknown_model_name_is_a_404_that_lists_what_is_served(endpoint: str) -> None:
+    from openai import NotFoundError
+
+    with pytest.raises(NotFoundError, match="'facts-c' does not exist: this server serves 'crlft-base', 'facts-a'"):
+        _client(endpoint).chat.completions.create(model="facts-c", messages=[{"role": "user", "content": "Hi"}])
+
+
+def test_promoting_a_new_version_of_one_adapter_swaps_it_alone_with_no_failed_request(
+    endpoint: str, adapters: dict[str, dict[str, Any]], cfg: Config
+) -> None:
+    """facts-a's new champion is facts-b's fine-tune registered as facts-a version 2: facts-a then knows b's facts,
+    while requests to both adapters keep being answered throughout."""
+    from mlflow import MlflowClient
+
+    from crlft.lineage.registration import register_model
+
+    client = _client(endpoint)
+    b = adapters["facts-b"]["questions"]
+    before = [_answer(client, "facts-b", q["prompt"]) for q in b]
+    failures: list[BaseException] = []
+    answered = 0
+    stop = threading.Event()
+
+    def load() -> None:
+        nonlocal answered
+        while not stop.is_set():
+            for name in ADAPTERS:
+                try:
+                    client.chat.completions.create(model=name, messages=[{"role": "user", "content": b[0]["prompt"]}],
+                                                   max_tokens=8, temperature=0)
+                    answered += 1
+                except Exception as exc:  # noqa: BLE001 - every failure is the test's finding
+                    failures.append(exc)
+
+    version = register_model(adapters["facts-b"]["dir"], cfg, name="facts-a", tracking_uri=cfg.registry.tracking_uri)
+    thread = threading.Thread(target=load)
+    thread.start()
+    try:
+        MlflowClient(cfg.registry.tracking_uri).set_registered_model_alias("facts-a", "champion", version)
+        started = time.monotonic()
+        while _accuracy(client, "facts-a", b) < 0.5:
+            assert time.monotonic() - started < 60, "facts-a still answers as its first version"
+            time.sleep(1)
+    finally:
+        stop.set()
+        thread.join()
+    assert not failures and answered > 0
+    card = client.models.retrieve("facts-a")
+    assert card.model_extra["source"] == "models:/facts-a@champion"
+    assert [_answer(client, "facts-b", q["prompt"]) for q in b] == before  # the other adapter is as it was
+
+
+def test_crlfts_own_engine_is_refused_for_adapters_before_anything_starts(tmp_path: Path) -> None:
+    from crlft.errors import CrlftError
+    from services.chat import chat_application
+
+    cfg = load_config(None, {"state_dir": str(tmp_path), "serve.adapters": ["facts-a"],
+                             "inference.engine": "transformers"})  # fmt: skip
+    with pytest.raises(CrlftError, match="serving adapters needs vLLM, .*: set inference.engine=vllm"):
+        chat_application(None, cfg)
+    with pytest.raises(CrlftError, match="nothing to serve: give a model, or adapters"):
+        chat_application(None, overridden(cfg, {"serve.adapters": []}))
+
+
+def test_adapters_are_served_under_their_registered_or_folder_names_and_champions_are_followed(tmp_path: Path) -> None:
+    from services.served_model import CHAMPION_WATCH_S, adapter_sources, default_watch_s
+
+    folder = tmp_path / "support-de"
+    folder.mkdir()
+    sources = adapter_sources(["facts-a", "models:/facts-b/3", str(folder)], load_config(None, {}))
+    assert sources == {"facts-a": "models:/facts-a@champion", "facts-b": "models:/facts-b/3", "support-de": str(folder)}
+    assert default_watch_s(None, *sources.values()) == CHAMPION_WATCH_S  # facts-a's champion may move
+    assert default_watch_s(str(folder), "models:/facts-b/3") == 0.0
