@@ -229,6 +229,10 @@ def chat_application(model: str | None, cfg: Config, *, api_keys: Sequence[str] 
         tracking_uri=tracking_uri or cfg.registry.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
     )
     env = {key: os.environ.get(key, value) for key, value in (OFFLINE_ENV | REPLICA_ENV).items()}
+    watch_s = default_watch_s(model, *adapters.values()) if watch_s is None else watch_s
+    user_config: dict[str, Any] = {"model": model, "watch_s": watch_s}
+    if adapters:
+        user_config["adapters"] = adapters
     deployment = ChatServer.options(
         ray_actor_options={"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica,
                            "runtime_env": {"env_vars": env}},
@@ -248,8 +252,7 @@ def chat_application(model: str | None, cfg: Config, *, api_keys: Sequence[str] 
         max_ongoing_requests=admitted_per_replica(s) + PROBE_HEADROOM,
         max_queued_requests=BURST_FACTOR * admitted_per_replica(s),
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=RETRY_AFTER_S),
-        user_config={"model": model, "adapters": adapters,
-                     "watch_s": default_watch_s(model, *adapters.values()) if watch_s is None else watch_s},
+        user_config=user_config,
         graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,
         max_surge_percent=100,  # a redeploy starts the new replicas before the old ones stop
         max_constructor_retry_count=3,
