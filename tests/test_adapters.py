@@ -167,6 +167,40 @@ def test_each_adapters_greedy_answers_equal_its_merged_exports(
         assert [_answer(client, name, q).strip() for q in questions] == generate(merged, prompts, MAX_TOKENS)
 
 
+def test_evaluation_decodes_an_adapter_on_its_base_as_the_endpoint_serves_it(
+    adapters: dict[str, dict[str, Any]], cfg: Config
+) -> None:
+    """`crlft eval`'s decoder (vLLM's offline engine, the serving engine's settings) on an adapter folder: its base in
+    the engine, the adapter on every prompt; the answers are the merged export's."""
+    from crlft.data.records import Message
+    from crlft.eval.answers import chat_prompt, generate
+    from crlft.export import load_exported
+    from crlft.inference.decoding import engine_settings, open_decoder
+
+    adapter = adapters["facts-a"]
+    merged = load_exported(adapter["dir"])
+    prompts = [chat_prompt(merged, [Message("user", q["prompt"])], "GPT4") for q in adapter["questions"]]
+    with open_decoder(adapter["dir"], engine_settings(cfg, 8)) as decoder:
+        assert decoder is not None
+        assert generate(merged, prompts, MAX_TOKENS, decoder=decoder) == generate(merged, prompts, MAX_TOKENS)
+
+
+def test_a_model_uri_that_is_an_adapter_is_served_under_its_name_on_its_base(
+    adapters: dict[str, dict[str, Any]], cfg: Config
+) -> None:
+    """`crlft serve --model models:/facts-a@champion`: the replica's engine gets the adapter's base (fetched with it),
+    and the adapter answers to the name the model is served under."""
+    from crlft.export import adapter_base, content_fingerprint
+    from crlft.inference.engine import EngineSettings
+    from services.lifecycle import ModelLifecycle
+
+    lifecycle = ModelLifecycle(cfg, "facts-a", cfg.registry.tracking_uri, EngineSettings.for_replica(cfg, "cpu"))
+    source, base, served = lifecycle._resolve("models:/facts-a@champion", {})
+    assert Path(source) == base and content_fingerprint(base) == adapter_base(adapters["facts-a"]["dir"]).fingerprint
+    assert list(served) == ["facts-a"] and served["facts-a"][0] == "models:/facts-a@champion"
+    assert lifecycle.base_name == cfg.registry.base_model_name
+
+
 def test_an_unknown_model_name_is_a_404_that_lists_what_is_served(endpoint: str) -> None:
     from openai import NotFoundError
 
