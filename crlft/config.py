@@ -2,6 +2,9 @@
 
 The defaults are the OpenChat paper's: class GPT4 (reward 1.0, the inference condition; ShareGPT models
 "Model: GPT-4" and "gpt-4*") and class GPT3 (reward 0.1, the default class for everything else).
+
+Longer than other modules, and meant to be: every setting of every stage is declared here once, with its type, default
+and description, from which the CLI's flags, `--help` and the README's reference derive.
 """
 
 from __future__ import annotations
