@@ -108,7 +108,7 @@ class Setup:
         return model
 
 
-LORA = SimpleNamespace(r=16, alpha=32, dropout=0.0,  # crlft.config.LoraConfig's fields (pydantic is not needed)
+LORA = SimpleNamespace(r=16, alpha=32, dropout=0.0, merge=True,  # crlft.config.LoraConfig's fields (no pydantic here)
                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 

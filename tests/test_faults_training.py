@@ -243,7 +243,7 @@ def test_an_evaluation_the_tracker_cannot_take_says_what_was_not_recorded_and_ho
         server_up.stop()  # after the checks that reach it, before anything is recorded
         return measure(*args, **kwargs)
 
-    monkeypatch.setattr(crlft.eval.measure, "measure_all", measure_while_the_server_stops)
+    monkeypatch.setattr(jobs.evaluate, "measure_all", measure_while_the_server_stops)  # where it is looked up
     out = tmp_path / "eval"
     started = time.monotonic()
     with pytest.raises(CrlftError) as raised:
