@@ -104,7 +104,7 @@ class ModelLifecycle:
             path = resolve_model_uri(source, self.cfg, self.tracking_uri)
             if not is_adapter(path):
                 return source, path, resolved
-            resolved = {self.base_name: (source, path), **resolved}
+            resolved = {self.model_name: (source, path), **resolved}  # served under the model's name
             self.base_name = self.cfg.registry.base_model_name
         bases = {name: adapter_base(path).folder(self.cfg.state_dir) for name, (_, path) in resolved.items()}
         if len(set(bases.values())) != 1:

@@ -106,6 +106,10 @@ class ServedAdapter:
     registered: str | None = None
     loaded_at: int = field(default_factory=lambda: int(time.time()))
 
+    @property
+    def version(self) -> str:
+        return self.registered or self.revision
+
 
 def load_adapter(name: str, source: str, path: Path, lora_id: int) -> ServedAdapter:
     """The adapter's own facts (no weights: the engine loads those on the adapter's first request)."""
@@ -139,18 +143,16 @@ class Served:
 
     @property
     def source(self) -> str:
-        return self.adapter.source if self.adapter else self.model.source
+        return (self.adapter or self.model).source
 
     @property
     def revision(self) -> str:
-        return self.adapter.revision if self.adapter else self.model.revision
+        return (self.adapter or self.model).revision
 
     @property
     def version(self) -> str:
         """What stored completions name: the registered version, else the folder's revision."""
-        if self.adapter:
-            return self.adapter.registered or self.adapter.revision
-        return self.model.version
+        return (self.adapter or self.model).version
 
     @property
     def fingerprint(self) -> str:
@@ -158,4 +160,4 @@ class Served:
 
     @property
     def loaded_at(self) -> int:
-        return self.adapter.loaded_at if self.adapter else self.model.loaded_at
+        return (self.adapter or self.model).loaded_at

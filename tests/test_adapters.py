@@ -199,6 +199,7 @@ def test_a_model_uri_that_is_an_adapter_is_served_under_its_name_on_its_base(
     assert Path(source) == base and content_fingerprint(base) == adapter_base(adapters["facts-a"]["dir"]).fingerprint
     assert list(served) == ["facts-a"] and served["facts-a"][0] == "models:/facts-a@champion"
     assert lifecycle.base_name == cfg.registry.base_model_name
+    assert lifecycle._resolve("models:/facts-a@champion", {})[2] == served  # the champion watch resolves it again
 
 
 def test_an_unknown_model_name_is_a_404_that_lists_what_is_served(endpoint: str) -> None:
