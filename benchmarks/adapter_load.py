@@ -46,7 +46,6 @@ import time
 from dataclasses import asdict, dataclass
 from itertools import cycle
 from pathlib import Path
-from typing import get_args
 
 import httpx
 
@@ -60,8 +59,10 @@ from benchmarks.serve_load import (
     median,
 )
 from cluster.session import free_port, ingress_env
-from crlft.config import Config, LoraRank, load_config
+from crlft.config import Config, load_config
 from crlft.environ import environment
+from crlft.errors import CrlftError
+from crlft.inference.engine import slot_rank
 
 GOAL_RATIO_8 = 0.8  # issue #27: 8 adapters in one replica >= 0.8x the tokens/s of one merged model
 GOAL_MEMORY_SHARE = 0.05  # and memory per added adapter under 5% of the base
@@ -287,10 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-cache-gib", type=int, default=2, help="vLLM on CPU: the engine's KV cache")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args(argv)
-    ranks = [r for r in get_args(LoraRank) if r >= args.rank]  # vLLM's slot sizes
-    if not ranks:
-        parser.error(f"--rank {args.rank}: vLLM takes adapters of rank {max(get_args(LoraRank))} at most")
-    args.max_lora_rank = max(Config().inference.max_lora_rank, ranks[0])  # the config's default, or what fits
+    try:  # the slots' rank a replica chooses for these adapters by default
+        args.max_lora_rank = slot_rank(Config().inference.max_lora_rank, [args.rank])
+    except CrlftError as exc:
+        parser.error(f"--rank {args.rank}: {exc}")
 
     import ray
 

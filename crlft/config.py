@@ -203,8 +203,9 @@ class InferenceConfig(_Strict):
     max_loras: int = Field(
         4, ge=1, description="vLLM serving adapters (serve.adapters): adapters in one batch, and in the engine at once"
     )
-    max_lora_rank: LoraRank = Field(
-        16, description="vLLM serving adapters: the highest adapter rank it takes (one of vLLM's sizes)"
+    max_lora_rank: LoraRank | None = Field(
+        None, description="vLLM serving adapters: the rank of its adapter slots, one of vLLM's sizes (None: the "
+        "smallest that holds every adapter served; an adapter of a higher rank, promoted later, reopens the engine)"
     )
 
 
@@ -421,6 +422,8 @@ def _validated(tree: dict[str, Any], overrides: dict[str, Any] | None, where: st
 def _type_name(annotation: Any) -> str:
     if get_origin(annotation) is Literal:
         return " or ".join(f"`{a}`" for a in get_args(annotation))
+    if type(None) in get_args(annotation):  # X | None
+        return " or ".join([*(_type_name(a) for a in get_args(annotation) if a is not type(None)), "None"])
     if isinstance(annotation, type) and issubclass(annotation, Enum):
         return " or ".join(f"`{m.value}`" for m in annotation)
     text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None

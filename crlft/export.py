@@ -114,6 +114,11 @@ def is_adapter(model_dir: str | Path) -> bool:
     return (Path(model_dir) / ADAPTER_FILE).is_file()
 
 
+def adapter_rank(adapter_dir: str | Path) -> int:
+    """The LoRA rank of an adapter folder (PEFT's `r`)."""
+    return int(json.loads((Path(adapter_dir) / ADAPTER_FILE).read_text())["r"])
+
+
 def is_model_folder(model_dir: str | Path) -> bool:
     """A whole model or an adapter folder: both carry config.json (an adapter its base's)."""
     return (Path(model_dir) / "config.json").is_file()

@@ -28,7 +28,7 @@ from typing import Any
 
 from crlft.config import Config
 from crlft.errors import CrlftError
-from crlft.export import adapter_base, is_adapter
+from crlft.export import adapter_base, adapter_rank, is_adapter
 from crlft.inference.engine import EngineSettings
 from crlft.storage import folder_revision
 from services.api import unavailable
@@ -80,12 +80,14 @@ class ModelLifecycle:
         """Resolve the model and adapters configured; load and swap in whichever is not what is loaded."""
         async with self._swap_lock:
             source, path, adapters = await asyncio.to_thread(self._resolve, *self._sources)
-            if adapters:
-                self.engine_settings = self.engine_settings.with_adapters(self.cfg.inference.max_loras)
-            current = self.current
+            if adapters:  # slots of the configured rank, raised to the highest adapter's (never lowered)
+                ranks = [adapter_rank(adapter_path) for _, adapter_path in adapters.values()]
+                self.engine_settings = self.engine_settings.with_adapters(self.cfg.inference.max_loras, ranks)
+            current, settings = self.current, self.engine_settings
             if current is None or current.source != source or current.revision != folder_revision(path) \
-                    or (adapters and not current.max_loras):  # an engine opened without adapters
-                self._install(await asyncio.to_thread(load_model, source, path, self.engine_settings))
+                    or (adapters and not current.max_loras) \
+                    or (adapters and (settings.max_lora_rank or 0) > current.max_lora_rank):  # slots too small
+                self._install(await asyncio.to_thread(load_model, source, path, settings))
             served: dict[str, ServedAdapter] = {}
             for name, (adapter_source, adapter_path) in adapters.items():
                 old = self.adapters.get(name)

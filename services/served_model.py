@@ -76,6 +76,7 @@ class LoadedModel:
     engine: Engine
     registered: str | None = None  # the registered version, for a models:/ source
     max_loras: int = 0  # adapters its engine serves at once (0: opened without adapters)
+    max_lora_rank: int = 0  # the rank of its engine's adapter slots
     loaded_at: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -90,7 +91,8 @@ class LoadedModel:
 
 def load_model(source: str, path: Path, settings: EngineSettings) -> LoadedModel:
     return LoadedModel(source, path, folder_revision(path), open_engine(path, settings),
-                       registered=registered_version(source, path), max_loras=settings.max_loras)
+                       registered=registered_version(source, path), max_loras=settings.max_loras,
+                       max_lora_rank=settings.max_lora_rank or 0)
 
 
 @dataclass

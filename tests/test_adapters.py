@@ -9,6 +9,7 @@ One module-scoped pair of fine-tunes and one endpoint keep the cost to a few min
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -254,6 +255,54 @@ def test_promoting_a_new_version_of_one_adapter_swaps_it_alone_with_no_failed_re
     assert [_answer(client, "facts-b", q["prompt"]) for q in b] == before  # the other adapter is as it was
 
 
+def _at_rank(adapter: Path, rank: int, out: Path) -> Path:
+    """The same adapter at a higher rank: A's new rows and B's new columns are zeros, and alpha grows with r so that
+    LoRA's scale (alpha / r) and so every product are unchanged."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(adapter, out)
+    config = json.loads((out / "adapter_config.json").read_text())
+    grow = rank - config["r"]
+    weights = {key: torch.cat([w, w.new_zeros(grow, w.shape[1])]) if "lora_A" in key
+               else torch.cat([w, w.new_zeros(w.shape[0], grow)], dim=1) if "lora_B" in key else w
+               for key, w in load_file(out / "adapter_model.safetensors").items()}  # fmt: skip
+    save_file(weights, out / "adapter_model.safetensors")
+    config |= {"r": rank, "lora_alpha": config["lora_alpha"] * rank // config["r"]}
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_an_adapter_of_a_higher_rank_than_the_engines_slots_reopens_the_engine_with_no_failed_request(
+    endpoint: str, adapters: dict[str, dict[str, Any]], cfg: Config, tmp_path: Path
+) -> None:
+    """The replica sized its adapter slots to the rank-8 adapters it started with. facts-b's new champion is its own
+    fine-tune at rank 16 (the same products): the replica opens an engine with rank-16 slots, requests keep being
+    answered, and facts-b answers as before."""
+    from mlflow import MlflowClient
+
+    from crlft.lineage.registration import register_model
+
+    client = _client(endpoint)
+    b = adapters["facts-b"]["questions"]
+    before = [_answer(client, "facts-b", q["prompt"]) for q in b]
+    wider = _at_rank(adapters["facts-b"]["dir"], 16, tmp_path / "facts-b-r16")
+    version = register_model(wider, cfg, name="facts-b", tracking_uri=cfg.registry.tracking_uri)
+    failures: list[BaseException] = []
+    first = client.models.retrieve("facts-b").model_extra["revision"]
+    MlflowClient(cfg.registry.tracking_uri).set_registered_model_alias("facts-b", "champion", version)
+    started = time.monotonic()
+    while client.models.retrieve("facts-b").model_extra["revision"] == first:
+        assert time.monotonic() - started < 120, "facts-b is still served as its first version"
+        try:
+            _answer(client, "facts-b", b[0]["prompt"])
+        except Exception as exc:  # noqa: BLE001 - every failure is the test's finding
+            failures.append(exc)
+        time.sleep(0.5)
+    assert not failures
+    assert [_answer(client, "facts-b", q["prompt"]) for q in b] == before
+
+
 def test_crlfts_own_engine_is_refused_for_adapters_before_anything_starts(tmp_path: Path) -> None:
     from crlft.errors import CrlftError
     from services.chat import chat_application
@@ -275,3 +324,14 @@ def test_adapters_are_served_under_their_registered_or_folder_names_and_champion
     assert sources == {"facts-a": "models:/facts-a@champion", "facts-b": "models:/facts-b/3", "support-de": str(folder)}
     assert default_watch_s(None, *sources.values()) == CHAMPION_WATCH_S  # facts-a's champion may move
     assert default_watch_s(str(folder), "models:/facts-b/3") == 0.0
+
+
+def test_adapter_slots_are_the_smallest_of_vllms_ranks_that_hold_every_adapter_and_the_configured_one() -> None:
+    from crlft.errors import CrlftError
+    from crlft.inference.engine import slot_rank
+
+    assert slot_rank(None, [8, 8]) == 8  # train.lora.r's default: no slot wasted
+    assert slot_rank(None, [8, 12]) == 16
+    assert slot_rank(32, [8]) == 32  # inference.max_lora_rank set: room for adapters promoted later
+    with pytest.raises(CrlftError, match="an adapter of rank 600: vLLM serves adapters of rank 512 at most"):
+        slot_rank(None, [600])

@@ -27,11 +27,11 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal, Protocol, get_args
 
 import torch
 
-from crlft.config import Config
+from crlft.config import Config, LoraRank
 from crlft.data.template import TemplateTokenizer
 from crlft.errors import CrlftError
 from crlft.export import ModelMeta
@@ -140,7 +140,7 @@ class EngineSettings:
     batch_wait_s: float
     kv_cache_gib: float  # vLLM on CPU: the KV cache's size (on GPUs vLLM sizes it from the free memory)
     max_loras: int = 0  # adapters served at once on the model (vLLM); 0: none
-    max_lora_rank: int = 16
+    max_lora_rank: int | None = None  # the rank of vLLM's adapter slots; None: from the adapters (`with_adapters`)
 
     @classmethod
     def for_replica(cls, cfg: Config, device: str) -> EngineSettings:
@@ -148,12 +148,23 @@ class EngineSettings:
         return cls(choose_engine(s.engine, device), device, serving_dtype(s.precision, device), s.max_batch_size,
                    s.batch_wait_timeout_s, s.vllm_kv_cache_gib, max_lora_rank=s.max_lora_rank)
 
-    def with_adapters(self, max_loras: int) -> EngineSettings:
-        """These settings for a model that serves adapters: vLLM only (crlft's engine has no per-request adapters)."""
+    def with_adapters(self, max_loras: int, ranks: Sequence[int] = ()) -> EngineSettings:
+        """These settings for a model that serves adapters of these ranks: vLLM only (crlft's engine has no
+        per-request adapters). The slots' rank is the configured one, raised to hold every adapter (`slot_rank`)."""
         if self.kind != "vllm":
             raise CrlftError("serving adapters needs vLLM, which applies each request's adapter to the shared base: "
                              "set inference.engine=vllm (vLLM installs with `pip install 'crlft[vllm]'`)")
-        return dataclasses.replace(self, max_loras=max_loras)
+        return dataclasses.replace(self, max_loras=max_loras, max_lora_rank=slot_rank(self.max_lora_rank, ranks))
+
+
+def slot_rank(configured: int | None, ranks: Sequence[int]) -> int:
+    """The smallest of vLLM's slot ranks that holds every rank in `ranks`, and at least `configured`. A slot is
+    allocated at that rank for every adapter the engine holds, so a rank-8 adapter in rank-16 slots wastes half."""
+    needed = max([*ranks, configured or 1])
+    sizes = [r for r in get_args(LoraRank) if r >= needed]
+    if not sizes:
+        raise CrlftError(f"an adapter of rank {needed}: vLLM serves adapters of rank {max(get_args(LoraRank))} at most")
+    return sizes[0]
 
 
 @dataclass(frozen=True)

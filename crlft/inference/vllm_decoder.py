@@ -11,15 +11,12 @@ one needs an `if __name__ == "__main__":` guard.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
-from crlft.config import LoraRank
-from crlft.export import ADAPTER_FILE, ModelFolder, adapter_base, is_adapter
+from crlft.export import ModelFolder, adapter_base, adapter_rank, is_adapter
 from crlft.inference.engine import Adapter, EngineSettings
 from crlft.inference.sampling import answer_budget, answer_text
 from crlft.inference.vllm_engine import engine_arguments, lora_request, starting_vllm
@@ -39,9 +36,7 @@ class VllmDecoder:
         self.adapter, weights = None, path
         if is_adapter(path):  # its base in the engine, the adapter on every request, as a replica serves it
             weights, self.adapter = adapter_base(path).folder(), Adapter(path.name, 1, path)
-            rank = int(json.loads((path / ADAPTER_FILE).read_text())["r"])
-            settings = dataclasses.replace(settings, max_loras=1,
-                                           max_lora_rank=min(r for r in get_args(LoraRank) if r >= rank))
+            settings = settings.with_adapters(1, [adapter_rank(path)])
         with starting_vllm(weights, settings) as unpinned:
             from vllm import LLM
 

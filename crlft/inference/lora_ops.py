@@ -1,0 +1,141 @@
+"""vLLM's CPU LoRA ops, applied as matrix products of the batch instead of per-token copies of each adapter.
+
+vLLM's CPU platform applies adapters with the torch ops of `vllm/lora/ops/torch_ops/lora_ops.py`: each token gathers
+its adapter's A or B (`weights[indices]`, a full copy per token, per adapted layer) and multiplies it in a batched
+einsum of tiny matrices. Here a batch whose tokens share one adapter, the usual case, takes one matrix product per op,
+and a batch of several adapters one product against all their slots at once. A token of slot -1 (a request without an
+adapter: vLLM's "no LoRA") gets nothing, as vLLM's GPU kernels give it; the torch ops gave it the last slot's adapter.
+
+`register` is a vLLM general plugin (pyproject's `vllm.general_plugins` entry point), so it runs in every vLLM process,
+the engine core included; vLLM's `VLLM_PLUGINS` can leave it out. The gain is in benchmarks/RESULTS.md, "Many adapters
+behind one endpoint".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Above this many tokens (prefill), a product against every slot's B stacked beats the batched product on CPUs.
+PADDED_MAX_TOKENS = 256
+
+
+def adapter_products(inputs: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor,
+                     dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """Each token's row of `inputs` (tokens x in) times its adapter slot's matrix of `weights` (slots x [1 x] out x in),
+    in `dtype`: tokens x out. Slot -1: zeros. One adapter for every token: one product; several: `TokenGroups`."""
+    if weights.dim() == 4:
+        weights = weights.squeeze(1)
+    inputs, weights = inputs.to(dtype), weights.to(dtype)
+    n_slots, out, width = weights.shape
+    first = int(slots[0])
+    if bool((slots == first).all()):
+        if first < 0:
+            return inputs.new_zeros((inputs.shape[0], out))
+        return inputs @ weights[first].T
+    groups = TokenGroups.of(slots, n_slots)
+    if out > width and inputs.shape[0] > PADDED_MAX_TOKENS:
+        return groups.stacked_product(inputs, weights)
+    return groups.padded_product(inputs, weights)
+
+
+@dataclass(frozen=True)
+class TokenGroups:
+    """A batch's tokens grouped by adapter slot: token i goes to row `rows[i]` of a (slots x `depth`) grid, so that one
+    batched product serves every slot. Every op of a forward pass sees the same slots: the last grouping is reused."""
+
+    slots: torch.Tensor
+    depth: int  # the most tokens of one slot
+    rows: torch.Tensor  # each token's row in the grid (slot * depth + its rank within its slot)
+    valid: torch.Tensor | None  # the tokens with an adapter, where some have none (slot -1)
+
+    @classmethod
+    def of(cls, slots: torch.Tensor, n_slots: int) -> TokenGroups:
+        last = _last_groups[0]
+        if last is not None and last.slots.shape == slots.shape and torch.equal(last.slots, slots):
+            return last
+        valid = slots >= 0
+        slot = torch.where(valid, slots, n_slots)  # the tokens without an adapter last, in a group of their own
+        counts = torch.bincount(slot, minlength=n_slots + 1)
+        depth = max(1, int(counts[:n_slots].max()))
+        order = torch.argsort(slot, stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.empty_like(slot)
+        rank[order] = torch.arange(len(slot)) - starts[slot[order]]
+        groups = cls(slots.clone(), depth, slot * depth + rank, None if bool(valid.all()) else valid.nonzero()[:, 0])
+        _last_groups[0] = groups
+        return groups
+
+    def padded_product(self, inputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The tokens placed in the grid, one batched product with every slot's matrix, read back per token."""
+        n_slots, out, width = weights.shape
+        rows = self.rows if self.valid is None else self.rows[self.valid]
+        grid = inputs.new_zeros((n_slots * self.depth, width))
+        grid[rows] = inputs if self.valid is None else inputs[self.valid]
+        products = torch.bmm(grid.view(n_slots, self.depth, width), weights.transpose(1, 2)).view(-1, out)
+        if self.valid is None:
+            return products[rows]
+        outputs = inputs.new_zeros((inputs.shape[0], out))
+        outputs[self.valid] = products[rows]
+        return outputs
+
+    def stacked_product(self, inputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Each token's input in its slot's block of a row (zeros elsewhere) against every slot's matrix stacked."""
+        n_slots, out, width = weights.shape
+        own = torch.nn.functional.one_hot(self.slots.clamp(min=0), n_slots).to(inputs.dtype)
+        if self.valid is not None:
+            own = own * (self.slots >= 0).unsqueeze(1).to(inputs.dtype)
+        blocks = (own.unsqueeze(2) * inputs.unsqueeze(1)).view(-1, n_slots * width)
+        return blocks @ weights.transpose(1, 2).reshape(n_slots * width, out)
+
+
+_last_groups: list[TokenGroups | None] = [None]
+
+
+# The three ops as vLLM 0.32 defines them (same signatures, same writes into `output_tensor`), but for the products.
+
+
+def bgmv_expand(inputs: torch.Tensor, lora_b_weights: torch.Tensor, output_tensor: torch.Tensor,
+                lora_indices_tensor: torch.Tensor, add_inputs: bool = True) -> None:  # fmt: skip
+    outputs = adapter_products(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    limit = output_tensor.shape[0]
+    if outputs.shape[0] == 1 and output_tensor.shape[0] != 1:
+        limit = 1
+    common_len = min(outputs.shape[1], output_tensor.shape[1])  # adapter and model may pad the output differently
+    if add_inputs:
+        output_tensor[:, :common_len] += outputs[:limit, :common_len]
+    else:
+        output_tensor[:, :common_len] = outputs[:limit, :common_len]
+
+
+def bgmv_shrink(inputs: torch.Tensor, lora_b_weights: torch.Tensor, output_tensor: torch.Tensor,
+                lora_indices_tensor: torch.Tensor, scaling: float = 1.0) -> None:  # fmt: skip
+    outputs = adapter_products(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    output_tensor[:, : outputs.shape[1]] = scaling * outputs
+
+
+def bgmv_expand_slice(inputs: torch.Tensor, lora_b_weights: torch.Tensor, output_tensor: torch.Tensor,
+                      lora_indices_tensor: torch.Tensor, slice_offset: int, slice_size: int,
+                      add_inputs: bool = True) -> None:  # fmt: skip
+    outputs = adapter_products(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    if add_inputs:
+        output_tensor[:, slice_offset : slice_offset + slice_size] += outputs
+    else:
+        output_tensor[:, slice_offset : slice_offset + slice_size] = outputs
+
+
+def register() -> None:
+    """On vLLM's CPU platform, put these ops where its CPU punica wrapper (directly, and through the sgmv ops that
+    call them) looks them up. Idempotent: vLLM may load plugins more than once in a process."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    from vllm.lora.ops.torch_ops import lora_ops
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    for module in (lora_ops, punica_cpu):
+        module.bgmv_expand = bgmv_expand
+        module.bgmv_shrink = bgmv_shrink
+        module.bgmv_expand_slice = bgmv_expand_slice

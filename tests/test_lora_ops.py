@@ -1,0 +1,92 @@
+"""The grouped LoRA ops (crlft/inference/lora_ops.py) write what vLLM's CPU torch ops write, but for a token without an
+adapter, and vLLM loads them as a plugin in its processes."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import pytest
+import torch
+
+from crlft.inference import lora_ops
+
+vllm_ops = pytest.importorskip("vllm.lora.ops.torch_ops.lora_ops")
+ORIGINAL = {name: getattr(vllm_ops, name) for name in ("bgmv_expand", "bgmv_shrink", "bgmv_expand_slice")}
+
+SLOTS, RANK, WIDTH, OUT = 4, 8, 48, 80
+MIXES = {
+    "one adapter": [2] * 7,
+    "three adapters, interleaved": [0, 3, 0, 1, 3, 3, 0],
+    "one token": [1],
+    "a prefill of three adapters": [i % 3 for i in range(lora_ops.PADDED_MAX_TOKENS + 1)],
+}
+
+
+def weights(shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.randn(SLOTS, 1, *shape, generator=torch.Generator().manual_seed(sum(shape)))
+
+
+def inputs(rows: int, width: int) -> torch.Tensor:
+    return torch.randn(rows, width, generator=torch.Generator().manual_seed(rows))
+
+
+@pytest.mark.parametrize("mix", MIXES.values(), ids=MIXES.keys())
+@pytest.mark.parametrize("add_inputs", [True, False])
+def test_shrink_and_expand_write_what_vllms_ops_write(mix: list[int], add_inputs: bool) -> None:
+    slots = torch.tensor(mix)
+    x, a = inputs(len(mix), WIDTH), weights((RANK, WIDTH))
+    expected, got = torch.zeros(len(mix), RANK), torch.zeros(len(mix), RANK)
+    ORIGINAL["bgmv_shrink"](x, a, expected, slots, 0.5)
+    lora_ops.bgmv_shrink(x, a, got, slots, 0.5)
+    torch.testing.assert_close(got, expected)
+
+    b = weights((OUT, RANK))
+    expected, got = torch.ones(len(mix), OUT + 3), torch.ones(len(mix), OUT + 3)  # the model pads its output
+    ORIGINAL["bgmv_expand"](expected[:, :RANK].clone(), b, expected, slots, add_inputs)
+    lora_ops.bgmv_expand(got[:, :RANK].clone(), b, got, slots, add_inputs)
+    torch.testing.assert_close(got, expected)
+
+    expected, got = torch.ones(len(mix), 3 * OUT), torch.ones(len(mix), 3 * OUT)
+    ORIGINAL["bgmv_expand_slice"](x[:, :RANK], b, expected, slots, OUT, OUT, add_inputs)
+    lora_ops.bgmv_expand_slice(x[:, :RANK], b, got, slots, OUT, OUT, add_inputs)
+    torch.testing.assert_close(got, expected)
+
+
+def by_hand(x: torch.Tensor, w: torch.Tensor, slots: list[int]) -> torch.Tensor:
+    return torch.stack([x[i] @ w[s, 0].T if s >= 0 else torch.zeros(w.shape[2]) for i, s in enumerate(slots)])
+
+
+@pytest.mark.parametrize("tokens", [6, lora_ops.PADDED_MAX_TOKENS + 2], ids=["decode", "prefill"])
+def test_a_token_without_an_adapter_gets_nothing_where_vllms_torch_ops_gave_it_the_last_slots(tokens: int) -> None:
+    mix = [[-1, 1, -1, 3, 1, 0][i % 6] for i in range(tokens)]
+    x, a, b = inputs(tokens, WIDTH), weights((RANK, WIDTH)), weights((OUT, RANK))
+    shrunk = torch.full((tokens, RANK), 7.0)
+    lora_ops.bgmv_shrink(x, a, shrunk, torch.tensor(mix))
+    torch.testing.assert_close(shrunk, by_hand(x, a, mix))
+    expanded = torch.zeros(tokens, OUT)
+    lora_ops.bgmv_expand(shrunk, b, expanded, torch.tensor(mix), add_inputs=True)
+    torch.testing.assert_close(expanded, by_hand(shrunk, b, mix))
+
+    alone = torch.full((2, RANK), 7.0)
+    lora_ops.bgmv_shrink(x[:2], a, alone, torch.tensor([-1, -1]))  # a batch without adapters
+    torch.testing.assert_close(alone, torch.zeros(2, RANK))
+
+
+def test_a_batch_grouped_like_the_last_one_reuses_its_grouping_and_any_other_is_grouped_anew() -> None:
+    first = lora_ops.TokenGroups.of(torch.tensor([0, 1, 1, 2]), SLOTS)
+    assert lora_ops.TokenGroups.of(torch.tensor([0, 1, 1, 2]), SLOTS) is first
+    other = lora_ops.TokenGroups.of(torch.tensor([2, 1, 1, 0]), SLOTS)
+    assert other is not first and other.rows.tolist() == [2 * 2, 1 * 2, 1 * 2 + 1, 0]  # slot * depth + rank
+
+
+def test_vllm_finds_the_ops_as_a_general_plugin_and_loading_them_replaces_its_cpu_ops() -> None:
+    plugins = importlib.metadata.entry_points(group="vllm.general_plugins")
+    assert [p.value for p in plugins if p.name == "crlft_cpu_lora"] == ["crlft.inference.lora_ops:register"]
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    lora_ops.register()
+    lora_ops.register()  # vLLM may load plugins twice in one process
+    for module in (vllm_ops, punica_cpu):
+        assert module.bgmv_expand is lora_ops.bgmv_expand
+        assert module.bgmv_shrink is lora_ops.bgmv_shrink
+        assert module.bgmv_expand_slice is lora_ops.bgmv_expand_slice
