@@ -46,6 +46,7 @@ class TokenGroups:
     batched product serves every slot. Every op of a forward pass sees the same slots: the last grouping is reused."""
 
     slots: torch.Tensor
+    n_slots: int
     depth: int  # the most tokens of one slot
     rows: torch.Tensor  # each token's row in the grid (slot * depth + its rank within its slot)
     valid: torch.Tensor | None  # the tokens with an adapter, where some have none (slot -1)
@@ -53,7 +54,8 @@ class TokenGroups:
     @classmethod
     def of(cls, slots: torch.Tensor, n_slots: int) -> TokenGroups:
         last = _last_groups[0]
-        if last is not None and last.slots.shape == slots.shape and torch.equal(last.slots, slots):
+        if last is not None and last.n_slots == n_slots and last.slots.shape == slots.shape \
+                and torch.equal(last.slots, slots):
             return last
         valid = slots >= 0
         slot = torch.where(valid, slots, n_slots)  # the tokens without an adapter last, in a group of their own
@@ -63,7 +65,8 @@ class TokenGroups:
         starts = torch.cumsum(counts, 0) - counts
         rank = torch.empty_like(slot)
         rank[order] = torch.arange(len(slot)) - starts[slot[order]]
-        groups = cls(slots.clone(), depth, slot * depth + rank, None if bool(valid.all()) else valid.nonzero()[:, 0])
+        groups = cls(slots.clone(), n_slots, depth, slot * depth + rank,
+                     None if bool(valid.all()) else valid.nonzero()[:, 0])
         _last_groups[0] = groups
         return groups
 
