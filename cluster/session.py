@@ -38,6 +38,13 @@ LOCAL_SPARE_CPUS = 2
 SESSION_MARK = "CRLFT_LOCAL_RAY"
 STOP_GRACE_S = 3.0  # a marked process left after Ray's shutdown gets this long after SIGTERM, then SIGKILL
 _local_mark: str | None = None  # this process's local session, while it runs
+# Serve's HAProxy `retry-on`, and on the next line of its config one more directive (Serve writes the value as it is,
+# and has no setting for it). `empty-response` resends a request that reached a dying replica and got nothing back (a
+# response begun is never resent), but HAProxy resends only a request it held whole when it first sent it, and a client
+# that writes its body after its headers (httpx, so OpenAI's SDK) had its headers forwarded at once: HAProxy's own 502
+# (SH, 0 retries; benchmarks/RESULTS.md, Faults). `option http-buffer-request` waits for the body (up to tune.bufsize,
+# 16 KiB) before choosing a server. Also in k8s/ and cluster/cluster.yaml.
+HAPROXY_RETRY_ON = "conn-failure empty-response\n    option http-buffer-request"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _handlers_before: dict[int, Any] = {}  # while stop_on_signals' handler is installed: what it replaced
 _received: int | None = None  # the stop signal that handler took, until `restore_signals`
@@ -71,8 +78,8 @@ def ingress_env(cfg: Config) -> dict[str, str]:
             # A replica whose connection fails is marked down at once (Serve's default waits for 3 errors): with
             # leastconn a dead replica, holding no connections, is otherwise every retry's pick until then. A request
             # that reached a replica as it died, and got nothing back, is sent to another (Serve retries only refused
-            # connections): a chat completion has no side effect to repeat.
-            "RAY_SERVE_HAPROXY_OBSERVE_ERROR_LIMIT": "1", "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
+            # connections): a chat completion has no side effect to repeat (HAPROXY_RETRY_ON).
+            "RAY_SERVE_HAPROXY_OBSERVE_ERROR_LIMIT": "1", "RAY_SERVE_HAPROXY_RETRY_ON": HAPROXY_RETRY_ON,
             "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
             # What ray.init(runtime_env={"worker_process_setup_hook": ...}) sets, here inherited by every worker of
             # the session, the Serve actors that start HAProxy included.

@@ -89,7 +89,8 @@ def test_cluster_launcher_config_is_valid_for_ray_up_and_keeps_token_auth_on():
     assert len(starts) == 2 and all("RAY_AUTH_MODE=token" in command for command in starts)
     assert all("RAY_SERVE_ENABLE_HA_PROXY=1" in command for command in starts)  # the endpoint's ingress, every node
     retry_on = ingress_env(Config())["RAY_SERVE_HAPROXY_RETRY_ON"]  # ... with the fault settings of `crlft serve`'s
-    assert all(f"RAY_SERVE_HAPROXY_RETRY_ON='{retry_on}'" in c and "RAY_SERVE_HAPROXY_OBSERVE_ERROR_LIMIT=1" in c
+    quoted = "$'" + retry_on.replace("\n", "\\n") + "'"  # bash's quoting, its second line included
+    assert all(f"RAY_SERVE_HAPROXY_RETRY_ON={quoted}" in c and "RAY_SERVE_HAPROXY_OBSERVE_ERROR_LIMIT=1" in c
                for c in starts)
     assert "--dashboard-host=127.0.0.1" in config["head_start_ray_commands"][-1]
 
