@@ -38,13 +38,6 @@ LOCAL_SPARE_CPUS = 2
 SESSION_MARK = "CRLFT_LOCAL_RAY"
 STOP_GRACE_S = 3.0  # a marked process left after Ray's shutdown gets this long after SIGTERM, then SIGKILL
 _local_mark: str | None = None  # this process's local session, while it runs
-# Serve's HAProxy `retry-on`, and on the next line of its config one more directive (Serve writes the value as it is,
-# and has no setting for it). `empty-response` resends a request that reached a dying replica and got nothing back (a
-# response begun is never resent), but HAProxy resends only a request it held whole when it first sent it, and a client
-# that writes its body after its headers (httpx, so OpenAI's SDK) had its headers forwarded at once: HAProxy's own 502
-# (SH, 0 retries; benchmarks/RESULTS.md, Faults). `option http-buffer-request` waits for the body (up to tune.bufsize,
-# 16 KiB) before choosing a server. Also in k8s/ and cluster/cluster.yaml.
-HAPROXY_RETRY_ON = "conn-failure empty-response\n    option http-buffer-request"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _handlers_before: dict[int, Any] = {}  # while stop_on_signals' handler is installed: what it replaced
 _received: int | None = None  # the stop signal that handler took, until `restore_signals`
@@ -61,6 +54,15 @@ class Stopped(KeyboardInterrupt):
 def local_cpus(cfg: Config) -> int:
     needed = math.ceil(cfg.train.workers * cfg.train.cpus_per_worker)
     return max(os.cpu_count() or 1, needed) + LOCAL_SPARE_CPUS
+
+
+# Serve's HAProxy `retry-on`, and on the next line of its config one more directive (Serve writes the value as it is,
+# and has no setting for it). `empty-response` resends a request that reached a dying replica and got nothing back (a
+# response begun is never resent), but HAProxy resends only a request it held whole when it first sent it, and a client
+# that writes its body after its headers (httpx, so OpenAI's SDK) had its headers forwarded at once: HAProxy's own 502
+# (SH, 0 retries; benchmarks/RESULTS.md, Faults). `option http-buffer-request` waits for the body (up to tune.bufsize,
+# 16 KiB) before choosing a server. Also in k8s/ and cluster/cluster.yaml.
+HAPROXY_RETRY_ON = "conn-failure empty-response\n    option http-buffer-request"
 
 
 def ingress_env(cfg: Config) -> dict[str, str]:
