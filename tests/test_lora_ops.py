@@ -12,6 +12,7 @@ from crlft.inference import lora_ops
 
 vllm_ops = pytest.importorskip("vllm.lora.ops.torch_ops.lora_ops")
 ORIGINAL = {name: getattr(vllm_ops, name) for name in ("bgmv_expand", "bgmv_shrink", "bgmv_expand_slice")}
+assert all(op.__module__ == vllm_ops.__name__ for op in ORIGINAL.values()), "vLLM's ops were replaced before the test"
 
 SLOTS, RANK, WIDTH, OUT = 4, 8, 48, 80
 MIXES = {
@@ -79,6 +80,28 @@ def test_a_batch_grouped_like_the_last_one_reuses_its_grouping_and_any_other_is_
     assert other is not first and other.rows.tolist() == [2 * 2, 1 * 2, 1 * 2 + 1, 0]  # slot * depth + rank
 
 
+@pytest.mark.parametrize("runs", [[(2, 5)], [(0, 3), (3, 1), (-1, 2), (0, 4)]], ids=["one adapter", "mixed"])
+def test_the_sequence_wise_ops_write_what_vllms_write_on_each_tokens_slot(runs: list[tuple[int, int]]) -> None:
+    """vLLM's V1 engine calls the sgmv ops with runs of equal slots (slot, tokens)."""
+    slots, lengths = torch.tensor([s for s, _ in runs]), torch.tensor([n for _, n in runs])
+    per_token = torch.repeat_interleave(slots, lengths)
+    tokens = int(lengths.sum())
+    starts = torch.cumsum(lengths, 0) - lengths
+    meta = (starts, lengths, slots, len(runs), int(lengths.max()), tokens)
+    x, a, b = inputs(tokens, WIDTH), weights((RANK, WIDTH)), weights((OUT, RANK))
+    shrunk = torch.zeros(tokens, RANK)
+    lora_ops.sgmv_shrink(x, a, shrunk, *meta, 0.5)
+    torch.testing.assert_close(shrunk, 0.5 * by_hand(x, a, per_token.tolist()))
+    expected, got = torch.ones(tokens, OUT), torch.ones(tokens, OUT)
+    ORIGINAL["bgmv_expand"](shrunk, b, expected, per_token.clamp(min=0), add_inputs=True)
+    expected[per_token < 0] = 1.0  # vLLM's torch ops gave these the last slot's adapter
+    lora_ops.sgmv_expand(shrunk, b, got, *meta, add_inputs=True)
+    torch.testing.assert_close(got, expected)
+    sliced = torch.zeros(tokens, 2 * OUT)
+    lora_ops.sgmv_expand_slice(shrunk, b, sliced, *meta, OUT, OUT, add_inputs=True)
+    torch.testing.assert_close(sliced[:, OUT:], expected - 1.0)
+
+
 def test_vllm_finds_the_ops_as_a_general_plugin_and_loading_them_replaces_its_cpu_ops() -> None:
     plugins = importlib.metadata.entry_points(group="vllm.general_plugins")
     assert [p.value for p in plugins if p.name == "crlft_cpu_lora"] == ["crlft.inference.lora_ops:register"]
@@ -87,6 +110,5 @@ def test_vllm_finds_the_ops_as_a_general_plugin_and_loading_them_replaces_its_cp
     lora_ops.register()
     lora_ops.register()  # vLLM may load plugins twice in one process
     for module in (vllm_ops, punica_cpu):
-        assert module.bgmv_expand is lora_ops.bgmv_expand
-        assert module.bgmv_shrink is lora_ops.bgmv_shrink
-        assert module.bgmv_expand_slice is lora_ops.bgmv_expand_slice
+        for name in lora_ops.OPS:
+            assert getattr(module, name) is getattr(lora_ops, name)

@@ -96,7 +96,7 @@ class TokenGroups:
 _last_groups: list[TokenGroups | None] = [None]
 
 
-# The three ops as vLLM 0.32 defines them (same signatures, same writes into `output_tensor`), but for the products.
+# The ops as vLLM 0.32 defines them (same signatures, same writes into `output_tensor`), but for the products.
 
 
 def bgmv_expand(inputs: torch.Tensor, lora_b_weights: torch.Tensor, output_tensor: torch.Tensor,
@@ -128,9 +128,45 @@ def bgmv_expand_slice(inputs: torch.Tensor, lora_b_weights: torch.Tensor, output
         output_tensor[:, slice_offset : slice_offset + slice_size] = outputs
 
 
+# The sequence-wise ops vLLM's V1 engine calls for every batch (its punica wrapper runs them in "prefill" mode): the
+# slots come a run of equal ones at a time (`lora_indices_tensor`, `seq_len_tensor`), expanded per token only when the
+# batch mixes adapters (vLLM expanded them in every call).
+
+
+def token_slots(lora_indices_tensor: torch.Tensor, seq_len_tensor: torch.Tensor) -> torch.Tensor:
+    """Each token's slot; a batch of one slot is that slot alone, which stands for every token in `adapter_products`."""
+    first = lora_indices_tensor[:1]
+    if bool((lora_indices_tensor == first).all()):
+        return first
+    return torch.repeat_interleave(lora_indices_tensor, seq_len_tensor)
+
+
+def sgmv_expand(inputs: torch.Tensor, lora_b_weights: torch.Tensor, output_tensor: torch.Tensor,
+                b_seq_start_loc: torch.Tensor, seq_len_tensor: torch.Tensor, lora_indices_tensor: torch.Tensor,
+                batches: int, max_seq_length: int, token_nums: int, add_inputs: bool = False) -> None:  # fmt: skip
+    bgmv_expand(inputs, lora_b_weights, output_tensor, token_slots(lora_indices_tensor, seq_len_tensor), add_inputs)
+
+
+def sgmv_shrink(inputs: torch.Tensor, lora_a_weights: torch.Tensor, output_tensor: torch.Tensor,
+                b_seq_start_loc: torch.Tensor, seq_len_tensor: torch.Tensor, lora_indices_tensor: torch.Tensor,
+                batches: int, max_seq_length: int, token_nums: int, scaling: float) -> None:  # fmt: skip
+    bgmv_shrink(inputs, lora_a_weights, output_tensor, token_slots(lora_indices_tensor, seq_len_tensor), scaling)
+
+
+def sgmv_expand_slice(inputs: torch.Tensor, lora_b_weights: torch.Tensor, output_tensor: torch.Tensor,
+                      b_seq_start_loc: torch.Tensor, seq_len_tensor: torch.Tensor, lora_indices_tensor: torch.Tensor,
+                      batches: int, max_seq_length: int, token_nums: int, slice_offset: int, slice_size: int,
+                      add_inputs: bool = False) -> None:  # fmt: skip
+    bgmv_expand_slice(inputs, lora_b_weights, output_tensor, token_slots(lora_indices_tensor, seq_len_tensor),
+                      slice_offset, slice_size, add_inputs)
+
+
+OPS = ("bgmv_expand", "bgmv_shrink", "bgmv_expand_slice", "sgmv_expand", "sgmv_shrink", "sgmv_expand_slice")
+
+
 def register() -> None:
-    """On vLLM's CPU platform, put these ops where its CPU punica wrapper (directly, and through the sgmv ops that
-    call them) looks them up. Idempotent: vLLM may load plugins more than once in a process."""
+    """On vLLM's CPU platform, put these ops where its CPU punica wrapper looks them up. Idempotent: vLLM may load
+    plugins more than once in a process."""
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
@@ -139,6 +175,5 @@ def register() -> None:
     from vllm.lora.punica_wrapper import punica_cpu
 
     for module in (lora_ops, punica_cpu):
-        module.bgmv_expand = bgmv_expand
-        module.bgmv_shrink = bgmv_shrink
-        module.bgmv_expand_slice = bgmv_expand_slice
+        for name in OPS:
+            setattr(module, name, globals()[name])
