@@ -32,7 +32,15 @@ from cluster.haproxy_pages import (
     retry_taken_pages,
 )
 from cluster.ports import ephemeral_ports
-from cluster.session import SESSION_MARK, Stopped, free_port, marked_processes, stop_on_signals, stop_signal_received
+from cluster.session import (
+    HAPROXY_RETRY_ON,
+    SESSION_MARK,
+    Stopped,
+    free_port,
+    marked_processes,
+    stop_on_signals,
+    stop_signal_received,
+)
 from crlft.command_line import run_guarded
 from crlft.config import Config
 from crlft.export import ModelMeta, save_exported
@@ -214,6 +222,25 @@ def test_serve_s_haproxy_template_binds_its_pages_on_the_endpoint_s_host() -> No
     rebound = on_endpoint_host(HAPROXY_CONFIG_TEMPLATE)
     assert all(line not in rebound for line in ON_ENDPOINT_HOST)
     assert rebound.count("bind {{ config.frontend_host }}:") == 3  # the endpoint, the stats page, the metrics page
+
+
+def test_serve_s_haproxy_config_holds_a_request_whole_before_sending_it_so_that_a_dying_replicas_is_resent(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Serve has no setting for `option http-buffer-request`: it rides on RAY_SERVE_HAPROXY_RETRY_ON's second line,
+    which Serve writes into its config as it is. A Ray that escaped or checked that value would drop it: this says so,
+    and HAProxy itself checks the file."""
+    from ray.serve._private.haproxy import get_haproxy_binary
+
+    api = _haproxy(tmp_path, free_port(), free_port(), free_port(), monkeypatch)
+    api.cfg.retry_on = HAPROXY_RETRY_ON
+    api._generate_config_file_internal()
+    config = (tmp_path / "haproxy.cfg").read_text()
+    defaults = config.split("\ndefaults\n", 1)[1].split("\nfrontend ", 1)[0].splitlines()
+    assert "    retry-on conn-failure empty-response" in defaults
+    assert "    option http-buffer-request" in defaults
+    check = subprocess.run([get_haproxy_binary(), "-c", "-f", str(tmp_path / "haproxy.cfg")], capture_output=True,
+                           text=True, timeout=30)  # fmt: skip
+    assert check.returncode == 0, check.stdout + check.stderr
 
 
 def _held_ports(count: int) -> list[socket.socket]:
