@@ -3,8 +3,9 @@
 vLLM's CPU platform applies adapters with the torch ops of `vllm/lora/ops/torch_ops/lora_ops.py`: each token gathers
 its adapter's A or B (`weights[indices]`, a full copy per token, per adapted layer) and multiplies it in a batched
 einsum of tiny matrices. Here a batch whose tokens share one adapter, the usual case, takes one matrix product per op,
-and a batch of several adapters one product against all their slots at once. A token of slot -1 (a request without an
-adapter: vLLM's "no LoRA") gets nothing, as vLLM's GPU kernels give it; the torch ops gave it the last slot's adapter.
+and a batch of several adapters one batched product over a grid of their slots. A token of slot -1 (a request without
+an adapter: vLLM's "no LoRA") gets nothing, as vLLM's GPU kernels give it; the torch ops gave it the last slot's
+adapter.
 
 `register` is a vLLM general plugin (pyproject's `vllm.general_plugins` entry point), so it runs in every vLLM process,
 the engine core included; vLLM's `VLLM_PLUGINS` can leave it out. The gain is in benchmarks/RESULTS.md, "Many adapters
