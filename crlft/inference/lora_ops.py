@@ -28,13 +28,14 @@ def adapter_products(inputs: torch.Tensor, weights: torch.Tensor, slots: torch.T
     in `dtype`: tokens x out. Slot -1: zeros. One adapter for every token: one product; several: `TokenGroups`."""
     if weights.dim() == 4:
         weights = weights.squeeze(1)
-    inputs, weights = inputs.to(dtype), weights.to(dtype)
+    inputs = inputs.to(dtype)
     n_slots, out, width = weights.shape
     first = int(slots[0])
     if bool((slots == first).all()):
         if first < 0:
             return inputs.new_zeros((inputs.shape[0], out))
-        return inputs @ weights[first].T
+        return inputs @ weights[first].to(dtype).T  # only that slot converted, where the number types differ
+    weights = weights.to(dtype)
     groups = TokenGroups.of(slots, n_slots)
     if out > width and inputs.shape[0] > PADDED_MAX_TOKENS:
         return groups.stacked_product(inputs, weights)
