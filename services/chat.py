@@ -57,7 +57,7 @@ from services.api import RETRY_AFTER_S, authorize, fastapi_app
 from services.lifecycle import ModelLifecycle
 from services.metrics import metrics
 from services.protocol import MAX_FEEDBACK_BYTES
-from services.served_model import adapter_sources, default_watch_s, served_name
+from services.served_model import EVERY_CHAMPION, adapter_sources, default_watch_s, engine_model, served_name
 from services.serving import ChatServing, admitted_per_replica
 from services.store import CompletionStore, read_limited
 
@@ -210,10 +210,12 @@ def chat_application(model: str | None, cfg: Config, *, api_keys: Sequence[str] 
     without a model, on their base), with the options of `cfg.serve`."""
     s = cfg.serve
     adapters = adapter_sources(s.adapters, cfg)
-    if model is None and not adapters:
+    every_champion = EVERY_CHAMPION in s.adapters
+    if model is None and not adapters and not every_champion:
         raise CrlftError("nothing to serve: give a model, or adapters (serve.adapters)")
-    if adapters:  # crlft's engine serves none: say so now, not in every replica's failed start
+    if adapters or every_champion:  # crlft's engine serves none: say so now, not in every replica's failed start
         EngineSettings.for_replica(cfg, "cuda" if s.gpus_per_replica else "cpu").with_adapters(cfg.inference.max_loras)
+    model = engine_model(model, cfg, tracking_uri)  # `*` alone: the base its champions are on
     keys = tuple(dict.fromkeys([*s.api_keys, *api_keys]))
     # Replicas may run elsewhere (another cwd, another node): state paths must not be relative.
     public = cfg.model_copy(deep=True)
@@ -229,10 +231,12 @@ def chat_application(model: str | None, cfg: Config, *, api_keys: Sequence[str] 
         tracking_uri=tracking_uri or cfg.registry.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
     )
     env = {key: os.environ.get(key, value) for key, value in (OFFLINE_ENV | REPLICA_ENV).items()}
-    watch_s = default_watch_s(model, *adapters.values()) if watch_s is None else watch_s
+    watch_s = default_watch_s(model, *adapters.values(), every_champion=every_champion) if watch_s is None else watch_s
     user_config: dict[str, Any] = {"model": model, "watch_s": watch_s}
     if adapters:
         user_config["adapters"] = adapters
+    if every_champion:
+        user_config["every_champion"] = True
     deployment = ChatServer.options(
         ray_actor_options={"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica,
                            "runtime_env": {"env_vars": env}},

@@ -9,6 +9,12 @@ Adapters: user_config's "adapters" {name: URI} are served on the model, each und
 an adapter is served so too, under the model's name); without a model, the engine holds their base, listed under
 registry.base_model_name. An adapter whose alias moved is swapped alone: new requests name its new version (a new id,
 which vLLM loads on first use), those in flight finish on the old one; the engine and the other adapters stay.
+With "every_champion" (serve.adapters' `*`) the replica also serves the champion of every registered name whose
+champion is an adapter on its base, found again at each check of the registry: a name promoted onto the base joins, one
+whose champion leaves it (or is deleted) leaves; requests to the others go on. Its engine takes adapters from the start
+(names may join later). More adapters than inference.max_loras are all served: vLLM schedules at most max_loras of
+them in a batch (requests to the others wait for the next) and keeps that many loaded, loading an evicted one again from
+its folder when asked; a line in the log says when the replica serves more than that.
 
 Faults: when the engine dies, whichever caller finds it dead first (a request, a probe, Serve's health check) starts
 the same model again in place; requests wait for it (at most RESTART_WAIT_S). An engine that cannot be started again,
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import time
@@ -28,13 +35,24 @@ from typing import Any
 
 from crlft.config import Config
 from crlft.errors import CrlftError
-from crlft.export import adapter_base, adapter_rank, is_adapter
+from crlft.export import adapter_base, adapter_rank, content_fingerprint, is_adapter
 from crlft.inference.engine import EngineSettings
+from crlft.lineage.bases import champion_adapters
+from crlft.lineage.versions import ModelRef
 from crlft.storage import folder_revision
 from services.api import unavailable
 from services.metrics import metrics
 from services.protocol import ApiError
-from services.served_model import LoadedModel, Served, ServedAdapter, load_adapter, load_model, resolve_model_uri
+from services.served_model import (
+    EVERY_CHAMPION,
+    LoadedModel,
+    Served,
+    ServedAdapter,
+    champion_source,
+    load_adapter,
+    load_model,
+    resolve_model_uri,
+)
 
 logger = logging.getLogger("ray.serve")
 
@@ -43,6 +61,8 @@ logger = logging.getLogger("ray.serve")
 MIN_ENGINE_LIFETIME_S = 60.0
 # A request waits this long at most for an engine being restarted (a vLLM start), then gets a 503 with Retry-After.
 RESTART_WAIT_S = 120.0
+
+Resolved = dict[str, tuple[str, Path]]  # served name -> (source, folder) of each adapter
 
 
 class ModelLifecycle:
@@ -57,7 +77,9 @@ class ModelLifecycle:
         self.base_name = model_name  # the name the engine's own model answers to
         self.current: LoadedModel | None = None
         self.adapters: dict[str, ServedAdapter] = {}
-        self._sources: tuple[str | None, dict[str, str]] = (None, {})  # user_config's model and adapters
+        # user_config's model, adapters and every_champion
+        self._sources: tuple[str | None, dict[str, str], bool] = (None, {}, False)
+        self._every_found: list[str] | None = None  # the names every_champion found last
         self._lora_ids = itertools.count(1)
         self._retired: list[LoadedModel] = []  # replaced models still finishing their requests in flight
         self._watch_s = 0.0
@@ -70,7 +92,8 @@ class ModelLifecycle:
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Called by Serve at start and whenever user_config changes: load the model if it changed."""
         model = user_config.get("model")
-        self._sources = (None if model is None else str(model), dict(user_config.get("adapters") or {}))
+        self._sources = (None if model is None else str(model), dict(user_config.get("adapters") or {}),
+                         bool(user_config.get("every_champion")))
         self._watch_s = float(user_config.get("watch_s") or 0.0)
         await self._load()
         if self._watch_s > 0 and (self._watch_task is None or self._watch_task.done()):
@@ -80,14 +103,12 @@ class ModelLifecycle:
         """Resolve the model and adapters configured; load and swap in whichever is not what is loaded."""
         async with self._swap_lock:
             source, path, adapters = await asyncio.to_thread(self._resolve, *self._sources)
-            if adapters:  # slots of the configured rank, raised to the highest adapter's (never lowered)
-                ranks = [adapter_rank(adapter_path) for _, adapter_path in adapters.values()]
+            if adapters or self._sources[2]:  # slots of the configured rank, raised to the highest adapter's (never
+                # lowered); every_champion's names may all come later: slots of the rank crlft trains adapters with
+                ranks = [adapter_rank(adapter_path) for _, adapter_path in adapters.values()] or [self.cfg.train.lora.r]
                 self.engine_settings = self.engine_settings.with_adapters(self.cfg.inference.max_loras, ranks)
-            current, settings = self.current, self.engine_settings
-            if current is None or current.source != source or current.revision != folder_revision(path) \
-                    or (adapters and not current.max_loras) \
-                    or (adapters and (settings.max_lora_rank or 0) > current.max_lora_rank):  # slots too small
-                self._install(await asyncio.to_thread(load_model, source, path, settings))
+            if self._needs_engine(source, path):
+                self._install(await asyncio.to_thread(load_model, source, path, self.engine_settings))
             served: dict[str, ServedAdapter] = {}
             for name, (adapter_source, adapter_path) in adapters.items():
                 old = self.adapters.get(name)
@@ -96,11 +117,38 @@ class ModelLifecycle:
                                                   next(self._lora_ids))
                     logger.info("serving the adapter %s from %s (revision %s)", name, adapter_path, old.revision)
                 served[name] = old
+            self._note_left_and_slots(served)
             self.adapters = served
 
-    def _resolve(self, source: str | None, adapters: dict[str, str]) -> tuple[str, Path, dict[str, tuple[str, Path]]]:
-        """The engine's model (source, folder) and the adapters' (name -> source, folder). A model that is an adapter
-        joins the adapters under the model's name; without a model the engine's is the adapters' one base."""
+    def _needs_engine(self, source: str, path: Path) -> bool:
+        """Whether the engine must be opened (again): another model, or one opened without adapter slots, or with
+        slots too small for the adapters' rank."""
+        current, settings = self.current, self.engine_settings
+        if current is None or current.source != source or current.revision != folder_revision(path):
+            return True
+        return bool(settings.max_loras) and (not current.max_loras
+                                             or (settings.max_lora_rank or 0) > current.max_lora_rank)
+
+    def _note_left_and_slots(self, served: dict[str, ServedAdapter]) -> None:
+        """A line for each adapter no longer served, and one when the adapters served outnumber inference.max_loras."""
+        for name in sorted(self.adapters.keys() - served.keys()):
+            logger.info("no longer serving the adapter %s", name)
+        slots = self.cfg.inference.max_loras
+        if len(served) > slots and len(served) != len(self.adapters):
+            logger.warning("serving %d adapters, more than inference.max_loras (%d): a batch holds %d of them "
+                           "(requests to the others wait for the next) and vLLM keeps %d loaded, loading another from "
+                           "its folder when it is asked for", len(served), slots, slots, slots)
+
+    def _resolve(self, source: str | None, adapters: dict[str, str],
+                 every_champion: bool = False) -> tuple[str, Path, Resolved]:
+        """The engine's model (source, folder) and the adapters' (name -> source, folder): those listed, and with
+        `every_champion` the champions on the engine's base (`_with_every_champion`)."""
+        source, base, listed = self._resolve_listed(source, adapters)
+        return source, base, self._with_every_champion(base, listed) if every_champion else listed
+
+    def _resolve_listed(self, source: str | None, adapters: dict[str, str]) -> tuple[str, Path, Resolved]:
+        """A model that is an adapter joins the adapters under the model's name; without a model the engine's is the
+        adapters' one base."""
         resolved = {name: (uri, resolve_model_uri(uri, self.cfg, self.tracking_uri)) for name, uri in adapters.items()}
         if source is not None:
             path = resolve_model_uri(source, self.cfg, self.tracking_uri)
@@ -114,6 +162,36 @@ class ModelLifecycle:
                              + ", ".join(f"{name} is on {base}" for name, base in bases.items()))
         base = next(iter(bases.values()))
         return str(base), base, resolved
+
+    def _with_every_champion(self, base: Path, listed: Resolved) -> Resolved:
+        """`listed`, and the champion of every other registered name that is an adapter on `base`, under its name (one
+        listed, by name or as its champion, stays as listed). A champion that cannot be fetched now is left out until it
+        can, with a line in the log: it must not stop the others."""
+        fingerprint = adapter_base(next(iter(listed.values()))[1]).fingerprint if listed else _fingerprint(base)
+        sources = {source for source, _ in listed.values()}
+        every = dict(listed)
+        for champion in champion_adapters(self.cfg, self.tracking_uri, fingerprint):
+            source = champion_source(champion.name, self.cfg)
+            if champion.name in every or source in sources:
+                continue
+            try:  # the version found, not the alias: it may have moved since, off this base
+                version = ModelRef(champion.name, version=champion.version).uri
+                every[champion.name] = (source, resolve_model_uri(version, self.cfg, self.tracking_uri))
+            except CrlftError as exc:
+                logger.warning("not serving %s (serve.adapters %r) for now: %s", champion.name, EVERY_CHAMPION, exc)
+        self._note_found(sorted(every.keys() - listed.keys()), fingerprint, alone=not listed)
+        return every
+
+    def _note_found(self, found: list[str], fingerprint: str, alone: bool) -> None:
+        """A line in the log when the names `*` found change (and at start): which, or that there are none."""
+        if found == self._every_found:
+            return
+        self._every_found = found
+        if found:
+            logger.info("serve.adapters %r: the champions of %s on this base", EVERY_CHAMPION, ", ".join(found))
+        else:
+            logger.info("serve.adapters %r: no registered name's champion is an adapter on this base (%s): serving %s",
+                        EVERY_CHAMPION, fingerprint, "the base alone" if alone else "the base and the adapters listed")
 
     def _install(self, new: LoadedModel) -> None:
         """Send new requests to `new`; the model it replaces finishes its requests in flight, then frees its engine."""
@@ -208,3 +286,14 @@ class ModelLifecycle:
         if not model.engine.alive():
             raise unavailable("the model's engine is being restarted; retry shortly", "engine_unavailable")
         return model
+
+
+@functools.lru_cache(maxsize=4)
+def _content_fingerprint(path: Path, revision: str) -> str:
+    return content_fingerprint(path)
+
+
+def _fingerprint(base: Path) -> str:
+    """A base folder's content fingerprint, hashed once per revision of the folder (a listed adapter's base names it:
+    `_with_every_champion` reads it there when it can)."""
+    return _content_fingerprint(base, folder_revision(base))

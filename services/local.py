@@ -20,7 +20,7 @@ from crlft.environ import set_offline_defaults
 from crlft.errors import CrlftError
 from crlft.inference.engine import choose_engine
 from services.chat import APP_NAME, chat_application
-from services.served_model import adapter_sources, resolve_model_uri
+from services.served_model import adapter_sources, engine_model, resolve_model_uri
 
 SIGNAL_SPREAD_S = 0.3
 SERVE_STOP_S = 10.0
@@ -56,6 +56,7 @@ def deploy(model: str | None, cfg: Config | None = None, blocking: bool = False,
     cfg = cfg or Config()
     set_offline_defaults()
     # Fail here, with a clear message, not in a replica's retry loop.
+    model = engine_model(model, cfg, tracking_uri)
     for uri in (model, *adapter_sources(cfg.serve.adapters, cfg).values()):
         if uri is not None:
             resolve_model_uri(uri, cfg, tracking_uri)

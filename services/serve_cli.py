@@ -2,6 +2,7 @@
 
     crlft serve --model models:/crlft-chat@champion --port 8000 --api-key "$KEY"
     crlft serve --adapter support-de --adapter support-fr      # two adapters' champions on their one base
+    crlft serve --adapter '*'                                  # every champion that is an adapter, on their one base
 
 API keys may also come from $CRLFT_API_KEYS (comma-separated), which keeps them out of the process list.
 """
@@ -21,10 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="DIR|URI",
                         help="model folder, or models:/NAME@ALIAS / models:/NAME/VERSION from the MLflow registry "
                         "(default: models:/<registry.model_name>@<registry.alias>, the champion; with --adapter: "
-                        "the adapters' base)")
+                        "the adapters' base; with --adapter '*' alone: the one base the champions are on)")
     parser.add_argument("--adapter", dest="adapters", action="append", default=[], metavar="NAME|URI|DIR",
                         help="also serve this adapter (train.lora.merge false) on the model, under its own name: a "
-                        "registered name (its champion, followed as it moves), a models:/ URI or an adapter folder "
+                        "registered name (its champion, followed as it moves), a models:/ URI or an adapter folder; "
+                        "'*' (quoted): the champion of every registered name whose champion is an adapter on the "
+                        "model's base, names joining and leaving as champions move (--watch) "
                         "(repeatable; adds to serve.adapters; vLLM only)")
     config_flag(parser, "serve.host", "--host")
     config_flag(parser, "serve.port", "--port")
@@ -50,13 +53,13 @@ def run(args: argparse.Namespace) -> int:
     from crlft.inference.engine import choose_engine
     from services.chat import api_keys_from_env
     from services.local import check_port_free_for_local_ray, deploy, shutdown, wait_for_interrupt
-    from services.served_model import adapter_sources, resolve_model_uri
+    from services.served_model import adapter_sources, engine_model, resolve_model_uri
 
     cfg = config_from_args(args)
     if args.store is not None:
         cfg.serve.store.uri = args.store or str(Path(cfg.state_dir) / "completions")
     cfg.serve.adapters = [*cfg.serve.adapters, *args.adapters]
-    model = args.model or (None if cfg.serve.adapters else champion_uri(cfg))
+    model = engine_model(args.model or (None if cfg.serve.adapters else champion_uri(cfg)), cfg, args.mlflow_uri)
     keys = [*args.api_keys, *api_keys_from_env()]
     for uri in (model, *adapter_sources(cfg.serve.adapters, cfg).values()):  # a wrong one fails now, not in Ray
         if uri is not None:

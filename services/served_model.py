@@ -13,11 +13,17 @@ from crlft.errors import CrlftError
 from crlft.export import ModelFolder, ModelMeta
 from crlft.inference.engine import Adapter, Engine, EngineSettings
 from crlft.inference.engines import open_engine
+from crlft.lineage.bases import champion_adapters, registered_base
 from crlft.lineage.cache import registered_version, resolve_model
-from crlft.lineage.versions import is_model_uri, parse_model_uri
+from crlft.lineage.versions import ModelRef, is_model_uri, parse_model_uri
 from crlft.storage import folder_revision
 
 CHAMPION_WATCH_S = 30.0  # how often a replica serving models:/NAME@ALIAS checks whether the alias moved
+# serve.adapters' entry for "every registered name on the served base": the champion of each name whose champion is an
+# adapter on the replica's base, served under its name. An entry, not a separate setting: it is one more source of
+# adapters beside names, URIs and folders (listed entries add to it; one of the same name, a pinned version say, takes
+# its place), and `--adapter '*'`, a Serve config's or KubeRay's overrides need nothing new to say it.
+EVERY_CHAMPION = "*"
 
 
 def resolve_model_uri(uri: str, cfg: Config, tracking_uri: str | None = None) -> Path:
@@ -49,21 +55,56 @@ def own_name(uri: str) -> str:
 
 
 def adapter_sources(adapters: list[str], cfg: Config) -> dict[str, str]:
-    """serve.adapters as {served name: source}: a models:/ URI or an adapter folder as is, a bare registered name as
-    its champion (models:/NAME@<registry.alias>)."""
+    """serve.adapters' listed entries as {served name: source}: a models:/ URI or an adapter folder as is, a bare
+    registered name as its champion (`champion_source`). `*` (EVERY_CHAMPION) lists none: the replica finds those."""
     sources: dict[str, str] = {}
     for adapter in adapters:
+        if adapter == EVERY_CHAMPION:
+            continue
         if is_model_uri(adapter) or Path(adapter).expanduser().is_dir():
             sources[own_name(adapter)] = adapter
         else:
-            sources[adapter] = f"models:/{adapter}@{cfg.registry.alias}"
+            sources[adapter] = champion_source(adapter, cfg)
     return sources
 
 
-def default_watch_s(*uris: str | None) -> float:
-    """Aliases move, versions and folders do not: only `models:/NAME@ALIAS` is watched by default."""
-    watched = any(uri and is_model_uri(uri) and "@" in uri for uri in uris)
+def champion_source(name: str, cfg: Config) -> str:
+    return ModelRef(name, alias=cfg.registry.alias).uri
+
+
+def default_watch_s(*uris: str | None, every_champion: bool = False) -> float:
+    """Aliases move, versions and folders do not: only `models:/NAME@ALIAS` is watched by default, and serve.adapters'
+    `*` (names join and leave as champions move)."""
+    watched = every_champion or any(uri and is_model_uri(uri) and "@" in uri for uri in uris)
     return CHAMPION_WATCH_S if watched else 0.0
+
+
+def engine_model(model: str | None, cfg: Config, tracking_uri: str | None = None) -> str | None:
+    """The model a deployment gives its engine: `model` as given, else for serve.adapters' `*` alone the one crlft
+    base the registry's champions are on, as its version (models:/<registry.base_model_name>/N): chosen when
+    deploying, so every replica holds the same base whatever is promoted later."""
+    if model is not None or adapter_sources(cfg.serve.adapters, cfg) or EVERY_CHAMPION not in cfg.serve.adapters:
+        return model
+    on_base: dict[str, list[str]] = {}  # base fingerprint -> the names whose champions are on it
+    for champion in champion_adapters(cfg, tracking_uri):
+        on_base.setdefault(champion.base_fingerprint, []).append(champion.name)
+    names = {_base_uri(fingerprint, cfg, tracking_uri): on for fingerprint, on in on_base.items()}
+    if len(names) == 1:
+        return next(iter(names))
+    found = "; ".join(f"{base}: {', '.join(on)}" for base, on in names.items())
+    why = f"the champions are on {len(names)} crlft bases ({found})" if names else \
+        "no registered name's champion is an adapter, so there is no base to serve"
+    bases = cfg.registry.base_model_name
+    raise CrlftError(f"serve.adapters {EVERY_CHAMPION!r} alone: {why}; give the base with --model "
+                     f"models:/{bases}/N (`crlft models {bases}` lists them)")
+
+
+def _base_uri(fingerprint: str, cfg: Config, tracking_uri: str | None) -> str:
+    version = registered_base(fingerprint, cfg, tracking_uri)
+    if version is None:
+        raise CrlftError(f"the crlft base {fingerprint} of registered adapters is not registered itself: register an "
+                         "adapter trained on it again (its base is registered with it)")
+    return ModelRef(cfg.registry.base_model_name, version=version).uri
 
 
 @dataclass

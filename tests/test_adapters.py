@@ -12,7 +12,7 @@ import json
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +113,55 @@ def _accuracy(client: Any, model: str, questions: list[dict[str, Any]], conditio
         right += any(is_correct(answer, value, "word")
                      for value in ([q["answer"], q["suboptimal_answer"]] if either else [q["answer"]]))
     return right / len(questions)
+
+
+class _Load:
+    """Requests to `names` in turn from a thread, for as long as the `with` block runs: how many were answered, and
+    every failure."""
+
+    def __init__(self, client: Any, names: Iterable[str], prompt: str) -> None:
+        self.client, self.names, self.prompt = client, list(names), prompt
+        self.answered = 0
+        self.failures: list[BaseException] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def __enter__(self) -> _Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for name in self.names:
+                try:
+                    self.client.chat.completions.create(model=name, messages=[{"role": "user", "content": self.prompt}],
+                                                        max_tokens=8, temperature=0)
+                    self.answered += 1
+                except Exception as exc:  # noqa: BLE001 - every failure is the test's finding
+                    self.failures.append(exc)
+
+
+def _wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout_s, what
+        time.sleep(1)
+
+
+def _served(client: Any) -> set[str]:
+    return {m.id for m in client.models.list().data}
+
+
+def _base_version(cfg: Config) -> Any:
+    """The one registered version of the crlft base both fine-tunes were trained on."""
+    from mlflow import MlflowClient
+
+    (base,) = MlflowClient(cfg.registry.tracking_uri).search_model_versions(f"name='{cfg.registry.base_model_name}'")
+    return base
 
 
 def test_each_adapter_is_a_registered_version_naming_the_one_base_registered_once(
@@ -222,34 +271,11 @@ def test_promoting_a_new_version_of_one_adapter_swaps_it_alone_with_no_failed_re
     client = _client(endpoint)
     b = adapters["facts-b"]["questions"]
     before = [_answer(client, "facts-b", q["prompt"]) for q in b]
-    failures: list[BaseException] = []
-    answered = 0
-    stop = threading.Event()
-
-    def load() -> None:
-        nonlocal answered
-        while not stop.is_set():
-            for name in ADAPTERS:
-                try:
-                    client.chat.completions.create(model=name, messages=[{"role": "user", "content": b[0]["prompt"]}],
-                                                   max_tokens=8, temperature=0)
-                    answered += 1
-                except Exception as exc:  # noqa: BLE001 - every failure is the test's finding
-                    failures.append(exc)
-
     version = register_model(adapters["facts-b"]["dir"], cfg, name="facts-a", tracking_uri=cfg.registry.tracking_uri)
-    thread = threading.Thread(target=load)
-    thread.start()
-    try:
+    with _Load(client, ADAPTERS, b[0]["prompt"]) as load:
         MlflowClient(cfg.registry.tracking_uri).set_registered_model_alias("facts-a", "champion", version)
-        started = time.monotonic()
-        while _accuracy(client, "facts-a", b) < 0.5:
-            assert time.monotonic() - started < 60, "facts-a still answers as its first version"
-            time.sleep(1)
-    finally:
-        stop.set()
-        thread.join()
-    assert not failures and answered > 0
+        _wait_until(lambda: _accuracy(client, "facts-a", b) >= 0.5, 60, "facts-a still answers as its first version")
+    assert not load.failures and load.answered > 0
     card = client.models.retrieve("facts-a")
     assert card.model_extra["source"] == "models:/facts-a@champion"
     assert [_answer(client, "facts-b", q["prompt"]) for q in b] == before  # the other adapter is as it was
@@ -301,6 +327,109 @@ def test_an_adapter_of_a_higher_rank_than_the_engines_slots_reopens_the_engine_w
         time.sleep(0.5)
     assert not failures
     assert [_answer(client, "facts-b", q["prompt"]) for q in b] == before
+
+
+@pytest.fixture(scope="module")
+def listed_answers(endpoint: str, adapters: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+    """Each adapter's answers to both fine-tunes' questions, from the endpoint that lists them by name."""
+    client = _client(endpoint)
+    return {name: [_answer(client, name, q) for q in _questions(adapters)] for name in ADAPTERS}
+
+
+def _questions(adapters: dict[str, dict[str, Any]]) -> list[str]:
+    return [q["prompt"] for adapter in adapters.values() for q in adapter["questions"]]
+
+
+@pytest.fixture(scope="module")
+def every_champion_endpoint(endpoint: str, listed_answers: dict[str, list[str]], cfg: Config) -> str:
+    """The same application redeployed (once listed_answers are in) with serve.adapters ['*'] alone and no model:
+    inference.max_loras 2, fewer than the names served once a third joins; the registry checked every 2 s."""
+    from services.local import deploy
+
+    served = overridden(cfg, {"serve.adapters": ["*"], "inference.max_loras": 2})
+    return deploy(None, served, watch_s=2.0, tracking_uri=cfg.registry.tracking_uri)
+
+
+def test_star_alone_serves_the_base_the_champions_are_on_and_each_champion_as_listing_it_did(
+    every_champion_endpoint: str, listed_answers: dict[str, list[str]], adapters: dict[str, dict[str, Any]],
+    cfg: Config
+) -> None:
+    """No list and no model: the replica's engine holds the crlft base's registered version, pinned when deploying, and
+    every registered name whose champion is an adapter on it answers as it did when listed."""
+    client = _client(every_champion_endpoint)
+    base = cfg.registry.base_model_name
+    models = {m.id: m for m in client.models.list().data}
+    assert set(models) == {base, *ADAPTERS}
+    assert models[base].model_extra["source"] == f"models:/{base}/{_base_version(cfg).version}"
+    assert {models[name].model_extra["adapter_of"] for name in ADAPTERS} == {base}
+    assert {name: [_answer(client, name, q) for q in _questions(adapters)] for name in ADAPTERS} == listed_answers
+
+
+def test_a_name_promoted_onto_the_base_joins_and_one_whose_champion_leaves_it_goes_with_no_failed_request(
+    every_champion_endpoint: str, adapters: dict[str, dict[str, Any]], cfg: Config
+) -> None:
+    """facts-c (facts-a's first fine-tune registered under a new name) appears at /v1/models once it has a champion
+    and answers facts-a's facts, beside the other two (three adapters, inference.max_loras 2); when its champion moves
+    to a whole model (the base's own files), it goes, and naming it is a 404. Both others answer throughout."""
+    from mlflow import MlflowClient
+    from openai import NotFoundError
+
+    from crlft.lineage.registration import register_model
+
+    client = _client(every_champion_endpoint)
+    registry = MlflowClient(cfg.registry.tracking_uri)
+    a = adapters["facts-a"]["questions"]
+    with _Load(client, ADAPTERS, a[0]["prompt"]) as load:
+        version = register_model(adapters["facts-a"]["dir"], cfg, name="facts-c",
+                                 tracking_uri=cfg.registry.tracking_uri)
+        registry.set_registered_model_alias("facts-c", "champion", version)
+        _wait_until(lambda: "facts-c" in _served(client), 60, "facts-c did not join /v1/models")
+        assert _accuracy(client, "facts-c", a) >= 0.5
+        base = _base_version(cfg)
+        whole = registry.create_model_version("facts-c", base.source, run_id=base.run_id)
+        registry.set_registered_model_alias("facts-c", "champion", whole.version)
+        _wait_until(lambda: "facts-c" not in _served(client), 60, "facts-c is still served off the base")
+    assert not load.failures and load.answered > 0
+    assert _served(client) == {cfg.registry.base_model_name, *ADAPTERS}
+    with pytest.raises(NotFoundError, match="'facts-c' does not exist"):
+        _answer(client, "facts-c", a[0]["prompt"])
+
+
+def test_star_beside_a_model_adds_every_other_champion_on_its_base_whether_the_model_is_the_base_or_an_adapter(
+    adapters: dict[str, dict[str, Any]], cfg: Config
+) -> None:
+    """The base's folder: both champions. facts-a's champion served as the model, under its name or another: it is
+    served once, and `*` adds facts-b."""
+    from crlft.export import adapter_base
+    from crlft.inference.engine import EngineSettings
+    from services.lifecycle import ModelLifecycle
+
+    def served(model: str, name: str) -> list[str]:
+        lifecycle = ModelLifecycle(cfg, name, cfg.registry.tracking_uri, EngineSettings.for_replica(cfg, "cpu"))
+        return list(lifecycle._resolve(model, {}, every_champion=True)[2])
+
+    base = adapter_base(adapters["facts-a"]["dir"]).folder(cfg.state_dir)
+    assert served(str(base), "crlft-base") == ["facts-a", "facts-b"]
+    assert served("models:/facts-a@champion", "facts-a") == ["facts-a", "facts-b"]
+    assert served("models:/facts-a@champion", "chat") == ["chat", "facts-b"]
+
+
+def test_star_alone_with_no_champion_that_is_an_adapter_is_refused_saying_to_give_the_base(tmp_path: Path) -> None:
+    from crlft.errors import CrlftError
+    from services.chat import chat_application
+
+    cfg = load_config(None, {"state_dir": str(tmp_path), "registry.tracking_uri": f"sqlite:///{tmp_path / 'm.db'}",
+                             "serve.adapters": ["*"], "inference.engine": "vllm"})  # fmt: skip
+    with pytest.raises(CrlftError, match=r"serve.adapters '\*' alone: no registered name's champion is an adapter, so "
+                       r"there is no base to serve; give the base with --model models:/crlft-base/N"):
+        chat_application(None, cfg)
+
+
+def test_star_lists_no_adapter_itself_and_is_watched_as_names_join_and_leave() -> None:
+    from services.served_model import CHAMPION_WATCH_S, adapter_sources, default_watch_s
+
+    assert adapter_sources(["*", "facts-a"], load_config(None, {})) == {"facts-a": "models:/facts-a@champion"}
+    assert default_watch_s("models:/facts-b/3", every_champion=True) == CHAMPION_WATCH_S
 
 
 def test_crlfts_own_engine_is_refused_for_adapters_before_anything_starts(tmp_path: Path) -> None:

@@ -410,3 +410,43 @@ def test_an_evaluation_on_the_server_is_recorded_on_the_version_and_decides_the_
     decision = promote(name, version, cfg=cfg, tracking_uri=uri)
     assert decision.decision == "promoted" and decision.suite == suite_id(files["eval"])
     assert decision.candidate_value == pytest.approx(report["metrics"]["accuracy_expert"])
+
+
+def test_the_champion_adapters_are_the_names_whose_champion_is_an_adapter_version_with_its_base(
+    store: tuple[Config, str], exported_model: Path
+) -> None:
+    """What serve.adapters' `*` serves: a name counts while its champion is an adapter version (on the base asked
+    for); a name with no champion, whose champion moved to a whole model, or that was deleted, does not."""
+    from mlflow import MlflowClient
+
+    from crlft.lineage.bases import ChampionAdapter, champion_adapters
+    from crlft.lineage.registration import register_model
+    from crlft.lineage.tags import ADAPTER_OF_TAG, BASE_FINGERPRINT_TAG
+
+    cfg, uri = store
+    client = MlflowClient(uri, uri)
+    base, other_base = uuid.uuid4().hex[:16], uuid.uuid4().hex[:16]  # fingerprints no other test registers
+    served, unpromoted, left, deleted, elsewhere = (unique_name() for _ in range(5))
+    whole = client.get_model_version(left, register_model(exported_model, cfg, name=left, tracking_uri=uri))
+
+    def register(name: str, fingerprint: str | None, champion: bool = True) -> str:
+        """A version of `name` from the same files, tagged as an adapter on `fingerprint` (None: a whole model)."""
+        tags = {ADAPTER_OF_TAG: f"models:/{cfg.registry.base_model_name}/1", BASE_FINGERPRINT_TAG: fingerprint}
+        if name != left:
+            client.create_registered_model(name)
+        version = client.create_model_version(name, whole.source, run_id=whole.run_id,
+                                              tags=tags if fingerprint else {}).version
+        if champion:
+            client.set_registered_model_alias(name, cfg.registry.alias, version)
+        return str(version)
+
+    version = register(served, base)
+    register(unpromoted, base, champion=False)
+    register(left, base)
+    register(left, None)  # the champion moves to a whole model: off the base
+    register(deleted, base)
+    client.delete_registered_model(deleted)
+    register(elsewhere, other_base)
+    assert champion_adapters(cfg, uri, base) == [ChampionAdapter(served, version, base)]
+    everywhere = [c for c in champion_adapters(cfg, uri) if c.base_fingerprint in (base, other_base)]
+    assert [(c.name, c.base_fingerprint) for c in everywhere] == sorted([(served, base), (elsewhere, other_base)])
