@@ -138,6 +138,7 @@ def single_process(paths: list[str], tokenizer_dir: str, out: Path, cfg: Config)
     rejects.sort(key=lambda r: (r["source"], r["line"]))
     (out / "rejects.jsonl").write_text("".join(reject_line(r) + "\n" for r in rejects))
     bins: dict[str, int] = {}
+    pack_len = tally.pack_len(cfg.data)
     for split in SPLITS:
         if not accepted[split]:
             continue
@@ -148,10 +149,10 @@ def single_process(paths: list[str], tokenizer_dir: str, out: Path, cfg: Config)
         (out / split).mkdir(exist_ok=True)
         bins[split] = 0
         for group, records in members.items():
-            rows = pack_conversations(records, cfg.data.pack_len)
+            rows = pack_conversations(records, pack_len)
             pq.write_table(shard_table(rows), out / split / shard_name(group))
             bins[split] += len(rows)
-    stats = DataStats.from_build(tally, bins, cfg, template, tokenizer_dir, tokenizer.fingerprint(), paths)
+    stats = DataStats.from_build(tally, bins, pack_len, cfg, template, tokenizer_dir, tokenizer.fingerprint(), paths)
     stats.write(out)
     return stats.to_json()
 

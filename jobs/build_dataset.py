@@ -156,6 +156,7 @@ def _build(paths: list[str], tokenizer: str, out: str, cfg: Config, template_tok
     rejects = tokenized.filter(expr=col("status") == "rejected").select_columns(["source", "line", "reason", "raw"])
     output.write_lines("rejects.jsonl", _sorted_reject_lines(rejects, tally.rejected))
     _log(f"{tally.rejected} rejects -> rejects.jsonl", started)
+    pack_len = _pack_len(cfg, tally, started)
     bins: dict[str, int] = {}
     usable = tally.split_records.get("train", 0) > 0
     for split in SPLITS:
@@ -163,9 +164,9 @@ def _build(paths: list[str], tokenizer: str, out: str, cfg: Config, template_tok
         count = tally.split_records.get(split, 0)
         if usable and count:
             accepted = tokenized.filter(expr=(col("status") == "accepted") & (col("split") == split))
-            bins[split] = _write_packed(accepted, count, cfg.data.pack_len, output.make_folder(split))
+            bins[split] = _write_packed(accepted, count, pack_len, output.make_folder(split))
             _log(f"{split}: {count} conversations in {bins[split]} bins", started)
-    stats = DataStats.from_build(tally, bins, cfg, template_tokenizer.template, tokenizer,
+    stats = DataStats.from_build(tally, bins, pack_len, cfg, template_tokenizer.template, tokenizer,
                                  template_tokenizer.fingerprint(), paths, replay.stats,
                                  store.stats() if store else None)  # fmt: skip
     stats.write(out)
@@ -173,6 +174,16 @@ def _build(paths: list[str], tokenizer: str, out: str, cfg: Config, template_tok
         raise CrlftError(nothing_usable(tally, out))
     _log(f"wrote {out}", started)
     return stats.to_json()
+
+
+def _pack_len(cfg: Config, tally: Tally, started: float) -> int:
+    """The bins' length (Tally.pack_len), said when an unset data.pack_len chose one shorter than data.max_len."""
+    pack_len = tally.pack_len(cfg.data)
+    if cfg.data.pack_len is None and pack_len < cfg.data.max_len:
+        _log(f"bins of {pack_len} tokens: data.pack_len is unset and {tally.split_tokens.get('train', 0)} training "
+             f"tokens would fill few bins of {cfg.data.max_len} (few optimiser steps); the longest conversation has "
+             f"{tally.longest}", started)
+    return pack_len
 
 
 def _read_records(paths: list[str], store: StoreInput | None) -> tuple[Any, int]:

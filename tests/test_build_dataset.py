@@ -322,6 +322,19 @@ def test_shards_hold_what_the_trainer_reads(built: tuple[Path, dict[str, Any]]) 
 
 
 @pytest.mark.slow
+def test_an_unset_pack_len_packs_a_small_set_into_short_bins_that_hold_its_longest_conversation(
+    built: tuple[Path, dict[str, Any]],
+) -> None:
+    """A few dozen conversations in 2048-token bins would be one or two optimiser steps an epoch (crlft/data/pack.py
+    auto_pack_len)."""
+    out, stats = built
+    longest = max(length for row in _shard_rows(out / "train") for length in row["seq_lens"])
+    tokens = stats["splits"]["train"]["tokens"]
+    assert Config().data.pack_len is None and stats["max_len"] == 2048
+    assert stats["pack_len"] == max(longest, tokens // 64 // 16 * 16) < 2048
+
+
+@pytest.mark.slow
 def test_rebuilding_gives_byte_identical_shards(built: tuple[Path, dict[str, Any]], inputs: list[str],
                                                 tokenizer_dir: str, tmp_path: Path) -> None:
     from jobs.build_dataset import build_dataset

@@ -67,7 +67,7 @@ def not_the_default(action: argparse.Action, default: Any) -> tuple[list[str], A
     if action.choices:
         value = next(c for c in action.choices if c != default)
     elif action.type is int:
-        value = 3 if default is None else default + 1
+        value = 4096 if default is None else default + 1  # unset sizes: one every key takes (data.pack_len >= max_len)
     elif action.type is float:
         value = default / 2 if default else 0.5
     else:

@@ -11,7 +11,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from crlft.data.pack import (
     IGNORE_INDEX,
+    MIN_TRAIN_BINS,
     PADDING,
+    auto_pack_len,
     collate,
     first_fit_decreasing,
     pack_bin,
@@ -77,6 +79,14 @@ def test_ffd_fills_bins_at_least_98_percent_with_many_short_sequences() -> None:
 def test_ffd_rejects_a_sequence_longer_than_the_capacity() -> None:
     with pytest.raises(ValueError, match="sequence 1 has 9 tokens, more than the bin capacity 8"):
         first_fit_decreasing([2, 9], 8)
+
+
+def test_an_unset_pack_len_is_max_len_but_for_a_set_too_small_to_fill_64_bins_of_it() -> None:
+    assert auto_pack_len(2048, 64 * 2048 * 10, 1500) == 2048  # a large set: max_len, as the reference packs
+    assert auto_pack_len(2048, 17_000, 250) == 256  # 144 facts + replay: 66 bins of 256 (8 bins of 2048)
+    assert MIN_TRAIN_BINS <= 17_000 / 256
+    assert auto_pack_len(2048, 5_000, 250) == 250  # never below the longest conversation: it must fit a bin
+    assert auto_pack_len(2048, 0, 10) == 16 and auto_pack_len(100, 64 * 200, 90) == 100  # at most max_len
 
 
 def test_efficiencies_count_real_tokens_over_token_slots() -> None:

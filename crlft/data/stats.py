@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from crlft import storage
-from crlft.config import Config, Mode
+from crlft.config import Config, DataConfig, Mode
 from crlft.errors import CrlftError
 
 if TYPE_CHECKING:
@@ -129,13 +129,12 @@ class DataStats:
             raise CrlftError(f"{path}: not a crlft data description ({error!r}); rebuild the data") from None
 
     @classmethod
-    def from_build(cls, tally: Tally, bins: dict[str, int], cfg: Config, template: Template, tokenizer: str,
-                   tokenizer_fingerprint: str, paths: Sequence[str], replay: dict[str, Any] | None = None,
-                   store: dict[str, Any] | None = None) -> DataStats:
-        """The stats of a build: counts, per-class tokens, packing, and what the shards were built from. The counts
-        include the replay conversations (`replay`: jobs.replay's section, None for a build without) and the store's
-        records (`store`: jobs.store_input's section, None for a build without)."""
-        pack_len = cfg.data.pack_len
+    def from_build(cls, tally: Tally, bins: dict[str, int], pack_len: int, cfg: Config, template: Template,
+                   tokenizer: str, tokenizer_fingerprint: str, paths: Sequence[str],
+                   replay: dict[str, Any] | None = None, store: dict[str, Any] | None = None) -> DataStats:
+        """The stats of a build: counts, per-class tokens, packing into bins of `pack_len`, and what the shards were
+        built from. The counts include the replay conversations (`replay`: jobs.replay's section, None for a build
+        without) and the store's records (`store`: jobs.store_input's section, None for a build without)."""
         splits = {
             split: {
                 "records": tally.split_records.get(split, 0),
@@ -209,6 +208,7 @@ class Tally:
     per_class: dict[str, ClassTally] = field(default_factory=dict)
     split_records: dict[str, int] = field(default_factory=dict)
     split_tokens: dict[str, int] = field(default_factory=dict)
+    longest: int = 0  # tokens of the longest accepted conversation
     digest_sum: int = 0
     digest_xor: int = 0
 
@@ -229,6 +229,7 @@ class Tally:
         per_class.tokens += record["n_tokens"]
         per_class.supervised_tokens += record["n_supervised"]
         per_class.truncated += int(record["truncated"])
+        self.longest = max(self.longest, record["n_tokens"])
         split = record["split"]
         self.split_records[split] = self.split_records.get(split, 0) + 1
         self.split_tokens[split] = self.split_tokens.get(split, 0) + record["n_tokens"]
@@ -239,6 +240,7 @@ class Tally:
             accepted=self.accepted + other.accepted,
             rejected=self.rejected + other.rejected,
             filtered=self.filtered + other.filtered,
+            longest=max(self.longest, other.longest),
             digest_sum=self.digest_sum + other.digest_sum,
             digest_xor=self.digest_xor ^ other.digest_xor,
         )
@@ -262,6 +264,14 @@ class Tally:
         data = json.loads(text)
         data["per_class"] = {k: ClassTally(**v) for k, v in data["per_class"].items()}
         return cls(**data)
+
+    def pack_len(self, data: DataConfig) -> int:
+        """The length of the bins these conversations are packed into: data.pack_len, or when unset auto_pack_len's."""
+        from crlft.data.pack import auto_pack_len  # pack.py imports torch, which stats.json's readers do not need
+
+        if data.pack_len is not None:
+            return data.pack_len
+        return auto_pack_len(data.max_len, self.split_tokens.get("train", 0), self.longest)
 
     def inputs_fingerprint(self) -> str:
         """Of the multiset of record texts: independent of file names, file order and how records are split."""
