@@ -143,7 +143,7 @@ def test_ratings_and_corrections_from_the_endpoint_train_the_next_champion_while
 
         retrain = cfg.model_copy(deep=True)
         retrain.train.max_steps = None
-        retrain.train.epochs = 40
+        retrain.train.epochs = 80
         retrain.data.max_len = retrain.data.pack_len = 64  # a few conversations per bin: steps enough to learn
         second = run_pipeline(retrain, [store_uri], suite=loop["suite"]["eval"],
                               base_model=str(loop["first"].model_dir), name="second")
