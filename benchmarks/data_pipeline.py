@@ -152,7 +152,7 @@ def single_process(paths: list[str], tokenizer_dir: str, out: Path, cfg: Config)
             rows = pack_conversations(records, pack_len)
             pq.write_table(shard_table(rows), out / split / shard_name(group))
             bins[split] += len(rows)
-    stats = DataStats.from_build(tally, bins, pack_len, cfg, template, tokenizer_dir, tokenizer.fingerprint(), paths)
+    stats = DataStats.from_build(tally, bins, cfg, template, tokenizer_dir, tokenizer.fingerprint(), paths)
     stats.write(out)
     return stats.to_json()
 

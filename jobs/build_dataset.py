@@ -166,7 +166,7 @@ def _build(paths: list[str], tokenizer: str, out: str, cfg: Config, template_tok
             accepted = tokenized.filter(expr=(col("status") == "accepted") & (col("split") == split))
             bins[split] = _write_packed(accepted, count, pack_len, output.make_folder(split))
             _log(f"{split}: {count} conversations in {bins[split]} bins", started)
-    stats = DataStats.from_build(tally, bins, pack_len, cfg, template_tokenizer.template, tokenizer,
+    stats = DataStats.from_build(tally, bins, cfg, template_tokenizer.template, tokenizer,
                                  template_tokenizer.fingerprint(), paths, replay.stats,
                                  store.stats() if store else None)  # fmt: skip
     stats.write(out)

@@ -34,7 +34,7 @@ def test_the_built_stats_keep_their_keys_in_order_through_a_write_and_a_read(tmp
     tally = Tally()
     tally.add({"digest": 7, "status": "accepted", "condition": "GPT4", "n_tokens": 30, "n_supervised": 12,
                "truncated": False, "split": "train"})  # fmt: skip
-    stats = DataStats.from_build(tally, {"train": 1}, 2048, cfg, Template.from_config(cfg), "tok", "fp", ["b", "a"])
+    stats = DataStats.from_build(tally, {"train": 1}, cfg, Template.from_config(cfg), "tok", "fp", ["b", "a"])
     stats.write(tmp_path)
     text = (tmp_path / STATS_FILE).read_text()
     assert text == json.dumps(stats.to_json(), indent=2) + "\n"

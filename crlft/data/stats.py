@@ -129,12 +129,13 @@ class DataStats:
             raise CrlftError(f"{path}: not a crlft data description ({error!r}); rebuild the data") from None
 
     @classmethod
-    def from_build(cls, tally: Tally, bins: dict[str, int], pack_len: int, cfg: Config, template: Template,
-                   tokenizer: str, tokenizer_fingerprint: str, paths: Sequence[str],
-                   replay: dict[str, Any] | None = None, store: dict[str, Any] | None = None) -> DataStats:
-        """The stats of a build: counts, per-class tokens, packing into bins of `pack_len`, and what the shards were
-        built from. The counts include the replay conversations (`replay`: jobs.replay's section, None for a build
+    def from_build(cls, tally: Tally, bins: dict[str, int], cfg: Config, template: Template, tokenizer: str,
+                   tokenizer_fingerprint: str, paths: Sequence[str], replay: dict[str, Any] | None = None,
+                   store: dict[str, Any] | None = None) -> DataStats:
+        """The stats of a build: counts, per-class tokens, packing (into bins of `tally.pack_len`), and what the shards
+        were built from. The counts include the replay conversations (`replay`: jobs.replay's section, None for a build
         without) and the store's records (`store`: jobs.store_input's section, None for a build without)."""
+        pack_len = tally.pack_len(cfg.data)
         splits = {
             split: {
                 "records": tally.split_records.get(split, 0),
