@@ -425,6 +425,30 @@ def test_star_alone_with_no_champion_that_is_an_adapter_is_refused_saying_to_giv
         chat_application(None, cfg)
 
 
+def test_star_alone_with_champions_on_two_bases_is_refused_naming_each_base_and_its_names(tmp_path: Path) -> None:
+    """Two crlft bases registered (two fingerprints), facts-a's champion an adapter on the first, facts-b's on the
+    second: a replica holds one base, so '*' alone cannot choose."""
+    from mlflow import MlflowClient
+
+    from crlft.errors import CrlftError
+    from crlft.lineage.tags import ADAPTER_OF_TAG, BASE_FINGERPRINT_TAG
+    from services.chat import chat_application
+
+    cfg = load_config(None, {"state_dir": str(tmp_path), "registry.tracking_uri": f"sqlite:///{tmp_path / 'm.db'}",
+                             "serve.adapters": ["*"], "inference.engine": "vllm"})  # fmt: skip
+    registry, base = MlflowClient(cfg.registry.tracking_uri), cfg.registry.base_model_name
+    registry.create_registered_model(base)
+    for name, fingerprint in (("facts-a", "first"), ("facts-b", "second")):
+        version = registry.create_model_version(base, str(tmp_path), tags={BASE_FINGERPRINT_TAG: fingerprint}).version
+        registry.create_registered_model(name)
+        tags = {ADAPTER_OF_TAG: f"models:/{base}/{version}", BASE_FINGERPRINT_TAG: fingerprint}
+        registry.set_registered_model_alias(name, "champion", registry.create_model_version(name, str(tmp_path),
+                                                                                            tags=tags).version)
+    with pytest.raises(CrlftError, match=rf"serve.adapters '\*' alone: the champions are on 2 crlft bases "
+                       rf"\(models:/{base}/1: facts-a; models:/{base}/2: facts-b\); give the base with --model"):
+        chat_application(None, cfg)
+
+
 def test_star_lists_no_adapter_itself_and_is_watched_as_names_join_and_leave() -> None:
     from services.served_model import CHAMPION_WATCH_S, adapter_sources, default_watch_s
 

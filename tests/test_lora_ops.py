@@ -114,6 +114,39 @@ def test_the_sequence_wise_ops_write_what_vllms_write_on_each_tokens_slot(runs: 
     torch.testing.assert_close(sliced[:, OUT:], expected - 1.0)
 
 
+LINEAR_MIXES = {**MIXES, "some tokens without an adapter": [0, -1, 3, 3, -1, 1], "none has an adapter": [-1] * 5}
+LAYERS = {"q, k and v": (OUT, 24, 24), "one slice": (OUT,)}
+
+
+def wrapper_for(mix: list[int]) -> object:
+    """vLLM's CPU punica wrapper with the metadata vLLM gives it for a prefill of these slots (-1: no adapter)."""
+    from vllm.lora.layers.utils import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    lora_ops.register()
+    wrapper = PunicaWrapperCPU(max_num_batched_tokens=1024, max_batches=1024, device="cpu")
+    ids = [slot + 1 for slot in mix]  # adapter id = slot + 1 (0: none)
+    wrapper.update_metadata(LoRAMapping(ids, ids, is_prefill=True), [s + 1 for s in range(SLOTS)], SLOTS + 1, 1000)
+    return wrapper
+
+
+@pytest.mark.parametrize("mix", LINEAR_MIXES.values(), ids=LINEAR_MIXES.keys())
+@pytest.mark.parametrize("slices", LAYERS.values(), ids=LAYERS.keys())
+def test_a_linear_layers_adapter_adds_each_tokens_own_product_to_every_slice(mix: list[int], slices: tuple) -> None:
+    """The wrapper's add_lora_linear, which crlft replaces: y[:, slice i] += scale * x A_i^T B_i^T with each token's
+    slot, nothing for slot -1."""
+    wrapper = wrapper_for(mix)
+    x, y = inputs(len(mix), WIDTH), torch.randn(len(mix), sum(slices))
+    a = tuple(weights((RANK, WIDTH)) * (i + 1) for i in range(len(slices)))
+    b = tuple(weights((size, RANK)) for size in slices)
+    expected, offset = y.clone(), 0
+    for a_i, b_i, size in zip(a, b, slices, strict=True):
+        expected[:, offset : offset + size] += by_hand(0.5 * by_hand(x, a_i, mix), b_i, mix)
+        offset += size
+    wrapper.add_lora_linear(y, x, a, b, 0.5, slices)
+    torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-5)  # sums of up to 48 products in another order
+
+
 def test_vllm_finds_the_ops_as_a_general_plugin_and_loading_them_replaces_its_cpu_ops() -> None:
     plugins = importlib.metadata.entry_points(group="vllm.general_plugins")
     assert [p.value for p in plugins if p.name == "crlft_cpu_lora"] == ["crlft.inference.lora_ops:register"]
@@ -124,3 +157,6 @@ def test_vllm_finds_the_ops_as_a_general_plugin_and_loading_them_replaces_its_cp
     for module in (vllm_ops, punica_cpu):
         for name in lora_ops.OPS:
             assert getattr(module, name) is getattr(lora_ops, name)
+    for name in ("update_metadata", "add_lora_linear"):
+        assert getattr(punica_cpu.PunicaWrapperCPU, name) is getattr(lora_ops, name)
+        assert lora_ops._VLLM[name] is not getattr(lora_ops, name)

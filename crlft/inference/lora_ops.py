@@ -7,6 +7,10 @@ and a batch of several adapters one batched product over a grid of their slots. 
 an adapter: vLLM's "no LoRA") gets nothing, as vLLM's GPU kernels give it; the torch ops gave it the last slot's
 adapter.
 
+The adapted linear layers (a Llama layer's q/k/v, o, gate/up and down) go around the ops: `add_lora_linear` replaces the
+CPU punica wrapper's method of that name and applies every slice of a layer (q, k and v; gate and up) in one call, with
+the batch's slots read once, when vLLM updates the wrapper (`update_metadata`). The ops serve the embedding.
+
 `register` is a vLLM general plugin (pyproject's `vllm.general_plugins` entry point), so it runs in every vLLM process,
 the engine core included; vLLM's `VLLM_PLUGINS` can leave it out. The gain is in benchmarks/RESULTS.md, "Many adapters
 behind one endpoint".
@@ -15,6 +19,7 @@ behind one endpoint".
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -163,6 +168,76 @@ def sgmv_expand_slice(inputs: torch.Tensor, lora_b_weights: torch.Tensor, output
                       slice_offset, slice_size, add_inputs)
 
 
+# vLLM's CPU punica wrapper applies a linear layer's adapter slice by slice (q, k and v: three shrinks, three expands),
+# each through several of its Python frames that find the op's slots anew. Here the batch's slots are read once, when
+# vLLM updates the wrapper's metadata, and one call applies every slice of a layer.
+
+
+def update_metadata(self: Any, mapping: Any, lora_index_to_id: list[int | None], *args: Any, **kwargs: Any) -> None:
+    """`PunicaWrapperCPU.update_metadata`, then the batch's slots for `add_lora_linear`: the one slot every token
+    shares (-1: no adapter), or the tokens grouped by slot."""
+    _VLLM["update_metadata"](self, mapping, lora_index_to_id, *args, **kwargs)
+    slots = self.token_lora_indices
+    first = int(slots[0]) if slots.shape[0] else -1
+    self.crlft_slots = first if bool((slots == first).all()) else TokenGroups.of(slots, len(lora_index_to_id))
+
+
+def add_lora_linear(self: Any, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: tuple[torch.Tensor, ...],
+                    lora_b_stacked: tuple[torch.Tensor, ...], scale: float, output_slices: tuple[int, ...],
+                    **kwargs: Any) -> None:  # fmt: skip
+    """`PunicaWrapperCPU.add_lora_linear` (`self` is the wrapper): y[:, slice i] += scale * x @ A_i.T @ B_i.T, each
+    token with its slot's A (slots x 1 x rank x in) and B (slots x 1 x out_i x rank); slot -1: nothing."""
+    slots = getattr(self, "crlft_slots", None)
+    x = x.view(-1, x.shape[-1])
+    if isinstance(slots, TokenGroups) and slots.slots.shape[0] != x.shape[0]:
+        slots = None  # not the batch the slots were read for (vLLM pads it on other platforms): vLLM's own way
+    if slots is None:
+        _VLLM["add_lora_linear"](self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, **kwargs)
+    elif isinstance(slots, TokenGroups):
+        _grouped_linear(slots, y.view(-1, y.shape[-1]), x, lora_a_stacked, lora_b_stacked, scale)
+    elif slots >= 0:
+        _one_adapter_linear(slots, y.view(-1, y.shape[-1]), x, lora_a_stacked, lora_b_stacked, scale)
+
+
+def _one_adapter_linear(slot: int, out: torch.Tensor, x: torch.Tensor, lora_a: tuple[torch.Tensor, ...],
+                        lora_b: tuple[torch.Tensor, ...], scale: float) -> None:  # fmt: skip
+    """Every token with the adapter of `slot`: one product for every slice's A, one product per slice's B."""
+    a = torch.cat([a[slot, 0] for a in lora_a]) if len(lora_a) > 1 else lora_a[0][slot, 0]
+    shrunk = x.to(torch.float32) @ a.to(torch.float32).T  # tokens x (slices * rank), as vLLM's float32 buffer
+    if scale != 1.0:
+        shrunk *= scale
+    rank, offset = lora_a[0].shape[2], 0
+    for i, b in enumerate(lora_b):
+        size = b.shape[2]
+        out[:, offset : offset + size].addmm_(shrunk[:, i * rank : (i + 1) * rank].to(out.dtype), b[slot, 0].T)
+        offset += size
+
+
+def _grouped_linear(groups: TokenGroups, out: torch.Tensor, x: torch.Tensor, lora_a: tuple[torch.Tensor, ...],
+                    lora_b: tuple[torch.Tensor, ...], scale: float) -> None:  # fmt: skip
+    """Tokens of several slots: placed once in the (slots x depth) grid, then a batched product per A and per B."""
+    n_slots, _, _, width = lora_a[0].shape
+    rows = groups.rows if groups.valid is None else groups.rows[groups.valid]
+    grid = x.new_zeros((n_slots * groups.depth, width), dtype=torch.float32)
+    grid[rows] = (x if groups.valid is None else x[groups.valid]).to(torch.float32)
+    grid = grid.view(n_slots, groups.depth, width)
+    products = []
+    for a, b in zip(lora_a, lora_b, strict=True):
+        shrunk = torch.bmm(grid, a[:, 0].to(torch.float32).transpose(1, 2))  # slots x depth x rank
+        if scale != 1.0:
+            shrunk *= scale
+        products.append(torch.bmm(shrunk.to(out.dtype), b[:, 0].transpose(1, 2)))  # slots x depth x out_i
+    tokens = (products[0] if len(products) == 1 else torch.cat(products, dim=2)).view(n_slots * groups.depth, -1)
+    width_out = tokens.shape[1]
+    if groups.valid is None:
+        out[:, :width_out] += tokens[rows]
+    else:
+        out[:, :width_out].index_add_(0, groups.valid, tokens[rows])
+
+
+_VLLM: dict[str, Any] = {}  # vLLM's own methods of the CPU punica wrapper, which `register` replaces
+
+
 OPS = ("bgmv_expand", "bgmv_shrink", "bgmv_expand_slice", "sgmv_expand", "sgmv_shrink", "sgmv_expand_slice")
 
 
@@ -179,3 +254,8 @@ def register() -> None:
     for module in (lora_ops, punica_cpu):
         for name in OPS:
             setattr(module, name, globals()[name])
+    wrapper = punica_cpu.PunicaWrapperCPU
+    for name in ("update_metadata", "add_lora_linear"):
+        if getattr(wrapper, name) is not globals()[name]:
+            _VLLM[name] = getattr(wrapper, name)
+            setattr(wrapper, name, globals()[name])
