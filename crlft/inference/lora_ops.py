@@ -55,7 +55,7 @@ class TokenGroups:
     slots: torch.Tensor
     n_slots: int
     depth: int  # the most tokens of one slot
-    rows: torch.Tensor  # each token's row in the grid (slot * depth + its rank within its slot)
+    rows: torch.Tensor  # the grid row (slot * depth + rank within the slot) of each token with an adapter, in order
     valid: torch.Tensor | None  # the tokens with an adapter, where some have none (slot -1)
 
     @classmethod
@@ -72,23 +72,32 @@ class TokenGroups:
         starts = torch.cumsum(counts, 0) - counts
         rank = torch.empty_like(slot)
         rank[order] = torch.arange(len(slot)) - starts[slot[order]]
-        groups = cls(slots.clone(), n_slots, depth, slot * depth + rank,
-                     None if bool(valid.all()) else valid.nonzero()[:, 0])
+        rows = slot * depth + rank
+        some_without = not bool(valid.all())
+        groups = cls(slots.clone(), n_slots, depth, rows[valid] if some_without else rows,
+                     valid.nonzero()[:, 0] if some_without else None)
         _last_groups[0] = groups
         return groups
 
+    def grid(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The tokens (tokens x width) placed in a (slots x depth x width) grid; the places no token fills are zeros."""
+        grid = inputs.new_zeros((self.n_slots * self.depth, inputs.shape[1]))
+        grid[self.rows] = inputs if self.valid is None else inputs[self.valid]
+        return grid.view(self.n_slots, self.depth, -1)
+
+    def tokens(self, products: torch.Tensor) -> torch.Tensor:
+        """A grid's products (slots x depth x out) read back per token (tokens x out); a token without an adapter:
+        zeros."""
+        products = products.reshape(self.n_slots * self.depth, -1)
+        if self.valid is None:
+            return products[self.rows]
+        outputs = products.new_zeros((self.slots.shape[0], products.shape[1]))
+        outputs[self.valid] = products[self.rows]
+        return outputs
+
     def padded_product(self, inputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The tokens placed in the grid, one batched product with every slot's matrix, read back per token."""
-        n_slots, out, width = weights.shape
-        rows = self.rows if self.valid is None else self.rows[self.valid]
-        grid = inputs.new_zeros((n_slots * self.depth, width))
-        grid[rows] = inputs if self.valid is None else inputs[self.valid]
-        products = torch.bmm(grid.view(n_slots, self.depth, width), weights.transpose(1, 2)).view(-1, out)
-        if self.valid is None:
-            return products[rows]
-        outputs = inputs.new_zeros((inputs.shape[0], out))
-        outputs[self.valid] = products[rows]
-        return outputs
+        return self.tokens(torch.bmm(self.grid(inputs), weights.transpose(1, 2)))
 
     def stacked_product(self, inputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Each token's input in its slot's block of a row (zeros elsewhere) against every slot's matrix stacked."""
@@ -216,23 +225,15 @@ def _one_adapter_linear(slot: int, out: torch.Tensor, x: torch.Tensor, lora_a: t
 def _grouped_linear(groups: TokenGroups, out: torch.Tensor, x: torch.Tensor, lora_a: tuple[torch.Tensor, ...],
                     lora_b: tuple[torch.Tensor, ...], scale: float) -> None:  # fmt: skip
     """Tokens of several slots: placed once in the (slots x depth) grid, then a batched product per A and per B."""
-    n_slots, _, _, width = lora_a[0].shape
-    rows = groups.rows if groups.valid is None else groups.rows[groups.valid]
-    grid = x.new_zeros((n_slots * groups.depth, width), dtype=torch.float32)
-    grid[rows] = (x if groups.valid is None else x[groups.valid]).to(torch.float32)
-    grid = grid.view(n_slots, groups.depth, width)
+    grid = groups.grid(x.to(torch.float32))  # float32, as vLLM's buffer between the products
     products = []
     for a, b in zip(lora_a, lora_b, strict=True):
         shrunk = torch.bmm(grid, a[:, 0].to(torch.float32).transpose(1, 2))  # slots x depth x rank
         if scale != 1.0:
             shrunk *= scale
         products.append(torch.bmm(shrunk.to(out.dtype), b[:, 0].transpose(1, 2)))  # slots x depth x out_i
-    tokens = (products[0] if len(products) == 1 else torch.cat(products, dim=2)).view(n_slots * groups.depth, -1)
-    width_out = tokens.shape[1]
-    if groups.valid is None:
-        out[:, :width_out] += tokens[rows]
-    else:
-        out[:, :width_out].index_add_(0, groups.valid, tokens[rows])
+    tokens = groups.tokens(products[0] if len(products) == 1 else torch.cat(products, dim=2))
+    out[:, : tokens.shape[1]] += tokens
 
 
 _VLLM: dict[str, Any] = {}  # vLLM's own methods of the CPU punica wrapper, which `register` replaces
