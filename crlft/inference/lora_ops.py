@@ -57,6 +57,7 @@ class TokenGroups:
     depth: int  # the most tokens of one slot
     rows: torch.Tensor  # the grid row (slot * depth + rank within the slot) of each token with an adapter, in order
     valid: torch.Tensor | None  # the tokens with an adapter, where some have none (slot -1)
+    sources: torch.Tensor  # each grid row's token; a row no token fills repeats token 0, and is never read back
 
     @classmethod
     def of(cls, slots: torch.Tensor, n_slots: int) -> TokenGroups:
@@ -72,28 +73,27 @@ class TokenGroups:
         starts = torch.cumsum(counts, 0) - counts
         rank = torch.empty_like(slot)
         rank[order] = torch.arange(len(slot)) - starts[slot[order]]
-        rows = slot * depth + rank
         some_without = not bool(valid.all())
-        groups = cls(slots.clone(), n_slots, depth, rows[valid] if some_without else rows,
-                     valid.nonzero()[:, 0] if some_without else None)
+        tokens = valid.nonzero()[:, 0] if some_without else None
+        rows = (slot * depth + rank)[valid] if some_without else slot * depth + rank
+        sources = torch.zeros(n_slots * depth, dtype=torch.long)
+        sources[rows] = torch.arange(len(slot)) if tokens is None else tokens
+        groups = cls(slots.clone(), n_slots, depth, rows, tokens, sources)
         _last_groups[0] = groups
         return groups
 
     def grid(self, inputs: torch.Tensor) -> torch.Tensor:
-        """The tokens (tokens x width) placed in a (slots x depth x width) grid; the places no token fills are zeros."""
-        grid = inputs.new_zeros((self.n_slots * self.depth, inputs.shape[1]))
-        grid[self.rows] = inputs if self.valid is None else inputs[self.valid]
-        return grid.view(self.n_slots, self.depth, -1)
+        """The tokens (tokens x width) placed in a (slots x depth x width) grid; a place no token fills holds a copy
+        of token 0, whose products `tokens` never reads. (`index_select` both ways: a third of indexing's time.)"""
+        return inputs.index_select(0, self.sources).view(self.n_slots, self.depth, -1)
 
     def tokens(self, products: torch.Tensor) -> torch.Tensor:
         """A grid's products (slots x depth x out) read back per token (tokens x out); a token without an adapter:
         zeros."""
-        products = products.reshape(self.n_slots * self.depth, -1)
+        products = products.reshape(self.n_slots * self.depth, -1).index_select(0, self.rows)
         if self.valid is None:
-            return products[self.rows]
-        outputs = products.new_zeros((self.slots.shape[0], products.shape[1]))
-        outputs[self.valid] = products[self.rows]
-        return outputs
+            return products
+        return products.new_zeros((self.slots.shape[0], products.shape[1])).index_copy_(0, self.valid, products)
 
     def padded_product(self, inputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The tokens placed in the grid, one batched product with every slot's matrix, read back per token."""
