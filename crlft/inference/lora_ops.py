@@ -84,7 +84,8 @@ class TokenGroups:
 
     def grid(self, inputs: torch.Tensor) -> torch.Tensor:
         """The tokens (tokens x width) placed in a (slots x depth x width) grid; a place no token fills holds a copy
-        of token 0, whose products `tokens` never reads. (`index_select` both ways: a third of indexing's time.)"""
+        of token 0, whose products `tokens` never reads. `index_select` both ways, the cheapest gather on CPUs
+        (benchmarks/RESULTS.md, "The grid filled and read back with index_select")."""
         return inputs.index_select(0, self.sources).view(self.n_slots, self.depth, -1)
 
     def tokens(self, products: torch.Tensor) -> torch.Tensor:
