@@ -36,6 +36,7 @@ from cluster.session import (
     HAPROXY_RETRY_ON,
     SESSION_MARK,
     Stopped,
+    end_marked_processes,
     free_port,
     marked_processes,
     stop_on_signals,
@@ -81,15 +82,29 @@ def _listeners(pid: int) -> list[tuple[str, int]]:
             if c.pid == pid and c.status == psutil.CONN_LISTEN]
 
 
-def _config_folder(haproxy: psutil.Process) -> Path:
-    """The folder of the config file HAProxy runs (`haproxy -f FILE`), where Serve keeps all it writes for the node."""
-    command = haproxy.cmdline()
-    return Path(command[command.index("-f") + 1]).parent
+def _haproxy_of(mark: str) -> tuple[set[tuple[str, int]], set[Path]]:
+    """What the session `mark`'s HAProxy listens on, and the folders of the config files it runs (`haproxy -f FILE`),
+    where Serve keeps all it writes for the node; empty when it runs no HAProxy. Read again when a process went
+    meanwhile: Serve reloads HAProxy (a new process; the old one leaves once its connections end) when its config
+    changes, as when the fallback proxy becomes ready after the first answers."""
+    for _ in range(20):
+        listeners, folders = set(), set()
+        try:
+            for process in (p for p in marked_processes(mark) if p.name() == "haproxy"):
+                command = process.cmdline()
+                folders.add(Path(command[command.index("-f") + 1]).parent)
+                listeners.update(_listeners(process.pid))
+            return listeners, folders
+        except psutil.NoSuchProcess:
+            time.sleep(0.5)
+    raise AssertionError("HAProxy kept restarting")
 
 
 @contextlib.contextmanager
 def _serving(model: Path, port: int, state: Path, engine: str) -> Iterator[subprocess.Popen[str]]:
-    """`crlft serve` in a session of its own, stderr in state/stderr.log; killed with its group if a test leaves it."""
+    """`crlft serve` in a session of its own, stderr in state/stderr.log. A test that leaves it running kills its group
+    and every process its session marked (HAProxy outlives a SIGKILL of the group: the next start would find the
+    module's port taken)."""
     command = [sys.executable, "-m", "jobs.cli", "serve", "--model", str(model), "--port", str(port),
                "--set", "serve.cpus_per_replica=0.25", "--set", f"inference.engine={engine}",
                "--set", "inference.vllm_kv_cache_gib=0.25", "--set", f"state_dir={state}"]
@@ -103,8 +118,11 @@ def _serving(model: Path, port: int, state: Path, engine: str) -> Iterator[subpr
     finally:
         watchdog.cancel()
         if process.poll() is None:
+            mark = _session_mark_of(process.pid)
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+            if mark:
+                end_marked_processes(mark, grace_s=0.0)
 
 
 @pytest.mark.slow
@@ -122,11 +140,10 @@ def test_sigterm_to_the_process_group_or_the_pid_stops_crlft_serve_in_seconds_le
             (tmp_path / "stderr.log").read_text()[-3000:]
         mark = _session_mark_of(process.pid)
         assert mark, "the session's processes carry no mark"
-        haproxy = [p for p in marked_processes(mark) if p.name() == "haproxy"]
-        assert haproxy, "HAProxy is not the ingress"
+        listeners, haproxy_folders = _haproxy_of(mark)  # the folders: Serve's /tmp/haproxy-serve/<node id>
+        assert haproxy_folders, "HAProxy is not the ingress"
         # HAProxy's endpoint, stats page and Prometheus page all listen on the endpoint's host only
-        assert {ip for p in haproxy for ip, _ in _listeners(p.pid)} == {"127.0.0.1"}
-        haproxy_folders = {_config_folder(p) for p in haproxy}  # Serve's /tmp/haproxy-serve/<node id>
+        assert {ip for ip, _ in listeners} == {"127.0.0.1"}
         assert all(folder.is_dir() for folder in haproxy_folders)
         if engine == "vllm":
             assert any(p.name() == "VLLM::EngineCore" for p in marked_processes(mark))
@@ -353,10 +370,9 @@ def test_crlft_serve_whose_pages_ports_are_taken_comes_up_on_fresh_ones_on_the_s
                 (tmp_path / "stderr.log").read_text()[-3000:]
             mark = _session_mark_of(process.pid)
             assert mark
-            haproxy = [p for p in marked_processes(mark) if p.name() == "haproxy"]
-            listeners = {listener for p in haproxy for listener in _listeners(p.pid)}
+            listeners, folders = _haproxy_of(mark)
             assert {ip for ip, _ in listeners} == {"127.0.0.1"}
-            config = _config_folder(haproxy[0]) / "haproxy.cfg"
+            config = next(iter(folders)) / "haproxy.cfg"
             pages = {name: int(re.search(rf"{frontend}\s+bind 127\.0\.0\.1:(\d+)", config.read_text())[1])
                      for name, frontend in (("stats", "listen stats"), ("metrics", "frontend prometheus"))}
             assert {("127.0.0.1", page) for page in pages.values()} <= listeners and not set(pages.values()) & taken
