@@ -204,35 +204,62 @@ def add_lora_linear(self: Any, y: torch.Tensor, x: torch.Tensor, lora_a_stacked:
     if slots is None:
         _VLLM["add_lora_linear"](self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, **kwargs)
     elif isinstance(slots, TokenGroups):
-        _grouped_linear(slots, y.view(-1, y.shape[-1]), x, lora_a_stacked, lora_b_stacked, scale)
+        _grouped_linear(slots, y.view(-1, y.shape[-1]), x, LayerSlots.of(self, lora_a_stacked, lora_b_stacked), scale)
     elif slots >= 0:
-        _one_adapter_linear(slots, y.view(-1, y.shape[-1]), x, lora_a_stacked, lora_b_stacked, scale)
+        layer = LayerSlots.of(self, lora_a_stacked, lora_b_stacked)
+        _one_adapter_linear(slots, y.view(-1, y.shape[-1]), x, layer, scale)
 
 
-def _one_adapter_linear(slot: int, out: torch.Tensor, x: torch.Tensor, lora_a: tuple[torch.Tensor, ...],
-                        lora_b: tuple[torch.Tensor, ...], scale: float) -> None:  # fmt: skip
-    """Every token with the adapter of `slot`: one product for every slice's A, one product per slice's B."""
-    a = torch.cat([a[slot, 0] for a in lora_a]) if len(lora_a) > 1 else lora_a[0][slot, 0]
-    shrunk = x.to(torch.float32) @ a.to(torch.float32).T  # tokens x (slices * rank), as vLLM's float32 buffer
-    if scale != 1.0:
-        shrunk *= scale
-    rank, offset = lora_a[0].shape[2], 0
-    for i, b in enumerate(lora_b):
-        size = b.shape[2]
-        out[:, offset : offset + size].addmm_(shrunk[:, i * rank : (i + 1) * rank].to(out.dtype), b[slot, 0].T)
-        offset += size
+@dataclass(frozen=True)
+class LayerSlots:
+    """A layer's adapter slots as the products read them: views of vLLM's buffers, made once per layer and kept by the
+    model's punica wrapper (they live as long as the model). vLLM writes an adapter into its slot in place (`set_lora`
+    copies into the buffers), so the views stay current; every eager op left out of a call counts, since a call's
+    small products cost less than the ops around them."""
+
+    a: tuple[torch.Tensor, ...]  # each slice's A, every slot: slots x in x rank
+    b: tuple[torch.Tensor, ...]  # each slice's B, every slot: slots x rank x out_i
+    offsets: tuple[int, ...]  # where each slice's output starts
+
+    @classmethod
+    def of(cls, wrapper: Any, lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...]) -> LayerSlots:
+        layers = wrapper.__dict__.setdefault("crlft_layer_slots", {})
+        known = layers.get(id(lora_a))
+        if known is not None and known[0] is lora_a:
+            return known[1]
+        offsets = [0]
+        for b in lora_b[:-1]:
+            offsets.append(offsets[-1] + b.shape[2])
+        layer = cls(tuple(a[:, 0].transpose(1, 2) for a in lora_a), tuple(b[:, 0].transpose(1, 2) for b in lora_b),
+                    tuple(offsets))
+        layers[id(lora_a)] = (lora_a, layer)  # the buffers kept with their views: the id stays theirs
+        return layer
 
 
-def _grouped_linear(groups: TokenGroups, out: torch.Tensor, x: torch.Tensor, lora_a: tuple[torch.Tensor, ...],
-                    lora_b: tuple[torch.Tensor, ...], scale: float) -> None:  # fmt: skip
-    """Tokens of several slots: placed once in the (slots x depth) grid, then a batched product per A and per B."""
-    grid = groups.grid(x.to(torch.float32))  # float32, as vLLM's buffer between the products
-    products = []
-    for a, b in zip(lora_a, lora_b, strict=True):
-        shrunk = torch.bmm(grid, a[:, 0].to(torch.float32).transpose(1, 2))  # slots x depth x rank
+def _float32(tensor: torch.Tensor) -> torch.Tensor:
+    """The products between A and B run in float32, as vLLM's buffer between its shrink and expand does."""
+    return tensor if tensor.dtype == torch.float32 else tensor.float()
+
+
+def _one_adapter_linear(slot: int, out: torch.Tensor, x: torch.Tensor, layer: LayerSlots, scale: float) -> None:
+    """Every token with the adapter of `slot`: per slice, one product with its A and one `addmm_` with its B."""
+    x = _float32(x)
+    for a, b, offset in zip(layer.a, layer.b, layer.offsets, strict=True):
+        shrunk = x @ _float32(a[slot])  # tokens x rank
         if scale != 1.0:
             shrunk *= scale
-        products.append(torch.bmm(shrunk.to(out.dtype), b[:, 0].transpose(1, 2)))  # slots x depth x out_i
+        out[:, offset : offset + b.shape[2]].addmm_(shrunk.to(out.dtype), b[slot])
+
+
+def _grouped_linear(groups: TokenGroups, out: torch.Tensor, x: torch.Tensor, layer: LayerSlots, scale: float) -> None:
+    """Tokens of several slots: placed once in the (slots x depth) grid, then a batched product per A and per B."""
+    grid = groups.grid(_float32(x))
+    products = []
+    for a, b in zip(layer.a, layer.b, strict=True):
+        shrunk = torch.bmm(grid, _float32(a))  # slots x depth x rank
+        if scale != 1.0:
+            shrunk *= scale
+        products.append(torch.bmm(shrunk.to(out.dtype), b))  # slots x depth x out_i
     tokens = groups.tokens(products[0] if len(products) == 1 else torch.cat(products, dim=2))
     out[:, : tokens.shape[1]] += tokens
 
