@@ -31,7 +31,7 @@ MIXES = {
     "one adapter": [2] * 7,
     "three adapters, interleaved": [0, 3, 0, 1, 3, 3, 0],
     "one token": [1],
-    "a prefill of three adapters": [i % 3 for i in range(lora_ops.PADDED_MAX_TOKENS + 1)],
+    "a prefill of three adapters": [i % 3 for i in range(300)],
 }
 
 
@@ -69,7 +69,7 @@ def by_hand(x: torch.Tensor, w: torch.Tensor, slots: list[int]) -> torch.Tensor:
     return torch.stack([x[i] @ w[s, 0].T if s >= 0 else torch.zeros(w.shape[2]) for i, s in enumerate(slots)])
 
 
-@pytest.mark.parametrize("tokens", [6, lora_ops.PADDED_MAX_TOKENS + 2], ids=["decode", "prefill"])
+@pytest.mark.parametrize("tokens", [6, 302], ids=["decode", "prefill"])
 def test_a_token_without_an_adapter_gets_nothing_where_vllms_torch_ops_gave_it_the_last_slots(tokens: int) -> None:
     mix = [[-1, 1, -1, 3, 1, 0][i % 6] for i in range(tokens)]
     x, a, b = inputs(tokens, WIDTH), weights((RANK, WIDTH)), weights((OUT, RANK))
@@ -88,8 +88,9 @@ def test_a_token_without_an_adapter_gets_nothing_where_vllms_torch_ops_gave_it_t
 def test_a_batch_grouped_like_the_last_one_reuses_its_grouping_and_any_other_is_grouped_anew() -> None:
     first = lora_ops.TokenGroups.of(torch.tensor([0, 1, 1, 2]), SLOTS)
     assert lora_ops.TokenGroups.of(torch.tensor([0, 1, 1, 2]), SLOTS) is first
-    other = lora_ops.TokenGroups.of(torch.tensor([2, 1, 1, 0]), SLOTS)
-    assert other is not first and other.rows.tolist() == [2 * 2, 1 * 2, 1 * 2 + 1, 0]  # slot * depth + rank
+    other = lora_ops.TokenGroups.of(torch.tensor([2, -1, 1, 0]), SLOTS)
+    assert other is not first
+    assert other.own.view(4, SLOTS).tolist() == [[0, 0, 1, 0], [0, 0, 0, 0], [0, 1, 0, 0], [1, 0, 0, 0]]
 
 
 @pytest.mark.parametrize("runs", [[(2, 5)], [(0, 3), (3, 1), (-1, 2), (0, 4)]], ids=["one adapter", "mixed"])
@@ -145,6 +146,31 @@ def test_a_linear_layers_adapter_adds_each_tokens_own_product_to_every_slice(mix
         offset += size
     wrapper.add_lora_linear(y, x, a, b, 0.5, slices)
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-5)  # sums of up to 48 products in another order
+
+
+def test_an_adapter_vllm_writes_into_a_slot_after_the_layer_was_laid_out_is_the_one_applied() -> None:
+    """crlft lays a layer's buffers out anew on first sight (same shapes, same values); vLLM then loads and removes
+    adapters by indexed writes into them, as its `set_lora` and `reset_lora` do."""
+    mix, slices = [0, 3, 3, 1], (OUT, 24, 24)
+    wrapper = wrapper_for(mix)
+    x = inputs(len(mix), WIDTH)
+    a = tuple(weights((RANK, WIDTH)) * (i + 1) for i in range(len(slices)))
+    b = tuple(weights((size, RANK)) for size in slices)
+    before = [t.clone() for t in a + b]
+    wrapper.add_lora_linear(torch.zeros(len(mix), sum(slices)), x, a, b, 1.0, slices)
+    assert all(torch.equal(t, saved) for t, saved in zip(a + b, before, strict=True))
+    for i, size in enumerate(slices):
+        a[i][3, 0, : RANK // 2, :].copy_(torch.full((RANK // 2, WIDTH), 0.5))  # a smaller rank than the slot's
+        a[i][3, 0, RANK // 2 :, :] = 0
+        b[i][3, 0, :, :].copy_(torch.full((size, RANK), 2.0))
+        b[i][1] = 0  # the adapter of slot 1 removed
+    y, expected, offset = torch.zeros(len(mix), sum(slices)), torch.zeros(len(mix), sum(slices)), 0
+    for a_i, b_i, size in zip(a, b, slices, strict=True):
+        expected[:, offset : offset + size] = by_hand(by_hand(x, a_i, mix), b_i, mix)
+        offset += size
+    wrapper.add_lora_linear(y, x, a, b, 1.0, slices)
+    torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-5)
+    assert y[3].abs().sum() == 0 and y[1].abs().sum() > 0
 
 
 def test_vllm_finds_the_ops_as_a_general_plugin_and_loading_them_replaces_its_cpu_ops() -> None:

@@ -3,9 +3,9 @@
 vLLM's CPU platform applies adapters with the torch ops of `vllm/lora/ops/torch_ops/lora_ops.py`: each token gathers
 its adapter's A or B (`weights[indices]`, a full copy per token, per adapted layer) and multiplies it in a batched
 einsum of tiny matrices. Here a batch whose tokens share one adapter, the usual case, takes one matrix product per op,
-and a batch of several adapters one batched product over a grid of their slots. A token of slot -1 (a request without
-an adapter: vLLM's "no LoRA") gets nothing, as vLLM's GPU kernels give it; the torch ops gave it the last slot's
-adapter.
+and a batch of several adapters one product with every slot's matrix, each token's own picked by zeroing the others. A
+token of slot -1 (a request without an adapter: vLLM's "no LoRA") gets nothing, as vLLM's GPU kernels give it; the
+torch ops gave it the last slot's adapter.
 
 The adapted linear layers (a Llama layer's q/k/v, o, gate/up and down) go around the ops: `add_lora_linear` replaces the
 CPU punica wrapper's method of that name and applies every slice of a layer (q, k and v; gate and up) in one call, with
@@ -23,14 +23,12 @@ from typing import Any
 
 import torch
 
-# Above this many tokens (prefill), a product against every slot's B stacked beats the batched product on CPUs.
-PADDED_MAX_TOKENS = 256
-
 
 def adapter_products(inputs: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor,
                      dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
     """Each token's row of `inputs` (tokens x in) times its adapter slot's matrix of `weights` (slots x [1 x] out x in),
-    in `dtype`: tokens x out. Slot -1: zeros. One adapter for every token: one product; several: `TokenGroups`."""
+    in `dtype`: tokens x out. Slot -1: zeros. One adapter for every token: one product; several: one product with
+    every slot's matrix, each token's own picked by `TokenGroups.own`."""
     if weights.dim() == 4:
         weights = weights.squeeze(1)
     inputs = inputs.to(dtype)
@@ -40,24 +38,19 @@ def adapter_products(inputs: torch.Tensor, weights: torch.Tensor, slots: torch.T
         if first < 0:
             return inputs.new_zeros((inputs.shape[0], out))
         return inputs @ weights[first].to(dtype).T  # only that slot converted, where the number types differ
-    weights = weights.to(dtype)
-    groups = TokenGroups.of(slots, n_slots)
-    if out > width and inputs.shape[0] > PADDED_MAX_TOKENS:
-        return groups.stacked_product(inputs, weights)
-    return groups.padded_product(inputs, weights)
+    products = inputs @ weights.to(dtype).reshape(n_slots * out, width).T  # tokens x (slots x out)
+    own = TokenGroups.of(slots, n_slots).own.view(-1, n_slots, 1).to(dtype)
+    return (products.view(-1, n_slots, out) * own).sum(1)
 
 
 @dataclass(frozen=True)
 class TokenGroups:
-    """A batch's tokens grouped by adapter slot: token i goes to row `rows[i]` of a (slots x `depth`) grid, so that one
-    batched product serves every slot. Every op of a forward pass sees the same slots: the last grouping is reused."""
+    """A batch's tokens by adapter slot, as the products over every slot read them: a token's products with the slots
+    not its own are multiplied by 0. Every op of a forward pass sees the same slots: the last one is reused."""
 
     slots: torch.Tensor
     n_slots: int
-    depth: int  # the most tokens of one slot
-    rows: torch.Tensor  # the grid row (slot * depth + rank within the slot) of each token with an adapter, in order
-    valid: torch.Tensor | None  # the tokens with an adapter, where some have none (slot -1)
-    sources: torch.Tensor  # each grid row's token; a row no token fills repeats token 0, and is never read back
+    own: torch.Tensor  # tokens x 1 x slots x 1: 1.0 at each token's slot, else 0.0 (all 0.0 for slot -1)
 
     @classmethod
     def of(cls, slots: torch.Tensor, n_slots: int) -> TokenGroups:
@@ -65,49 +58,11 @@ class TokenGroups:
         if last is not None and last.n_slots == n_slots and last.slots.shape == slots.shape \
                 and torch.equal(last.slots, slots):
             return last
-        valid = slots >= 0
-        slot = torch.where(valid, slots, n_slots)  # the tokens without an adapter last, in a group of their own
-        counts = torch.bincount(slot, minlength=n_slots + 1)
-        depth = max(1, int(counts[:n_slots].max()))
-        order = torch.argsort(slot, stable=True)
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.empty_like(slot)
-        rank[order] = torch.arange(len(slot)) - starts[slot[order]]
-        some_without = not bool(valid.all())
-        tokens = valid.nonzero()[:, 0] if some_without else None
-        rows = (slot * depth + rank)[valid] if some_without else slot * depth + rank
-        sources = torch.zeros(n_slots * depth, dtype=torch.long)
-        sources[rows] = torch.arange(len(slot)) if tokens is None else tokens
-        groups = cls(slots.clone(), n_slots, depth, rows, tokens, sources)
+        slot = torch.where(slots >= 0, slots, n_slots)  # slot -1 one past the last, cut off below
+        own = torch.nn.functional.one_hot(slot, n_slots + 1)[:, :n_slots].to(torch.float32)
+        groups = cls(slots.clone(), n_slots, own.view(len(slot), 1, n_slots, 1))
         _last_groups[0] = groups
         return groups
-
-    def grid(self, inputs: torch.Tensor) -> torch.Tensor:
-        """The tokens (tokens x width) placed in a (slots x depth x width) grid; a place no token fills holds a copy
-        of token 0, whose products `tokens` never reads. `index_select` both ways, the cheapest gather on CPUs
-        (benchmarks/RESULTS.md, "The grid filled and read back with index_select")."""
-        return inputs.index_select(0, self.sources).view(self.n_slots, self.depth, -1)
-
-    def tokens(self, products: torch.Tensor) -> torch.Tensor:
-        """A grid's products (slots x depth x out) read back per token (tokens x out); a token without an adapter:
-        zeros."""
-        products = products.reshape(self.n_slots * self.depth, -1).index_select(0, self.rows)
-        if self.valid is None:
-            return products
-        return products.new_zeros((self.slots.shape[0], products.shape[1])).index_copy_(0, self.valid, products)
-
-    def padded_product(self, inputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """The tokens placed in the grid, one batched product with every slot's matrix, read back per token."""
-        return self.tokens(torch.bmm(self.grid(inputs), weights.transpose(1, 2)))
-
-    def stacked_product(self, inputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Each token's input in its slot's block of a row (zeros elsewhere) against every slot's matrix stacked."""
-        n_slots, out, width = weights.shape
-        own = torch.nn.functional.one_hot(self.slots.clamp(min=0), n_slots).to(inputs.dtype)
-        if self.valid is not None:
-            own = own * (self.slots >= 0).unsqueeze(1).to(inputs.dtype)
-        blocks = (own.unsqueeze(2) * inputs.unsqueeze(1)).view(-1, n_slots * width)
-        return blocks @ weights.transpose(1, 2).reshape(n_slots * width, out)
 
 
 _last_groups: list[TokenGroups | None] = [None]
@@ -203,35 +158,52 @@ def add_lora_linear(self: Any, y: torch.Tensor, x: torch.Tensor, lora_a_stacked:
         slots = None  # not the batch the slots were read for (vLLM pads it on other platforms): vLLM's own way
     if slots is None:
         _VLLM["add_lora_linear"](self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, **kwargs)
-    elif isinstance(slots, TokenGroups):
-        _grouped_linear(slots, y.view(-1, y.shape[-1]), x, LayerSlots.of(self, lora_a_stacked, lora_b_stacked), scale)
-    elif slots >= 0:
-        layer = LayerSlots.of(self, lora_a_stacked, lora_b_stacked)
+        return
+    if isinstance(slots, int) and slots < 0:
+        return
+    layer = LayerSlots.of(self, lora_a_stacked, lora_b_stacked)
+    if isinstance(slots, TokenGroups):
+        _grouped_linear(slots, y.view(-1, y.shape[-1]), x, layer, scale)
+    else:
         _one_adapter_linear(slots, y.view(-1, y.shape[-1]), x, layer, scale)
 
 
 @dataclass(frozen=True)
 class LayerSlots:
-    """A layer's adapter slots as the products read them: views of vLLM's buffers, made once per layer and kept by the
-    model's punica wrapper (they live as long as the model). vLLM writes an adapter into its slot in place (`set_lora`
-    copies into the buffers), so the views stay current; every eager op left out of a call counts, since a call's
-    small products cost less than the ops around them."""
+    """A layer's adapter slots as the products read them, without a copy: on first sight of a layer its buffers are
+    laid out anew in place (`Tensor.set_`, same shapes, same values, the tensors vLLM holds), every slice's A in one
+    block (slices x slots x rank rows of `in`) and each B as slots x rank x out_i, and views of them are kept by the
+    model's punica wrapper (they live as long as the model). vLLM writes an adapter into its slot only by indexed
+    copies into these tensors (`set_lora`, `reset_lora`), which keep whatever layout they find, so the views stay
+    current. Every eager op left out of a call counts: a call's small products cost less than the ops around them."""
 
     a: tuple[torch.Tensor, ...]  # each slice's A, every slot: slots x in x rank
     b: tuple[torch.Tensor, ...]  # each slice's B, every slot: slots x rank x out_i
+    a_all: torch.Tensor  # every slice's A of every slot side by side: in x (slices x slots x rank)
+    b_rows: tuple[torch.Tensor, ...]  # each slice's B, every slot's rows stacked: (slots x rank) x out_i
     offsets: tuple[int, ...]  # where each slice's output starts
 
     @classmethod
     def of(cls, wrapper: Any, lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...]) -> LayerSlots:
-        layers = wrapper.__dict__.setdefault("crlft_layer_slots", {})
+        layers = wrapper.__dict__.get("crlft_layer_slots")
+        if layers is None:
+            layers = wrapper.crlft_layer_slots = {}
         known = layers.get(id(lora_a))
         if known is not None and known[0] is lora_a:
             return known[1]
+        n_slots, _, rank, width = lora_a[0].shape
+        a_all = torch.cat([a.reshape(n_slots * rank, width) for a in lora_a])  # slices x slots x rank rows
+        for i, a in enumerate(lora_a):
+            a.set_(a_all.untyped_storage(), i * a.numel(), a.shape, a.stride())
+        for b in lora_b:
+            rows = b[:, 0].transpose(1, 2).contiguous()  # slots x rank x out
+            b.set_(rows.untyped_storage(), 0, b.shape, (rows.stride(0), rows.stride(0), 1, rows.stride(1)))
         offsets = [0]
         for b in lora_b[:-1]:
             offsets.append(offsets[-1] + b.shape[2])
-        layer = cls(tuple(a[:, 0].transpose(1, 2) for a in lora_a), tuple(b[:, 0].transpose(1, 2) for b in lora_b),
-                    tuple(offsets))
+        layer = cls(a=tuple(a[:, 0].transpose(1, 2) for a in lora_a), b=tuple(b[:, 0].transpose(1, 2) for b in lora_b),
+                    a_all=a_all.T, b_rows=tuple(b[:, 0].transpose(1, 2).reshape(-1, b.shape[2]) for b in lora_b),
+                    offsets=tuple(offsets))  # fmt: skip
         layers[id(lora_a)] = (lora_a, layer)  # the buffers kept with their views: the id stays theirs
         return layer
 
@@ -252,16 +224,18 @@ def _one_adapter_linear(slot: int, out: torch.Tensor, x: torch.Tensor, layer: La
 
 
 def _grouped_linear(groups: TokenGroups, out: torch.Tensor, x: torch.Tensor, layer: LayerSlots, scale: float) -> None:
-    """Tokens of several slots: placed once in the (slots x depth) grid, then a batched product per A and per B."""
-    grid = groups.grid(_float32(x))
-    products = []
-    for a, b in zip(layer.a, layer.b, strict=True):
-        shrunk = torch.bmm(grid, _float32(a))  # slots x depth x rank
-        if scale != 1.0:
-            shrunk *= scale
-        products.append(torch.bmm(shrunk.to(out.dtype), b))  # slots x depth x out_i
-    tokens = groups.tokens(products[0] if len(products) == 1 else torch.cat(products, dim=2))
-    out[:, : tokens.shape[1]] += tokens
+    """Tokens of several slots: one product with every slot's A of every slice, each token's products with the slots
+    not its own zeroed, then per slice one `addmm_` with every slot's B stacked, where those zeros pick the token's
+    own. It multiplies by every slot, yet costs no more than a batched product over a grid of the slots where their
+    tokens are even, and far less where one slot has most of them (a prompt beside other adapters' decoding), which
+    the grid padded every slot to (benchmarks/RESULTS.md, "Every slot's A and B in one product")."""
+    shrunk = _float32(x) @ _float32(layer.a_all)  # tokens x (slices x slots x rank)
+    n_slices = len(layer.b_rows)
+    rank = layer.a[0].shape[2]  # the view fails loudly if the batch's slots are not the buffers'
+    shrunk.view(x.shape[0], n_slices, groups.n_slots, rank).mul_(groups.own if scale == 1.0 else scale * groups.own)
+    width = shrunk.shape[1] // n_slices
+    for i, (b, offset) in enumerate(zip(layer.b_rows, layer.offsets, strict=True)):
+        out[:, offset : offset + b.shape[1]].addmm_(shrunk[:, i * width : (i + 1) * width].to(out.dtype), b)
 
 
 _VLLM: dict[str, Any] = {}  # vLLM's own methods of the CPU punica wrapper, which `register` replaces
