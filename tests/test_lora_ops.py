@@ -31,7 +31,7 @@ MIXES = {
     "one adapter": [2] * 7,
     "three adapters, interleaved": [0, 3, 0, 1, 3, 3, 0],
     "one token": [1],
-    "a prefill of three adapters": [i % 3 for i in range(300)],
+    "a prefill of three adapters": [i % 3 for i in range(lora_ops.PADDED_MAX_TOKENS + 1)],
 }
 
 
@@ -69,7 +69,7 @@ def by_hand(x: torch.Tensor, w: torch.Tensor, slots: list[int]) -> torch.Tensor:
     return torch.stack([x[i] @ w[s, 0].T if s >= 0 else torch.zeros(w.shape[2]) for i, s in enumerate(slots)])
 
 
-@pytest.mark.parametrize("tokens", [6, 302], ids=["decode", "prefill"])
+@pytest.mark.parametrize("tokens", [6, lora_ops.PADDED_MAX_TOKENS + 2], ids=["decode", "prefill"])
 def test_a_token_without_an_adapter_gets_nothing_where_vllms_torch_ops_gave_it_the_last_slots(tokens: int) -> None:
     mix = [[-1, 1, -1, 3, 1, 0][i % 6] for i in range(tokens)]
     x, a, b = inputs(tokens, WIDTH), weights((RANK, WIDTH)), weights((OUT, RANK))
@@ -88,9 +88,10 @@ def test_a_token_without_an_adapter_gets_nothing_where_vllms_torch_ops_gave_it_t
 def test_a_batch_grouped_like_the_last_one_reuses_its_grouping_and_any_other_is_grouped_anew() -> None:
     first = lora_ops.TokenGroups.of(torch.tensor([0, 1, 1, 2]), SLOTS)
     assert lora_ops.TokenGroups.of(torch.tensor([0, 1, 1, 2]), SLOTS) is first
-    other = lora_ops.TokenGroups.of(torch.tensor([2, -1, 1, 0]), SLOTS)
-    assert other is not first
-    assert other.own.view(4, SLOTS).tolist() == [[0, 0, 1, 0], [0, 0, 0, 0], [0, 1, 0, 0], [1, 0, 0, 0]]
+    other = lora_ops.TokenGroups.of(torch.tensor([2, 1, 1, 0]), SLOTS)
+    assert other is not first and other.rows.tolist() == [2 * 2, 1 * 2, 1 * 2 + 1, 0]  # slot * depth + rank
+    without = lora_ops.TokenGroups.of(torch.tensor([2, -1, 1, 0]), SLOTS)
+    assert without.own.view(4, SLOTS).tolist() == [[0, 0, 1, 0], [0, 0, 0, 0], [0, 1, 0, 0], [1, 0, 0, 0]]
 
 
 @pytest.mark.parametrize("runs", [[(2, 5)], [(0, 3), (3, 1), (-1, 2), (0, 4)]], ids=["one adapter", "mixed"])

@@ -3,9 +3,9 @@
 vLLM's CPU platform applies adapters with the torch ops of `vllm/lora/ops/torch_ops/lora_ops.py`: each token gathers
 its adapter's A or B (`weights[indices]`, a full copy per token, per adapted layer) and multiplies it in a batched
 einsum of tiny matrices. Here a batch whose tokens share one adapter, the usual case, takes one matrix product per op,
-and a batch of several adapters one product with every slot's matrix, each token's own picked by zeroing the others. A
-token of slot -1 (a request without an adapter: vLLM's "no LoRA") gets nothing, as vLLM's GPU kernels give it; the
-torch ops gave it the last slot's adapter.
+and a batch of several adapters one batched product over a grid of their slots. A token of slot -1 (a request without
+an adapter: vLLM's "no LoRA") gets nothing, as vLLM's GPU kernels give it; the torch ops gave it the last slot's
+adapter.
 
 The adapted linear layers (a Llama layer's q/k/v, o, gate/up and down) go around the ops: `add_lora_linear` replaces the
 CPU punica wrapper's method of that name and applies every slice of a layer (q, k and v; gate and up) in one call, with
@@ -23,12 +23,14 @@ from typing import Any
 
 import torch
 
+# Above this many tokens (prefill), a product against every slot's B stacked beats the batched product on CPUs.
+PADDED_MAX_TOKENS = 256
+
 
 def adapter_products(inputs: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor,
                      dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
     """Each token's row of `inputs` (tokens x in) times its adapter slot's matrix of `weights` (slots x [1 x] out x in),
-    in `dtype`: tokens x out. Slot -1: zeros. One adapter for every token: one product; several: one product with
-    every slot's matrix, each token's own picked by `TokenGroups.own`."""
+    in `dtype`: tokens x out. Slot -1: zeros. One adapter for every token: one product; several: `TokenGroups`."""
     if weights.dim() == 4:
         weights = weights.squeeze(1)
     inputs = inputs.to(dtype)
@@ -38,18 +40,26 @@ def adapter_products(inputs: torch.Tensor, weights: torch.Tensor, slots: torch.T
         if first < 0:
             return inputs.new_zeros((inputs.shape[0], out))
         return inputs @ weights[first].to(dtype).T  # only that slot converted, where the number types differ
-    products = inputs @ weights.to(dtype).reshape(n_slots * out, width).T  # tokens x (slots x out)
-    own = TokenGroups.of(slots, n_slots).own.view(-1, n_slots, 1).to(dtype)
-    return (products.view(-1, n_slots, out) * own).sum(1)
+    weights = weights.to(dtype)
+    groups = TokenGroups.of(slots, n_slots)
+    if out > width and inputs.shape[0] > PADDED_MAX_TOKENS:
+        return groups.stacked_product(inputs, weights)
+    return groups.padded_product(inputs, weights)
 
 
 @dataclass(frozen=True)
 class TokenGroups:
-    """A batch's tokens by adapter slot, as the products over every slot read them: a token's products with the slots
-    not its own are multiplied by 0. Every op of a forward pass sees the same slots: the last one is reused."""
+    """A batch's tokens grouped by adapter slot: token i goes to row `rows[i]` of a (slots x `depth`) grid, so that one
+    batched product serves every slot (the ops' way: the logits' B has a row per word, too many to multiply by every
+    slot), and a one-hot mask of each token's slot (`_grouped_linear`'s way). Every op of a forward pass sees the same
+    slots: the last grouping is reused."""
 
     slots: torch.Tensor
     n_slots: int
+    depth: int  # the most tokens of one slot
+    rows: torch.Tensor  # the grid row (slot * depth + rank within the slot) of each token with an adapter, in order
+    valid: torch.Tensor | None  # the tokens with an adapter, where some have none (slot -1)
+    sources: torch.Tensor  # each grid row's token; a row no token fills repeats token 0, and is never read back
     own: torch.Tensor  # tokens x 1 x slots x 1: 1.0 at each token's slot, else 0.0 (all 0.0 for slot -1)
 
     @classmethod
@@ -58,11 +68,50 @@ class TokenGroups:
         if last is not None and last.n_slots == n_slots and last.slots.shape == slots.shape \
                 and torch.equal(last.slots, slots):
             return last
-        slot = torch.where(slots >= 0, slots, n_slots)  # slot -1 one past the last, cut off below
+        valid = slots >= 0
+        slot = torch.where(valid, slots, n_slots)  # the tokens without an adapter last, in a group of their own
+        counts = torch.bincount(slot, minlength=n_slots + 1)
+        depth = max(1, int(counts[:n_slots].max()))
+        order = torch.argsort(slot, stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.empty_like(slot)
+        rank[order] = torch.arange(len(slot)) - starts[slot[order]]
+        some_without = not bool(valid.all())
+        tokens = valid.nonzero()[:, 0] if some_without else None
+        rows = (slot * depth + rank)[valid] if some_without else slot * depth + rank
+        sources = torch.zeros(n_slots * depth, dtype=torch.long)
+        sources[rows] = torch.arange(len(slot)) if tokens is None else tokens
         own = torch.nn.functional.one_hot(slot, n_slots + 1)[:, :n_slots].to(torch.float32)
-        groups = cls(slots.clone(), n_slots, own.view(len(slot), 1, n_slots, 1))
+        groups = cls(slots.clone(), n_slots, depth, rows, tokens, sources, own.view(len(slot), 1, n_slots, 1))
         _last_groups[0] = groups
         return groups
+
+    def grid(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The tokens (tokens x width) placed in a (slots x depth x width) grid; a place no token fills holds a copy
+        of token 0, whose products `tokens` never reads. `index_select` both ways, the cheapest gather on CPUs
+        (benchmarks/RESULTS.md, "The grid filled and read back with index_select")."""
+        return inputs.index_select(0, self.sources).view(self.n_slots, self.depth, -1)
+
+    def tokens(self, products: torch.Tensor) -> torch.Tensor:
+        """A grid's products (slots x depth x out) read back per token (tokens x out); a token without an adapter:
+        zeros."""
+        products = products.reshape(self.n_slots * self.depth, -1).index_select(0, self.rows)
+        if self.valid is None:
+            return products
+        return products.new_zeros((self.slots.shape[0], products.shape[1])).index_copy_(0, self.valid, products)
+
+    def padded_product(self, inputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The tokens placed in the grid, one batched product with every slot's matrix, read back per token."""
+        return self.tokens(torch.bmm(self.grid(inputs), weights.transpose(1, 2)))
+
+    def stacked_product(self, inputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Each token's input in its slot's block of a row (zeros elsewhere) against every slot's matrix stacked."""
+        n_slots, out, width = weights.shape
+        own = torch.nn.functional.one_hot(self.slots.clamp(min=0), n_slots).to(inputs.dtype)
+        if self.valid is not None:
+            own = own * (self.slots >= 0).unsqueeze(1).to(inputs.dtype)
+        blocks = (own.unsqueeze(2) * inputs.unsqueeze(1)).view(-1, n_slots * width)
+        return blocks @ weights.transpose(1, 2).reshape(n_slots * width, out)
 
 
 _last_groups: list[TokenGroups | None] = [None]
