@@ -250,9 +250,9 @@ class LayerSlots:
         offsets = [0]
         for b in lora_b[:-1]:
             offsets.append(offsets[-1] + b.shape[2])
-        layer = cls(a=tuple(a[:, 0].transpose(1, 2) for a in lora_a), b=tuple(b[:, 0].transpose(1, 2) for b in lora_b),
-                    a_all=a_all.T, b_rows=tuple(b[:, 0].transpose(1, 2).reshape(-1, b.shape[2]) for b in lora_b),
-                    offsets=tuple(offsets))  # fmt: skip
+        b_views = tuple(b[:, 0].transpose(1, 2) for b in lora_b)  # each contiguous: its rows stack as views
+        layer = cls(a=tuple(a[:, 0].transpose(1, 2) for a in lora_a), b=b_views, a_all=a_all.T,
+                    b_rows=tuple(b.view(-1, b.shape[2]) for b in b_views), offsets=tuple(offsets))
         layers[id(lora_a)] = (lora_a, layer)  # the buffers kept with their views: the id stays theirs
         return layer
 
