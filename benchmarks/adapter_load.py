@@ -1,7 +1,7 @@
 """Many adapters behind one endpoint: one replica serving 1, 4 and 8 LoRA adapters on one base, against the base alone.
 
     python -m benchmarks.adapter_load [--model tiny|smollm2|DIR] [--adapters 1 4 8] [--concurrency 32]
-                                      [--requests 64] [--rounds 2] [--max-tokens 32] [--rank 8]
+                                      [--requests 64] [--rounds 2] [--max-tokens 32] [--rank 8] [--load even|mixed]
 
 What it builds: the model (as benchmarks/serve_load.py builds it), its crlft base (`crlft.export.write_base`, in a
 temporary state dir) and as many adapters as the largest count asked for (`adapter-0` ...), each made without
@@ -18,7 +18,11 @@ with 2 CPUs, behind the HAProxy ingress `crlft serve` uses) and a `services.loca
 Each round deploys every configuration in turn (the order rotates between rounds, as serve_load's does, since on a
 shared machine the load of other work drifts); a configuration first serves C requests at the measured load (first
 touches, each adapter's load into the engine included), then 8 at 4 streams, then the measured load: C streamed
-greedy requests at a time, `--requests` in all, of up to `--max-tokens` tokens (serve_load's load generator).
+greedy requests at a time, `--requests` in all (serve_load's load generator). `--load even` (the default): one short
+prompt each and a budget of `--max-tokens` tokens, so requests start and end together and a batch holds as many tokens
+of each adapter; `--load mixed` (serve_load's `mixed_requests`): budgets of a quarter to twice `--max-tokens`, so
+requests end at different times and, with more requests than streams, a new prompt's prefill joins other adapters'
+decoding: batches where one adapter has most of the tokens.
 
 How to read it, per configuration (medians of the rounds): output tokens/s with each round's, p50/p99 latency, errors;
 the ratio of its tokens/s to `base` in the same round (issue #27's goal: 8 adapters >= 0.8x); the resident memory
@@ -191,7 +195,8 @@ def measure(config: str, adapters: list[Path], base_dir: Path, args: argparse.Na
             server = Server(config, url, names[0])
         asyncio.run(load_level(server, args.concurrency, args.concurrency, args.max_tokens, count))  # first touch
         asyncio.run(load_level(server, 4, 8, args.max_tokens, count))  # warm up
-        level = asyncio.run(load_level(server, args.concurrency, args.requests, args.max_tokens, count))
+        level = asyncio.run(load_level(server, args.concurrency, args.requests, args.max_tokens, count,
+                                       mixed=args.load == "mixed"))
         rss = engine_core_rss()
     finally:
         shutdown(shutdown_ray=False)
@@ -210,15 +215,19 @@ def report(runs: list[Measured], args: argparse.Namespace) -> str:
     base_weights = weights_bytes(args.base_dir)
     slot = slot_bytes(args.adapter_dirs[0], args.max_lora_rank, args.precision)
     held = slot + weights_bytes(args.adapter_dirs[0])  # per adapter: its slot and its loaded weights
+    budget = f"up to {args.max_tokens}"
+    if args.load == "mixed":
+        budget = f"{max(1, args.max_tokens // 4)} to {2 * args.max_tokens}"
     lines = [
         f"model: {args.model_desc}; {args.precision}; base weights {base_weights / MIB:.1f} MiB, each adapter "
         f"{weights_bytes(args.adapter_dirs[0]) / MIB:.2f} MiB on disk (rank {args.rank}, all linear layers; "
         f"inference.max_lora_rank {args.max_lora_rank}; by the shapes vLLM holds per adapter {held / MIB:.2f} MiB, "
         f"{held / base_weights:.1%} of the base: a slot of {slot / MIB:.2f} MiB and the adapter as loaded); "
-        f"{args.concurrency} concurrent streams, {args.requests} greedy requests of up to {args.max_tokens} tokens "
-        f"per configuration and round, spread round-robin over the adapters; {args.rounds} "
+        f"{args.concurrency} concurrent streams, {args.requests} greedy requests of {budget} tokens "
+        f"({args.load} load) per configuration and round, spread round-robin over the adapters; {args.rounds} "
         f"round{'s' if args.rounds != 1 else ''} (order rotated), medians; one replica, {REPLICA_CPUS} CPUs; "
-        f"load average {args.load[0]:.1f} at the start, {args.load[1]:.1f} at the end on {os.cpu_count()} cores",
+        f"load average {args.load_average[0]:.1f} at the start, {args.load_average[1]:.1f} at the end on "
+        f"{os.cpu_count()} cores",
         "",
         "| configuration | output tok/s (rounds) | / base, same round (rounds) | p50 latency s | p99 latency s "
         "| errors | engine core RSS MiB | per added adapter vs 1 adapter MiB | start s |",
@@ -284,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--requests", type=int, default=64, help="requests per configuration per round")
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--load", choices=["even", "mixed"], default="even",
+                        help="even: the same budget each, so the requests run in step; mixed: budgets of a quarter to "
+                        "twice --max-tokens, so new prompts' prefills join other adapters' decoding (give more "
+                        "--requests than --concurrency)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--kv-cache-gib", type=int, default=2, help="vLLM on CPU: the engine's KV cache")
     parser.add_argument("--json", help="also write the figures here")
@@ -310,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "train.lora.r": args.rank})
         args.base_dir, args.adapter_dirs = make_adapters(model_dir, cfg, scratch_dir / "adapters", max(args.adapters))
         count = TokenCounter(args.base_dir)
-        args.load = [os.getloadavg()[0]]
+        args.load_average = [os.getloadavg()[0]]
         with environment(ingress_env(Config())):  # HAProxy, as `crlft serve` starts it
             ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
         stack.callback(shutdown)
@@ -331,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             interrupted = True
             print(f"interrupted: reporting the {len(runs)} configuration runs measured", file=sys.stderr)
         args.rounds = len({i for i in range(args.rounds) if i * len(configs) < len(runs)})
-        args.load.append(os.getloadavg()[0])
+        args.load_average.append(os.getloadavg()[0])
         runs.sort(key=lambda m: configs.index(m.config))  # stable: each configuration's rounds in order
         table = report(runs, args)
     print(table)

@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -67,6 +68,15 @@ REPLICA_CPUS = 2
 
 def prompts(n: int) -> list[str]:
     return [f"Tell me about {TOPICS[i % len(TOPICS)]}, part {i // len(TOPICS) + 1}." for i in range(n)]
+
+
+def mixed_requests(n: int, max_tokens: int) -> list[tuple[str, int]]:
+    """(prompt, token budget) of n requests that end at different times: `prompts`, each with a budget of a quarter to
+    twice `max_tokens` (seeded, so every server gets the same load). With more requests than streams, a new prompt's
+    prefill joins the other requests' decoding. (Prompts with sentences of context before them made the model answer
+    in a few tokens, so that prefill, not answers, filled the time.)"""
+    rng = random.Random(0)
+    return [(text, rng.randint(max(1, max_tokens // 4), 2 * max_tokens)) for text in prompts(n)]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -165,11 +175,14 @@ def request_body(server: Server, text: str, max_tokens: int, stream: bool) -> di
     return body
 
 
-async def load_level(server: Server, concurrency: int, total: int, max_tokens: int,
-                     count: TokenCounter) -> LevelResult:
+async def load_level(server: Server, concurrency: int, total: int, max_tokens: int, count: TokenCounter,
+                     mixed: bool = False) -> LevelResult:
+    """`total` streamed greedy requests, `concurrency` at a time: one short prompt each, up to `max_tokens` tokens, or
+    `mixed_requests`."""
     queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    for text in prompts(total):
-        queue.put_nowait(request_body(server, text, max_tokens, stream=True))
+    requests = mixed_requests(total, max_tokens) if mixed else [(text, max_tokens) for text in prompts(total)]
+    for text, budget in requests:
+        queue.put_nowait(request_body(server, text, budget, stream=True))
     outcomes: list[tuple[str, float, float, int]] = []
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
 
