@@ -61,6 +61,7 @@ from benchmarks.serve_load import (
     build_model,
     load_level,
     median,
+    mixed_budgets,
 )
 from cluster.session import free_port, ingress_env
 from crlft.config import Config, load_config
@@ -217,7 +218,7 @@ def report(runs: list[Measured], args: argparse.Namespace) -> str:
     held = slot + weights_bytes(args.adapter_dirs[0])  # per adapter: its slot and its loaded weights
     budget = f"up to {args.max_tokens}"
     if args.load == "mixed":
-        budget = f"{max(1, args.max_tokens // 4)} to {2 * args.max_tokens}"
+        budget = "{} to {}".format(*mixed_budgets(args.max_tokens))
     lines = [
         f"model: {args.model_desc}; {args.precision}; base weights {base_weights / MIB:.1f} MiB, each adapter "
         f"{weights_bytes(args.adapter_dirs[0]) / MIB:.2f} MiB on disk (rank {args.rank}, all linear layers; "

@@ -70,13 +70,19 @@ def prompts(n: int) -> list[str]:
     return [f"Tell me about {TOPICS[i % len(TOPICS)]}, part {i // len(TOPICS) + 1}." for i in range(n)]
 
 
+def mixed_budgets(max_tokens: int) -> tuple[int, int]:
+    """The fewest and most tokens a request of the mixed load may ask for: a quarter to twice `max_tokens`."""
+    return max(1, max_tokens // 4), 2 * max_tokens
+
+
 def mixed_requests(n: int, max_tokens: int) -> list[tuple[str, int]]:
-    """(prompt, token budget) of n requests that end at different times: `prompts`, each with a budget of a quarter to
-    twice `max_tokens` (seeded, so every server gets the same load). With more requests than streams, a new prompt's
+    """(prompt, token budget) of n requests that end at different times: `prompts`, each with a budget drawn from
+    `mixed_budgets` (seeded, so every server gets the same load). With more requests than streams, a new prompt's
     prefill joins the other requests' decoding. (Prompts with sentences of context before them made the model answer
     in a few tokens, so that prefill, not answers, filled the time.)"""
     rng = random.Random(0)
-    return [(text, rng.randint(max(1, max_tokens // 4), 2 * max_tokens)) for text in prompts(n)]
+    low, high = mixed_budgets(max_tokens)
+    return [(text, rng.randint(low, high)) for text in prompts(n)]
 
 
 def percentile(values: list[float], q: float) -> float:
