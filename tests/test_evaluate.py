@@ -3,6 +3,7 @@ benchmark answers graded by an OpenAI-compatible judge, and `crlft eval`'s handl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -189,7 +190,11 @@ def test_vllm_answers_what_the_model_says(
 
     assert generate(exported, suite_prompts, ANSWER_TOKENS, decoder=vllm_decoder) == reference_answers
     # As in the replica, the model runs in vLLM's engine core: no worker process for the engine core to spin on.
-    started = [" ".join(p.cmdline()[:1]) for p in psutil.Process().children(recursive=True)]
+    # A child that ends (or is a zombie not yet reaped) between the listing and the read is not one of vLLM's.
+    started = []
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            started.append(" ".join(child.cmdline()[:1]))
     assert "VLLM::EngineCore" in started and "VLLM::Worker" not in started, started
 
 
