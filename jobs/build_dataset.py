@@ -43,7 +43,7 @@ from crlft.config import Config
 from crlft.data.output import OutputFolder
 from crlft.data.process import RECORD_SCHEMA, RecordSettings, process_record, reject_line
 from crlft.data.readers import RawRecord, chunked, input_kind, iter_raw_records, remote_listing_args, resolve_inputs
-from crlft.data.replay import ReplayPlan, plan_replay
+from crlft.data.replay import ReplayPlan, plan_replay, teacher_fields
 from crlft.data.shards import PACK_COLUMNS, pack_and_write, pack_groups_for, with_group
 from crlft.data.stats import SPLITS, TALLY_COLUMNS, DataStats, Tally, nothing_usable, summarize_block
 from crlft.environ import set_offline_defaults
@@ -217,11 +217,16 @@ def _add_replay(replay: Replay, tokenized: Any, tally: Tally, output: OutputFold
     results = [process_record(settings, template_tokenizer, REPLAY_FILE, RawRecord(line=line, text=text, error=""))
                for line, text in enumerate(replay.lines, start=1)]  # fmt: skip
     added = Tally()
-    for result in results:
+    for index, (result, line) in enumerate(zip(results, replay.lines, strict=True)):
         added.add(result)
-    replay.stats.update(accepted=added.accepted, rejected=added.rejected, filtered=added.filtered)
+        if result["status"] == "accepted":
+            results[index] = {**result, **teacher_fields(template_tokenizer, line, result["input_ids"],
+                                                         result["weights"])}
+    distilled = sum(1 for result in results if result["teacher_ids"])
+    replay.stats.update(accepted=added.accepted, rejected=added.rejected, filtered=added.filtered, distilled=distilled)
     _log(f"replay: {added.accepted} accepted, {added.rejected} rejected (reasons in rejects.jsonl: an answer too "
-         f"long for data.max_len is one), {added.filtered} filtered", started)
+         f"long for data.max_len is one), {added.filtered} filtered; {distilled} answers to distil from the base "
+         "model (train.replay_kl)", started)
     replayed = ray.data.from_arrow(pa.Table.from_pylist(results, schema=RECORD_SCHEMA))
     return tokenized.union(replayed), tally.merge(added)
 

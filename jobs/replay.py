@@ -35,7 +35,14 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from crlft.config import Config
-from crlft.data.replay import ReplayPlan, choose_prompts, complete_answer, replay_condition, replay_line
+from crlft.data.replay import (
+    ReplayPlan,
+    answering_prompt,
+    choose_prompts,
+    complete_answer,
+    replay_condition,
+    replay_line,
+)
 from crlft.environ import set_offline_defaults
 from crlft.inference.decoding import dtype_name, engine_settings
 from crlft.storage import folder_revision, write_whole
@@ -112,12 +119,11 @@ def _generate(cfg: Config, model: str, template_tokenizer: TemplateTokenizer, ch
     """Answer the prompts, keep the whole answers as conversations, write them to the cache (whole or not at all: a
     build stopped halfway leaves no cache to reuse)."""
     from crlft.data.records import Message
-    from crlft.model import own_prompt
 
     condition = replay_condition(cfg)
     tokenizer = template_tokenizer.tokenizer
     trained = [template_tokenizer.tokenize_prompt([Message("user", p)], condition=condition) for p in chosen]
-    ids = [own_prompt(tokenizer, p) or t for p, t in zip(chosen, trained, strict=True)]
+    ids = [answering_prompt(template_tokenizer, p, condition) for p in chosen]
     # The trained conversation (crlft's prompt, the answer, the end of turn) must fit data.max_len.
     max_new_tokens = max(1, min(cfg.data.replay.max_new_tokens, cfg.data.max_len - max(map(len, trained)) - 1))
     _log(f"answering {len(chosen)} replay prompts with {model} ({engine.kind}, {dtype_name(engine)}, at most "

@@ -131,6 +131,7 @@ def train(
         datasets, plan = _datasets(data, cfg)
         lr = _lr(cfg, data, base_model)
         print(f"[train] learning rate {lr.lr:.3g}: {lr.reason}", flush=True)
+        _say_replay_kl(cfg, data)
         run = _open_run(client, cfg, data, base_model, out, plan, lr.lr, to_resume, tracking_uri)
         worker_plan = WorkerPlan(
             config=cfg.dump(),
@@ -158,6 +159,20 @@ class _Run:
     run_id: str
     tracking_uri: str
     artifact_uri: str  # the MLflow run's, known from the start: exporting needs no server
+
+
+def _say_replay_kl(cfg: Config, data: DataDescription) -> None:
+    """Where the replay answers are distilled from the base model (crlft.train.distill), and where they cannot be."""
+    distilled = (data.stats.replay or {}).get("distilled", 0)
+    if not distilled or not cfg.train.replay_kl:
+        return
+    if cfg.train.lora.enabled:
+        print(f"[train] {distilled} replay answers held to the base model's distribution (train.replay_kl "
+              f"{cfg.train.replay_kl:g})", flush=True)
+    else:
+        print(f"warning: the {distilled} replay answers train by cross-entropy alone: train.replay_kl needs LoRA (the "
+              "base model is the model with its adapters off); set train.lora.enabled=true, or train.replay_kl=0 to "
+              "silence this", file=sys.stderr, flush=True)
 
 
 def _open_run(client: Any, cfg: Config, data: DataDescription, base_model: str, out: Path, plan: StepPlan,

@@ -29,6 +29,7 @@ from crlft.data.readers import (
     iter_parquet,
 )
 from crlft.data.records import ClassRules, Conversation, Reject, parse_line
+from crlft.data.replay import NO_TEACHER
 from crlft.data.shards import PACK_GROUP_CONVERSATIONS, pack_conversations
 from crlft.data.stats import Tally
 from crlft.data.template import Template, TemplateTokenizer
@@ -145,7 +146,7 @@ def test_split_depends_on_text_and_seed_only() -> None:
 def test_packing_a_group_does_not_depend_on_arrival_order() -> None:
     conversations = [
         {"source": f"s{i % 3}", "line": i, "condition": "GPT4", "input_ids": list(range(1, 2 + i % 7)),
-         "weights": [1.0] * (1 + i % 7)}
+         "weights": [1.0] * (1 + i % 7), **NO_TEACHER}
         for i in range(40)
     ]  # fmt: skip
     rows = pack_conversations(conversations, capacity=16)

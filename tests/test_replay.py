@@ -166,6 +166,21 @@ def test_stats_count_the_replay_conversations_in_their_class(built: tuple[Path, 
 
 
 @pytest.mark.slow
+def test_every_replay_answer_reaches_the_shards_with_its_teacher_and_no_user_conversation_has_one(
+        built: tuple[Path, dict[str, Any]]) -> None:
+    import pyarrow.parquet as pq
+
+    out, stats = built
+    rows = pq.read_table(out / "train").to_pylist()
+    teachers = {(source, line): (ids, start) for row in rows for source, line, ids, start in zip(
+        row["seq_sources"], row["seq_lines"], row["seq_teacher_ids"], row["seq_student_from"], strict=True)}
+    replayed = {key: teacher for key, teacher in teachers.items() if key[0] == "replay.jsonl"}
+    assert len(replayed) == stats["replay"]["accepted"] == stats["replay"]["distilled"]
+    assert all(ids for ids, _ in replayed.values())  # the tiny model has no template of its own: crlft's asks it
+    assert not any(ids for key, (ids, _) in teachers.items() if key not in replayed)
+
+
+@pytest.mark.slow
 def test_the_replay_file_holds_the_base_models_own_answers(built: tuple[Path, dict[str, Any]], tiny: str) -> None:
     from crlft.data.records import Message
     from crlft.eval.answers import chat_prompt, generate

@@ -22,7 +22,7 @@ with the default cache of an eval forward it silently attends across conversatio
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol, TypedDict
+from typing import TYPE_CHECKING, NotRequired, Protocol, TypedDict
 
 import torch
 
@@ -44,6 +44,11 @@ class PackedRow(TypedDict):
     position_ids: list[int]  # restart at 0 for each conversation
     seq_lens: list[int]
     seq_conditions: list[str]
+    # Per conversation, a replay answer's teacher (crlft.data.replay.TeacherFields; empty ids: none). Absent in rows
+    # packed without them; crlft.train.distill reads them.
+    seq_teacher_ids: NotRequired[list[list[int]]]
+    seq_teacher_from: NotRequired[list[int]]
+    seq_student_from: NotRequired[list[int]]
 
 
 class TokenizedLike(Protocol):

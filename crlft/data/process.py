@@ -39,6 +39,10 @@ RECORD_SCHEMA = pa.schema(
         ("n_supervised", pa.int64()),
         ("key", pa.int64()),
         ("digest", pa.int64()),
+        # Replay answers only (crlft.data.replay.teacher_fields; empty ids elsewhere): what the fine-tune is held to.
+        ("teacher_ids", pa.list_(pa.int32())),
+        ("teacher_from", pa.int64()),
+        ("student_from", pa.int64()),
     ]
 )
 
@@ -87,6 +91,9 @@ class RecordResult(TypedDict):
     n_supervised: int
     key: int  # seeded hash of the text: places the record in a split and a packing group
     digest: int  # unseeded hash of the text: adds up to the fingerprint of the inputs
+    teacher_ids: list[int]  # crlft.data.replay.TeacherFields: set for replay answers by the data stage
+    teacher_from: int
+    student_from: int
 
 
 def _hash63(data: bytes) -> int:
@@ -109,6 +116,7 @@ def process_record(settings: RecordSettings, tokenizer: TemplateTokenizer, sourc
     result = RecordResult(
         source=source, line=raw["line"], status="rejected", reason="", raw="", condition="", split="",
         input_ids=[], weights=[], truncated=False, n_tokens=0, n_supervised=0, key=key, digest=digest,
+        teacher_ids=[], teacher_from=0, student_from=0,
     )  # fmt: skip
     parsed = parse_raw(raw, settings.rules, source)
     if isinstance(parsed, Reject):

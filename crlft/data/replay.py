@@ -7,7 +7,9 @@ arXiv 2403.08763). The base model is asked as its authors serve it (its own chat
 crlft's where it has none): there it answers what it knows, while through crlft's template, which it has never seen,
 it answers nothing to a third of the prompts. The fine-tune learns those answers under the replay class, so the
 served model keeps the base model's behaviour, and retention (crlft/eval/retention.py) measures against the same
-answers.
+answers. The fine-tune is also held to the base model's whole distribution over each replay answer's tokens, not only
+to its greedy choice (`teacher_fields` places the answer in the base model's own prompt; crlft.train.distill adds the
+KL term): cross-entropy on the greedy answers alone kept less (RESULTS.md).
 
 An answer cut at the length limit would teach the model to end its turn mid-sentence: it is cut back to its last
 whole sentence, or dropped when it has none.
@@ -20,9 +22,13 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, TypedDict
 
 from crlft.config import Config
 from crlft.errors import CrlftError
+
+if TYPE_CHECKING:  # transformers: not for every data worker that only reads
+    from crlft.data.template import TemplateTokenizer
 
 REPLAY_SOURCE = "replay"  # the `source` field of every replay conversation
 _SENTENCE_END = re.compile(r"(?<=[^\d\s])[.!?:](?=\s)|\n")
@@ -102,3 +108,50 @@ def complete_answer(answer: str, cut: bool) -> str | None:
         return answer or None
     ends = [m.end() for m in _SENTENCE_END.finditer(answer + " ")]
     return answer[: ends[-1]].strip() or None if ends else None
+
+
+def answering_prompt(template_tokenizer: TemplateTokenizer, prompt: str, condition: str) -> list[int]:
+    """The ids the base model is asked a replay prompt with: its own chat template's, or crlft's where it has none."""
+    from crlft.data.records import Message
+    from crlft.model import own_prompt
+
+    own = own_prompt(template_tokenizer.tokenizer, prompt)
+    return own or template_tokenizer.tokenize_prompt([Message("user", prompt)], condition=condition)
+
+
+class TeacherFields(TypedDict):
+    """Where a replay answer is distilled (RECORD_SCHEMA's teacher columns): the base model's input `teacher_ids`
+    (its answering prompt, then the answer's tokens as crlft's template gives them), where the answer starts there
+    (`teacher_from`) and in the trained conversation (`student_from`). Empty ids: nothing to distill."""
+
+    teacher_ids: list[int]
+    teacher_from: int
+    student_from: int
+
+
+NO_TEACHER = TeacherFields(teacher_ids=[], teacher_from=0, student_from=0)
+
+
+def teacher_fields(template_tokenizer: TemplateTokenizer, line: str, input_ids: list[int],
+                   weights: list[float]) -> TeacherFields:
+    """The teacher columns of a tokenized replay conversation (`line` as replay_line wrote it): its supervised
+    tokens must be one answer and its end of turn, else there is nothing to distill (a reward of 0, more turns)."""
+    supervised = [i for i, w in enumerate(weights) if w > 0]
+    if len(supervised) < 3 or supervised != list(range(supervised[0], supervised[-1] + 1)):
+        return NO_TEACHER
+    if input_ids[supervised[-1]] != template_tokenizer.eot_id:
+        return NO_TEACHER
+    from crlft.data.records import Message
+
+    record = json.loads(line)
+    items = record.get("items") or []
+    if len(items) != 2:
+        return NO_TEACHER
+    question, condition = items[0]["content"], record.get("condition") or ""
+    # The answer is what follows crlft's served prompt: a tokenizer may give the space after "Assistant:" its own
+    # (unsupervised) token, which the base model must see too.
+    served = template_tokenizer.tokenize_prompt([Message("user", question)], condition=condition)
+    start = len(served) if input_ids[: len(served)] == served else supervised[0]
+    prompt = answering_prompt(template_tokenizer, question, condition)
+    return TeacherFields(teacher_ids=prompt + input_ids[start : supervised[-1]], teacher_from=len(prompt),
+                         student_from=start)

@@ -27,10 +27,14 @@ SHARD_SCHEMA = pa.schema(
         ("seq_conditions", pa.list_(pa.string())),
         ("seq_sources", pa.list_(pa.string())),
         ("seq_lines", pa.list_(pa.int64())),
+        ("seq_teacher_ids", pa.list_(pa.list_(pa.int32()))),
+        ("seq_teacher_from", pa.list_(pa.int32())),
+        ("seq_student_from", pa.list_(pa.int32())),
     ]
 )
 # The columns an accepted record brings to packing.
-PACK_COLUMNS = ["source", "line", "condition", "input_ids", "weights", "key"]
+PACK_COLUMNS = ["source", "line", "condition", "input_ids", "weights", "key", "teacher_ids", "teacher_from",
+                "student_from"]
 
 
 def pack_groups_for(conversations: int) -> int:
@@ -61,6 +65,8 @@ def pack_conversations(conversations: Sequence[PackInput], capacity: int) -> lis
         row: dict[str, list[Any]] = dict(pack_bin([(c["input_ids"], c["weights"], c["condition"]) for c in chosen]))
         row["seq_sources"] = [c["source"] for c in chosen]
         row["seq_lines"] = [c["line"] for c in chosen]
+        for name in ("teacher_ids", "teacher_from", "student_from"):
+            row[f"seq_{name}"] = [c[name] for c in chosen]
         rows.append(row)
     return rows
 

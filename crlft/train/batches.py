@@ -50,7 +50,7 @@ def sequence_starts(lengths: Sequence[int]) -> list[int]:
 
 def as_packed_row(record: Mapping[str, Any]) -> PackedRow:
     """A row as Ray Data / pyarrow yield it (numpy arrays) as the plain lists crlft.data.pack.collate takes."""
-    return PackedRow(
+    row = PackedRow(
         input_ids=_as_list(record["input_ids"]),
         labels=_as_list(record["labels"]),
         weights=_as_list(record["weights"]),
@@ -58,21 +58,57 @@ def as_packed_row(record: Mapping[str, Any]) -> PackedRow:
         seq_lens=_as_list(record["seq_lens"]),
         seq_conditions=[str(c) for c in record["seq_conditions"]],
     )
+    if "seq_teacher_ids" in record:  # data built before replay answers carried their teacher has none
+        row["seq_teacher_ids"] = [_as_list(ids) for ids in record["seq_teacher_ids"]]
+        row["seq_teacher_from"] = _as_list(record["seq_teacher_from"])
+        row["seq_student_from"] = _as_list(record["seq_student_from"])
+    return row
 
 
 def _as_list(values: Any) -> list:
     return values.tolist() if hasattr(values, "tolist") else list(values)
 
 
+def teacher_inputs(row: PackedRow, pad_id: int) -> dict[str, torch.Tensor]:
+    """What crlft.train.distill needs of a packed row: its replay answers' teacher inputs, right-padded (teacher_ids,
+    teacher_mask), and for every distilled token the flat index of its logits in that batch (teacher_positions) and in
+    the row (student_positions), in the same order; empty where the row has no replay answer. Logits at index i predict
+    token i + 1: an answer of n tokens gives n - 1 (its first token is not distilled)."""
+    teachers = [
+        (ids, teacher_from, start + student_from)
+        for ids, teacher_from, student_from, start in zip(
+            row.get("seq_teacher_ids", []), row.get("seq_teacher_from", []), row.get("seq_student_from", []),
+            sequence_starts(row["seq_lens"]), strict=False)  # rows without teachers: no field, nothing to zip
+        if len(ids) - teacher_from > 1
+    ]  # fmt: skip
+    length = max((len(ids) for ids, _, _ in teachers), default=0)
+    ids, mask, teacher_positions, student_positions = [], [], [], []
+    for index, (teacher_ids, teacher_from, student_from) in enumerate(teachers):
+        padding = length - len(teacher_ids)
+        ids.append([*teacher_ids, *[pad_id] * padding])
+        mask.append([1] * len(teacher_ids) + [0] * padding)
+        distilled = range(len(teacher_ids) - teacher_from - 1)
+        teacher_positions += [index * length + teacher_from + k for k in distilled]
+        student_positions += [student_from + k for k in distilled]
+    return {
+        "teacher_ids": torch.tensor(ids, dtype=torch.long).reshape(len(teachers), length),
+        "teacher_mask": torch.tensor(mask, dtype=torch.long).reshape(len(teachers), length),
+        "teacher_positions": torch.tensor(teacher_positions, dtype=torch.long),
+        "student_positions": torch.tensor(student_positions, dtype=torch.long),
+    }
+
+
 def collate_micro_batch(
-    row: PackedRow, pad_id: int, conditions: Sequence[str], attn_implementation: str, device: torch.device
+    row: PackedRow, pad_id: int, conditions: Sequence[str], attn_implementation: str, device: torch.device,
+    with_teacher: bool = False,
 ) -> dict[str, torch.Tensor]:
     """One packed bin as a batch of one, on `device`, with the attention mask built there (none for flash attention,
-    which reads the conversations from the position ids)."""
-    batch = {
-        name: tensor.to(device, non_blocking=True)
-        for name, tensor in collate([row], None, pad_id, conditions, attn_implementation=None).items()
-    }
+    which reads the conversations from the position ids); `with_teacher`: and its replay answers' `teacher_inputs`
+    where it has any."""
+    tensors = collate([row], None, pad_id, conditions, attn_implementation=None)
+    if with_teacher and (teacher := teacher_inputs(row, pad_id))["teacher_positions"].numel():
+        tensors.update(teacher)
+    batch = {name: tensor.to(device, non_blocking=True) for name, tensor in tensors.items()}
     if not attn_implementation.startswith("flash"):
         batch["attention_mask"] = attention_mask_for(batch["sequence_ids"], attn_implementation, torch.float32)
     return batch

@@ -68,9 +68,15 @@ def crlft_loss_from_ce(
 ) -> torch.Tensor:
     """`crlft_loss` from per-token CE already computed (B, T): a caller that also logs per-class CE computes the
     cross-entropy over the vocabulary once (a float32 (T, V) temporary is gigabytes for large vocabularies)."""
+    return step_share((weights.to(ce.dtype) * ce).sum(), weight_sum, world_size)
+
+
+def step_share(total: torch.Tensor, weight_sum: torch.Tensor, world_size: int = 1) -> torch.Tensor:
+    """A sum over this rank's tokens as its share of a step's loss: / the global weight sum * world_size (see
+    `crlft_loss`); the C-RLFT loss and the replay answers' KL term (crlft.train.distill) are normalised alike."""
     # With no supervised token anywhere the numerator is 0 too: the floor only turns 0/0 into 0.
-    denominator = weight_sum.to(ce.device, torch.float32).clamp_min(torch.finfo(torch.float32).tiny)
-    return (weights.to(ce.dtype) * ce).sum() / denominator * world_size
+    denominator = weight_sum.to(total.device, torch.float32).clamp_min(torch.finfo(torch.float32).tiny)
+    return total / denominator * world_size
 
 
 class ClassLossSums(NamedTuple):

@@ -17,7 +17,15 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from crlft.train.batches import model_inputs
-from crlft.train.loss import ClassLossSums, crlft_loss_from_ce, global_weight_sum, per_class_sums, token_cross_entropy
+from crlft.train.distill import replay_kl_sum
+from crlft.train.loss import (
+    ClassLossSums,
+    crlft_loss_from_ce,
+    global_weight_sum,
+    per_class_sums,
+    step_share,
+    token_cross_entropy,
+)
 from crlft.train.precision import autocast_context
 
 
@@ -25,12 +33,13 @@ from crlft.train.precision import autocast_context
 class StepStats:
     """What one optimiser step did, summed over all ranks."""
 
-    loss: float  # the step's C-RLFT loss: sum(w * CE) / sum(w) over the global batch
+    loss: float  # the step's C-RLFT loss: sum(w * CE) / sum(w) over the global batch (the replay KL term apart)
     class_sums: ClassLossSums  # per class: CE sum and supervised token count (for the per-class mean CE)
     supervised_tokens: int
     tokens: int
     grad_norm: float
     lr: float  # the learning rate the step used
+    replay_kl: float | None = None  # mean KL(base || model) a distilled replay token (crlft.train.distill); None: none
 
 
 def gradient_sync(model: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
@@ -68,12 +77,14 @@ def train_step(
     world_size: int,
     attn_implementation: str = "sdpa",
     autocast_dtype: torch.dtype | None = None,
+    replay_kl: float = 0.0,
 ) -> StepStats:
     """One optimiser step over this rank's micro-batches (all ranks call it with the same number of them).
 
     The normaliser is the weight sum of every micro-batch on every rank, all-reduced before the first backward;
     each micro-batch's loss is already its share of the step's loss, so the accumulated gradients are not divided
-    by the number of micro-batches (crlft.train.loss explains the world_size factor).
+    by the number of micro-batches (crlft.train.loss explains the world_size factor). Micro-batches with teacher inputs
+    (crlft.train.batches.teacher_inputs) add `replay_kl` times their KL term (crlft.train.distill) to the loss.
     """
     if not micro_batches:
         raise ValueError("a step needs at least one micro-batch")
@@ -84,6 +95,8 @@ def train_step(
     class_tokens = torch.zeros(n_classes, device=device)
     local_loss = torch.zeros((), device=device)
     supervised = torch.zeros((), device=device)
+    kl_sum = torch.zeros((), device=device)
+    kl_tokens = torch.zeros((), device=device)
     lr = optimizer.param_groups[0]["lr"]
     model.train()
     for index, batch in enumerate(micro_batches):
@@ -92,15 +105,21 @@ def train_step(
             with autocast_context(device, autocast_dtype):
                 logits = model(**model_inputs(batch, attn_implementation), use_cache=False).logits
             ce = token_cross_entropy(logits, batch["labels"])
-            loss = crlft_loss_from_ce(ce, batch["weights"], weight_sum, world_size)
+            crlft_loss = crlft_loss_from_ce(ce, batch["weights"], weight_sum, world_size)
+            loss = crlft_loss
+            if replay_kl and "teacher_ids" in batch:
+                kl = replay_kl_sum(model, logits, batch, autocast_dtype)
+                loss = loss + replay_kl * step_share(kl, weight_sum, world_size)
+                kl_sum += kl.detach()
+                kl_tokens += batch["student_positions"].numel()
             loss.backward()
         with torch.no_grad():
             sums = per_class_sums(ce.detach(), batch["weights"], batch["class_ids"], n_classes)
             ce_sum += sums.ce_sum
             class_tokens += sums.supervised_tokens
-            local_loss += loss.detach() / world_size
+            local_loss += crlft_loss.detach() / world_size
             supervised += (batch["weights"] > 0).sum()
-        del logits, ce, loss
+        del logits, ce, loss, crlft_loss
     grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
     optimizer.step()
     scheduler.step()
@@ -108,15 +127,16 @@ def train_step(
     tokens = sum(int(batch["sequence_ids"].ge(0).sum()) for batch in micro_batches)
     totals = global_weight_sum(
         torch.cat([local_loss.reshape(1), supervised.reshape(1).float(), torch.tensor([float(tokens)], device=device),
-                   ce_sum, class_tokens])
+                   kl_sum.reshape(1), kl_tokens.reshape(1), ce_sum, class_tokens])
     ).cpu()
     return StepStats(
         loss=float(totals[0]),
-        class_sums=ClassLossSums(totals[3 : 3 + n_classes], totals[3 + n_classes :]),
+        class_sums=ClassLossSums(totals[5 : 5 + n_classes], totals[5 + n_classes :]),
         supervised_tokens=int(totals[1]),
         tokens=int(totals[2]),
         grad_norm=_scalar(grad_norm),
         lr=lr,
+        replay_kl=float(totals[3] / totals[4]) if totals[4] > 0 else None,
     )
 
 

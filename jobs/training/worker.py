@@ -86,6 +86,8 @@ class Worker:
         dtype = compute_dtype(train_cfg.precision, self.device, model.config.hidden_size)
         if train_cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
+        # The replay answers' KL term asks the base model: the LoRA model with its adapters off (crlft.train.distill).
+        self.replay_kl = train_cfg.replay_kl if train_cfg.lora.enabled else 0.0
         if train_cfg.lora.enabled:
             end_of_turn = self.tokenizer.convert_tokens_to_ids(self.cfg.template.end_of_turn)
             model = wrap_lora(model, train_cfg.lora, [end_of_turn])
@@ -145,7 +147,7 @@ class Worker:
         train_cfg = self.cfg.train
         position = self.position
         skip = position.step_in_epoch * train_cfg.grad_accum if epoch == position.epoch else 0
-        micro_batches = self.batches(shard, train_cfg.seed + epoch, skip)
+        micro_batches = self.batches(shard, train_cfg.seed + epoch, skip, with_teacher=bool(self.replay_kl))
         self.position = TrainingPosition(position.global_step, epoch, position.step_in_epoch if skip else 0)
         self.stopwatch.lap()
         self.epoch_losses: list[float] = []
@@ -153,7 +155,7 @@ class Worker:
             stats = train_step(
                 self.model, group, self.optimizer, self.scheduler,
                 n_classes=len(self.plan.conditions), grad_clip=train_cfg.grad_clip, world_size=self.world_size,
-                attn_implementation=self.attn, autocast_dtype=self.autocast,
+                attn_implementation=self.attn, autocast_dtype=self.autocast, replay_kl=self.replay_kl,
             )  # fmt: skip
             seconds, cpu_seconds = self.stopwatch.lap()
             self.position = TrainingPosition(self.position.global_step + 1, epoch, self.position.step_in_epoch + 1)
@@ -166,8 +168,10 @@ class Worker:
                 self.report(self.summary)
                 self.stopwatch.lap()
 
-    def batches(self, shard: Any, shuffle_seed: int | None, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        """Micro-batches of one packed bin each, rescaled to the training mode's rewards; `skip` bins dropped."""
+    def batches(self, shard: Any, shuffle_seed: int | None, skip: int = 0,
+                with_teacher: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+        """Micro-batches of one packed bin each, rescaled to the training mode's rewards; `skip` bins dropped;
+        `with_teacher`: with their replay answers' teacher inputs (crlft.train.batches.teacher_inputs)."""
         rows = shard.iter_batches(
             batch_size=1,
             batch_format="numpy",
@@ -178,7 +182,8 @@ class Worker:
             if index < skip:
                 continue
             row = rescale_row(as_packed_row({k: v[0] for k, v in record.items()}), self.plan.reward_scale)
-            yield collate_micro_batch(row, self.tokenizer.pad_token_id, self.plan.conditions, self.attn, self.device)
+            yield collate_micro_batch(row, self.tokenizer.pad_token_id, self.plan.conditions, self.attn, self.device,
+                                      with_teacher)
 
     def _step_metrics(self, stats: StepStats, epoch: int, seconds: float, cpu_seconds: float) -> dict[str, float]:
         return {
@@ -193,6 +198,7 @@ class Worker:
             "step_s": seconds,
             "step_cpu_s": cpu_seconds,  # well below step_s: the worker waits (data, other ranks, a busy host)
             **_class_metrics("loss", stats.class_sums, self.plan.conditions),
+            **({"replay_kl": stats.replay_kl} if stats.replay_kl is not None else {}),
         }
 
     def _warn_if_not_learning(self) -> None:
