@@ -2,7 +2,8 @@
 
 1. Setup: the model, initialised alike on every rank (attention and precision for the device, gradient
    checkpointing, LoRA, then FSDP2 or DDP), AdamW and its schedule, and the latest checkpoint restored if there is one.
-2. Loop: per epoch, `grad_accum` packed bins a step from this worker's Ray Data shard (crlft.train.step.train_step),
+2. Loop: per epoch, `grad_accum` packed bins a step from this worker's Ray Data shard (crlft.train.step.train_step;
+   with LoRA, the replay answers held to the base model: crlft.train.distill),
    rank 0's metrics to MLflow, a warning when the first epoch's loss has not moved, and the validation loss per class
    after each epoch.
 3. Checkpoint: every `train.checkpoint_every` steps and at the end, with the metrics MLflow has not taken yet (every
