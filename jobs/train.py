@@ -131,7 +131,6 @@ def train(
         datasets, plan = _datasets(data, cfg)
         lr = _lr(cfg, data, base_model)
         print(f"[train] learning rate {lr.lr:.3g}: {lr.reason}", flush=True)
-        _say_replay_kl(cfg, data)
         run = _open_run(client, cfg, data, base_model, out, plan, lr.lr, to_resume, tracking_uri)
         worker_plan = WorkerPlan(
             config=cfg.dump(),
@@ -145,6 +144,7 @@ def train(
             run_dir=f"{run.root}/{run.name}",
             has_val=data.has_val,
             shuffle_buffer=max(1, SHUFFLE_BUFFER_TOKENS // data.pack_len),
+            replay_kl=_replay_kl(cfg, data),
         )
         result = _fit(_trainer(cfg, worker_plan, datasets, run), client, run, cfg.train.max_failures)
     return _export(result, client, run, data, base_model, out, cfg, plan)
@@ -161,18 +161,20 @@ class _Run:
     artifact_uri: str  # the MLflow run's, known from the start: exporting needs no server
 
 
-def _say_replay_kl(cfg: Config, data: DataDescription) -> None:
-    """Where the replay answers are distilled from the base model (crlft.train.distill), and where they cannot be."""
+def _replay_kl(cfg: Config, data: DataDescription) -> float:
+    """The weight of the replay answers' KL term (crlft.train.distill): train.replay_kl where the data has answers to
+    distil and LoRA leaves a base model to ask (said, and warned where it does not), else 0 (no teacher forwards)."""
     distilled = (data.stats.replay or {}).get("distilled", 0)
     if not distilled or not cfg.train.replay_kl:
-        return
-    if cfg.train.lora.enabled:
-        print(f"[train] {distilled} replay answers held to the base model's distribution (train.replay_kl "
-              f"{cfg.train.replay_kl:g})", flush=True)
-    else:
+        return 0.0
+    if not cfg.train.lora.enabled:
         print(f"warning: the {distilled} replay answers train by cross-entropy alone: train.replay_kl needs LoRA (the "
               "base model is the model with its adapters off); set train.lora.enabled=true, or train.replay_kl=0 to "
               "silence this", file=sys.stderr, flush=True)
+        return 0.0
+    print(f"[train] {distilled} replay answers held to the base model's distribution (train.replay_kl "
+          f"{cfg.train.replay_kl:g})", flush=True)
+    return cfg.train.replay_kl
 
 
 def _open_run(client: Any, cfg: Config, data: DataDescription, base_model: str, out: Path, plan: StepPlan,

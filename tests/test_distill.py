@@ -89,6 +89,16 @@ def test_the_teacher_and_the_row_line_up_on_the_same_next_tokens(smollm2: Path) 
     assert teacher["teacher_mask"].sum() == sum(len(ids) for ids in row["seq_teacher_ids"])
 
 
+def test_a_row_without_replay_answers_forwards_the_teacher_on_one_token_and_distils_nothing(tiny: Path) -> None:
+    """Every rank runs as many teacher forwards, whatever its rows hold: FSDP gathers the weights for each."""
+    model, tokenizer = _lora(tiny)
+    user = tokenizer.tokenize_conversation(
+        Conversation((Message("user", "Hi"), Message("assistant", "Hello there.")), "GPT3"), REWARDS)
+    batch = collate_micro_batch(pack_bin([user]), 0, CONDITIONS, "sdpa", torch.device("cpu"), with_teacher=True)
+    assert batch["teacher_ids"].shape == (1, 1) and batch["student_positions"].numel() == 0
+    assert _kl(model, batch).item() == 0.0
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return init_model(tmp_path_factory.mktemp("models") / "tiny")

@@ -72,8 +72,9 @@ def _as_list(values: Any) -> list:
 def teacher_inputs(row: PackedRow, pad_id: int) -> dict[str, torch.Tensor]:
     """What crlft.train.distill needs of a packed row: its replay answers' teacher inputs, right-padded (teacher_ids,
     teacher_mask), and for every distilled token the flat index of its logits in that batch (teacher_positions) and in
-    the row (student_positions), in the same order; empty where the row has no replay answer. Logits at index i predict
-    token i + 1: an answer of n tokens gives n - 1 (its first token is not distilled)."""
+    the row (student_positions), in the same order. Logits at index i predict token i + 1: an answer of n tokens gives
+    n - 1 (its first token is not distilled). A row without replay answers gets one padding token to forward and no
+    position: every rank then runs as many teacher forwards (FSDP gathers the weights on all ranks for each)."""
     teachers = [
         (ids, teacher_from, start + student_from)
         for ids, teacher_from, student_from, start in zip(
@@ -81,8 +82,10 @@ def teacher_inputs(row: PackedRow, pad_id: int) -> dict[str, torch.Tensor]:
             sequence_starts(row["seq_lens"]), strict=False)  # rows without teachers: no field, nothing to zip
         if len(ids) - teacher_from > 1
     ]  # fmt: skip
-    length = max((len(ids) for ids, _, _ in teachers), default=0)
-    ids, mask, teacher_positions, student_positions = [], [], [], []
+    length = max((len(ids) for ids, _, _ in teachers), default=1)
+    ids, mask = ([], []) if teachers else ([[pad_id]], [[1]])
+    teacher_positions: list[int] = []
+    student_positions: list[int] = []
     for index, (teacher_ids, teacher_from, student_from) in enumerate(teachers):
         padding = length - len(teacher_ids)
         ids.append([*teacher_ids, *[pad_id] * padding])
@@ -91,8 +94,8 @@ def teacher_inputs(row: PackedRow, pad_id: int) -> dict[str, torch.Tensor]:
         teacher_positions += [index * length + teacher_from + k for k in distilled]
         student_positions += [student_from + k for k in distilled]
     return {
-        "teacher_ids": torch.tensor(ids, dtype=torch.long).reshape(len(teachers), length),
-        "teacher_mask": torch.tensor(mask, dtype=torch.long).reshape(len(teachers), length),
+        "teacher_ids": torch.tensor(ids, dtype=torch.long),
+        "teacher_mask": torch.tensor(mask, dtype=torch.long),
         "teacher_positions": torch.tensor(teacher_positions, dtype=torch.long),
         "student_positions": torch.tensor(student_positions, dtype=torch.long),
     }
@@ -103,11 +106,10 @@ def collate_micro_batch(
     with_teacher: bool = False,
 ) -> dict[str, torch.Tensor]:
     """One packed bin as a batch of one, on `device`, with the attention mask built there (none for flash attention,
-    which reads the conversations from the position ids); `with_teacher`: and its replay answers' `teacher_inputs`
-    where it has any."""
+    which reads the conversations from the position ids); `with_teacher`: and its replay answers' `teacher_inputs`."""
     tensors = collate([row], None, pad_id, conditions, attn_implementation=None)
-    if with_teacher and (teacher := teacher_inputs(row, pad_id))["teacher_positions"].numel():
-        tensors.update(teacher)
+    if with_teacher:
+        tensors.update(teacher_inputs(row, pad_id))
     batch = {name: tensor.to(device, non_blocking=True) for name, tensor in tensors.items()}
     if not attn_implementation.startswith("flash"):
         batch["attention_mask"] = attention_mask_for(batch["sequence_ids"], attn_implementation, torch.float32)

@@ -24,6 +24,7 @@ class WorkerPlan:
     run_dir: str  # the Ray Train run folder, named when a checkpoint cannot be stored there
     has_val: bool  # whether the data has a validation split (Ray dataset "val")
     shuffle_buffer: int  # packed bins each worker holds for the per-epoch shuffle
+    replay_kl: float  # weight of the replay answers' KL term (crlft.train.distill); 0: no LoRA or none to distil
 
     def to_ray(self) -> dict[str, Any]:
         return asdict(self)

@@ -87,8 +87,6 @@ class Worker:
         dtype = compute_dtype(train_cfg.precision, self.device, model.config.hidden_size)
         if train_cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
-        # The replay answers' KL term asks the base model: the LoRA model with its adapters off (crlft.train.distill).
-        self.replay_kl = train_cfg.replay_kl if train_cfg.lora.enabled else 0.0
         if train_cfg.lora.enabled:
             end_of_turn = self.tokenizer.convert_tokens_to_ids(self.cfg.template.end_of_turn)
             model = wrap_lora(model, train_cfg.lora, [end_of_turn])
@@ -148,7 +146,7 @@ class Worker:
         train_cfg = self.cfg.train
         position = self.position
         skip = position.step_in_epoch * train_cfg.grad_accum if epoch == position.epoch else 0
-        micro_batches = self.batches(shard, train_cfg.seed + epoch, skip, with_teacher=bool(self.replay_kl))
+        micro_batches = self.batches(shard, train_cfg.seed + epoch, skip, with_teacher=bool(self.plan.replay_kl))
         self.position = TrainingPosition(position.global_step, epoch, position.step_in_epoch if skip else 0)
         self.stopwatch.lap()
         self.epoch_losses: list[float] = []
@@ -156,7 +154,7 @@ class Worker:
             stats = train_step(
                 self.model, group, self.optimizer, self.scheduler,
                 n_classes=len(self.plan.conditions), grad_clip=train_cfg.grad_clip, world_size=self.world_size,
-                attn_implementation=self.attn, autocast_dtype=self.autocast, replay_kl=self.replay_kl,
+                attn_implementation=self.attn, autocast_dtype=self.autocast, replay_kl=self.plan.replay_kl,
             )  # fmt: skip
             seconds, cpu_seconds = self.stopwatch.lap()
             self.position = TrainingPosition(self.position.global_step + 1, epoch, self.position.step_in_epoch + 1)
