@@ -171,7 +171,6 @@ def test_a_candidate_that_forgot_is_refused_and_the_champion_keeps_serving(
     forgetful.data.replay.enabled = False
     forgetful.data.max_len, forgetful.data.pack_len = 128, 256
     forgetful.train.lr, forgetful.train.max_steps = 8e-3, FORGETFUL_STEPS
-    forgetful.eval.open_limit = 0  # promotion gates on retention alone: no open answers to compare (minutes on CPU)
     suite = write_suite(tmp_path_factory.mktemp("synth-forgets"), n_expert=60, ratio=2.0, n_eval=EVAL_QUESTIONS)
     result = run_pipeline(forgetful, [str(suite["train"])], suite=suite["eval"], base_model=pipeline.base_model,
                           name="smollm2-forgets", promote=False)  # fmt: skip

@@ -66,6 +66,7 @@ def test_the_base_is_cached_under_what_its_answers_depend_on(tmp_path: Path) -> 
 def test_the_open_prompts_are_the_shipped_first_turns_of_vicuna_and_mt_bench() -> None:
     prompts = open_prompts()
     assert len(prompts) == len(set(prompts)) == 158 and open_prompts(40) == prompts[:40]  # 2 asked by both
+    assert open_prompts(0) == []  # eval.open_limit 0 skips agreement (it once asked all 158)
 
 
 def test_a_judge_compares_each_open_answer_with_the_base_models_in_both_orders_and_a_flip_is_a_tie() -> None:

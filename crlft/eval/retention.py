@@ -60,9 +60,10 @@ class GeneralAnswers:
 
 
 def open_prompts(limit: int | None = None) -> list[str]:
-    """The first turns of the shipped Vicuna-bench and MT-bench questions (158 different ones), the first `limit`."""
+    """The first turns of the shipped Vicuna-bench and MT-bench questions (158 different ones), the first `limit` (0:
+    none, so no agreement; None: all)."""
     prompts = list(dict.fromkeys(q.turns[0] for bench in OPEN_BENCHES for q in load_bench(bench, BENCH_DATA)))
-    return prompts[:limit] if limit else prompts
+    return prompts if limit is None else prompts[:limit]
 
 
 def prompt_as_served(exported: ExportedModel, question: str) -> list[int]:
