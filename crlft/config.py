@@ -356,6 +356,19 @@ class Config(_Strict):
         return self.model_dump(mode="json")
 
 
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """A nested configuration (or any JSON-able tree) as `section.key -> text`: MLflow's parameters, and what an
+    ablation compares to go on with one."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value) if not isinstance(value, str) else value
+    return flat
+
+
 def suboptimal_of(rewards: Mapping[str, float], inference_condition: str) -> str | None:
     """The lowest-reward class other than the inference (expert) one, ties broken by name; None when there is none.
     The one definition for configs and exported models (crlft.json's conditions)."""

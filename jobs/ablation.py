@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from crlft.ablation.ledger import Ledger
 from crlft.ablation.plots import plot_projections, plot_table, projection_pair
 from crlft.ablation.summary import Ablation, RunResult, Stat, base_line, report_text, results_json, summarize
 from crlft.ablation.variants import (
@@ -51,6 +52,7 @@ from crlft.ablation.variants import (
 )
 from crlft.command_line import add_config_arguments, config_flag, config_from_args, stage_entrypoint
 from crlft.config import REAL_MODEL_SYNTH_RECIPE, SYNTH_RECIPE, Config, overridden
+from crlft.data.stats import STATS_FILE, DataStats
 from crlft.errors import CrlftError
 
 TAG = "crlft.ablation."
@@ -181,7 +183,6 @@ def run_ablation(cfg: Config, out: Path, *, seeds: Sequence[int] = DEFAULT_SEEDS
         raise CrlftError("give either --suite DIR or --facts, not both")
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    ablation_id = time.strftime("%Y%m%d-%H%M%S")
     if suite_dir:
         suite = suite_files(suite_dir)
     elif facts:
@@ -196,6 +197,10 @@ def run_ablation(cfg: Config, out: Path, *, seeds: Sequence[int] = DEFAULT_SEEDS
     tracking_uri = setup_mlflow(cfg.model_copy(update={"registry": cfg.registry.model_copy(
         update={"experiment": EXPERIMENT})}), mlflow_uri)  # fmt: skip
     expert, suboptimal = cfg.inference_condition, cfg.suboptimal_condition
+    ledger = Ledger(out)
+    settings = {"config": cfg.dump(), "base_model": base_model, "steps": steps,
+                "suite": str(suite_dir.resolve()) if suite_dir else "facts" if facts else "synthetic"}
+    ablation_id = ledger.open(settings, time.strftime("%Y%m%d-%H%M%S"))
     started = time.monotonic()
     base = None
     with ray_session(cfg):
@@ -203,8 +208,11 @@ def run_ablation(cfg: Config, out: Path, *, seeds: Sequence[int] = DEFAULT_SEEDS
         if base_model:
             pretrained = Path(local_base_model(base_model, cfg))
             base_models = dict.fromkeys(seeds, pretrained)
-            log(f"[ablation] base model {pretrained}: scored before fine-tuning")
-            base = base_reference(pretrained, suite, cfg, out, retention)
+            base = ledger.base()
+            if base is None:
+                log(f"[ablation] base model {pretrained}: scored before fine-tuning")
+                base = base_reference(pretrained, suite, cfg, out, retention)
+                ledger.record_base(base)
         else:
             for seed in seeds:
                 log(f"[ablation] base model for seed {seed}")
@@ -214,15 +222,23 @@ def run_ablation(cfg: Config, out: Path, *, seeds: Sequence[int] = DEFAULT_SEEDS
         for variant in chosen:
             key = variant.data_key()
             if key not in data:
-                log(f"[ablation] data {key}")
                 folder = out / "data" / key
-                stats = build_dataset([str(train_file)], str(base_models[seeds[0]]), folder,
-                                      data_config(variant, cfg))  # fmt: skip
+                if (folder / STATS_FILE).is_file():  # built by an earlier command of this ablation (same settings)
+                    log(f"[ablation] data {key}: built before, in {folder}")
+                    stats = DataStats.read(folder).to_json()
+                else:
+                    log(f"[ablation] data {key}")
+                    stats = build_dataset([str(train_file)], str(base_models[seeds[0]]), folder,
+                                          data_config(variant, cfg))  # fmt: skip
                 data[key] = (folder, stats)
         budget = steps or recipe_steps(data[chosen[0].data_key()][1], cfg)
         tags = {TAG + "id": ablation_id, TAG + "steps": str(budget)}
 
         def one(seed: int, variant: Variant) -> RunResult:
+            finished = ledger.finished(variant.slug(), seed)
+            if finished is not None:
+                log(f"[ablation] {variant.name} seed {seed}: finished before, its result kept")
+                return finished
             folder, stats = data[variant.data_key()]
             run_cfg = run_config(variant, cfg, seed, budget, steps_per_epoch(stats, cfg), out)
             log(f"[ablation] {variant.name} seed {seed}: {budget} steps")
@@ -232,6 +248,7 @@ def run_ablation(cfg: Config, out: Path, *, seeds: Sequence[int] = DEFAULT_SEEDS
             log(f"[ablation] {variant.name} seed {seed}: accuracy {result.accuracy_expert:.3f} under {expert}, "
                 f"{result.accuracy_suboptimal:.3f} under {suboptimal}{kept}, silhouette {result.silhouette}, "
                 f"trained in {result.train_s:.0f} s")
+            ledger.record(variant.slug(), result)
             return result
 
         # Runs are independent: `parallel` of them at once, each training on its own Ray Train worker(s).

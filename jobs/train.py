@@ -31,7 +31,7 @@ from typing import Any
 
 from cluster.session import ray_session
 from crlft.command_line import add_config_arguments, config_flag, config_from_args, stage_entrypoint
-from crlft.config import Config
+from crlft.config import Config, flatten
 from crlft.environ import set_offline_defaults
 from crlft.errors import CrlftError, first_line
 from crlft.export import export_checkpoint
@@ -41,7 +41,7 @@ from crlft.tracking import mark_failed, mlflow_patience_s, wait_reachable
 from crlft.train.lr import LrChoice, choose_lr, supervised_tokens_per_step
 from crlft.train.schedule import StepPlan, plan_steps
 from jobs.training.data import DataDescription, check_tokenizer, describe_data
-from jobs.training.mlflow_run import data_params, flatten, read_unsent, send_metrics, start_run
+from jobs.training.mlflow_run import data_params, read_unsent, send_metrics, start_run
 from jobs.training.plan import WorkerPlan
 from jobs.training.runs import RunRecord, check_same_plan, find_run_to_resume, run_name, storage_root, write_run_record
 from jobs.training.worker import run_worker

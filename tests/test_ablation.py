@@ -5,13 +5,13 @@ fails.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
 
 from crlft.ablation.plots import plot_table, projection_pair
-from crlft.ablation.summary import RunResult, Stat, base_line, beats, claims, markdown_table, summarize
+from crlft.ablation.summary import Ablation, RunResult, Stat, base_line, beats, claims, markdown_table, summarize
 from crlft.ablation.variants import (
     VARIANTS,
     VARIANTS_BY_NAME,
@@ -213,71 +213,116 @@ def test_the_help_names_the_variants_replay_retention_and_the_cost() -> None:
     assert config_from_args(parser.parse_args(["--open-limit", "0"])).eval.open_limit == 0
 
 
-def test_a_real_model_ablation_builds_each_data_once_and_records_retention_per_row(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """run_ablation's wiring from a real base model, with the data build, training and evaluation faked: one build
-    per template and replay, replay on or off in each build and run, retention scored against the base, the table,
-    the figure and the MLflow summary (whose metric names take no `+`)."""
+@dataclass
+class FakedStages:
+    """What run_ablation asked of the stages it runs on Ray, faked here: data builds (folder, replay), runs (variant,
+    seed, replay, data folder) and how often the base model was scored."""
+
+    base: Path
+    builds: list[tuple[str, bool | None]] = field(default_factory=list)
+    runs: list[tuple[str, int, bool | None, str]] = field(default_factory=list)
+    projected: list[list[str]] = field(default_factory=list)
+    base_scored: int = 0
+
+
+@pytest.fixture
+def faked_stages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakedStages:
+    """run_ablation from a real base model with the data build, training and evaluation faked (each run's accuracy
+    0.5 + seed / 100, retention 0.9 with replay and 0.4 without, plus seed / 100); MLflow is real (SQLite)."""
     import contextlib
     import sys
     import types
 
-    from mlflow.tracking import MlflowClient
-
     import jobs.ablation as ablation_module
 
-    builds: list[tuple[str, bool | None]] = []
-    runs: list[tuple[str, int, bool | None, str]] = []
+    faked = FakedStages(base=tmp_path / "base")
 
     def build_dataset(inputs: list[str], tokenizer: str, out: Path, cfg: Config) -> dict[str, object]:
-        builds.append((Path(out).name, cfg.data.replay.enabled))
+        faked.builds.append((Path(out).name, cfg.data.replay.enabled))
         return {"splits": {"train": {"bins": 10}}}
 
     def run_one(variant: Variant, seed: int, cfg: Config, data_dir: Path, base_model: Path, suite: dict, out: Path,
                 tracking_uri: str, tags: dict, retention: bool) -> RunResult:
-        assert retention and cfg.eval.open_limit == 0 and base_model == tmp_path / "base"
-        runs.append((variant.name, seed, cfg.data.replay.enabled, data_dir.name))
+        assert retention and cfg.eval.open_limit == 0 and base_model == faked.base
+        faked.runs.append((variant.name, seed, cfg.data.replay.enabled, data_dir.name))
         kept = 0.9 if variant.replay else 0.4
         return replace(result(variant.name, seed, 0.5 + seed / 100, 0.3), retention=kept + seed / 100)
 
     def base_reference(base_model: Path, suite: dict, cfg: Config, out: Path, retention: bool) -> dict[str, float]:
+        faked.base_scored += 1
         return {"accuracy_expert": 0.0, "accuracy_suboptimal": 0.0, "general_accuracy": 0.61}
 
-    (tmp_path / "base").mkdir()
-    monkeypatch.setitem(sys.modules, "jobs.build_dataset", types.SimpleNamespace(build_dataset=build_dataset))
-    session = types.SimpleNamespace(ray_session=lambda cfg: contextlib.nullcontext())
-    monkeypatch.setitem(sys.modules, "cluster.session", session)
-    projected: list[list[str]] = []
-
     def plot_projections(model_dirs: dict[str, Path], heldout: Path, out_png: Path) -> Path:
-        projected.append(list(model_dirs))
+        faked.projected.append(list(model_dirs))
         out_png.write_bytes(b"png")
         return out_png
 
+    faked.base.mkdir()
+    monkeypatch.setitem(sys.modules, "jobs.build_dataset", types.SimpleNamespace(build_dataset=build_dataset))
+    session = types.SimpleNamespace(ray_session=lambda cfg: contextlib.nullcontext())
+    monkeypatch.setitem(sys.modules, "cluster.session", session)
     monkeypatch.setattr(ablation_module, "plot_projections", plot_projections)
-    monkeypatch.setattr("crlft.commands.init_model.local_base_model", lambda source, cfg: str(tmp_path / "base"))
+    monkeypatch.setattr("crlft.commands.init_model.local_base_model", lambda source, cfg: str(faked.base))
     monkeypatch.setattr(ablation_module, "run_one", run_one)
     monkeypatch.setattr(ablation_module, "base_reference", base_reference)
     monkeypatch.setattr(ablation_module, "steps_per_epoch", lambda stats, cfg: 10)
     monkeypatch.setattr("crlft.ablation.variants.steps_per_epoch", lambda stats, cfg: 10)  # recipe_steps' own
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # setup_mlflow sets it for Ray workers: restored after the test
-    cfg = load_config(REAL_MODEL_SYNTH_RECIPE, {"state_dir": str(tmp_path / "state"), "eval.open_limit": 0})
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    done = ablation_module.run_ablation(cfg, tmp_path / "out", seeds=[0, 1], variants=["crlft", "sft"],
-                                        mlflow_uri=uri, base_model="smollm2", log=lambda _: None)
-    assert builds == [("conditioned", False), ("conditioned-replay", True), ("plain", False), ("plain-replay", True)]
-    assert sorted(runs) == sorted((name, seed, name.endswith("+replay"), key) for seed in (0, 1) for name, key in (
-        ("crlft", "conditioned"), ("crlft+replay", "conditioned-replay"), ("sft", "plain"),
-        ("sft+replay", "plain-replay")))  # fmt: skip
+    return faked
+
+
+def faked_ablation(tmp_path: Path, seeds: list[int], **overrides: object) -> Ablation:
+    from jobs.ablation import run_ablation
+
+    cfg = load_config(REAL_MODEL_SYNTH_RECIPE, {"state_dir": str(tmp_path / "state"), "eval.open_limit": 0,
+                                                **overrides})  # fmt: skip
+    return run_ablation(cfg, tmp_path / "out", seeds=seeds, variants=["crlft", "sft"],
+                        mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", base_model="smollm2", log=lambda _: None)
+
+
+def test_a_real_model_ablation_builds_each_data_once_and_records_retention_per_row(
+        tmp_path: Path, faked_stages: FakedStages) -> None:
+    """run_ablation's wiring from a real base model: one build per template and replay, replay on or off in each build
+    and run, retention scored against the base, the table, the figure and the MLflow summary (whose metric names take
+    no `+`)."""
+    from mlflow.tracking import MlflowClient
+
+    done = faked_ablation(tmp_path, [0, 1])
+    assert faked_stages.builds == [("conditioned", False), ("conditioned-replay", True), ("plain", False),
+                                   ("plain-replay", True)]  # fmt: skip
+    data_of = {"crlft": "conditioned", "crlft+replay": "conditioned-replay", "sft": "plain",
+               "sft+replay": "plain-replay"}
+    assert sorted(faked_stages.runs) == sorted((name, seed, name.endswith("+replay"), key) for seed in (0, 1)
+                                               for name, key in data_of.items())
     assert [row.variant for row in done.rows] == ["crlft", "crlft+replay", "sft", "sft+replay"]
     assert "| crlft+replay | 0.505 ± 0.007 | 0.300 ± 0.000 | 0.905 ± 0.007 |" in done.text
     assert "- [x] crlft+replay retains more than crlft" in done.text
     assert "general accuracy 0.610 (the reference of retention)" in done.text
     assert (tmp_path / "out" / "ablation.png").is_file() and (tmp_path / "out" / "table.md").is_file()
-    assert projected == [["crlft", "sft"]]
-    logged = MlflowClient(uri).get_run(str(done.summary_run_id)).data
+    assert faked_stages.projected == [["crlft", "sft"]]
+    logged = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(str(done.summary_run_id)).data
     assert logged.metrics["crlft_replay/retention"] == pytest.approx(0.905)
     assert logged.params["replay"] == "both"
+
+
+def test_a_stopped_ablation_goes_on_where_it_stopped_given_the_same_out(
+        tmp_path: Path, faked_stages: FakedStages) -> None:
+    """A run counts as finished once its result is under <out>/runs: the same command again trains only the runs that
+    have none (one stopped halfway, a seed added), scores the base once, keeps the ablation's id; other settings on
+    the same --out are refused, naming what differs."""
+    first = faked_ablation(tmp_path, [0, 1])
+    (tmp_path / "out" / "runs" / "sft_replay-seed1.json").unlink()  # as if stopped while training it
+    faked_stages.runs.clear()
+    again = faked_ablation(tmp_path, [0, 1, 2])
+    assert sorted(faked_stages.runs) == [("crlft", 2, False, "conditioned"), ("crlft+replay", 2, True,
+                                         "conditioned-replay"), ("sft", 2, False, "plain"),
+                                         ("sft+replay", 1, True, "plain-replay"), ("sft+replay", 2, True,
+                                         "plain-replay")]  # fmt: skip
+    assert faked_stages.base_scored == 1 and again.ablation_id == first.ablation_id
+    assert [r.retention for r in again.results if r.variant == "crlft+replay"] == pytest.approx([0.9, 0.91, 0.92])
+    assert "| crlft+replay | 0.510 ± 0.010 |" in again.text
+    with pytest.raises(CrlftError, match=r"other settings \(config\.train\.lr: null before, 0\.001 now\).*new --out"):
+        faked_ablation(tmp_path, [0], **{"train.lr": 0.001})
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -24,18 +24,6 @@ PROBE_TIMEOUT_S = 5  # whole seconds (MLflow's timeout is an int)
 UNSENT_FILE = "unsent_metrics.json"  # in a checkpoint: rank 0's metrics that MLflow had not taken yet
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested config as `section.key -> text` parameters."""
-    flat: dict[str, str] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = json.dumps(value) if not isinstance(value, str) else value
-    return flat
-
-
 def data_params(data: DataDescription) -> dict[str, str]:
     keep = ("records_in", "accepted", "rejected", "filtered", "bins", "packing_efficiency", "pack_len", "max_len",
             "mode", "tokenizer")
