@@ -9,9 +9,10 @@ What it trains, how the runs are judged and why the suite and the budget look th
 crlft/ablation/summary.py, the figures in crlft/ablation/plots.py). This module runs it on Ray and logs it to MLflow.
 
 Outputs (under --out): table.md, results.json, ablation.png (the table as bars with the spread as error bars),
-projection.png (the held-out embeddings of crlft beside sft, the paper's figure), and per run its model and
-evaluation. MLflow (experiment `crlft-ablation`): every training run and evaluation run, tagged with the ablation id,
-variant and seed, and one summary run holding the table, the figures and every figure as a metric.
+projection.png (the held-out embeddings of crlft beside sft, the paper's figure), and per run its model, evaluation
+and result (runs/: what lets a stopped ablation go on where it stopped, crlft/ablation/ledger.py). MLflow (experiment
+`crlft-ablation`): every training run and evaluation run, tagged with the ablation id, variant and seed, and one
+summary run holding the table, the figures and every figure as a metric.
 
 How the work is shared: one Ray session for everything; the data is tokenized and packed once per distinct template,
 data filter and replay (crlft and conditioned share theirs, and so do weighted and sft: the trainer rescales the
@@ -302,6 +303,10 @@ cost: a SmolLM2-135M run (80 LoRA steps) trains in about 10 minutes on 2 cores (
 minutes for its evaluation; `crlft ablation --base-model smollm2` (3 variants x replay on/off x 3 seeds = 18 runs,
 one at a time) takes about 4 hours, up to 7 on busy cores. The tiny model's whole ablation (6 variants x 3 seeds) is
 about 17 minutes on 2 idle cores.
+
+stopped and started again: give the same command the same --out and it goes on where it stopped (finished runs
+are kept in <out>/runs, the base model's figures and the data too; a run stopped halfway starts again). More
+--seeds or --variants on the same --out train only what is new; other settings there are refused.
 """
 
 

@@ -199,14 +199,14 @@ def test_a_facts_suite_has_no_held_out_conversations(tmp_path: Path) -> None:
         suite_files(tmp_path / "nothing")
 
 
-def test_the_help_names_the_variants_replay_retention_and_the_cost() -> None:
+def test_the_help_names_the_variants_replay_retention_the_cost_and_how_to_go_on() -> None:
     import argparse
 
     parser = argparse.ArgumentParser(prog="crlft ablation")
     add_arguments(parser)
     text = parser.format_help()
     for words in ("crlft+replay", "--replay", "retention", "general check", "10 minutes", "--facts",
-                  "--retention-limit"):  # fmt: skip
+                  "--retention-limit", "same --out"):  # fmt: skip
         assert words in text, words
     args = parser.parse_args(["--variants", "crlft", "sft+replay", "--replay", "off"])
     assert (args.variants, args.replay, config_from_args(args).eval.open_limit) == (["crlft", "sft+replay"], "off", 40)

@@ -1,7 +1,7 @@
 """The OpenChat paper's ablation at laptop scale, its Ray-free parts: what is trained (variants.py: the variants,
 their data and run configurations, the step budget), how the runs are summarized and judged (summary.py: mean and
-spread, the paper's claims under the win rule, the table) and drawn (plots.py). jobs/ablation.py runs it on Ray
-(`crlft ablation`).
+spread, the paper's claims under the win rule, the table) and drawn (plots.py), and what of it is finished (ledger.py:
+a stopped ablation goes on where it stopped). jobs/ablation.py runs it on Ray (`crlft ablation`).
 
 On the synthetic mixed-quality suite (crlft/synth/suite.py) the tiny default model is trained once per variant and seed,
 every run with the same seed, number of optimiser steps and learning-rate schedule, and scored on the held-out split:
