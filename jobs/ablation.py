@@ -299,10 +299,10 @@ arithmetic, word knowledge and instructions) divided by its base model's, each a
 everything the base answered right. agreement: ROUGE-L of its open answers against the base's. The base is measured
 once and cached in <state_dir>/retention.
 
-cost: a SmolLM2-135M run (80 LoRA steps) trains in about 10 minutes on 2 cores (5 idle, 20 busy), plus a few
-minutes for its evaluation; `crlft ablation --base-model smollm2` (3 variants x replay on/off x 3 seeds = 18 runs,
-one at a time) takes about 4 hours, up to 7 on busy cores. The tiny model's whole ablation (6 variants x 3 seeds) is
-about 17 minutes on 2 idle cores.
+cost: a SmolLM2-135M run (80 LoRA steps) trains in about 3 minutes on 2 idle cores (2.5 without replay, 3 with),
+its evaluation with retention takes 2 more; `crlft ablation --base-model smollm2` (3 variants x replay on/off x 3
+seeds = 18 runs, one at a time) took 82 minutes on 2 idle cores, base model and data included (busy cores: 2-3x).
+The tiny model's whole ablation (6 variants x 3 seeds) is about 17 minutes on 2 idle cores.
 
 stopped and started again: give the same command the same --out and it goes on where it stopped (finished runs
 are kept in <out>/runs, the base model's figures and the data too; a run stopped halfway starts again). More

@@ -205,7 +205,7 @@ def test_the_help_names_the_variants_replay_retention_the_cost_and_how_to_go_on(
     parser = argparse.ArgumentParser(prog="crlft ablation")
     add_arguments(parser)
     text = parser.format_help()
-    for words in ("crlft+replay", "--replay", "retention", "general check", "10 minutes", "--facts",
+    for words in ("crlft+replay", "--replay", "retention", "general check", "82 minutes", "--facts",
                   "--retention-limit", "same --out"):  # fmt: skip
         assert words in text, words
     args = parser.parse_args(["--variants", "crlft", "sft+replay", "--replay", "off"])

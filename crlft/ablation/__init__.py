@@ -48,11 +48,11 @@ the variants crlft, conditioned and sft (REAL_MODEL_VARIANTS), and the ablation 
 words; no held-out conversations, so no silhouette) instead of the synthetic suite: new knowledge that no base model
 has, the case where forgetting matters.
 
-Cost: a SmolLM2-135M run (80 LoRA steps) trains in 5-20 minutes on 2 cores, about 10 typically (4 s a step on idle
-cores, 11-15 s on busy ones: RESULTS.md); its evaluation with retention (398 check prompts, 40 open ones) is
-estimated at a few minutes more, not yet measured. The defaults (3 variants x replay on/off x 3 seeds) are 18 runs
-one at a time: about 4 hours, up to 7 on busy cores, plus the base model's answers and two replay generations once
-(10-20 minutes). `--seeds 0`, `--replay on` or `--retention-limit 100 --open-limit 0` cut it.
+Cost (RESULTS.md, 2 idle cores): a SmolLM2-135M run (80 LoRA steps) trains in 144-185 s (about 1.9 s a step
+without replay, 2.2 with its distillation term) and is evaluated with retention (398 check prompts, 40 open ones) in
+about 2 minutes more. The defaults (3 variants x replay on/off x 3 seeds) are 18 runs one at a time: 82 minutes with
+the base model's answers and two replay generations (about 2 minutes each); busy cores take 2-3x. `--seeds 0`,
+`--replay on` or `--retention-limit 100 --open-limit 0` cut it; a stopped ablation goes on with the same --out.
 
 Why the suite and the budget look the way they do
 -------------------------------------------------
