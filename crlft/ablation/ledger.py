@@ -13,7 +13,6 @@ are not settings: a later command may add seeds or variants to an ablation and t
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 from crlft.ablation.summary import RunResult
 from crlft.config import flatten
 from crlft.errors import CrlftError
+from crlft.storage import write_whole
 
 ABLATION_FILE = "ablation.json"
 BASE_FILE = "base.json"
@@ -29,10 +29,7 @@ RUNS_FOLDER = "runs"
 
 def _write_json(path: Path, data: Any) -> None:
     """Whole or not at all: a process killed while writing leaves no half file behind to be read as finished."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(partial, path)
+    write_whole(path, json.dumps(data, indent=2) + "\n")
 
 
 class Ledger:
