@@ -2,6 +2,7 @@
 
     python -m benchmarks.adapter_load [--model tiny|smollm2|DIR] [--adapters 1 4 8] [--concurrency 32]
                                       [--requests 64] [--rounds 2] [--max-tokens 32] [--rank 8] [--load even|mixed]
+                                      [--base-lora]
 
 What it builds: the model (as benchmarks/serve_load.py builds it), its crlft base (`crlft.export.write_base`, in a
 temporary state dir) and as many adapters as the largest count asked for (`adapter-0` ...), each made without
@@ -14,7 +15,9 @@ with 2 CPUs, behind the HAProxy ingress `crlft serve` uses) and a `services.loca
 - `base`: the crlft base served as a model, no adapters (vLLM without LoRA): what one merged fine-tune alone costs,
   since a merged model has the same shapes;
 - `adapters-N`: the same base with N adapters (serve.adapters: the folders; inference.max_loras = N, so every adapter
-  stays loaded), under a mixed load: request i names adapter i mod N.
+  stays loaded), under a mixed load: request i names adapter i mod N;
+- `base-lora` (with `--base-lora`): the replica of `adapters-1` (LoRA on) asked for the base only, so no batch holds an
+  adapter: what turning LoRA on costs the requests that name no adapter, apart from the adapters' products.
 Each round deploys every configuration in turn (the order rotates between rounds, as serve_load's does, since on a
 shared machine the load of other work drifts); a configuration first serves C requests at the measured load (first
 touches, each adapter's load into the engine included), then 8 at 4 streams, then the measured load: C streamed
@@ -29,10 +32,11 @@ the ratio of its tokens/s to `base` in the same round (issue #27's goal: 8 adapt
 (RSS) of the replica's vLLM engine-core process, which holds the weights, the KV cache and the adapters, after the load,
 and for N adapters the difference per added adapter against 1 adapter ((RSS_N - RSS_1) / (N - 1); goal: under 5% of
 the base's weights, whose size on disk is printed). LoRA itself (any adapter against none) shows in `adapters-1`
-against `base`: vLLM preallocates its adapter slots (max_loras x max_lora_rank) at start. The RSS of one configuration
-moves by tens of MiB, up to 150, between rounds (the allocator, the KV cache's touched pages): the figure by the shapes
-is the steadier one, what vLLM holds per adapter whatever the allocator does: its slot (A and B of every adapted layer
-at max_lora_rank, in the engine's number type) and the adapter as loaded (its weights, kept in vLLM's adapter cache,
+against `base`, LoRA turned on with no adapter in a batch in `base-lora`: vLLM preallocates its adapter slots
+(max_loras x max_lora_rank) at start. The RSS of one configuration moves by tens of MiB, up to 150, between rounds
+(the allocator, the KV cache's touched pages): the figure by the shapes is the steadier one, what vLLM holds per
+adapter whatever the allocator does: its slot (A and B of every adapted layer at max_lora_rank, in the engine's number
+type) and the adapter as loaded (its weights, kept in vLLM's adapter cache,
 max_cpu_loras = max_loras), printed in the header and beside the goals. Exit status 1 when a request got a 5xx, else
 0 (the goals are reported, not enforced); Ctrl-C reports the configurations measured so far and exits 130.
 """
@@ -72,6 +76,7 @@ from crlft.inference.engine import slot_rank
 GOAL_RATIO_8 = 0.8  # issue #27: 8 adapters in one replica >= 0.8x the tokens/s of one merged model
 GOAL_MEMORY_SHARE = 0.05  # and memory per added adapter under 5% of the base
 BASE = "base"
+BASE_LORA = "base-lora"
 MIB = 1 << 20
 
 
@@ -169,7 +174,8 @@ def served_models(url: str) -> list[str]:
 
 def measure(config: str, adapters: list[Path], base_dir: Path, args: argparse.Namespace, state: Path,
             count: TokenCounter) -> Measured:
-    """Deploy one configuration, load it, read its engine's memory, stop Serve."""
+    """Deploy one configuration, load it, read its engine's memory, stop Serve. `base-lora`: the requests name the
+    base, not the adapters."""
     from services.local import deploy, shutdown
 
     cfg = load_config(None, {
@@ -191,7 +197,7 @@ def measure(config: str, adapters: list[Path], base_dir: Path, args: argparse.Na
             if len(wanted) != len(adapters):
                 raise RuntimeError(f"{config}: /v1/models lists {names}, expected {base_name} and {len(adapters)} "
                                    "adapters")
-            server: Server = RoundRobin(config, url, wanted)
+            server: Server = RoundRobin(config, url, [base_name] if config == BASE_LORA else wanted)
         else:
             server = Server(config, url, names[0])
         asyncio.run(load_level(server, args.concurrency, args.concurrency, args.max_tokens, count))  # first touch
@@ -201,7 +207,7 @@ def measure(config: str, adapters: list[Path], base_dir: Path, args: argparse.Na
         rss = engine_core_rss()
     finally:
         shutdown(shutdown_ray=False)
-    return Measured(config, len(adapters), level, rss, start_s)
+    return Measured(config, 0 if config == BASE_LORA else len(adapters), level, rss, start_s)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -298,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="even: the same budget each, so the requests run in step; mixed: budgets of a quarter to "
                         "twice --max-tokens, so new prompts' prefills join other adapters' decoding (give more "
                         "--requests than --concurrency)")
+    parser.add_argument("--base-lora", action="store_true",
+                        help="also measure base-lora: the replica of adapters-1 asked for the base only")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--kv-cache-gib", type=int, default=2, help="vLLM on CPU: the engine's KV cache")
     parser.add_argument("--json", help="also write the figures here")
@@ -311,8 +319,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from services.local import shutdown
 
-    configs = [BASE, *(f"adapters-{n}" for n in args.adapters)]
-    counts = {BASE: 0, **{f"adapters-{n}": n for n in args.adapters}}
+    configs = [BASE, *([BASE_LORA] if args.base_lora else []), *(f"adapters-{n}" for n in args.adapters)]
+    counts = {BASE: 0, BASE_LORA: 1, **{f"adapters-{n}": n for n in args.adapters}}
     with tempfile.TemporaryDirectory(prefix="adapter-load-") as scratch, contextlib.ExitStack() as stack:
         scratch_dir = Path(scratch)
         state = scratch_dir / "state"
