@@ -149,6 +149,28 @@ def test_a_linear_layers_adapter_adds_each_tokens_own_product_to_every_slice(mix
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-5)  # sums of up to 48 products in another order
 
 
+LONG_PREFILL = [2] * (lora_ops.KERNEL_MAX_ONE_SLOT_TOKENS + 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("mix", [[0, 3, 3, -1, 1], [1] * 5, LONG_PREFILL],
+                         ids=["several adapters", "one adapter", "a long prefill of one adapter"])
+def test_every_way_a_layers_adapter_is_applied_gives_the_same_sums(mix: list[int], dtype: torch.dtype) -> None:
+    """float32 takes the compiled product of each token's own slot, but for one adapter's long prefills (a product per
+    slice); other number types take torch ops over every slot or the one. Each adds the same products."""
+    wrapper, slices = wrapper_for(mix), (OUT, 24, 24)
+    x, y = inputs(len(mix), WIDTH).to(dtype), torch.randn(len(mix), sum(slices)).to(dtype)
+    a = tuple((weights((RANK, WIDTH)) * (i + 1)).to(dtype) for i in range(len(slices)))
+    b = tuple(weights((size, RANK)).to(dtype) for size in slices)
+    expected, offset = y.float(), 0
+    for a_i, b_i, size in zip(a, b, slices, strict=True):
+        expected[:, offset : offset + size] += by_hand(by_hand(x.float(), a_i.float(), mix), b_i.float(), mix)
+        offset += size
+    wrapper.add_lora_linear(y, x, a, b, 1.0, slices)
+    exact = dtype == torch.float32
+    torch.testing.assert_close(y.float(), expected, atol=1e-4 if exact else 0.5, rtol=1e-5 if exact else 0.02)
+
+
 def test_an_adapter_vllm_writes_into_a_slot_after_the_layer_was_laid_out_is_the_one_applied() -> None:
     """crlft lays a layer's buffers out anew on first sight (same shapes, same values); vLLM then loads and removes
     adapters by indexed writes into them, as its `set_lora` and `reset_lora` do."""

@@ -9,7 +9,9 @@ adapter.
 
 The adapted linear layers (a Llama layer's q/k/v, o, gate/up and down) go around the ops: `add_lora_linear` replaces the
 CPU punica wrapper's method of that name and applies every slice of a layer (q, k and v; gate and up) in one call, with
-the batch's slots read once, when vLLM updates the wrapper (`update_metadata`). The ops serve the embedding.
+the batch's slots read once, when vLLM updates the wrapper (`update_metadata`). In float32 it multiplies each token by
+its own slot only, compiled (`crlft/inference/lora_kernel.py`), save one adapter's long prefills, which one BLAS
+product per slice takes faster; other number types take torch ops. The ops serve the embedding and the logits.
 
 `register` is a vLLM general plugin (pyproject's `vllm.general_plugins` entry point), so it runs in every vLLM process,
 the engine core included; vLLM's `VLLM_PLUGINS` can leave it out. The gain is in benchmarks/RESULTS.md, "Many adapters
@@ -18,13 +20,17 @@ behind one endpoint".
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 # Above this many tokens (prefill), a product against every slot's B stacked beats the batched product on CPUs.
 PADDED_MAX_TOKENS = 256
+# Above this many tokens of one adapter, its BLAS products per slice (two threads) beat the compiled product (one).
+KERNEL_MAX_ONE_SLOT_TOKENS = 256
 
 
 def adapter_products(inputs: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor,
@@ -61,6 +67,8 @@ class TokenGroups:
     valid: torch.Tensor | None  # the tokens with an adapter, where some have none (slot -1)
     sources: torch.Tensor  # each grid row's token; a row no token fills repeats token 0, and is never read back
     own: torch.Tensor  # tokens x 1 x slots x 1: 1.0 at each token's slot, else 0.0 (all 0.0 for slot -1)
+    order: np.ndarray  # the tokens sorted by slot (stable), those without an adapter last ...
+    starts: np.ndarray  # ... slot s's at order[starts[s]:starts[s + 1]] (`lora_kernel.own_slot_products`)
 
     @classmethod
     def of(cls, slots: torch.Tensor, n_slots: int) -> TokenGroups:
@@ -82,7 +90,9 @@ class TokenGroups:
         sources = torch.zeros(n_slots * depth, dtype=torch.long)
         sources[rows] = torch.arange(len(slot)) if tokens is None else tokens
         own = torch.nn.functional.one_hot(slot, n_slots + 1)[:, :n_slots].to(torch.float32)
-        groups = cls(slots.clone(), n_slots, depth, rows, tokens, sources, own.view(len(slot), 1, n_slots, 1))
+        bounds = torch.cat([counts.new_zeros(1), torch.cumsum(counts[:n_slots], 0)])
+        groups = cls(slots.clone(), n_slots, depth, rows, tokens, sources, own.view(len(slot), 1, n_slots, 1),
+                     order.numpy(), bounds.numpy())
         _last_groups[0] = groups
         return groups
 
@@ -211,10 +221,14 @@ def add_lora_linear(self: Any, y: torch.Tensor, x: torch.Tensor, lora_a_stacked:
     if isinstance(slots, int) and slots < 0:
         return
     layer = LayerSlots.of(self, lora_a_stacked, lora_b_stacked)
-    if isinstance(slots, TokenGroups):
-        _grouped_linear(slots, y.view(-1, y.shape[-1]), x, layer, scale)
+    out = y.view(-1, y.shape[-1])
+    one_slot = isinstance(slots, int)
+    if x.dtype == out.dtype == torch.float32 and not (one_slot and x.shape[0] > KERNEL_MAX_ONE_SLOT_TOKENS):
+        _compiled_linear(slots, out, x, layer, scale)
+    elif isinstance(slots, TokenGroups):
+        _grouped_linear(slots, out, x, layer, scale)
     else:
-        _one_adapter_linear(slots, y.view(-1, y.shape[-1]), x, layer, scale)
+        _one_adapter_linear(slots, out, x, layer, scale)
 
 
 @dataclass(frozen=True)
@@ -231,6 +245,12 @@ class LayerSlots:
     a_all: torch.Tensor  # every slice's A of every slot side by side: in x (slices x slots x rank)
     b_rows: tuple[torch.Tensor, ...]  # each slice's B, every slot's rows stacked: (slots x rank) x out_i
     offsets: tuple[int, ...]  # where each slice's output starts
+
+    @functools.cached_property
+    def arrays(self) -> tuple[np.ndarray, tuple[np.ndarray, ...], np.ndarray]:
+        """The same buffers as numpy arrays (no copy) for the compiled product: every slice's A of every slot as rows
+        (slices x slots x rank) x in, each B as slots x rank x out_i, and the slices' offsets."""
+        return self.a_all.T.numpy(), tuple(b.numpy() for b in self.b), np.asarray(self.offsets, dtype=np.int64)
 
     @classmethod
     def of(cls, wrapper: Any, lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...]) -> LayerSlots:
@@ -255,6 +275,20 @@ class LayerSlots:
                     b_rows=tuple(b.view(-1, b.shape[2]) for b in b_views), offsets=tuple(offsets))
         layers[id(lora_a)] = (lora_a, layer)  # the buffers kept with their views: the id stays theirs
         return layer
+
+
+def _compiled_linear(slots: TokenGroups | int, out: torch.Tensor, x: torch.Tensor, layer: LayerSlots,
+                     scale: float) -> None:  # fmt: skip
+    """Each token times its own slot's A and B only, compiled: the multiplications it needs, in one call a layer."""
+    from crlft.inference.lora_kernel import one_slot_order, own_slot_products
+
+    n_slots = layer.b[0].shape[0]
+    if isinstance(slots, TokenGroups):
+        order, starts = slots.order, slots.starts
+    else:
+        order, starts = one_slot_order(slots, x.shape[0], n_slots)
+    a_rows, b_all, offsets = layer.arrays
+    own_slot_products(out.numpy(), x.contiguous().numpy(), order, starts, a_rows, b_all, offsets, np.float32(scale))
 
 
 def _float32(tensor: torch.Tensor) -> torch.Tensor:
