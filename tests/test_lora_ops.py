@@ -149,15 +149,16 @@ def test_a_linear_layers_adapter_adds_each_tokens_own_product_to_every_slice(mix
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-5)  # sums of up to 48 products in another order
 
 
-LONG_PREFILL = [2] * (lora_ops.KERNEL_MAX_ONE_SLOT_TOKENS + 1)
+ONE_ADAPTER_MANY_TOKENS = [2] * (lora_ops.KERNEL_MAX_ONE_SLOT_TOKENS + 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("mix", [[0, 3, 3, -1, 1], [1] * 5, LONG_PREFILL],
-                         ids=["several adapters", "one adapter", "a long prefill of one adapter"])
+@pytest.mark.parametrize("mix", [[0, 3, 3, -1, 1], [1] * 5, ONE_ADAPTER_MANY_TOKENS],
+                         ids=["several adapters", "one adapter, few tokens", "one adapter, many tokens"])
 def test_every_way_a_layers_adapter_is_applied_gives_the_same_sums(mix: list[int], dtype: torch.dtype) -> None:
-    """float32 takes the compiled product of each token's own slot, but for one adapter's long prefills (a product per
-    slice); other number types take torch ops over every slot or the one. Each adds the same products."""
+    """float32 takes the compiled product of each token's own slot, but for one adapter's batches of more tokens than
+    KERNEL_MAX_ONE_SLOT_TOKENS (a product per slice); other number types take torch ops over every slot or the one.
+    Each adds the same products."""
     wrapper, slices = wrapper_for(mix), (OUT, 24, 24)
     x, y = inputs(len(mix), WIDTH).to(dtype), torch.randn(len(mix), sum(slices)).to(dtype)
     a = tuple((weights((RANK, WIDTH)) * (i + 1)).to(dtype) for i in range(len(slices)))
