@@ -91,9 +91,8 @@ class TokenGroups:
         sources = torch.zeros(n_slots * depth, dtype=torch.long)
         sources[rows] = torch.arange(len(slot)) if tokens is None else tokens
         own = torch.nn.functional.one_hot(slot, n_slots + 1)[:, :n_slots].to(torch.float32)
-        bounds = torch.cat([counts.new_zeros(1), torch.cumsum(counts[:n_slots], 0)])
         groups = cls(slots.clone(), n_slots, depth, rows, tokens, sources, own.view(len(slot), 1, n_slots, 1),
-                     order.numpy(), bounds.numpy())
+                     order.numpy(), starts.numpy())  # starts[n_slots]: where the tokens without an adapter begin
         _last_groups[0] = groups
         return groups
 
