@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import os
 from types import ModuleType
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 from crlft.inference import lora_ops
 
 vllm_ops = pytest.importorskip("vllm.lora.ops.torch_ops.lora_ops")
+lora_kernel = pytest.importorskip("crlft.inference.lora_kernel")  # numba: with vLLM
 
 
 def _as_shipped() -> ModuleType:
@@ -149,15 +151,21 @@ def test_a_linear_layers_adapter_adds_each_tokens_own_product_to_every_slice(mix
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-5)  # sums of up to 48 products in another order
 
 
-ONE_ADAPTER_MANY_TOKENS = [2] * (lora_ops.KERNEL_MAX_ONE_SLOT_TOKENS + 1)
+ONE_ADAPTER_MANY_TOKENS = [2] * (lora_kernel.THREADS_MIN_TOKENS * 2)
+
+
+# Enough tokens for threads; slots of several chunks
+SEVERAL_ADAPTERS_IN_CHUNKS = ([3] * (2 * lora_kernel.CHUNK_TOKENS + 5) + [-1, 0, 1]
+                              + [0] * max(lora_kernel.CHUNK_TOKENS, lora_kernel.THREADS_MIN_TOKENS))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("mix", [[0, 3, 3, -1, 1], [1] * 5, ONE_ADAPTER_MANY_TOKENS],
-                         ids=["several adapters", "one adapter, few tokens", "one adapter, many tokens"])
+@pytest.mark.parametrize("mix", [[0, 3, 3, -1, 1], SEVERAL_ADAPTERS_IN_CHUNKS, [1] * 5, ONE_ADAPTER_MANY_TOKENS],
+                         ids=["several adapters", "several adapters, in chunks of a slot's tokens",
+                              "one adapter, few tokens", "one adapter, many tokens"])
 def test_every_way_a_layers_adapter_is_applied_gives_the_same_sums(mix: list[int], dtype: torch.dtype) -> None:
-    """float32 takes the compiled product of each token's own slot, but for one adapter's batches of more tokens than
-    KERNEL_MAX_ONE_SLOT_TOKENS (a product per slice); other number types take torch ops over every slot or the one.
+    """float32 takes the compiled product of each token's own slot (on threads from THREADS_MIN_TOKENS tokens on);
+    other number types take torch ops: over every slot, or a product per slice with the one.
     Each adds the same products."""
     wrapper, slices = wrapper_for(mix), (OUT, 24, 24)
     x, y = inputs(len(mix), WIDTH).to(dtype), torch.randn(len(mix), sum(slices)).to(dtype)
@@ -170,6 +178,21 @@ def test_every_way_a_layers_adapter_is_applied_gives_the_same_sums(mix: list[int
     wrapper.add_lora_linear(y, x, a, b, 1.0, slices)
     exact = dtype == torch.float32
     torch.testing.assert_close(y.float(), expected, atol=1e-4 if exact else 0.5, rtol=1e-5 if exact else 0.02)
+
+
+def test_where_numbas_thread_pool_is_workqueue_the_compiled_product_runs_on_one_thread_with_the_same_sums(
+        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """numba's fallback pool fights torch's OpenMP threads for the cores: there the same loops run serially."""
+    mix, slices = SEVERAL_ADAPTERS_IN_CHUNKS, (OUT, 24, 24)
+    x = inputs(len(mix), WIDTH)
+    a = tuple(weights((RANK, WIDTH)) * (i + 1) for i in range(len(slices)))
+    b = tuple(weights((size, RANK)) for size in slices)
+    on_threads, on_one = torch.zeros(len(mix), sum(slices)), torch.zeros(len(mix), sum(slices))
+    wrapper_for(mix).add_lora_linear(on_threads, x, a, b, 1.0, slices)
+    monkeypatch.setattr(lora_kernel, "_pool", {"pid": os.getpid(), "usable": False})
+    monkeypatch.setattr(lora_kernel, "_on_threads", None)  # not called
+    wrapper_for(mix).add_lora_linear(on_one, x, a, b, 1.0, slices)
+    torch.testing.assert_close(on_one, on_threads, atol=1e-5, rtol=1e-5)
 
 
 def test_an_adapter_vllm_writes_into_a_slot_after_the_layer_was_laid_out_is_the_one_applied() -> None:

@@ -10,8 +10,8 @@ adapter.
 The adapted linear layers (a Llama layer's q/k/v, o, gate/up and down) go around the ops: `add_lora_linear` replaces the
 CPU punica wrapper's method of that name and applies every slice of a layer (q, k and v; gate and up) in one call, with
 the batch's slots read once, when vLLM updates the wrapper (`update_metadata`). In float32 it multiplies each token by
-its own slot only, compiled (`crlft/inference/lora_kernel.py`), save batches of one adapter above 32 tokens, which
-a BLAS product per slice takes faster; other number types take torch ops. The ops serve the embedding and the logits.
+its own slot only, compiled (`crlft/inference/lora_kernel.py`); other number types take torch ops. The ops serve the
+embedding and the logits.
 
 `register` is a vLLM general plugin (pyproject's `vllm.general_plugins` entry point), so it runs in every vLLM process,
 the engine core included; vLLM's `VLLM_PLUGINS` can leave it out. The gain is in benchmarks/RESULTS.md, "Many adapters
@@ -29,9 +29,6 @@ import torch
 
 # Above this many tokens (prefill), a product against every slot's B stacked beats the batched product on CPUs.
 PADDED_MAX_TOKENS = 256
-# Above this many tokens of one adapter, its BLAS products per slice (two threads) beat the compiled product (one
-# thread): measured in benchmarks/RESULTS.md, "A compiled product of each token's own slot".
-KERNEL_MAX_ONE_SLOT_TOKENS = 32
 
 
 def adapter_products(inputs: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor,
@@ -222,8 +219,7 @@ def add_lora_linear(self: Any, y: torch.Tensor, x: torch.Tensor, lora_a_stacked:
         return
     layer = LayerSlots.of(self, lora_a_stacked, lora_b_stacked)
     out = y.view(-1, y.shape[-1])
-    one_slot = isinstance(slots, int)
-    if x.dtype == out.dtype == torch.float32 and not (one_slot and x.shape[0] > KERNEL_MAX_ONE_SLOT_TOKENS):
+    if x.dtype == out.dtype == torch.float32:
         _compiled_linear(slots, out, x, layer, scale)
     elif isinstance(slots, TokenGroups):
         _grouped_linear(slots, out, x, layer, scale)
