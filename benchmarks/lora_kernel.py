@@ -19,6 +19,7 @@ way's adapter products after every layer's; printed: the ms each way adds to a p
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -47,24 +48,12 @@ def layers(n_slots: int, rank: int) -> list[tuple[torch.Tensor, lora_ops.LayerSl
     return made
 
 
-def compiled(form: Callable) -> Callable:
-    """A way that calls one compiled form of `lora_kernel`'s loops, whatever the batch's size."""
-
-    def way(slots: lora_ops.TokenGroups | int, out: torch.Tensor, x: torch.Tensor, layer: lora_ops.LayerSlots,
-            scale: float) -> None:  # fmt: skip
-        if isinstance(slots, lora_ops.TokenGroups):
-            order, starts = slots.order, slots.starts
-        else:
-            order, starts = lora_kernel.one_slot_order(slots, x.shape[0], layer.b[0].shape[0])
-        a_rows, b_all, offsets = layer.arrays
-        form(out.numpy(), x.numpy(), order, starts, a_rows, b_all, offsets, np.float32(scale))
-
-    return way
-
-
-WAYS: dict[str, Callable | None] = {"base alone": None, "threads": compiled(lora_kernel._on_threads),
-                                    "one thread": compiled(lora_kernel._on_this_thread),
-                                    "BLAS": lora_ops._one_adapter_linear}  # fmt: skip
+WAYS: dict[str, Callable | None] = {
+    "base alone": None,
+    "threads": functools.partial(lora_ops._compiled_linear, products=lora_kernel._on_threads),
+    "one thread": functools.partial(lora_ops._compiled_linear, products=lora_kernel._on_this_thread),
+    "BLAS": lora_ops._one_adapter_linear,
+}
 
 
 def forward_pass(made: list, inputs: dict[int, torch.Tensor], slots: lora_ops.TokenGroups | int,

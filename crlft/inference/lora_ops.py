@@ -21,6 +21,7 @@ behind one endpoint".
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -273,18 +274,21 @@ class LayerSlots:
         return layer
 
 
-def _compiled_linear(slots: TokenGroups | int, out: torch.Tensor, x: torch.Tensor, layer: LayerSlots,
-                     scale: float) -> None:  # fmt: skip
-    """Each token times its own slot's A and B only, compiled: the multiplications it needs, in one call a layer."""
+def _compiled_linear(slots: TokenGroups | int, out: torch.Tensor, x: torch.Tensor, layer: LayerSlots, scale: float,
+                     products: Callable[..., None] | None = None) -> None:  # fmt: skip
+    """Each token times its own slot's A and B only, compiled: the multiplications it needs, in one call a layer.
+    `products`: one compiled form of the loops (benchmarks/lora_kernel.py compares them); by default the one that
+    `lora_kernel.own_slot_products` picks for the batch."""
     from crlft.inference.lora_kernel import one_slot_order, own_slot_products
 
+    products = products or own_slot_products
     n_slots = layer.b[0].shape[0]
     if isinstance(slots, TokenGroups):
         order, starts = slots.order, slots.starts
     else:
         order, starts = one_slot_order(slots, x.shape[0], n_slots)
     a_rows, b_all, offsets = layer.arrays
-    own_slot_products(out.numpy(), x.contiguous().numpy(), order, starts, a_rows, b_all, offsets, np.float32(scale))
+    products(out.numpy(), x.contiguous().numpy(), order, starts, a_rows, b_all, offsets, np.float32(scale))
 
 
 def _float32(tensor: torch.Tensor) -> torch.Tensor:
